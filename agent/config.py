@@ -1,0 +1,582 @@
+"""YAML -> typed, validated, frozen config.
+
+The schema is the dataclasses below; one generic builder walks them, so a new key is a new
+field with a default and a line in docs/configuration.md (a test checks the two agree).
+Layers, lowest first: defaults, the standard OTEL_* environment variables, the config file.
+Every error names the key and the fix, and is raised as ConfigError (exit status 2 in the CLI).
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+# --- value types -----------------------------------------------------------------------------
+
+class Duration(float):
+    """Seconds, written in config as "250ms", "10s", "5m", "1h"."""
+    UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> "Duration":
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value)
+            if m:
+                return cls(float(m.group(1)) * cls.UNITS[m.group(2)])
+        raise ConfigError(key, f"expected a duration like 10s, 500ms or 5m, got {value!r}")
+
+    def __str__(self) -> str:
+        for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+            if self >= scale and (self / scale).is_integer():
+                return f"{int(self / scale)}{unit}"
+        return f"{round(self * 1000, 3):g}ms"
+
+
+class Size(int):
+    """Bytes, written as "256MiB", "1GB", "64KiB" or a plain integer."""
+    UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> "Size":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return cls(value)
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", value)
+            if m:
+                return cls(int(m.group(1)) * cls.UNITS[m.group(2) or ""])
+        raise ConfigError(key, f"expected a size like 256MiB, 64KiB or a number of bytes, got {value!r}")
+
+    def __str__(self) -> str:
+        for unit in ("GiB", "MiB", "KiB"):
+            if self and self % self.UNITS[unit] == 0:
+                return f"{self // self.UNITS[unit]}{unit}"
+        return f"{int(self)}B"
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+def _frozen_dict(**kw) -> Any:
+    return field(default_factory=lambda: dict(kw))
+
+
+@dataclass(frozen=True)
+class MetricSwitch:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ScraperConfig:
+    enabled: bool = True
+    # per-metric switches, e.g. {"system.cpu.utilization": {"enabled": true}}
+    metrics: Mapping[str, MetricSwitch] = _frozen_dict()
+
+
+@dataclass(frozen=True)
+class FilteredScraperConfig(ScraperConfig):
+    # regular expressions matched in full against the scraper's subject: the device for disk and
+    # network, the mount point for filesystem, the executable name for process
+    include: tuple = ()
+    exclude: tuple = ()
+
+
+PSEUDO_FILESYSTEMS = ("autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs",
+                      "devpts", "devtmpfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay",
+                      "proc", "procfs", "pstore", "rpc_pipefs", "securityfs", "selinuxfs",
+                      "squashfs", "sysfs", "tracefs")
+
+
+@dataclass(frozen=True)
+class FilesystemScraperConfig(FilteredScraperConfig):
+    exclude_fs_types: tuple = PSEUDO_FILESYSTEMS
+
+
+@dataclass(frozen=True)
+class ProcessScraperConfig(FilteredScraperConfig):
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class ScrapersConfig:
+    cpu: ScraperConfig = ScraperConfig()
+    disk: FilteredScraperConfig = FilteredScraperConfig()
+    filesystem: FilesystemScraperConfig = FilesystemScraperConfig()
+    load: ScraperConfig = ScraperConfig()
+    memory: ScraperConfig = ScraperConfig()
+    network: FilteredScraperConfig = FilteredScraperConfig()
+    paging: ScraperConfig = ScraperConfig()
+    processes: ScraperConfig = ScraperConfig()
+    process: ProcessScraperConfig = ProcessScraperConfig()
+    system: ScraperConfig = ScraperConfig()
+
+    def validate(self, key: str) -> None:
+        from agent.sources.host import METRICS
+        for f in dataclasses.fields(self):
+            known = METRICS[f.name]
+            for metric in getattr(self, f.name).metrics:
+                if metric not in known:
+                    raise ConfigError(f"{key}.{f.name}.metrics.{metric}",
+                                      "unknown metric" + _did_you_mean(metric, known))
+            for pattern_key in ("include", "exclude"):
+                for i, pattern in enumerate(getattr(getattr(self, f.name), pattern_key, ())):
+                    try:
+                        re.compile(pattern)
+                    except re.error as e:
+                        raise ConfigError(f"{key}.{f.name}.{pattern_key}[{i}]",
+                                          f"invalid regular expression {pattern!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class EbpfConfig:
+    enabled: bool = True
+    # per-probe switches; a probe not listed keeps its default (see docs/probes.md)
+    probes: Mapping[str, ProbeConfig] = _frozen_dict()
+
+    def validate(self, key: str) -> None:
+        from agent.sources.ebpf.registry import PROBES
+        for name in self.probes:
+            if name not in PROBES:
+                raise ConfigError(f"{key}.probes.{name}", "unknown probe" + _did_you_mean(name, PROBES))
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    service_name: str = "hostagent"
+    # extra resource attributes; these win over detected ones
+    attributes: Mapping[str, str] = _frozen_dict()
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    # flush when this many data points and log records are buffered ...
+    max_size: int = 8192
+    # ... or when the oldest buffered item is this old
+    timeout: Duration = Duration(1.0)
+    # batches waiting for the exporter; when full the oldest is dropped and counted
+    queue_size: int = 64
+
+    def validate(self, key: str) -> None:
+        for name in ("max_size", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}", "must be at least 1")
+        if self.timeout <= 0:
+            raise ConfigError(f"{key}.timeout", "must be greater than 0s")
+
+
+@dataclass(frozen=True)
+class FileExporterConfig:
+    path: str = "/var/lib/hostagent/otlp/metrics.jsonl"
+    logs_path: str = "/var/lib/hostagent/otlp/logs.jsonl"
+    # a file is rotated to <path>.1 when it reaches max_size; max_backups rotated files are kept
+    max_size: Size = Size(100 * 2**20)
+    max_backups: int = 3
+
+    def check_paths(self, key: str) -> None:
+        for name in ("path", "logs_path"):
+            _check_writable(getattr(self, name), f"{key}.{name}")
+
+    def validate(self, key: str) -> None:
+        if self.max_size < 4096:
+            raise ConfigError(f"{key}.max_size", "must be at least 4KiB")
+        if self.max_backups < 0:
+            raise ConfigError(f"{key}.max_backups", "must be 0 or more")
+
+
+DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
+
+
+@dataclass(frozen=True)
+class OtlpExporterConfig:
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    # gRPC: host:port or http(s)://host:port; HTTP: base URL, /v1/metrics and /v1/logs are appended
+    endpoint: str = ""
+    # full URLs used as they are (HTTP) or host:port (gRPC); override `endpoint` per signal
+    metrics_endpoint: str = ""
+    logs_endpoint: str = ""
+    headers: Mapping[str, str] = _frozen_dict()
+    compression: Literal["gzip", "none"] = "gzip"
+    # unset: plaintext for http:// endpoints and loopback hosts, TLS otherwise
+    insecure: Optional[bool] = None
+    timeout: Duration = Duration(10.0)
+
+    def validate(self, key: str) -> None:
+        for name in ("endpoint", "metrics_endpoint", "logs_endpoint"):
+            value = getattr(self, name)
+            if value:
+                parse_endpoint(value, self.protocol, f"{key}.{name}")
+        if self.timeout <= 0:
+            raise ConfigError(f"{key}.timeout", "must be greater than 0s")
+
+    def signal_url(self, signal: Literal["metrics", "logs"]) -> str:
+        """The full URL (HTTP) or scheme://host:port (gRPC) one signal is sent to."""
+        specific = self.metrics_endpoint if signal == "metrics" else self.logs_endpoint
+        if specific:
+            return parse_endpoint(specific, self.protocol, "").geturl()
+        base = parse_endpoint(self.endpoint or DEFAULT_ENDPOINTS[self.protocol], self.protocol, "")
+        if self.protocol == "grpc":
+            return base.geturl()
+        return base.geturl().rstrip("/") + f"/v1/{signal}"
+
+    def is_insecure(self, url: str) -> bool:
+        if self.insecure is not None:
+            return self.insecure
+        parts = urlsplit(url)
+        return parts.scheme == "http" or _is_loopback(parts.hostname or "")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    enabled: bool = True
+    # exponential backoff with +-50% jitter; a server's RetryInfo / Retry-After overrides it
+    initial_interval: Duration = Duration(5.0)
+    max_interval: Duration = Duration(30.0)
+    multiplier: float = 1.5
+    # give up on a payload (drop and count it) after this long; 0s retries forever
+    max_elapsed_time: Duration = Duration(300.0)
+
+    def validate(self, key: str) -> None:
+        if self.initial_interval <= 0:
+            raise ConfigError(f"{key}.initial_interval", "must be greater than 0s")
+        if self.max_interval < self.initial_interval:
+            raise ConfigError(f"{key}.max_interval", "must be at least initial_interval")
+        if self.multiplier < 1:
+            raise ConfigError(f"{key}.multiplier", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    # file: OTLP-JSON lines on local disk (no backend needed); otlp: an OTLP gRPC/HTTP receiver
+    type: Literal["file", "otlp"] = "file"
+    file: FileExporterConfig = FileExporterConfig()
+    otlp: OtlpExporterConfig = OtlpExporterConfig()
+    retry: RetryConfig = RetryConfig()
+
+    def validate(self, key: str) -> None:
+        # only the selected exporter's paths must be writable
+        if self.type == "file":
+            self.file.check_paths(f"{key}.file")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    enabled: bool = True
+    # loopback host:port answering GET / with 200 while the pipeline runs, 503 otherwise
+    endpoint: str = "127.0.0.1:13134"
+
+    def validate(self, key: str) -> None:
+        host, _, port = self.endpoint.rpartition(":")
+        if not port.isdigit() or int(port) > 65535 or not host:
+            raise ConfigError(f"{key}.endpoint", f"expected host:port, got {self.endpoint!r}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    # how often scrapers and in-kernel aggregates are read
+    collection_interval: Duration = Duration(10.0)
+    # on SIGTERM/SIGINT, time allowed to flush buffered data before exiting
+    shutdown_timeout: Duration = Duration(10.0)
+    resource: ResourceConfig = ResourceConfig()
+    scrapers: ScrapersConfig = ScrapersConfig()
+    ebpf: EbpfConfig = EbpfConfig()
+    batch: BatchConfig = BatchConfig()
+    exporter: ExporterConfig = ExporterConfig()
+    health: HealthConfig = HealthConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def validate(self, key: str) -> None:
+        if self.collection_interval < 0.1:
+            raise ConfigError("collection_interval", "must be at least 100ms")
+        if self.shutdown_timeout <= 0:
+            raise ConfigError("shutdown_timeout", "must be greater than 0s")
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_endpoint(value: str, protocol: str, key: str):
+    """Validate an endpoint and return it as a SplitResult with a scheme."""
+    text = value if "://" in value else ("http://" if protocol == "grpc" and _is_loopback(
+        value.rsplit(":", 1)[0].strip("[]")) else "https://") + value
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(key, f"malformed endpoint {value!r}: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(key, f"endpoint {value!r} must use http:// or https://")
+    if not parts.hostname:
+        raise ConfigError(key, f"endpoint {value!r} has no host")
+    if protocol == "grpc":
+        if port is None:
+            raise ConfigError(key, f"gRPC endpoint {value!r} needs a port, e.g. {parts.hostname}:4317")
+        if parts.path not in ("", "/"):
+            raise ConfigError(key, f"gRPC endpoint {value!r} must not have a path")
+    return parts
+
+
+def _check_writable(path: str, key: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    probe = directory
+    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
+        probe = os.path.dirname(probe)
+    if os.path.isdir(path):
+        raise ConfigError(key, f"{path} is a directory, expected a file path")
+    target = path if os.path.exists(path) else probe
+    if (not os.path.isdir(probe) or not os.access(target, os.W_OK)
+            or os.statvfs(probe).f_flag & os.ST_RDONLY):
+        raise ConfigError(key, f"{path} is not writable")
+
+
+# --- the generic builder --------------------------------------------------------------------
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+                              + (_did_you_mean(str(value), choices) if isinstance(value, str) else ""))
+        return value
+    if tp in (Duration, Size):
+        return tp.parse(value, key)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (collections.abc.Mapping, dict):
+        vtype = typing.get_args(tp)[1]
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return types.MappingProxyType({str(k): _convert(vtype, v, f"{key}.{k}") for k, v in value.items()})
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls, globalns=globals())
+
+
+def build(cls, raw: Any, key: str = ""):
+    """Build dataclass `cls` from a raw mapping, rejecting unknown keys, then validate it."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(key or "config", f"expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(where, "unknown key" + _did_you_mean(str(name), fields))
+    values = {name: _convert(hints[name], raw[name], f"{key}.{name}" if key else name)
+              for name in raw}
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def schema_keys(cls=None, prefix: str = ""):
+    """(dotted key, default) for every leaf key of the schema, for the docs check."""
+    cls = cls or Config
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(tp):
+            yield from schema_keys(tp, key + ".")
+        else:
+            yield key, default
+
+
+# --- environment ------------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(node, key: str = ""):
+    """Replace ${env:VAR} and ${env:VAR:-default} in every string of the YAML tree."""
+    if isinstance(node, dict):
+        return {k: _substitute(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, key) for v in node]
+    if isinstance(node, str):
+        def repl(m):
+            value = os.environ.get(m.group(1), m.group(2))
+            if value is None:
+                raise ConfigError(key, f"environment variable {m.group(1)} is not set "
+                                       f"(use ${{env:{m.group(1)}:-default}} for a fallback)")
+            return value
+        whole = _ENV_REF.fullmatch(node)
+        if whole:  # a whole-value reference keeps YAML typing: "${env:PORT}" -> 4317
+            return yaml.safe_load(repl(whole)) if repl(whole) != "" else ""
+        return _ENV_REF.sub(repl, node)
+    return node
+
+
+def _parse_kv_list(text: str, var: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(var, f"expected key=value pairs separated by commas, got {item!r}")
+        k, v = item.split("=", 1)
+        out[unquote(k.strip())] = unquote(v.strip())
+    return out
+
+
+def _env_millis(var: str, value: str) -> str:
+    try:
+        ms = float(value)
+    except ValueError:
+        raise ConfigError(var, f"expected milliseconds, got {value!r}") from None
+    return f"{ms:g}ms"
+
+
+def env_layer(environ: Mapping[str, str]) -> dict:
+    """The standard OpenTelemetry environment variables, as a raw config tree."""
+    otlp: dict = {}
+    raw: dict = {}
+    get = lambda name: (environ.get(name) or "").strip()  # noqa: E731 - empty means unset, per spec
+    if get("OTEL_EXPORTER_OTLP_PROTOCOL"):
+        otlp["protocol"] = get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        if otlp["protocol"] not in DEFAULT_ENDPOINTS:
+            raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL", f"must be grpc or http/protobuf, got {otlp['protocol']!r}")
+    for var, name in (("OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint"),
+                      ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "metrics_endpoint"),
+                      ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "logs_endpoint")):
+        if get(var):
+            otlp[name] = get(var)
+    if get("OTEL_EXPORTER_OTLP_HEADERS"):
+        otlp["headers"] = _parse_kv_list(get("OTEL_EXPORTER_OTLP_HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS")
+    if get("OTEL_EXPORTER_OTLP_COMPRESSION"):
+        otlp["compression"] = get("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
+    if get("OTEL_EXPORTER_OTLP_INSECURE"):
+        value = get("OTEL_EXPORTER_OTLP_INSECURE").lower()
+        if value not in ("true", "false"):
+            raise ConfigError("OTEL_EXPORTER_OTLP_INSECURE", f"must be true or false, got {value!r}")
+        otlp["insecure"] = value == "true"
+    if get("OTEL_EXPORTER_OTLP_TIMEOUT"):
+        otlp["timeout"] = _env_millis("OTEL_EXPORTER_OTLP_TIMEOUT", get("OTEL_EXPORTER_OTLP_TIMEOUT"))
+    if otlp:
+        raw["exporter"] = {"otlp": otlp}
+        if any(k.endswith("endpoint") for k in otlp):
+            raw["exporter"]["type"] = "otlp"
+    if get("OTEL_METRIC_EXPORT_INTERVAL"):
+        raw["collection_interval"] = _env_millis("OTEL_METRIC_EXPORT_INTERVAL", get("OTEL_METRIC_EXPORT_INTERVAL"))
+    resource: dict = {}
+    if get("OTEL_RESOURCE_ATTRIBUTES"):
+        resource["attributes"] = _parse_kv_list(get("OTEL_RESOURCE_ATTRIBUTES"), "OTEL_RESOURCE_ATTRIBUTES")
+    if get("OTEL_SERVICE_NAME"):
+        resource["service_name"] = get("OTEL_SERVICE_NAME")
+    if resource:
+        raw["resource"] = resource
+    return raw
+
+
+def _merge(low: dict, high: dict) -> dict:
+    out = dict(low)
+    for k, v in high.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
+    """The effective config: defaults < OTEL_* environment < the file at `path`."""
+    environ = os.environ if environ is None else environ
+    file_raw: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                file_raw = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError("", f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+        if file_raw is None:
+            file_raw = {}
+        if not isinstance(file_raw, dict):
+            raise ConfigError("", f"{path}: the top level must be a mapping of keys")
+        file_raw = _substitute(file_raw)
+    return build(Config, _merge(env_layer(environ), file_raw))
+
+
+def to_plain(obj) -> Any:
+    """The config as plain YAML-able values (durations and sizes as their strings)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, (Duration, Size)):
+        return str(obj)
+    return obj
+
+
+def dump(cfg: Config) -> str:
+    plain = to_plain(cfg)
+    headers = plain["exporter"]["otlp"]["headers"]
+    plain["exporter"]["otlp"]["headers"] = {k: "<redacted>" for k in headers}  # never print secrets
+    return yaml.safe_dump(plain, sort_keys=False)

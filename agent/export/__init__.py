@@ -1,0 +1,37 @@
+"""OTLP encoding and the exporters that send it.
+
+An exporter only sends one encoded Payload and says how it went by raising one of the errors
+below; retrying, queueing and batching are separate layers (agent/export/retry.py, agent/pipeline/).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ExportError(Exception):
+    """Base of export failures; `reason` is a short label used as a metric attribute."""
+    reason = "error"
+
+
+class RetryableError(ExportError):
+    """The server may take the same payload later; `delay` is the server's requested wait."""
+    reason = "retryable"
+
+    def __init__(self, message: str, delay: Optional[float] = None):
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(ExportError):
+    """Sending the same payload again cannot succeed: drop it and count it."""
+    reason = "permanent"
+
+
+class Exporter:
+    name = ""
+
+    def send(self, payload) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

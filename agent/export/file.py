@@ -1,0 +1,56 @@
+"""OTLP-JSON lines on local disk: the embedded default, readable by the Collector's otlpjsonfile
+receiver. Metrics and logs go to separate files so each line parses as one request type."""
+from __future__ import annotations
+
+import os
+
+from agent.config import FileExporterConfig
+from agent.export import Exporter, RetryableError
+from agent.export.encoding import Payload, to_json_line
+
+
+class RotatingFile:
+    """Appends lines; at max_size renames path -> path.1 -> ... -> path.<max_backups>."""
+
+    def __init__(self, path: str, max_size: int, max_backups: int):
+        self.path, self.max_size, self.max_backups = path, max_size, max_backups
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "ab")
+
+    def write(self, line: bytes) -> None:
+        if self._f.tell() and self._f.tell() + len(line) > self.max_size:
+            self._rotate()
+        self._f.write(line)
+        self._f.flush()
+
+    def _rotate(self) -> None:
+        self._f.close()
+        if self.max_backups == 0:
+            os.unlink(self.path)
+        else:
+            for i in range(self.max_backups - 1, 0, -1):
+                if os.path.exists(f"{self.path}.{i}"):
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        self._f = open(self.path, "ab")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class FileExporter(Exporter):
+    name = "file"
+
+    def __init__(self, cfg: FileExporterConfig):
+        self.files = {signal: RotatingFile(path, cfg.max_size, cfg.max_backups)
+                      for signal, path in (("metrics", cfg.path), ("logs", cfg.logs_path))}
+
+    def send(self, payload: Payload) -> None:
+        try:
+            self.files[payload.signal].write(to_json_line(payload))
+        except OSError as e:  # a full disk may heal: let the retry layer decide
+            raise RetryableError(f"writing {self.files[payload.signal].path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()

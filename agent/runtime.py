@@ -1,0 +1,269 @@
+"""Start order, the collection schedule, signals, health and shutdown.
+
+Start: logging -> resource -> exporter -> pipeline -> host sources -> scheduler; the eBPF probes
+compile in the background and join the schedule when loaded, so host metrics never wait for clang.
+SIGTERM/SIGINT: sources stop, one last flush, delivery for at most shutdown_timeout, exit 0.
+SIGHUP: the config file is read again; a bad one is logged and the running config stays; a good
+one replaces sources and pipeline, and undelivered payloads move to the new pipeline.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Optional
+
+from agent import __version__
+from agent.config import Config, ConfigError, load
+from agent.export import Exporter
+from agent.model import Batch
+from agent.pipeline import Pipeline
+from agent.selfmetrics import SELF
+from agent.sources import Source
+
+log = logging.getLogger("hostagent.runtime")
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per event: ts=... level=... logger=... <message>, messages being `event k=v ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += " exception=" + repr(self.formatException(record.exc_info))
+        return line
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger("hostagent")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def build_exporter(cfg: Config) -> Exporter:
+    if cfg.exporter.type == "file":
+        from agent.export.file import FileExporter
+        return FileExporter(cfg.exporter.file)
+    if cfg.exporter.otlp.protocol == "grpc":
+        from agent.export.otlp_grpc import GrpcExporter
+        return GrpcExporter(cfg.exporter.otlp)
+    from agent.export.otlp_http import HttpExporter
+    return HttpExporter(cfg.exporter.otlp)
+
+
+def describe_destination(cfg: Config) -> str:
+    if cfg.exporter.type == "file":
+        return f"file metrics={cfg.exporter.file.path} logs={cfg.exporter.file.logs_path}"
+    otlp = cfg.exporter.otlp
+    return f"otlp protocol={otlp.protocol} metrics={otlp.signal_url('metrics')} logs={otlp.signal_url('logs')}"
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state when it gave us a notify socket (Type=notify)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as e:
+        log.warning("sd_notify_failed state=%s error=%r", state, str(e))
+
+
+class HealthServer:
+    """GET / -> 200 {"status": "ok"} while `healthy()` holds, else 503."""
+
+    def __init__(self, endpoint: str, healthy):
+        host, _, port = endpoint.rpartition(":")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                ok = healthy()
+                body = json.dumps({"status": "ok" if ok else "unhealthy", "version": __version__}).encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
+        self.server.daemon_threads = True
+        self.address = "%s:%d" % self.server.server_address[:2]
+        threading.Thread(target=self.server.serve_forever, name="health", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Agent:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self.sources: list[Source] = []
+        self._sources_lock = threading.Lock()
+        self.collect_errors = SELF.counter("hostagent.source.errors", "{errors}",
+                                           "Collections of a source that raised, by source.")
+
+    def start(self, backlog=()) -> None:
+        from agent.resource import detect
+        from agent.sources.host import build_host_sources
+
+        cfg = self.cfg
+        self.stopping.clear()
+        self.resource = detect(cfg.resource)
+        SELF.resource = self.resource
+        self.pipeline = Pipeline(cfg.batch, cfg.exporter.retry, build_exporter(cfg), backlog)
+        self.pipeline.start()
+        self.sources = [*build_host_sources(cfg.scrapers, self.resource), SELF]
+        self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
+        self._scheduler.start()
+        if cfg.ebpf.enabled:
+            threading.Thread(target=self._start_ebpf, name="ebpf-loader", daemon=True).start()
+        log.info("started version=%s interval=%s exporter=%r", __version__, cfg.collection_interval,
+                 describe_destination(cfg))
+
+    def _start_ebpf(self) -> None:
+        try:
+            from agent.sources.ebpf import EbpfSource
+            source = EbpfSource(self.cfg.ebpf, self.resource)
+            source.start(self.pipeline.emit)
+        except Exception:
+            log.exception("ebpf_unavailable")
+            return
+        with self._sources_lock:
+            if self.stopping.is_set():
+                source.close()
+                return
+            self.sources.insert(len(self.sources) - 1, source)
+
+    def collect_once(self) -> None:
+        with self._sources_lock:
+            sources = list(self.sources)
+        for source in sources:
+            try:
+                groups = source.collect()
+            except Exception:
+                log.exception("collect_failed source=%s", source.name)
+                self.collect_errors.add(1, (("source", source.name),))
+                continue
+            if groups:
+                self.pipeline.emit(Batch(metrics=groups))
+
+    def _schedule(self) -> None:
+        interval = float(self.cfg.collection_interval)
+        next_at = time.monotonic()
+        while not self.stopping.is_set():
+            self.collect_once()
+            next_at += interval
+            now = time.monotonic()
+            if next_at < now:  # a collection overran: skip the missed ticks rather than burst
+                next_at = now + interval
+            self.stopping.wait(next_at - now)
+
+    def healthy(self) -> bool:
+        return self._scheduler.is_alive() and self.pipeline.healthy()
+
+    def _stop_sources(self) -> None:
+        self.stopping.set()
+        self._scheduler.join()
+        with self._sources_lock:
+            sources, self.sources = list(self.sources), []
+        for source in sources:
+            try:
+                source.close()
+            except Exception:
+                log.exception("close_failed source=%s", source.name)
+
+    def stop(self) -> bool:
+        """Stop collecting and deliver what was collected; True if nothing was left behind."""
+        self._stop_sources()
+        clean = self.pipeline.shutdown(float(self.cfg.shutdown_timeout))
+        log.info("stopped clean=%s", clean)
+        return clean
+
+    def reload(self, cfg: Config) -> None:
+        """Restart sources and pipeline on `cfg`, carrying over everything not yet delivered."""
+        self._stop_sources()
+        backlog = self.pipeline.handover(float(self.cfg.shutdown_timeout))
+        self.cfg = cfg
+        setup_logging(cfg.logging.level)
+        self.start(backlog)
+        log.info("reloaded carried_over_payloads=%d", len(backlog))
+
+
+def run(config_path: Optional[str], cfg: Config) -> int:
+    """The daemon: run until SIGTERM or SIGINT, reload on SIGHUP, exit 0 after a drain."""
+    signals: list = []
+    wake = threading.Event()
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        wake.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    agent = Agent(cfg)
+    agent.start()
+    health = _start_health(cfg, agent)
+    sd_notify("READY=1")
+    watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6 or None
+    while True:
+        wake.wait(min(watchdog or 1.0, 1.0))
+        wake.clear()
+        while signals:
+            signum = signals.pop(0)
+            if signum == signal.SIGHUP:
+                sd_notify("RELOADING=1")
+                try:
+                    new_cfg = load(config_path)
+                except ConfigError as e:
+                    log.error("reload_rejected error=%r keeping=running_config", str(e))
+                else:
+                    agent.reload(new_cfg)
+                    if health is None or new_cfg.health != cfg.health:
+                        if health:
+                            health.close()
+                        health = _start_health(new_cfg, agent)
+                    cfg = new_cfg
+                sd_notify("READY=1")
+                continue
+            log.info("signal_received signal=%s draining_for=%s", signal.Signals(signum).name, cfg.shutdown_timeout)
+            sd_notify("STOPPING=1")
+            agent.stop()
+            if health:
+                health.close()
+            return 0
+        if agent.healthy():
+            if watchdog:
+                sd_notify("WATCHDOG=1")
+        else:
+            log.error("pipeline_failed")
+            agent.stop()
+            return 1
+
+
+def _start_health(cfg: Config, agent: Agent) -> Optional[HealthServer]:
+    if not cfg.health.enabled:
+        return None
+    try:
+        server = HealthServer(cfg.health.endpoint, agent.healthy)
+    except OSError as e:
+        log.error("health_endpoint_failed endpoint=%s error=%r", cfg.health.endpoint, e.strerror)
+        return None
+    log.info("health_endpoint address=%s", server.address)
+    return server

@@ -1,0 +1,90 @@
+"""The agent's own metrics (hostagent.*): drops, queue sizes, export results, probe health.
+
+Components create their instruments once at construction (`SELF.counter(...)`) and add to them;
+hot paths add once per batch, not per item. The registry is itself a pull source, so these
+metrics travel the same pipeline as everything else.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from agent.model import Attributes, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
+from agent.sources import Source
+
+SCOPE = Scope("hostagent/self")
+
+
+class Counter:
+    """A monotonic cumulative sum per attribute set."""
+
+    def __init__(self, name: str, unit: str, description: str):
+        self.name, self.unit, self.description = name, unit, description
+        self._values: dict = {}
+        self._lock = threading.Lock()
+
+    def add(self, amount: int | float = 1, attributes: Attributes = ()) -> None:
+        with self._lock:
+            self._values[attributes] = self._values.get(attributes, 0) + amount
+
+    def value(self, attributes: Attributes = ()) -> int | float:
+        return self._values.get(attributes, 0)
+
+    def total(self) -> int | float:
+        return sum(self._values.values())
+
+    def _metric(self, start: int, now: int) -> Metric:
+        with self._lock:
+            items = list(self._values.items())
+        return Metric(self.name, self.description, self.unit, MetricKind.SUM,
+                      [NumberPoint(a, v, start, now) for a, v in items], monotonic=True)
+
+
+class Gauge:
+    """Values read at collection time, one callback per attribute set."""
+
+    def __init__(self, name: str, unit: str, description: str):
+        self.name, self.unit, self.description = name, unit, description
+        self._reads: dict = {}
+
+    def observe(self, attributes: Attributes, read: Callable[[], int | float]) -> None:
+        """Read this attribute set's value through `read` (replacing an earlier callback)."""
+        self._reads[attributes] = read
+
+    def _metric(self, start: int, now: int) -> Metric:
+        return Metric(self.name, self.description, self.unit, MetricKind.GAUGE,
+                      [NumberPoint(a, read(), now, now) for a, read in list(self._reads.items())])
+
+
+class SelfMetrics(Source):
+    name = "self"
+
+    def __init__(self) -> None:
+        self._instruments: dict = {}
+        self._lock = threading.Lock()
+        self.start_ns = now_ns()
+        self.resource = Resource(())
+
+    def _instrument(self, cls, name: str, unit: str, description: str):
+        with self._lock:
+            inst = self._instruments.get(name)
+            if inst is None:
+                inst = self._instruments[name] = cls(name, unit, description)
+            return inst
+
+    def counter(self, name: str, unit: str, description: str) -> Counter:
+        return self._instrument(Counter, name, unit, description)
+
+    def gauge(self, name: str, unit: str, description: str) -> Gauge:
+        return self._instrument(Gauge, name, unit, description)
+
+    def collect(self) -> list[MetricGroup]:
+        now = now_ns()
+        with self._lock:
+            instruments = list(self._instruments.values())
+        metrics = [m for m in (i._metric(self.start_ns, now) for i in instruments) if m.points]
+        return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
+
+
+# One registry per process: components anywhere record into it, the runtime exports it.
+SELF = SelfMetrics()
