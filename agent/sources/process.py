@@ -1,0 +1,227 @@
+"""The `process` scraper: per-process metrics, like the Collector's hostmetrics process scraper.
+
+Opt-in (ProcessScraperConfig is disabled by default) and filtered by executable name. Each process is
+its own Resource: the host resource plus process.pid, process.parent_pid, process.executable.name,
+process.executable.path, process.command, process.command_line (secrets redacted) and process.owner.
+Cumulative points start at the process's create time.
+
+Processes come and go while a scrape runs: one that vanishes is skipped and counted
+(hostagent.scraper.process.vanished); a field the kernel will not show us (AccessDenied) drops that
+attribute or metric, not the process. Kernel threads (no executable, no command line) are skipped.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import psutil
+
+from agent.model import MetricGroup, Resource
+from agent.selfmetrics import SELF
+from agent.sources.host import HostScraper, Points
+
+REDACTED = "***"
+
+# psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
+FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
+KTHREADD = 2  # the kernel's thread daemon: parent of every kernel thread
+
+# option and variable names whose value is a secret: ...password, ...token, ...secret, ..._KEY
+_SECRET_NAME = re.compile(r"(?:password|passwd|pwd|token|secret|apikey|[_-]key)$", re.IGNORECASE)
+# name=value inside an argument (--password=x, token=x in a URL query, AWS_SECRET_ACCESS_KEY=x)
+_ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^\s&]+)")
+# scheme://user:password@host
+_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^@/\s]+)@")
+# -H "Authorization: Bearer x"
+_AUTH_HEADER = re.compile(r"(?P<head>authorization:\s*(?:bearer|basic|token)\s+)\S+", re.IGNORECASE)
+# clients taking the password glued to -p (mysql -psecret); a bare -p prompts instead
+_MYSQL_STYLE = re.compile(r"(?:mysql\w*|mariadb[\w-]*)")
+
+
+def _secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name.lstrip("-")))
+
+
+def _redact_assignment(m: re.Match) -> str:
+    return f"{m['name']}={REDACTED}" if _secret_name(m["name"]) else m.group(0)
+
+
+def redact_command_line(argv: list) -> str:
+    """The command line as one string, with the values of secret-looking arguments replaced by ***.
+
+    Covers `--password x`, `--password=x`, `--token x`, `token=x`, `secret=x`, `*_KEY=x`,
+    `*_SECRET=x`, `-px` for mysql-style clients, `user:password@` in URLs and Authorization headers."""
+    mysql_style = bool(argv) and bool(_MYSQL_STYLE.fullmatch(os.path.basename(argv[0])))
+    out = []
+    value_is_secret = False
+    for arg in argv:
+        if value_is_secret and not arg.startswith("--"):
+            out.append(REDACTED)
+            value_is_secret = False
+            continue
+        value_is_secret = False
+        if arg.startswith("-") and "=" not in arg and _secret_name(arg):
+            value_is_secret = True  # `--password secret`: the next argument is the value
+            out.append(arg)
+            continue
+        if mysql_style and len(arg) > 2 and arg.startswith("-p"):
+            out.append("-p" + REDACTED)
+            continue
+        arg = _URL_USERINFO.sub(rf"\g<head>:{REDACTED}@", arg)
+        arg = _ASSIGNMENT.sub(_redact_assignment, arg)
+        arg = _AUTH_HEADER.sub(rf"\g<head>{REDACTED}", arg)
+        out.append(arg)
+    return " ".join(out)
+
+
+class ProcessScraper(HostScraper):
+    name = "process"
+
+    def __init__(self, cfg, resource: Resource):
+        super().__init__(cfg, resource)
+        self._vanished = SELF.counter("hostagent.scraper.process.vanished", "{process}",
+                                      "Processes that exited while being scraped and were skipped.")
+        self._cpus = psutil.cpu_count() or 1
+        self._previous: dict = {}  # (pid, create time) -> (monotonic s, cpu times), for utilization
+        self._now_s = 0.0  # monotonic time of the current scrape
+        self._total_memory = 0  # MemTotal for process.memory.utilization, read per scrape
+
+    def processes(self):
+        return psutil.process_iter()
+
+    def groups(self, time_ns: int) -> list:
+        self._now_s = time.monotonic()
+        self._total_memory = 0
+        if "process.memory.utilization" in self.enabled:
+            with self.guard("total memory"):
+                self._total_memory = psutil.virtual_memory().total
+        groups, seen = [], set()
+        for proc in self.processes():
+            try:
+                group = self._scrape_process(proc, time_ns, seen)
+            except psutil.ZombieProcess:
+                continue  # exited, not yet reaped: nothing left to measure
+            except psutil.NoSuchProcess:
+                self._vanished.add(1)
+                continue
+            except psutil.AccessDenied:
+                continue  # not even its name or start time is visible to us
+            except FILE_ERRORS as e:
+                self.host_error("process", e)
+                continue
+            if group is not None:
+                groups.append(group)
+        self._previous = {k: v for k, v in self._previous.items() if k in seen}
+        return groups
+
+    @staticmethod
+    def _get(method, default=None):
+        """One field of a process; AccessDenied costs that field only."""
+        try:
+            return method()
+        except psutil.AccessDenied:
+            return default
+
+    def _scrape_process(self, proc: psutil.Process, time_ns: int, seen: set):
+        with proc.oneshot():
+            name = proc.name()
+            if not self.selected(name):
+                return None
+            ppid = self._get(proc.ppid)
+            if proc.pid == KTHREADD or ppid == KTHREADD:
+                return None  # a kernel thread: no executable, no command line, no user memory
+            cmdline = self._get(proc.cmdline, [])
+            exe = self._get(proc.exe, "")
+            if not cmdline and not exe:
+                return None  # a kernel thread all the same
+            create_time = proc.create_time()
+            attrs = [("process.pid", proc.pid)]
+            if ppid is not None:
+                attrs.append(("process.parent_pid", ppid))
+            attrs.append(("process.executable.name", name))
+            if exe:
+                attrs.append(("process.executable.path", exe))
+            if cmdline:
+                attrs.append(("process.command", redact_command_line(cmdline[:1])))
+                attrs.append(("process.command_line", redact_command_line(cmdline)))
+            owner = self._get(proc.username)
+            if owner is not None:
+                attrs.append(("process.owner", owner))
+
+            p = Points(self.definitions, self.enabled, int(create_time * 1e9), time_ns)
+            self._metrics(proc, p, (proc.pid, create_time), create_time, time_ns, seen)
+        metrics = p.metrics()
+        if not metrics:
+            return None
+        return MetricGroup(self.resource.merged(tuple(attrs)), self.scope, metrics)
+
+    def _metrics(self, proc: psutil.Process, p: Points, key: tuple, create_time: float,
+                 time_ns: int, seen: set) -> None:
+        cpu = self._get(proc.cpu_times)
+        if cpu is not None:
+            states = (("user", cpu.user), ("system", cpu.system), ("wait", getattr(cpu, "iowait", 0.0)))
+            for state, seconds in states:
+                p.add("process.cpu.time", seconds, (("state", state),))
+            if p.wants("process.cpu.utilization"):
+                seen.add(key)
+                previous = self._previous.get(key)
+                self._previous[key] = (self._now_s, states)
+                if previous is not None and self._now_s > previous[0]:
+                    capacity = (self._now_s - previous[0]) * self._cpus
+                    for (state, now_s), (_, before_s) in zip(states, previous[1]):
+                        p.add("process.cpu.utilization", max(0.0, now_s - before_s) / capacity,
+                              (("state", state),))
+        mem = self._get(proc.memory_info)
+        if mem is not None:
+            p.add("process.memory.usage", mem.rss)
+            p.add("process.memory.virtual", mem.vms)
+            if self._total_memory:
+                p.add("process.memory.utilization", mem.rss / self._total_memory)
+        if p.wants("process.disk.io", "process.disk.operations"):
+            io = self._get(proc.io_counters)
+            if io is not None:
+                p.add("process.disk.io", io.read_bytes, (("direction", "read"),))
+                p.add("process.disk.io", io.write_bytes, (("direction", "write"),))
+                p.add("process.disk.operations", io.read_count, (("direction", "read"),))
+                p.add("process.disk.operations", io.write_count, (("direction", "write"),))
+        if p.wants("process.threads"):
+            threads = self._get(proc.num_threads)
+            if threads is not None:
+                p.add("process.threads", threads)
+        if p.wants("process.open_file_descriptors"):
+            fds = self._get(proc.num_fds)
+            if fds is not None:
+                p.add("process.open_file_descriptors", fds)
+        if p.wants("process.context_switches"):
+            switches = self._get(proc.num_ctx_switches)
+            if switches is not None:
+                p.add("process.context_switches", switches.involuntary, (("type", "involuntary"),))
+                p.add("process.context_switches", switches.voluntary, (("type", "voluntary"),))
+        if p.wants("process.paging.faults"):
+            with self.guard("/proc/<pid>/stat", FILE_ERRORS):
+                fields = self._read_proc(proc.pid, "stat").rpartition(")")[2].split()
+                # after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt
+                p.add("process.paging.faults", int(fields[9]), (("type", "major"),))
+                p.add("process.paging.faults", int(fields[7]), (("type", "minor"),))
+        if p.wants("process.signals_pending"):
+            with self.guard("/proc/<pid>/status", FILE_ERRORS):
+                pending = {}
+                for line in self._read_proc(proc.pid, "status").splitlines():
+                    if line.startswith(("SigPnd:", "ShdPnd:")):
+                        key, _, value = line.partition(":")
+                        pending[key] = int(value, 16)
+                # distinct signals pending for the thread group or its main thread
+                signals = pending.get("SigPnd", 0) | pending.get("ShdPnd", 0)
+                p.add("process.signals_pending", bin(signals).count("1"))
+        if p.wants("process.uptime"):
+            p.add("process.uptime", max(0.0, time_ns / 1e9 - create_time))
+
+    @staticmethod
+    def _read_proc(pid: int, name: str) -> str:
+        try:
+            with open(f"/proc/{pid}/{name}", encoding="ascii", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise psutil.NoSuchProcess(pid) from None
+
