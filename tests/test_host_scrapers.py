@@ -1054,3 +1054,14 @@ def test_os_description_like_the_sdk():
     assert os_description(release, uname) == "Debian GNU/Linux 12 (bookworm) (Linux vm 6.1.0 #1 SMP x86_64)"
     assert os_description({"PRETTY_NAME": "Arch Linux"}, uname) == "Arch Linux (Linux vm 6.1.0 #1 SMP x86_64)"
     assert os_description({}, uname) == "Linux vm 6.1.0 #1 SMP x86_64"
+
+
+def test_metrics_document_lists_every_metric_with_unit_and_default():
+    import os
+    import re
+    from agent.sources.host import TABLE
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "metrics.md")).read()
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in
+            re.finditer(r"^\| `([a-z0-9_.]+)` \| [^|]* \| `([^`]*)` \| [^|]* \| (on|off) \|", doc, re.M)}
+    table = {d.name: (d.unit, "on" if d.enabled else "off") for defs in TABLE.values() for d in defs}
+    assert rows == table
