@@ -1,0 +1,139 @@
+"""eBPF probes as a Source: bcc loading and feature checks (loader.py), the zero-copy ring
+buffer reader (ringbuf.py), one module per probe, registered in registry.py.
+
+    check(cfg) -> list[ProbeStatus]        what would load here, and why not (loads nothing)
+    format_table(statuses) -> str          the `hostagent probes` table
+    EbpfSource(cfg, resource)              loads the probes; collect() for their metrics,
+                                           start(emit) for their log records, close()
+
+Importing this package does not import bcc; loading does.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+from agent.model import Batch, LogGroup, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
+from agent.sources import Emit, Source
+from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, unload
+
+__all__ = ["EbpfSource", "ProbeStatus", "check", "format_table", "SCOPE"]
+
+log = logging.getLogger("hostagent.ebpf")
+
+SCOPE = Scope("hostagent/ebpf")
+DROPPED = "hostagent.ebpf.ringbuf.dropped"
+READ = "hostagent.ebpf.ringbuf.records"
+
+POLL_INTERVAL = 0.2       # longest wait between passes over the rings (ringbuf.PollSchedule)
+
+
+class EbpfSource(Source):
+    """The loaded probes. Loading happens here, in the constructor; `statuses` tells what is on
+    and why the rest is off. One reader thread (start()) drains every ring buffer."""
+    name = "ebpf"
+
+    def __init__(self, cfg, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL):
+        """`probes` overrides the registry ({name: Probe class or instance})."""
+        self.resource = resource
+        self.poll_interval = poll_interval
+        self.start_ns = now_ns()
+        self._loaded, self.statuses = load(cfg, probes)
+        self._thread: Optional[threading.Thread] = None
+        self._poller = None
+        self._closed = False
+        self._lock = threading.Lock()       # start/close against each other, not the hot path
+
+    @property
+    def probes(self) -> dict:
+        """{name: Probe} of the loaded probes."""
+        return {lp.status.name: lp.probe for lp in self._loaded}
+
+    # --- push: log records -----------------------------------------------------------------
+
+    def start(self, emit: Emit) -> None:
+        from agent.sources.ebpf.ringbuf import Poller
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            readers = [lp for lp in self._loaded if lp.rings]
+            if not readers:
+                return
+            self._poller = Poller(ring.fd for lp in readers for ring in lp.rings)
+            self._thread = threading.Thread(target=self._read, args=(emit, readers),
+                                            name="ebpf-reader", daemon=True)
+            self._thread.start()
+
+    def _read(self, emit: Emit, readers: list) -> None:
+        from agent.sources.ebpf.ringbuf import PollSchedule
+        poller = self._poller
+        rings = [ring for lp in readers for ring in lp.rings]
+        schedule = PollSchedule(self.poll_interval)
+        failing: set = set()
+        timeout = schedule.min_interval          # learn the rates from a first, early pass
+        while poller.wait(timeout):
+            records = []
+            for lp in readers:
+                try:
+                    records.extend(lp.probe.poll())
+                except Exception:
+                    if lp.status.name not in failing:        # say it once per probe
+                        failing.add(lp.status.name)
+                        log.exception("ebpf_decode_failed probe=%s", lp.status.name)
+            if records:
+                try:
+                    emit(Batch(logs=[LogGroup(self.resource, SCOPE, records)]))
+                except Exception:
+                    log.exception("ebpf_emit_failed records=%d", len(records))
+            timeout = schedule.next_timeout(rings)
+
+    # --- pull: metrics ---------------------------------------------------------------------
+
+    def collect(self) -> list[MetricGroup]:
+        from agent.sources.ebpf.ringbuf import read_drops
+        if self._closed:
+            return []
+        now = now_ns()
+        metrics: list = []
+        dropped, read = [], []
+        for lp in self._loaded:
+            name = lp.status.name
+            try:
+                metrics.extend(lp.probe.collect(now, self.start_ns))
+            except Exception:
+                log.exception("ebpf_collect_failed probe=%s", name)
+            if lp.rings:
+                drops = read_drops(lp.bpf, len(lp.rings))
+                for ring, n in zip(lp.rings, drops):
+                    attrs = (("probe", name), ("ring", ring.name))
+                    dropped.append(NumberPoint(attrs, n, self.start_ns, now))
+                    read.append(NumberPoint(attrs, ring.records, self.start_ns, now))
+        if dropped:
+            metrics.append(Metric(DROPPED, "Ring buffer records the kernel side could not reserve "
+                                  "because the ring was full.", "{record}", MetricKind.SUM, dropped,
+                                  monotonic=True))
+            metrics.append(Metric(READ, "Ring buffer records read by the agent.", "{record}",
+                                  MetricKind.SUM, read, monotonic=True))
+        return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the reader (it wakes at once) and unload every probe."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread, poller = self._thread, self._poller
+        if poller is not None:
+            poller.stop()
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("ebpf_reader_did_not_stop timeout=%.1fs", timeout)
+                return            # leave the mappings alone while it may still read them
+        if poller is not None:
+            poller.close()
+        unload(self._loaded)
+        self._loaded = []

@@ -1,0 +1,442 @@
+"""Loading probes with bcc, after checking what the host allows.
+
+For every probe in the registry: is it enabled (config, then the probe's default); may this
+process load BPF (root or CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN); is bcc importable; are kernel
+headers there for bcc's compiler; is tracefs mounted and does each tracepoint exist. `check()`
+answers that without loading anything; `load()` then compiles each probe's bpf/<name>.bpf.c as
+its own BPF object (so one failing probe never stops the others), lets bcc attach its
+TRACEPOINT_PROBEs, verifies the attachment and calls the probe's setup(). Whatever fails turns
+that probe off with the reason, and nothing raises for conditions of the host.
+
+Also here: the kernel facts probes build their -D flags from -- a tracepoint's fields (its format
+file) and a kernel struct member's offset from the running kernel's BTF.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from agent.sources.ebpf.probe import BPF_DIR, Probe
+
+log = logging.getLogger("hostagent.ebpf")
+
+INCLUDE_DIR = os.path.join(BPF_DIR, "include")
+TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+ON, OFF = "on", "off"
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    """One probe on this host: "on" (loaded, or for check(): would load) or "off" and why."""
+    name: str
+    tracepoints: tuple
+    state: str
+    reason: str = ""
+    description: str = ""
+
+    @property
+    def on(self) -> bool:
+        return self.state == ON
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "state": self.state, "reason": self.reason,
+                "tracepoints": list(self.tracepoints), "description": self.description}
+
+
+# --- host features ---------------------------------------------------------------------------
+
+def _cap_eff() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return None
+
+
+def privilege_problem() -> Optional[str]:
+    """Why this process may not load tracing BPF programs, or None if it may."""
+    caps = _cap_eff()
+    if caps is None:
+        return "cannot read capabilities from /proc/self/status"
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+        return None
+    who = "root without capabilities" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    return f"not permitted: running as {who}; needs root or CAP_BPF and CAP_PERFMON (CapEff={caps:#x})"
+
+
+def bcc_problem() -> Optional[str]:
+    try:
+        import bcc  # noqa: F401
+    except Exception as e:  # ImportError, or OSError when libbcc is missing
+        return f"bcc is not importable ({type(e).__name__}: {e}); install python3-bpfcc"
+    return None
+
+
+def kernel_headers() -> Optional[str]:
+    """The kernel source/headers directory bcc will compile against, or None."""
+    release = os.uname().release
+    for path in (os.environ.get("BCC_KERNEL_SOURCE"), f"/lib/modules/{release}/build",
+                 f"/lib/modules/{release}/source"):
+        if path and os.path.isdir(os.path.join(path, "include")):
+            return path
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return "/sys/kernel/kheaders.tar.xz"
+    return None
+
+
+def headers_problem() -> Optional[str]:
+    if kernel_headers() is not None:
+        return None
+    release = os.uname().release
+    return (f"no kernel headers: /lib/modules/{release}/build is missing (bcc compiles probes "
+            f"against them; install linux-headers for this kernel or the nearest version)")
+
+
+def tracefs_root() -> Optional[str]:
+    for root in TRACEFS_ROOTS:
+        if os.path.isdir(os.path.join(root, "events")):
+            return root
+    return None
+
+
+def tracepoint_available(tp: str) -> bool:
+    """`tp` ("category:event") exists in tracefs."""
+    root = tracefs_root()
+    if root is None or ":" not in tp:
+        return False
+    category, event = tp.split(":", 1)
+    return os.path.isdir(os.path.join(root, "events", category, event))
+
+
+def btf_available() -> bool:
+    return os.path.exists(BTF_VMLINUX)
+
+
+@dataclass(frozen=True)
+class TracepointField:
+    name: str
+    type: str
+    offset: int
+    size: int
+    signed: bool
+
+    @property
+    def data_loc(self) -> bool:
+        return self.type.startswith("__data_loc")
+
+
+@functools.lru_cache(maxsize=None)
+def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
+    """The arguments of tracepoint `tp` on this kernel (its format file), {} if unreadable."""
+    root = tracefs_root()
+    if root is None:
+        return {}
+    category, event = tp.split(":", 1)
+    try:
+        with open(os.path.join(root, "events", category, event, "format")) as f:
+            text = f.read()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        parts = dict(p.strip().split(":", 1) for p in line.rstrip(";").split(";") if ":" in p)
+        decl = parts["field"].strip()
+        name = decl.split()[-1].split("[")[0]
+        if name.startswith("common_"):
+            continue
+        fields[name] = TracepointField(name, decl[:decl.rfind(name)].strip(), int(parts["offset"]),
+                                       int(parts["size"]), parts.get("signed", "0").strip() == "1")
+    return fields
+
+
+# --- BTF: member offsets of the running kernel's structs ------------------------------------
+
+_BTF_KIND_STRUCT, _BTF_KIND_UNION = 4, 5
+# bytes following the 12-byte btf_type header: fixed, and per vlen entry (linux/btf.h)
+_BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}                   # INT, ARRAY, VAR, DECL_TAG
+_BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT, UNION, ENUM, FUNC_PROTO, DATASEC, ENUM64
+_TYPE = struct.Struct("<III")
+
+
+class BtfError(Exception):
+    pass
+
+
+def _btf_index(path: str):
+    """(raw BTF, string section start, type id -> position, struct name -> type id)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, _version, _flags, hdr_len, type_off, type_len, str_off, _str_len = \
+        struct.unpack_from("<HBBIIIII", data, 0)
+    if magic != 0xEB9F:
+        raise BtfError(f"{path}: not BTF (magic {magic:#x})")
+    types_start = hdr_len + type_off
+    strings = hdr_len + str_off
+    offsets = [0]                     # type id -> position; id 0 is void
+    structs: dict = {}                # struct name -> type id (first complete definition)
+    pos, end = types_start, types_start + type_len
+    unpack = _TYPE.unpack_from
+    while pos < end:
+        name_off, info, _ = unpack(data, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        offsets.append(pos)
+        if kind == _BTF_KIND_STRUCT and name_off:
+            name = data[strings + name_off:data.index(b"\0", strings + name_off)]
+            structs.setdefault(name, len(offsets) - 1)
+        pos += 12 + _BTF_EXTRA.get(kind, 0) + _BTF_PER_VLEN.get(kind, 0) * vlen
+    return data, strings, offsets, structs
+
+
+@functools.lru_cache(maxsize=None)
+def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) -> Optional[int]:
+    """Byte offset of `member` in `struct struct_name` of the running kernel (members of anonymous
+    structs and unions included), or None when there is no BTF or no such member. Parses the
+    whole BTF (about 0.1 s for vmlinux) and keeps only the answer."""
+    try:
+        data, strings, offsets, structs = _btf_index(path)
+    except (OSError, BtfError, struct.error) as e:
+        log.debug("btf_unavailable path=%s error=%s", path, e)
+        return None
+    type_id = structs.get(struct_name.encode())
+    if type_id is None:
+        return None
+    want = member.encode()
+
+    def name_at(off: int) -> bytes:
+        return data[strings + off:data.index(b"\0", strings + off)]
+
+    def find(tid: int, base: int) -> Optional[int]:
+        pos = offsets[tid]
+        _, info, _ = _TYPE.unpack_from(data, pos)
+        bitfields = info >> 31
+        for i in range(info & 0xFFFF):
+            name_off, mtype, moff = _TYPE.unpack_from(data, pos + 12 + 12 * i)
+            bit = moff & 0xFFFFFF if bitfields else moff
+            if name_off and name_at(name_off) == want:
+                return base + bit // 8
+            if not name_off and mtype < len(offsets):
+                kind = (_TYPE.unpack_from(data, offsets[mtype])[1] >> 24) & 0x1F
+                if kind in (_BTF_KIND_STRUCT, _BTF_KIND_UNION):
+                    found = find(mtype, base + bit // 8)
+                    if found is not None:
+                        return found
+        return None
+
+    return find(type_id, 0)
+
+
+# --- the registry, filtered by config --------------------------------------------------------
+
+def _probes(probes) -> dict:
+    if probes is None:
+        from agent.sources.ebpf.registry import PROBES
+        probes = PROBES
+    return {name: (p() if isinstance(p, type) else p) for name, p in probes.items()}
+
+
+def _config_problem(cfg, name: str, probe: Probe) -> Optional[str]:
+    if not cfg.enabled:
+        return "disabled in config (ebpf.enabled: false)"
+    switch = cfg.probes.get(name)
+    enabled = probe.default_enabled if switch is None else switch.enabled
+    if not enabled:
+        if switch is None:
+            return f"off by default (enable with ebpf.probes.{name}.enabled: true)"
+        return f"disabled in config (ebpf.probes.{name}.enabled: false)"
+    return None
+
+
+@dataclass
+class Plan:
+    probe: Probe
+    status: ProbeStatus
+    tracepoints: tuple = ()
+
+
+def plan(cfg, probes=None) -> list[Plan]:
+    """Each probe with the tracepoints it would use and whether it would load."""
+    host_problem = None
+    plans = []
+    checked_host = False
+    for name, probe in _probes(probes).items():
+        tps = tuple(probe.tracepoints)
+        reason = _config_problem(cfg, name, probe)
+        if reason is None and not checked_host:
+            host_problem = privilege_problem() or bcc_problem() or headers_problem()
+            if host_problem is None and tracefs_root() is None:
+                host_problem = ("tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
+            checked_host = True
+        if reason is None:
+            reason = host_problem
+        if reason is None:
+            chosen = probe.select_tracepoints(tracepoint_available)
+            if chosen is None:
+                missing = [tp for tp in tps if not tracepoint_available(tp)]
+                reason = "tracepoint missing on this kernel: " + ", ".join(missing or tps)
+            else:
+                tps = tuple(chosen)
+        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description)
+        plans.append(Plan(probe, status, tps))
+    return plans
+
+
+def check(cfg, probes=None) -> list[ProbeStatus]:
+    """Which probes would load on this host and why the others would not. Loads nothing."""
+    return [p.status for p in plan(cfg, probes)]
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+@dataclass
+class LoadedProbe:
+    probe: Probe
+    bpf: object
+    status: ProbeStatus
+    tracepoints: tuple = ()
+    rings: list = field(default_factory=list)
+
+
+_stderr_lock = threading.Lock()
+
+
+class _CapturedStderr:
+    """Collect what the compiler writes on fd 2 during a load, then pass it on to the real
+    stderr (other threads' output is delayed, not lost) and keep it for the probe's reason."""
+
+    def __enter__(self):
+        _stderr_lock.acquire()
+        self.text = ""
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._file.seek(0)
+            raw = self._file.read()
+            self._file.close()
+            if raw:
+                os.write(2, raw)
+            self.text = raw.decode("utf-8", "replace")
+        finally:
+            _stderr_lock.release()
+        return False
+
+
+def _first_error(text: str) -> str:
+    """The compiler's first error message in `text`, or ""."""
+    for line in text.splitlines():
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()
+    return ""
+
+
+def _compile(probe: Probe, tps: tuple):
+    from bcc import BPF
+    cflags = [f"-I{INCLUDE_DIR}", *probe.cflags(tps)]
+    error = None
+    with _CapturedStderr() as err:
+        try:
+            bpf = BPF(src_file=probe.source_file.encode(), cflags=cflags)
+        except Exception as e:
+            error = e
+    if error is not None:
+        detail = _first_error(err.text)
+        if "Failed to compile" in str(error):
+            raise RuntimeError(f"compile failed: {detail or error}") from None
+        raise RuntimeError(f"load failed: {error}" + (f" ({detail})" if detail else "")) from None
+    return bpf
+
+
+def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
+    probe, status, tps = plan_.probe, plan_.status, plan_.tracepoints
+    if not status.on:
+        return None, status
+
+    def off(reason: str) -> ProbeStatus:
+        return ProbeStatus(status.name, tps, OFF, reason, status.description)
+
+    try:
+        bpf = _compile(probe, tps)
+    except Exception as e:
+        return None, off(str(e))
+    if bpf is None:
+        return None, off("load failed")
+    try:
+        attached = {k.decode() if isinstance(k, bytes) else k for k in bpf.tracepoint_fds}
+        missing = [tp for tp in tps if tp not in attached]
+        if missing:
+            raise RuntimeError("not attached to " + ", ".join(missing))
+        probe.setup(bpf)
+    except Exception as e:
+        try:
+            probe.close()
+        except Exception:
+            pass
+        bpf.cleanup()
+        return None, off(f"setup failed: {e}")
+    return LoadedProbe(probe, bpf, status, tps, list(getattr(probe, "ring_buffers", ()))), status
+
+
+def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
+    """Compile, attach and set up every probe that check() says would load."""
+    loaded, statuses = [], []
+    for p in plan(cfg, probes):
+        lp, status = load_one(p)
+        statuses.append(status)
+        if lp is not None:
+            loaded.append(lp)
+    log_statuses(statuses)
+    return loaded, statuses
+
+
+def unload(loaded: list[LoadedProbe]) -> None:
+    for lp in loaded:
+        try:
+            lp.probe.close()
+        except Exception:
+            log.exception("probe_close_failed probe=%s", lp.status.name)
+        try:
+            lp.bpf.cleanup()
+        except Exception:
+            log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
+
+
+def log_statuses(statuses: list[ProbeStatus]) -> None:
+    on = [s.name for s in statuses if s.on]
+    off = [s for s in statuses if not s.on]
+    log.info("ebpf_probes on=%s off=%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-")
+    if off:
+        log.warning("ebpf_probes_off %s", " ".join(f"{s.name}={json.dumps(s.reason)}" for s in off))
+
+
+def format_table(statuses: list[ProbeStatus]) -> str:
+    """The `hostagent probes` table: a probe per line with its state, then its tracepoints when
+    it is on or the reason when it is off (`--json` has both)."""
+    rows = [("PROBE", "STATE", "TRACEPOINTS / REASON")]
+    rows += [(s.name, s.state, " ".join(s.tracepoints) if s.on else s.reason) for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}".rstrip() for r in rows)

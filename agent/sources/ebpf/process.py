@@ -1,0 +1,219 @@
+"""process: exec and exit of every process as log records, plus counters (bpf/process.bpf.c).
+
+Log records (event names as OpenTelemetry would spell them):
+- process.exec: process.pid, process.parent_pid, process.executable.name (the new comm),
+  process.executable.path (the path given to execve, up to 255 bytes; may be relative),
+  process.real_user.id, process.owner (when the uid has a passwd entry);
+- process.exit, once per process (when its last thread exits): process.pid, process.parent_pid,
+  process.executable.name (the last thread's comm), process.exit.code, process.creation.time,
+  process.exit.time, linux.process.lifetime (s), and for a process a signal ended,
+  linux.process.exit.signal and linux.process.exit.core_dumped.
+process.exit.code is the status the process passed to exit(); for a process a signal ended it is
+128 + the signal number, as shells report it.
+
+Counters: system.linux.process.forks (processes created, counted in the kernel),
+system.linux.process.execs and system.linux.process.exits {exit.class: success | failure |
+signal} (counted by the reader from the records).
+
+The parent and start time of a process come from the kernel's record of its creation
+(task:task_newtask); processes that existed before the probe loaded are read from /proc once at
+setup. Command-line arguments are never read.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import datetime
+import functools
+import logging
+import os
+import pwd
+
+import numpy as np
+
+from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
+from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
+from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
+from agent.sources.ebpf.signals import signal_name
+
+log = logging.getLogger("hostagent.ebpf")
+
+FILENAME_LEN = 256                       # HA_FILENAME_LEN
+
+# struct exec_event
+EXEC_EVENT = np.dtype([
+    ("time_ns", "<u8"), ("pid", "<u4"), ("old_pid", "<u4"), ("ppid", "<u4"), ("uid", "<u4"),
+    ("comm", "S16"), ("filename", f"S{FILENAME_LEN}"),
+])
+
+# struct exit_event
+EXIT_EVENT = np.dtype([
+    ("time_ns", "<u8"), ("start_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("ppid", "<u4"),
+    ("exit_code", "<i4"), ("flags", "<u4"), ("_pad", "<u4"), ("comm", "S16"),
+])
+EXIT_CODE_KNOWN = 1                      # HA_EXIT_CODE_KNOWN
+EXIT_START_KNOWN = 2                     # HA_EXIT_START_KNOWN
+
+
+class ProcInfo(ctypes.Structure):
+    """struct proc_info: the value of the `procs` map, keyed by pid (u32)."""
+    _fields_ = [("start_ns", ctypes.c_uint64), ("ppid", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+EXECS = "system.linux.process.execs"
+EXITS = "system.linux.process.exits"
+FORKS = "system.linux.process.forks"
+SUCCESS, FAILURE, SIGNAL, UNKNOWN = "success", "failure", "signal", "unknown"   # unknown: no BTF
+_CLASS_ATTRS = {c: (("exit.class", c),) for c in (SUCCESS, FAILURE, SIGNAL, UNKNOWN)}
+
+_BPF_NOEXIST = 1
+
+
+def iso8601(ns: int) -> str:
+    t = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=4096)
+def user_name(uid: int):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return None
+
+
+def exit_status(raw: int) -> tuple:
+    """(exit.class, process.exit.code, signal or 0, core dumped) of a wait status."""
+    sig = raw & 0x7F
+    if sig:
+        return SIGNAL, 128 + sig, sig, bool(raw & 0x80)
+    status = (raw >> 8) & 0xFF
+    return (SUCCESS if status == 0 else FAILURE), status, 0, False
+
+
+class ProcessProbe(RingProbe):
+    name = "process"
+    description = "process exec and exit (log records); processes created, execs, exits by class"
+    tracepoints = ("task:task_newtask", "sched:sched_process_exec", "sched:sched_process_exit")
+    default_enabled = True
+    rings = (("exec_events", EXEC_EVENT), ("exit_events", EXIT_EVENT))   # HA_RING_EXEC, HA_RING_EXIT
+    counters = {
+        EXECS: ("{process}", "Successful execve calls.", [()]),
+        EXITS: ("{process}", "Processes that ended, by how: exit status 0, another status, or a signal.",
+                [_CLASS_ATTRS[c] for c in (SUCCESS, FAILURE, SIGNAL)]),
+    }
+
+    def __init__(self, exec_ring_pages: int = 512, exit_ring_pages: int = 128, procs_max: int = 65536):
+        self.exec_ring_pages, self.exit_ring_pages, self.procs_max = exec_ring_pages, exit_ring_pages, procs_max
+        self.exit_codes = False
+
+    def cflags(self, tracepoints: tuple) -> list:
+        exec_bytes, exit_bytes = self.exec_ring_pages * PAGE_SIZE, self.exit_ring_pages * PAGE_SIZE
+        flags = [f"-DHA_EXEC_RING_PAGES={self.exec_ring_pages}",
+                 f"-DHA_EXIT_RING_PAGES={self.exit_ring_pages}",
+                 f"-DHA_EXEC_WAKEUP_EVERY={wakeup_every(exec_bytes, EXEC_EVENT.itemsize)}",
+                 f"-DHA_EXIT_WAKEUP_EVERY={wakeup_every(exit_bytes, EXIT_EVENT.itemsize)}",
+                 f"-DHA_PROCS_MAX={self.procs_max}"]
+        if "group_dead" in tracepoint_fields("sched:sched_process_exit"):
+            flags.append("-DHA_EXIT_HAS_GROUP_DEAD")
+        offset = btf_member_offset("task_struct", "exit_code")
+        self.exit_codes = offset is not None
+        if offset is not None:
+            flags.append(f"-DHA_TASK_EXIT_CODE_OFFSET={offset}")
+        else:
+            log.warning("process_exit_codes_unavailable reason=\"no BTF at /sys/kernel/btf/vmlinux\"")
+        return flags
+
+    def setup(self, bpf) -> None:
+        super().setup(bpf)
+        self.forks = bpf[b"forks"]
+        self._seed(bpf[b"procs"])
+
+    def _seed(self, table) -> None:
+        """Parent and start time of the processes that existed before the probe was attached
+        (entries the probe already made are kept: BPF_NOEXIST)."""
+        from bcc.libbcc import lib
+        tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+        key, value = ctypes.c_uint32(), ProcInfo()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            key.value = int(entry.name)
+            value.ppid, value.start_ns = int(fields[1]), int(int(fields[19]) * tick_ns)
+            lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(value), _BPF_NOEXIST)
+
+    # --- decoding (reader thread) ----------------------------------------------------------
+
+    def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
+        if ring == "exec_events":
+            return self._execs(batch, boot_to_wall)
+        return self._exits(batch, boot_to_wall)
+
+    def _execs(self, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
+        observed = now_ns()
+        out = []
+        for time_ns, pid, _old_pid, ppid, uid, comm, filename in batch.tolist():
+            path = cstr(filename)
+            attrs = [("process.pid", pid)]
+            if ppid:
+                attrs.append(("process.parent_pid", ppid))
+            attrs += [("process.executable.name", cstr(comm)), ("process.executable.path", path),
+                      ("process.real_user.id", uid)]
+            owner = user_name(uid)
+            if owner is not None:
+                attrs.append(("process.owner", owner))
+            out.append(LogRecord(time_ns + boot_to_wall, f"process {pid} executed {path}", tuple(attrs),
+                                 Severity.INFO, "process.exec", observed))
+        self.count(EXECS, (), len(out))
+        return out
+
+    def _exits(self, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
+        observed = now_ns()
+        classes = collections.Counter()
+        out = []
+        for time_ns, start_ns, pid, _tid, ppid, raw, flags, _pad, comm in batch.tolist():
+            name = cstr(comm)
+            wall = time_ns + boot_to_wall
+            attrs = [("process.pid", pid)]
+            if ppid:
+                attrs.append(("process.parent_pid", ppid))
+            attrs.append(("process.executable.name", name))
+            severity = Severity.INFO
+            if flags & EXIT_CODE_KNOWN:
+                cls, code, sig, core = exit_status(raw)
+                classes[cls] += 1
+                attrs.append(("process.exit.code", code))
+                if sig:
+                    attrs += [("linux.process.exit.signal", signal_name(sig)),
+                              ("linux.process.exit.core_dumped", core)]
+                    body = f"process {pid} ({name}) killed by {signal_name(sig)}" + (
+                        " (core dumped)" if core else "")
+                    severity = Severity.WARN
+                else:
+                    body = f"process {pid} ({name}) exited with status {code}"
+            else:
+                classes[UNKNOWN] += 1
+                body = f"process {pid} ({name}) exited"
+            if flags & EXIT_START_KNOWN and start_ns:
+                attrs += [("process.creation.time", iso8601(start_ns + boot_to_wall)),
+                          ("linux.process.lifetime", max(time_ns - start_ns, 0) / 1e9)]
+            attrs.append(("process.exit.time", iso8601(wall)))
+            out.append(LogRecord(wall, body, tuple(attrs), severity, "process.exit", observed))
+        for cls, n in classes.items():
+            self.count(EXITS, _CLASS_ATTRS[cls], n)
+        return out
+
+    # --- metrics (collection thread) -------------------------------------------------------
+
+    def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
+        metrics = self.counter_metrics(now_ns, start_ns)
+        forks = int(self.forks.sum(ctypes.c_int(0)).value)
+        metrics.append(Metric(FORKS, "Processes created (fork, vfork, or clone without CLONE_THREAD).",
+                              "{process}", MetricKind.SUM, [NumberPoint((), forks, start_ns, now_ns)],
+                              monotonic=True))
+        return metrics

@@ -1,0 +1,395 @@
+"""Zero-copy reading of BPF ring buffers (BPF_MAP_TYPE_RINGBUF), in batches.
+
+The kernel's layout (kernel/bpf/ringbuf.c), mapped from the map's fd:
+- offset 0, one page, read-write: the consumer position (u64), which only we write;
+- offset one page, read-only: the producer position page, then the data area mapped twice in a
+  row, so a record that wraps around the end is contiguous in our address space.
+Each record is an 8-byte header {u32 len, u32 page offset} followed by the sample, and takes
+round_up(len + 8, 8) bytes. While the producer writes a record its len has the BUSY bit (31);
+a record the producer gave up on has the DISCARD bit (30) and is skipped.
+
+`RingBuffer.drain()` reads everything committed since the last call as one numpy array:
+1. load the producer position (one aligned 8-byte load);
+2. read every header of the span with one strided copy and stop at the first BUSY one -- all
+   headers are read before any sample, the order the protocol needs;
+3. copy the samples out with one structured-dtype copy (DISCARD records left out);
+4. publish the new consumer position with one aligned 8-byte store, after the copy, so the kernel
+   never reuses space we are still reading.
+On x86-64 plain loads and stores give exactly this order (loads are not reordered with loads,
+stores not with earlier loads). Every record of a ring has the same size (the probe reserves
+sizeof(struct)), so the headers sit at a fixed stride; a header with another length is handled
+by a record-by-record walk that skips and counts it.
+
+Nothing here runs per record in Python. Numpy arrays and memoryviews over the mapping pin it:
+the only long-lived ones belong to the RingBuffer and are released by close(); everything
+drain() returns is a copy.
+
+Waking up: the probes commit records with BPF_RB_NO_WAKEUP and the reader polls every ring on a
+timer (Poller) whose interval adapts to the rate (PollSchedule): at most 200 ms when little
+arrives, shorter as rings fill, at once when one is a quarter full. As a backstop against bursts
+between two polls, each CPU forces a wakeup every wakeup_every() records it commits to a ring
+(a quarter of the ring over all CPUs). A wakeup per record costs the producer 100-200 ns more and
+the consumer a pass per tiny batch; the timer costs one pass per interval whatever the rate
+(docs/performance.md has the figures). What does not fit in a ring is counted in the BPF map
+ha_ringbuf_dropped (bpf/include/hostagent.h) and exported as hostagent.ebpf.ringbuf.dropped.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import select
+import time
+from types import MappingProxyType
+from typing import Mapping, Optional
+
+import numpy as np
+
+from agent.model import LogRecord, Metric, MetricKind, NumberPoint
+from agent.sources.ebpf.probe import Probe
+
+log = logging.getLogger("hostagent.ebpf")
+
+BUSY_BIT = 1 << 31
+DISCARD_BIT = 1 << 30
+LEN_MASK = ~(BUSY_BIT | DISCARD_BIT) & 0xFFFFFFFF
+HEADER_SIZE = 8
+PAGE_SIZE = mmap.PAGESIZE
+DROPS_MAP = "ha_ringbuf_dropped"      # bpf/include/hostagent.h
+MAX_RINGS = 4                         # HA_MAX_RINGS
+
+
+def record_stride(size: int) -> int:
+    """Bytes a record with a `size`-byte sample takes in the ring: header plus sample, 8-aligned."""
+    return (size + HEADER_SIZE + 7) & ~7
+
+
+def wakeup_every(ring_bytes: int, record_size: int, cpus: Optional[int] = None) -> int:
+    """Records a CPU commits between two forced wakeups of the reader (ha_submit_flags in
+    bpf/include/hostagent.h): a quarter of the ring's capacity, shared by the CPUs."""
+    cpus = cpus or os.cpu_count() or 1
+    capacity = (ring_bytes - 1) // record_stride(record_size)
+    return max(1, capacity // (4 * cpus))
+
+
+def framed_dtype(record: np.dtype) -> np.dtype:
+    """`record` as it sits in the ring: header fields, the sample, padding to the stride."""
+    return np.dtype({"names": ["len", "pg_off", "rec"], "formats": ["<u4", "<u4", record],
+                     "offsets": [0, 4, HEADER_SIZE], "itemsize": record_stride(record.itemsize)})
+
+
+class RingBuffer:
+    """The consumer side of one BPF ring buffer. One reader at a time (a single thread)."""
+
+    def __init__(self, consumer, data, size: int, record: np.dtype, name: str = "",
+                 fd: Optional[int] = None, mappings: tuple = ()):
+        """`consumer`: a writable buffer whose first 8 bytes are the consumer position;
+        `data`: a read-only buffer of PAGE_SIZE + 2 * size bytes -- the producer position page,
+        then the data area twice. Use RingBuffer.open() for a map fd."""
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring size must be a power of two, got {size}")
+        record = np.dtype(record)
+        self.name, self.size, self.record = name, size, record
+        self.fd = fd
+        self.stride = record_stride(record.itemsize)
+        if self.stride > size:
+            raise ValueError(f"a {record.itemsize}-byte record does not fit a {size}-byte ring")
+        self._mask = size - 1
+        self._framed = framed_dtype(record)
+        self._words = self.stride // 4
+        self._cons = memoryview(consumer).cast("B").cast("Q")
+        self._prod = memoryview(data)[:8].cast("B").cast("Q")
+        self._data = np.frombuffer(data, dtype=np.uint8, count=2 * size, offset=PAGE_SIZE)
+        self._mappings = mappings
+        self._empty = np.empty(0, dtype=record)
+        # reader-side statistics (written by the reading thread only)
+        self.records = 0          # samples returned
+        self.discarded = 0        # DISCARD records skipped
+        self.invalid = 0          # records whose length is not the record size, skipped
+        self.last_fill = 0.0      # committed-or-busy bytes found by the last drain / size
+
+    @classmethod
+    def open(cls, map_fd: int, size: int, record: np.dtype, name: str = "") -> "RingBuffer":
+        """Map the ring buffer map `map_fd` (`size` = its max_entries, in bytes)."""
+        fd = os.dup(map_fd)           # our own reference: the mapping outlives any other fd
+        try:
+            consumer = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, access=mmap.ACCESS_WRITE, offset=0)
+            try:
+                data = mmap.mmap(fd, PAGE_SIZE + 2 * size, mmap.MAP_SHARED, access=mmap.ACCESS_READ,
+                                 offset=PAGE_SIZE)
+            except BaseException:
+                consumer.close()
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(consumer, data, size, record, name, fd=fd, mappings=(consumer, data))
+
+    @classmethod
+    def from_table(cls, table, record: np.dtype, name: str = "") -> "RingBuffer":
+        """Map a bcc RingBuf table (BPF_RINGBUF_OUTPUT)."""
+        return cls.open(table.map_fd, table.max_entries, record, name)
+
+    # --- positions -------------------------------------------------------------------------
+
+    @property
+    def consumer_pos(self) -> int:
+        return self._cons[0]
+
+    @property
+    def producer_pos(self) -> int:
+        return self._prod[0]
+
+    @property
+    def capacity(self) -> int:
+        """Records the ring holds at most (the kernel keeps one byte of the ring free)."""
+        return (self.size - 1) // self.stride
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def drain(self) -> np.ndarray:
+        """Every record committed since the last call, in ring order, as a contiguous array of
+        `record` (a copy; the ring space is released before returning)."""
+        cons = self._cons[0]
+        prod = self._prod[0]                      # 1. producer position first
+        avail = prod - cons
+        self.last_fill = avail / self.size
+        if avail <= 0:
+            return self._empty
+        if avail > self.size:
+            raise RuntimeError(f"ring {self.name}: producer {prod} is more than a ring ahead of "
+                               f"consumer {cons}")
+        start = cons & self._mask
+        stride = self.stride
+        n_max = avail // stride
+        if n_max == 0 or avail % stride:
+            return self._drain_walk(cons, prod)
+        span = self._data[start:start + n_max * stride]   # contiguous thanks to the double mapping
+        lens = span.view("<u4")[::self._words].copy()     # 2. all headers, before any sample
+        busy = np.flatnonzero(lens & BUSY_BIT)
+        n = int(busy[0]) if busy.size else n_max
+        if n == 0:
+            return self._empty
+        lens = lens[:n]
+        if np.any((lens & LEN_MASK) != self.record.itemsize):
+            return self._drain_walk(cons, prod)
+        samples = span[:n * stride].view(self._framed)["rec"]
+        discard = (lens & DISCARD_BIT) != 0
+        if discard.any():
+            out = samples[~discard]                       # 3. copy (fancy indexing copies)
+            self.discarded += int(discard.sum())
+        else:
+            out = samples.copy()                          # 3. copy
+        del samples, span
+        self._cons[0] = cons + n * stride                 # 4. one aligned 8-byte store
+        self.records += len(out)
+        return out
+
+    def _drain_walk(self, cons: int, prod: int) -> np.ndarray:
+        """Record by record, for a span holding records of another size than `record`."""
+        keep = []
+        pos = cons
+        size = self.record.itemsize
+        invalid = self.invalid
+        while pos < prod:
+            off = pos & self._mask
+            header = int(self._data[off:off + 4].view("<u4")[0])
+            if header & BUSY_BIT:
+                break
+            length = header & LEN_MASK
+            if header & DISCARD_BIT:
+                self.discarded += 1
+            elif length == size:
+                keep.append(self._data[off + HEADER_SIZE:off + HEADER_SIZE + size].copy())
+            else:
+                self.invalid += 1
+            pos += record_stride(length)
+        out = (np.concatenate(keep).view(self.record) if keep else self._empty)
+        if pos != cons:
+            self._cons[0] = pos
+        self.records += len(out)
+        if self.invalid > invalid:
+            log.warning("ringbuf_invalid_records ring=%s skipped=%d record_size=%d",
+                        self.name, self.invalid - invalid, size)
+        return out
+
+    def close(self) -> None:
+        """Unmap the ring. Arrays returned by drain() stay valid (they are copies)."""
+        self._data = None
+        for view in (self._cons, self._prod):
+            if view is not None:
+                view.release()
+        self._cons = self._prod = None
+        for m in self._mappings:
+            m.close()
+        self._mappings = ()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_drops(bpf, rings: int) -> list:
+    """Records each of the first `rings` rings of a loaded program could not reserve, summed
+    over CPUs (bpf/include/hostagent.h); [] if the program has no drop counter."""
+    import ctypes
+    try:
+        table = bpf[DROPS_MAP.encode()]
+    except KeyError:
+        return []
+    return [int(table.sum(ctypes.c_int(i)).value) for i in range(min(rings, MAX_RINGS))]
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+class Poller:
+    """Waits until a ring may have records: a timeout (records are committed without a wakeup),
+    epoll on the rings' fds, edge-triggered, for the wakeups the BPF side does send (one per
+    quarter ring, ha_submit_flags), and an eventfd that stop() uses to end a wait at once."""
+
+    def __init__(self, fds=()):
+        self._ep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake, select.EPOLLIN)
+        for fd in fds:
+            self._ep.register(fd, select.EPOLLIN | select.EPOLLET)
+        self.stopped = False
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` seconds; False once stop() has been called."""
+        if self.stopped:
+            return False
+        try:
+            events = self._ep.poll(timeout)
+        except InterruptedError:
+            events = ()
+        for fd, _ in events:
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+        return not self.stopped
+
+    def stop(self) -> None:
+        self.stopped = True
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        self._ep.close()
+        os.close(self._wake)
+
+
+class PollSchedule:
+    """How long to wait before the next pass over the rings, from how full the last pass found
+    them: aim to find each ring about `target` full (an eighth), so there is room for seven more
+    intervals of records if the reader is held up; read again at once when a ring was a quarter
+    full or more; wait at least `min_interval` and at most `max_interval` (the latency bound when
+    little arrives). The wait grows at most twofold per pass, so a producer that pauses briefly
+    and resumes at full rate still finds a short interval."""
+
+    def __init__(self, max_interval: float, min_interval: float = 0.001, target: float = 0.125,
+                 busy: float = 0.25):
+        self.max_interval, self.min_interval = max_interval, min(min_interval, max_interval)
+        self.target, self.busy = target, busy
+        self._last = time.monotonic()
+        self._timeout = self.min_interval
+
+    def next_timeout(self, rings) -> float:
+        """Call after each pass with the rings just drained; returns seconds to wait."""
+        now = time.monotonic()
+        elapsed, self._last = now - self._last, now
+        fill = max((r.last_fill for r in rings), default=0.0)
+        if fill >= self.busy:
+            wanted = 0.0
+        elif fill <= 0.0:
+            wanted = self.max_interval
+        else:
+            wanted = self.target * elapsed / fill
+        grown = max(self._timeout, self.min_interval) * 2
+        self._timeout = min(wanted, grown, self.max_interval)
+        if self._timeout:
+            self._timeout = max(self._timeout, self.min_interval)
+        return self._timeout
+
+
+# --- probes that send records ----------------------------------------------------------------
+
+def boot_to_wall_ns() -> int:
+    """What to add to a bpf_ktime_get_boot_ns() timestamp to get Unix time in ns."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+class RingProbe(Probe):
+    """A probe whose BPF program sends records through ring buffers.
+
+    `rings` lists (map name, record dtype); a ring's position in it is its slot in the
+    ha_ringbuf_dropped counter (the HA_RING_* constants of the BPF program). `decode()` turns a
+    drained batch into log records and may count with `self.count()`; `counters` describes those
+    counters. The reader thread is the only writer of the counts: it publishes an immutable
+    snapshot once per poll that changed them, and collect() reads whichever snapshot is current,
+    so neither side takes a lock.
+    """
+    rings: tuple = ()
+    # metric name -> (unit, description, attribute sets reported as 0 before the first event)
+    counters: Mapping[str, tuple] = {}
+
+    def setup(self, bpf) -> None:
+        super().setup(bpf)
+        self._counts: dict = {}
+        self._dirty = False
+        self.counts: Mapping = MappingProxyType({})
+        self.ring_buffers: list = []
+        try:
+            for name, record in self.rings:
+                self.ring_buffers.append(RingBuffer.from_table(bpf[name.encode()], record, name))
+        except BaseException:
+            self.close()
+            raise
+
+    def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
+        return []
+
+    def count(self, metric: str, attributes: tuple = (), amount: int = 1) -> None:
+        """Add to an event-derived counter (reader thread only)."""
+        key = (metric, attributes)
+        self._counts[key] = self._counts.get(key, 0) + amount
+        self._dirty = True
+
+    def poll(self) -> list[LogRecord]:
+        records: list = []
+        offset = None
+        for ring in self.ring_buffers:
+            batch = ring.drain()
+            if len(batch):
+                if offset is None:
+                    offset = boot_to_wall_ns()
+                records.extend(self.decode(ring.name, batch, offset))
+        if self._dirty:
+            self.counts = MappingProxyType(dict(self._counts))   # one reference swap
+            self._dirty = False
+        return records
+
+    def counter_metrics(self, now_ns: int, start_ns: int) -> list[Metric]:
+        counts = self.counts                                      # the current snapshot
+        metrics = []
+        for name, (unit, description, initial) in self.counters.items():
+            values = {attrs: 0 for attrs in initial}
+            values.update({attrs: v for (metric, attrs), v in counts.items() if metric == name})
+            if values:
+                metrics.append(Metric(name, description, unit, MetricKind.SUM,
+                                      [NumberPoint(a, v, start_ns, now_ns) for a, v in values.items()],
+                                      monotonic=True))
+        return metrics
+
+    def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
+        return self.counter_metrics(now_ns, start_ns)
+
+    def close(self) -> None:
+        for ring in getattr(self, "ring_buffers", ()):
+            ring.close()
+        self.ring_buffers = []
+
+
+def cstr(raw: bytes) -> str:
+    """A NUL-terminated C string from a fixed-size field (bytes after the NUL are stale)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

@@ -1,0 +1,171 @@
+/* process: process creation, exec and exit (agent/sources/ebpf/process.py).
+ *
+ *   task:task_newtask         a new process (clone without CLONE_THREAD): counted in `forks`,
+ *                             remembered in `procs` (its parent and start time)
+ *   sched:sched_process_exec  one exec_event per successful execve
+ *   sched:sched_process_exit  one exit_event when the last thread of a process exits
+ *
+ * Tracepoint arguments and BPF helpers only, with one exception: the exit status is not an
+ * argument of sched_process_exit, so it is read from the exiting task at the offset of
+ * task_struct.exit_code that the agent takes from the running kernel's BTF
+ * (/sys/kernel/btf/vmlinux) and passes as HA_TASK_EXIT_CODE_OFFSET. The offset never comes from
+ * the installed headers, which may belong to another kernel. Without BTF the offset is not
+ * defined and exit records carry no status (HA_EXIT_CODE_KNOWN unset).
+ *
+ * Build parameters (-D): HA_EXEC_RING_PAGES, HA_EXIT_RING_PAGES, HA_EXEC_WAKEUP_EVERY,
+ * HA_EXIT_WAKEUP_EVERY (see ha_submit_flags in hostagent.h), HA_PROCS_MAX,
+ * HA_EXIT_HAS_GROUP_DEAD (sched_process_exit has the group_dead argument, as on 6.18),
+ * HA_TASK_EXIT_CODE_OFFSET.
+ */
+#include "hostagent.h"
+
+#define HA_FILENAME_LEN 256          /* execve path, truncated */
+
+/* exit_event.flags */
+#define HA_EXIT_CODE_KNOWN  1        /* exit_code was read */
+#define HA_EXIT_START_KNOWN 2        /* start_ns and ppid come from `procs` */
+
+struct exec_event {
+    u64 time_ns;                     /* bpf_ktime_get_boot_ns() */
+    u32 pid;                         /* the process (thread group) id after exec */
+    u32 old_pid;                     /* the thread that called execve; differs from pid when it
+                                        was not the group leader */
+    u32 ppid;                        /* the process that created it, 0 if not known */
+    u32 uid;                         /* real user id, after exec (setuid binaries included) */
+    char comm[16];                   /* the new command name */
+    char filename[HA_FILENAME_LEN];  /* the path given to execve, NUL-terminated */
+};
+
+struct exit_event {
+    u64 time_ns;                     /* bpf_ktime_get_boot_ns() */
+    u64 start_ns;                    /* when the process was created, boot-time ns */
+    u32 pid;                         /* the process (thread group) id */
+    u32 tid;                         /* its last thread */
+    u32 ppid;                        /* the process that created it, 0 if not known */
+    s32 exit_code;                   /* wait status: (status << 8) | signal | 0x80 if core dumped */
+    u32 flags;                       /* HA_EXIT_* */
+    u32 _pad;
+    char comm[16];                   /* the last thread's command name */
+};
+
+/* procs value: what task_newtask learned about a process */
+struct proc_info {
+    u64 start_ns;                    /* bpf_ktime_get_boot_ns() at creation */
+    u32 ppid;                        /* the creating process */
+    u32 _pad;
+};
+
+#ifndef HA_LAYOUT_ONLY
+
+#ifndef HA_EXEC_RING_PAGES
+#define HA_EXEC_RING_PAGES 512       /* 2 MiB: 6898 exec records */
+#endif
+#ifndef HA_EXIT_RING_PAGES
+#define HA_EXIT_RING_PAGES 128       /* 512 KiB: 8191 exit records */
+#endif
+#ifndef HA_EXEC_WAKEUP_EVERY
+#define HA_EXEC_WAKEUP_EVERY 256
+#endif
+#ifndef HA_EXIT_WAKEUP_EVERY
+#define HA_EXIT_WAKEUP_EVERY 256
+#endif
+#ifndef HA_PROCS_MAX
+#define HA_PROCS_MAX 65536           /* live processes remembered */
+#endif
+
+#define HA_CLONE_THREAD 0x00010000ULL
+
+/* ring slots in ha_ringbuf_dropped, in the order of ProcessProbe.rings */
+#define HA_RING_EXEC 0
+#define HA_RING_EXIT 1
+
+BPF_RINGBUF_OUTPUT(exec_events, HA_EXEC_RING_PAGES);
+BPF_RINGBUF_OUTPUT(exit_events, HA_EXIT_RING_PAGES);
+/* pid -> parent, start. Entries are removed when the process exits; memory grows with the
+ * processes alive (no preallocation). When it is full, new processes are reported without their
+ * parent and start time. */
+BPF_F_TABLE("hash", u32, struct proc_info, procs, HA_PROCS_MAX, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(forks, u64, 1);                                    /* processes created */
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & HA_CLONE_THREAD)
+        return 0;
+    u32 zero = 0;
+    u64 *count = forks.lookup(&zero);
+    if (count)
+        *count += 1;
+    u32 pid = args->pid;
+    struct proc_info info = {
+        .start_ns = bpf_ktime_get_boot_ns(),
+        .ppid = bpf_get_current_pid_tgid() >> 32,   /* current is the parent */
+    };
+    procs.update(&pid, &info);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 slot = HA_RING_EXEC;
+    struct exec_event *e = exec_events.ringbuf_reserve(sizeof(*e));
+    if (!e)
+        return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
+    u32 pid = args->pid;
+    struct proc_info *info = procs.lookup(&pid);
+    e->time_ns = bpf_ktime_get_boot_ns();
+    e->pid = pid;
+    e->old_pid = args->old_pid;
+    e->ppid = info ? info->ppid : 0;
+    e->uid = (u32)bpf_get_current_uid_gid();
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    HA_TP_STR(e->filename, filename);
+    exec_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), HA_EXEC_WAKEUP_EVERY));
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 pid = pid_tgid >> 32;
+#ifdef HA_EXIT_HAS_GROUP_DEAD
+    if (!args->group_dead)           /* not the last thread of its process */
+        return 0;
+#else
+    if ((u32)pid_tgid != pid)        /* older kernels: report when the group leader exits */
+        return 0;
+#endif
+    u32 slot = HA_RING_EXIT;
+    struct exit_event *e = exit_events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        procs.delete(&pid);
+        return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
+    }
+    e->time_ns = bpf_ktime_get_boot_ns();
+    e->pid = pid;
+    e->tid = (u32)pid_tgid;
+    e->flags = 0;
+    e->_pad = 0;
+    e->exit_code = 0;
+#ifdef HA_TASK_EXIT_CODE_OFFSET
+    /* do_exit() stores the status in current->exit_code before this tracepoint fires */
+    u64 task = bpf_get_current_task();
+    if (bpf_probe_read_kernel(&e->exit_code, sizeof(e->exit_code),
+                              (void *)(task + HA_TASK_EXIT_CODE_OFFSET)) == 0)
+        e->flags |= HA_EXIT_CODE_KNOWN;
+#endif
+    struct proc_info *info = procs.lookup(&pid);
+    if (info) {
+        e->start_ns = info->start_ns;
+        e->ppid = info->ppid;
+        e->flags |= HA_EXIT_START_KNOWN;
+    } else {
+        e->start_ns = 0;
+        e->ppid = 0;
+    }
+    bpf_probe_read_kernel_str(&e->comm, sizeof(e->comm), args->comm);
+    exit_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), HA_EXIT_WAKEUP_EVERY));
+    procs.delete(&pid);
+    return 0;
+}
+
+#endif /* HA_LAYOUT_ONLY */

@@ -1,0 +1,254 @@
+"""Feature checks and loading: what is on and why the rest is off, one probe's failure never
+stopping another, the kernel facts probes build on (BTF offsets, tracepoint fields), and the
+same API without privileges."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from agent.config import EbpfConfig, ProbeConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
+from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
+                                       tracepoint_fields)
+from agent.sources.ebpf.probe import Probe
+from agent.sources.ebpf.process import ProcessProbe
+from agent.sources.ebpf.registry import PROBES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
+
+GOOD_PROGRAM = b"""
+BPF_ARRAY(hits, u64, 1);
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    int zero = 0;
+    hits.increment(zero);
+    return 0;
+}
+"""
+
+
+class FileProbe(Probe):
+    """A probe whose program is a given text, written to a temporary file."""
+    tracepoints = ("sched:sched_process_exec",)
+
+    def __init__(self, name: str, text: bytes, tracepoints=None, default_enabled=True, fail_setup=False):
+        self.name, self.default_enabled, self.fail_setup = name, default_enabled, fail_setup
+        if tracepoints is not None:
+            self.tracepoints = tracepoints
+        self._file = tempfile.NamedTemporaryFile(suffix=".bpf.c")
+        self._file.write(text)
+        self._file.flush()
+        self.closed = False
+
+    @property
+    def source_file(self) -> str:
+        return self._file.name
+
+    def setup(self, bpf) -> None:
+        super().setup(bpf)
+        if self.fail_setup:
+            raise RuntimeError("no such map")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def by_name(statuses) -> dict:
+    return {s.name: s for s in statuses}
+
+
+def test_registry_holds_the_event_probes():
+    for name in ("process", "oom", "signals"):
+        assert PROBES[name].name == name
+        assert os.path.exists(PROBES[name]().source_file)
+
+
+@needs_root
+def test_check_as_root_says_on_for_every_default_probe():
+    statuses = by_name(check(EbpfConfig()))
+    for name in ("process", "oom", "signals"):
+        assert statuses[name].state == "on" and statuses[name].reason == ""
+    assert statuses["process"].tracepoints == ProcessProbe.tracepoints
+    for name, cls in PROBES.items():
+        if not cls.default_enabled:
+            assert statuses[name].state == "off" and "off by default" in statuses[name].reason
+
+
+def test_config_switches():
+    off = by_name(check(EbpfConfig(enabled=False)))
+    assert all(s.state == "off" and "ebpf.enabled" in s.reason for s in off.values())
+    cfg = EbpfConfig(probes={"oom": ProbeConfig(enabled=False)})
+    oom = by_name(check(cfg))["oom"]
+    assert oom.state == "off" and oom.reason == "disabled in config (ebpf.probes.oom.enabled: false)"
+    quiet = FileProbe("quiet", GOOD_PROGRAM, default_enabled=False)
+    assert check(EbpfConfig(), {"quiet": quiet})[0].reason.startswith("off by default")
+    if os.geteuid() == 0:
+        on = check(EbpfConfig(probes={"quiet": ProbeConfig(enabled=True)}), {"quiet": quiet})
+        assert on[0].state == "on"
+
+
+@needs_root
+def test_missing_tracepoint_turns_only_that_probe_off():
+    probes = {"ghost": FileProbe("ghost", GOOD_PROGRAM, ("nosuch:event", "sched:sched_process_exec")),
+              "good": FileProbe("good", GOOD_PROGRAM)}
+    statuses = by_name(check(EbpfConfig(), probes))
+    assert statuses["ghost"].state == "off"
+    assert statuses["ghost"].reason == "tracepoint missing on this kernel: nosuch:event"
+    assert statuses["good"].state == "on"
+
+
+@needs_root
+def test_a_failing_probe_never_stops_the_others(caplog):
+    broken = FileProbe("broken", b"TRACEPOINT_PROBE(sched, sched_process_exec) { return undefined_thing; }")
+    unattached = FileProbe("unattached", GOOD_PROGRAM, ("sched:sched_process_exec", "sched:sched_process_exit"))
+    failing = FileProbe("failing", GOOD_PROGRAM, fail_setup=True)
+    good = FileProbe("good", GOOD_PROGRAM)
+    caplog.set_level(logging.INFO, logger="hostagent.ebpf")
+    src = EbpfSource(EbpfConfig(), Resource(()),
+                     probes={"broken": broken, "unattached": unattached, "failing": failing, "good": good})
+    try:
+        s = by_name(src.statuses)
+        assert s["broken"].state == "off"
+        assert s["broken"].reason.startswith("compile failed:") and "undefined_thing" in s["broken"].reason
+        assert s["unattached"].state == "off"
+        assert s["unattached"].reason == "setup failed: not attached to sched:sched_process_exit"
+        assert s["failing"].state == "off" and s["failing"].reason == "setup failed: no such map"
+        assert failing.closed
+        assert s["good"].state == "on" and list(src.probes) == ["good"]
+    finally:
+        src.close()
+    assert good.closed
+    # the log says once which probes are off and why
+    off_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ebpf_probes_off")]
+    assert len(off_lines) == 1
+    for name in ("broken", "unattached", "failing"):
+        assert f"{name}=" in off_lines[0]
+
+
+def test_format_table_and_json():
+    statuses = [ProbeStatus("process", ("sched:sched_process_exec",), "on"),
+                ProbeStatus("syscalls", ("raw_syscalls:sys_enter",), "off", "off by default")]
+    table = format_table(statuses).splitlines()
+    assert table[0].split() == ["PROBE", "STATE", "TRACEPOINTS", "/", "REASON"]
+    assert table[1].split() == ["process", "on", "sched:sched_process_exec"]
+    assert table[2].split(None, 2) == ["syscalls", "off", "off by default"]
+    assert json.loads(json.dumps([s.as_dict() for s in statuses]))[1]["reason"] == "off by default"
+
+
+@needs_root
+def test_tracepoint_fields_come_from_the_format_file():
+    fields = tracepoint_fields("sched:sched_process_exec")
+    assert fields["filename"].data_loc and fields["pid"].size == 4 and fields["pid"].signed
+    assert "common_pid" not in fields
+    assert tracepoint_available("sched:sched_process_exec")
+    assert not tracepoint_available("sched:no_such_event")
+    assert tracepoint_fields("nosuch:event") == {}
+
+
+BTF_CHECK = b"""
+BPF_ARRAY(out, u64, 4);
+TRACEPOINT_PROBE(task, task_rename)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) != TEST_TGID)
+        return 0;
+    u64 task = bpf_get_current_task();
+    int pid = 0, tgid = 0;
+    bpf_probe_read_kernel(&pid, sizeof(pid), (void *)(task + PID_OFFSET));
+    bpf_probe_read_kernel(&tgid, sizeof(tgid), (void *)(task + TGID_OFFSET));
+    int k0 = 0, k1 = 1, k2 = 2;
+    u64 v0 = pid, v1 = tgid, v2 = id;
+    out.update(&k0, &v0);
+    out.update(&k1, &v1);
+    out.update(&k2, &v2);
+    return 0;
+}
+"""
+
+
+@needs_root
+def test_btf_offsets_read_the_running_kernels_task_struct():
+    import ctypes
+    from bcc import BPF
+    pid_off, tgid_off = btf_member_offset("task_struct", "pid"), btf_member_offset("task_struct", "tgid")
+    assert pid_off is not None and tgid_off == pid_off + 4
+    assert btf_member_offset("task_struct", "exit_code") is not None
+    assert btf_member_offset("task_struct", "no_such_member") is None
+    assert btf_member_offset("no_such_struct", "pid") is None
+    b = BPF(text=BTF_CHECK, cflags=[f"-DTEST_TGID={os.getpid()}", f"-DPID_OFFSET={pid_off}",
+                                    f"-DTGID_OFFSET={tgid_off}"])
+    libc = ctypes.CDLL(None)
+    name = ctypes.create_string_buffer(16)
+    try:
+        libc.prctl(16, name, 0, 0, 0)
+        libc.prctl(15, b"btf-check", 0, 0, 0)
+        libc.prctl(15, name, 0, 0, 0)
+        out = b[b"out"]
+        pid, tgid, id_ = (out[ctypes.c_int(i)].value for i in range(3))
+    finally:
+        b.cleanup()
+    assert (tgid, pid) == (id_ >> 32, id_ & 0xFFFFFFFF) and tgid == os.getpid()
+
+
+@needs_root
+def test_close_wakes_the_reader_at_once():
+    src = EbpfSource(EbpfConfig(), Resource(()), probes={"process": ProcessProbe}, poll_interval=30.0)
+    src.start(lambda batch: None)
+    thread = src._thread
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    src.close()
+    assert not thread.is_alive()
+    assert time.monotonic() - t0 < 5.0          # not the 30 s poll interval
+    src.close()                                  # twice is harmless
+    assert src.collect() == []
+
+
+UNPRIVILEGED = """
+import json
+from agent.config import EbpfConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource, check, format_table
+statuses = check(EbpfConfig())
+src = EbpfSource(EbpfConfig(), Resource(()))
+src.start(lambda batch: None)
+groups = src.collect()
+src.close()
+format_table(statuses)
+print(json.dumps({"check": [s.as_dict() for s in statuses],
+                  "source": [s.as_dict() for s in src.statuses], "groups": len(groups)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+@pytest.mark.parametrize("drop", [
+    ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"],      # nobody
+    ["--bounding-set=-all", "--inh-caps=-all"],                                  # root, no capabilities
+], ids=["nobody", "root-without-caps"])
+def test_without_privileges_everything_is_off_and_nothing_raises(drop):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(["setpriv", *drop, sys.executable, "-c", UNPRIVILEGED], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["groups"] == 0
+    for statuses in (out["check"], out["source"]):
+        assert {s["name"] for s in statuses} == set(PROBES)
+        for s in statuses:
+            assert s["state"] == "off"
+            if PROBES[s["name"]].default_enabled:
+                assert s["reason"].startswith("not permitted:") and "CAP_BPF" in s["reason"]
+    assert proc.stderr.count("ebpf_probes_off") == 1
+
+
+def test_privilege_problem_as_this_process():
+    assert (privilege_problem() is None) == (os.geteuid() == 0)
