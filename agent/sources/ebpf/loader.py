@@ -387,7 +387,9 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return None, off("load failed")
     try:
         attached = {k.decode() if isinstance(k, bytes) else k for k in bpf.tracepoint_fds}
-        missing = [tp for tp in tps if tp not in attached]
+        # raw tracepoints (cheaper per event) are keyed by the bare event name
+        raw = {k.decode() if isinstance(k, bytes) else k for k in bpf.raw_tracepoint_fds}
+        missing = [tp for tp in tps if tp not in attached and tp.partition(":")[2] not in raw]
         if missing:
             raise RuntimeError("not attached to " + ", ".join(missing))
         probe.setup(bpf)

@@ -4,38 +4,20 @@ Adding a probe is one line in PROBES. The order is the order of `hostagent probe
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-
+from agent.sources.ebpf.biolatency import BiolatencyProbe
 from agent.sources.ebpf.oom import OomProbe
-from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
+from agent.sources.ebpf.runqlat import RunqlatProbe
 from agent.sources.ebpf.signals import SignalsProbe
-
-
-def _optional(name: str):
-    """The Probe subclass named `name` in agent/sources/ebpf/<name>.py, or None while that module
-    does not exist yet. Any other error in the module is raised."""
-    module_name = f"agent.sources.ebpf.{name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return None
-        raise
-    for obj in vars(module).values():
-        if inspect.isclass(obj) and issubclass(obj, Probe) and getattr(obj, "name", "") == name:
-            return obj
-    return None
-
+from agent.sources.ebpf.syscalls import SyscallsProbe
+from agent.sources.ebpf.tcp import TcpProbe
 
 PROBES = {
-    "runqlat": _optional("runqlat"),
-    "biolatency": _optional("biolatency"),
-    "syscalls": _optional("syscalls"),
-    "tcp": _optional("tcp"),
+    "runqlat": RunqlatProbe,
+    "biolatency": BiolatencyProbe,
+    "syscalls": SyscallsProbe,
+    "tcp": TcpProbe,
     "process": ProcessProbe,
     "oom": OomProbe,
     "signals": SignalsProbe,
 }
-PROBES = {name: cls for name, cls in PROBES.items() if cls is not None}

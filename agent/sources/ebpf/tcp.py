@@ -1,0 +1,93 @@
+"""tcp: retransmits, resets, connection opens and lifetimes (bpf/tcp.bpf.c)."""
+from __future__ import annotations
+
+import ctypes as ct
+from typing import Optional
+
+from agent.model import Metric, MetricKind, NumberPoint
+from agent.selfmetrics import SELF
+from agent.sources.ebpf import histogram
+from agent.sources.ebpf.loader import tracepoint_fields
+from agent.sources.ebpf.probe import Probe
+
+# indexes of tcp_events in bpf/tcp.bpf.c
+RETRANSMITS, RESETS_SENT, RESETS_RECEIVED, OPENS_ACTIVE, OPENS_PASSIVE, UNTRACKED = range(6)
+DIRECTIONS = {0: "active", 1: "passive"}    # DIRECTION_* in bpf/tcp.bpf.c
+
+
+class TcpKey(ct.Structure):
+    """struct tcp_key"""
+    _fields_ = [("direction", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
+class TcpProbe(Probe):
+    name = "tcp"
+    description = ("TCP retransmitted segments, resets sent/received, connections opened "
+                   "(active/passive) and connection lifetime (exponential histogram, ns)")
+    tracepoints = ("tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack", "tcp:tcp_send_reset",
+                   "tcp:tcp_receive_reset", "sock:inet_sock_set_state")
+    default_enabled = True
+
+    RETRANSMITS = "system.linux.tcp.retransmits"
+    RESETS = "system.linux.tcp.resets"
+    OPENED = "system.linux.tcp.connections.opened"
+    DURATION = "system.linux.tcp.connection.duration"
+
+    def __init__(self, target_port: Optional[int] = None):
+        self.target_port = target_port
+        self._untracked_seen = 0
+        self._untracked = SELF.counter(
+            "hostagent.ebpf.tcp.untracked_connections", "{connection}",
+            "TCP connections whose lifetime was not measured because the probe's table was full.")
+
+    def cflags(self, tracepoints: tuple) -> list:
+        flags = []
+        if "err" in tracepoint_fields("tcp:tcp_retransmit_skb"):
+            flags.append("-DTCP_RETRANSMIT_HAS_ERR")
+        if "sport" not in tracepoint_fields("tcp:tcp_send_reset"):
+            flags.append("-DTCP_SEND_RESET_SOCKADDR")
+        if self.target_port is not None:
+            flags.append(f"-DTARGET_PORT={int(self.target_port)}")
+        return flags
+
+    def setup(self, bpf) -> None:
+        super().setup(bpf)
+        self.events = bpf[b"tcp_events"]
+        self.lifetime = bpf[b"tcp_lifetime"]
+
+    def event_counts(self) -> list:
+        keys, values = histogram.read_map(self.events, ct.c_uint32)
+        counts = [0] * (UNTRACKED + 1)
+        for k, v in zip(keys.tolist(), values[:, 0].tolist()):
+            if k < len(counts):
+                counts[k] = v
+        return counts
+
+    def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
+        c = self.event_counts()
+        if c[UNTRACKED] > self._untracked_seen:
+            self._untracked.add(c[UNTRACKED] - self._untracked_seen)
+            self._untracked_seen = c[UNTRACKED]
+
+        def point(value, attributes=()):
+            return NumberPoint(attributes, value, start_ns, now_ns)
+
+        metrics = [
+            Metric(self.RETRANSMITS, "TCP segments retransmitted (SYN-ACKs included).",
+                   "{segment}", MetricKind.SUM, [point(c[RETRANSMITS])], monotonic=True),
+            Metric(self.RESETS, "TCP resets sent and received.", "{segment}", MetricKind.SUM,
+                   [point(c[RESETS_SENT], (("network.io.direction", "transmit"),)),
+                    point(c[RESETS_RECEIVED], (("network.io.direction", "receive"),))],
+                   monotonic=True),
+            Metric(self.OPENED, "TCP connections established, by who opened them.",
+                   "{connection}", MetricKind.SUM,
+                   [point(c[OPENS_ACTIVE], (("direction", "active"),)),
+                    point(c[OPENS_PASSIVE], (("direction", "passive"),))], monotonic=True),
+        ]
+        groups = histogram.read_exp2(self.lifetime, TcpKey)
+        points = histogram.exp2_points(
+            groups, lambda raw: (("direction", DIRECTIONS.get(raw[0], "unknown")),), start_ns, now_ns)
+        if points:
+            metrics.append(Metric(self.DURATION, "Lifetime of TCP connections, from established to closed.",
+                                  "ns", MetricKind.EXPONENTIAL_HISTOGRAM, points))
+        return metrics

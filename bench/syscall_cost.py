@@ -1,0 +1,206 @@
+"""What the syscalls probe adds to every system call, against bcc's syscount.
+
+A tight C loop of getpid() (compiled here with cc; a slower ctypes loop without it) is timed with
+nothing attached, with hostagent's `syscalls` probe loaded (counting, and with latency), and with
+bcc's syscount-bpfcc running (plain, and -L for latency). Prints ns per call, the ns each adds, and
+hostagent's added cost as a ratio of syscount's. Needs root.
+
+    python bench/syscall_cost.py [--quick] [--json FILE] [--calls N] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes as ct
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LOOP_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++)
+        syscall(SYS_getpid);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.3f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
+    return 0;
+}
+"""
+SYSCOUNT = "syscount-bpfcc"
+
+
+class Loop:
+    """ns per getpid() call, measured in a child process (C) or in this one (ctypes)."""
+
+    def __init__(self, workdir: str):
+        self.exe = None
+        if shutil.which("cc"):
+            src = os.path.join(workdir, "getpid_loop.c")
+            with open(src, "w") as f:
+                f.write(LOOP_C)
+            exe = os.path.join(workdir, "getpid_loop")
+            subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
+            self.exe = exe
+        self.kind = "C" if self.exe else "ctypes"
+
+    def ns_per_call(self, calls: int) -> float:
+        if self.exe:
+            out = subprocess.run([self.exe, str(calls)], check=True, capture_output=True, text=True)
+            return float(out.stdout)
+        libc = ct.CDLL(None, use_errno=True)
+        nr = 39 if os.uname().machine == "x86_64" else 172      # getpid
+        calls = min(calls, 2_000_000)
+        t = time.perf_counter_ns()
+        for _ in range(calls):
+            libc.syscall(nr)
+        return (time.perf_counter_ns() - t) / calls
+
+
+def other_bpf_users() -> list:
+    """Other processes holding BPF programs (their programs may tax syscalls too)."""
+    users = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+            if not any("prog_type:" in open(f"/proc/{pid}/fdinfo/{fd}").read() for fd in fds):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:60].strip()
+            users.append(f"{pid} ({cmd})")
+        except OSError:
+            continue
+    return users
+
+
+def measure(loop: Loop, calls: int, repeats: int) -> float:
+    return statistics.median(loop.ns_per_call(calls) for _ in range(repeats))
+
+
+class HostagentProbe:
+    def __init__(self, latency: bool):
+        from agent.sources.ebpf.probe import BPF_DIR
+        from agent.sources.ebpf.syscalls import SyscallsProbe
+        self.probe = SyscallsProbe(latency=latency)
+        self.bpf_dir = BPF_DIR
+
+    def __enter__(self):
+        from bcc import BPF
+        tps = self.probe.select_tracepoints(lambda tp: True)
+        self.bpf = BPF(src_file=self.probe.source_file.encode(),
+                       cflags=[f"-I{self.bpf_dir}/include", *self.probe.cflags(tps)])
+        self.probe.setup(self.bpf)
+        return self
+
+    def __exit__(self, *exc):
+        self.probe.close()
+        self.bpf.cleanup()
+
+
+class Syscount:
+    """syscount-bpfcc in the background, attached before __enter__ returns."""
+
+    def __init__(self, *args: str):
+        self.args = args
+
+    def __enter__(self):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([SYSCOUNT, "-i", "3600", *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env)
+        line = self.proc.stdout.readline()          # printed once its programs are attached
+        if not line.startswith("Tracing"):
+            self.__exit__()
+            raise RuntimeError(f"{SYSCOUNT} did not start: {line.strip()}")
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer calls and repeats")
+    ap.add_argument("--calls", type=int, help="calls per timed run (default 10M, quick 2M)")
+    ap.add_argument("--repeats", type=int, help="timed runs per setup, median kept (default 3)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("syscall_cost: needs root (loads BPF programs)", file=sys.stderr)
+        return 2
+    calls = args.calls or (2_000_000 if args.quick else 10_000_000)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    setups = [
+        ("hostagent syscalls", lambda: HostagentProbe(latency=False)),
+        ("hostagent syscalls latency", lambda: HostagentProbe(latency=True)),
+    ]
+    if shutil.which(SYSCOUNT):
+        setups += [("syscount", lambda: Syscount()), ("syscount -L", lambda: Syscount("-L"))]
+    else:
+        print(f"({SYSCOUNT} not found: no baseline from bcc; install bpfcc-tools)", file=sys.stderr)
+
+    others = other_bpf_users()
+    if others:
+        print("warning: other processes hold BPF programs, figures may be inflated: "
+              + ", ".join(others), file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = Loop(tmp)
+        baselines = [measure(loop, calls, repeats)]
+        results = {}
+        for name, make in setups:
+            with make():
+                results[name] = measure(loop, calls, repeats)
+            baselines.append(measure(loop, calls, repeats))     # drift check between setups
+    base = statistics.median(baselines)
+
+    rows = [("nothing attached", base, 0.0)] + [(n, v, v - base) for n, v in results.items()]
+    print(f"getpid() loop ({loop.kind}), {calls:,} calls x {repeats}, median ns/call; "
+          f"baseline range {min(baselines):.1f}-{max(baselines):.1f}")
+    print(f"{'setup':<30} {'ns/call':>9} {'added ns':>9}")
+    for name, v, added in rows:
+        print(f"{name:<30} {v:9.1f} {added:9.1f}")
+    ratios = {}
+    for ours, theirs in (("hostagent syscalls", "syscount"),
+                         ("hostagent syscalls latency", "syscount -L")):
+        if ours in results and theirs in results and results[theirs] - base > 0:
+            ratios[f"{ours} / {theirs}"] = (results[ours] - base) / (results[theirs] - base)
+    for k, r in ratios.items():
+        print(f"added cost {k}: {r:.2f}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"loop": loop.kind, "calls": calls, "repeats": repeats,
+                       "other_bpf_users": others,
+                       "baseline_ns": base, "baselines_ns": baselines,
+                       "ns_per_call": results,
+                       "added_ns": {n: v - base for n, v in results.items()},
+                       "added_cost_ratios": ratios}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

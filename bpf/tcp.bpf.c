@@ -1,0 +1,147 @@
+/* tcp: retransmitted segments, resets sent and received, connections opened (active/passive),
+ * and a log2 histogram of connection lifetimes (ESTABLISHED to CLOSE, ns) per open direction.
+ *
+ * Tracepoint arguments only. A connection is identified by the skaddr argument of
+ * sock:inet_sock_set_state between ESTABLISHED and CLOSE; it is only an identity, never read.
+ * Parameters (set by agent/sources/ebpf/tcp.py from the tracepoints' format files):
+ *   TCP_RETRANSMIT_HAS_ERR    tcp_retransmit_skb has `err` (6.12+: it fires on failures too)
+ *   TCP_SEND_RESET_SOCKADDR   tcp_send_reset carries sockaddrs (6.10+), not sport/dport
+ *   TARGET_PORT=n             count only traffic with local or remote port n
+ */
+#include "maps.h"
+
+/* tcp_send_reset (6.10+) has an `enum sk_rst_reason reason` field, and bcc declares the
+ * tracepoint's argument struct from its format file, but no header here declares the enum. The
+ * field is never read, so an int-sized stand-in under a name of our own is enough. */
+#define sk_rst_reason hostagent_sk_rst_reason
+enum hostagent_sk_rst_reason { HOSTAGENT_SK_RST_REASON_UNREAD };
+
+#ifndef TCP_MAX_CONNECTIONS
+#define TCP_MAX_CONNECTIONS 262144   /* established connections tracked for their lifetime */
+#endif
+
+/* indexes of tcp_events; agent/sources/ebpf/tcp.py names them */
+#define TCP_RETRANSMITS 0           /* retransmitted segments, SYN-ACKs included */
+#define TCP_RESETS_SENT 1
+#define TCP_RESETS_RECEIVED 2
+#define TCP_OPENS_ACTIVE 3          /* SYN_SENT -> ESTABLISHED */
+#define TCP_OPENS_PASSIVE 4         /* SYN_RECV -> ESTABLISHED */
+#define TCP_UNTRACKED 5             /* opens not tracked for lifetime: the table was full */
+#define TCP_EVENTS 6
+
+#define DIRECTION_ACTIVE 0
+#define DIRECTION_PASSIVE 1
+
+/* include/net/tcp_states.h */
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+#define PROTO_TCP 6
+
+struct tcp_connection {
+    u64 established_at;     /* ns */
+    u64 direction;
+};
+
+struct tcp_key {
+    u32 direction;
+    u32 slot;
+};
+
+BPF_PERCPU_ARRAY(tcp_events, u64, TCP_EVENTS);
+BPF_F_TABLE("hash", u64, struct tcp_connection, tcp_connections, TCP_MAX_CONNECTIONS,
+            BPF_F_NO_PREALLOC);
+EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, 2 * EXP2_SLOTS);
+
+static __always_inline void count(u32 event)
+{
+    u64 *n = tcp_events.lookup(&event);
+    if (n)
+        *n += 1;
+}
+
+static __always_inline int other_port(u16 sport, u16 dport)
+{
+#ifdef TARGET_PORT
+    return sport != TARGET_PORT && dport != TARGET_PORT;
+#else
+    return 0;
+#endif
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+    if (other_port(args->sport, args->dport))
+        return 0;
+#ifdef TCP_RETRANSMIT_HAS_ERR
+    if (args->err)          /* not sent: nothing left the host */
+        return 0;
+#endif
+    count(TCP_RETRANSMITS);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
+{
+    if (other_port(args->sport, args->dport))
+        return 0;
+    count(TCP_RETRANSMITS);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+#ifdef TARGET_PORT
+#ifdef TCP_SEND_RESET_SOCKADDR
+    /* struct sockaddr_in / sockaddr_in6: the port, big-endian, at byte 2 */
+    u16 sport = (u16)args->saddr[2] << 8 | args->saddr[3];
+    u16 dport = (u16)args->daddr[2] << 8 | args->daddr[3];
+#else
+    u16 sport = args->sport, dport = args->dport;
+#endif
+    if (other_port(sport, dport))
+        return 0;
+#endif
+    count(TCP_RESETS_SENT);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    if (other_port(args->sport, args->dport))
+        return 0;
+    count(TCP_RESETS_RECEIVED);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != PROTO_TCP || other_port(args->sport, args->dport))
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    int old = args->oldstate, new = args->newstate;
+
+    if (new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV)) {
+        struct tcp_connection c = {
+            .established_at = bpf_ktime_get_ns(),
+            .direction = old == TCP_SYN_SENT ? DIRECTION_ACTIVE : DIRECTION_PASSIVE,
+        };
+        count(old == TCP_SYN_SENT ? TCP_OPENS_ACTIVE : TCP_OPENS_PASSIVE);
+        if (tcp_connections.update(&sk, &c))
+            count(TCP_UNTRACKED);
+        return 0;
+    }
+    if (new != TCP_CLOSE)
+        return 0;
+    struct tcp_connection *c = tcp_connections.lookup(&sk);
+    if (!c)
+        return 0;           /* never established, or established before the probe loaded */
+    u64 lifetime = bpf_ktime_get_ns() - c->established_at;
+    struct tcp_key key = {.direction = (u32)c->direction, .slot = exp2_slot(lifetime)};
+    tcp_connections.delete(&sk);
+
+    struct exp2_bucket zero = {};
+    exp2_add(tcp_lifetime.lookup_or_try_init(&key, &zero), lifetime);
+    return 0;
+}

@@ -1,0 +1,78 @@
+"""runqlat on the real kernel: CPU contention makes the run-queue latency histogram grow."""
+import ctypes as ct
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.model import MetricKind
+from agent.sources.ebpf.probe import BPF_DIR
+from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+def tracepoint_exists(tp: str) -> bool:
+    return os.path.isdir(os.path.join(TRACEFS, "events", *tp.split(":")))
+
+
+@pytest.fixture
+def probe():
+    """The probe compiled, attached and set up as the loader does it; always cleaned up."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    bcc = pytest.importorskip("bcc")
+    p = RunqlatProbe()
+    tps = p.select_tracepoints(tracepoint_exists)
+    if tps is None:
+        pytest.skip("tracepoints missing")
+    b = bcc.BPF(src_file=p.source_file.encode(), cflags=[f"-I{BPF_DIR}/include", *p.cflags(tps)])
+    try:
+        p.setup(b)
+        yield p
+    finally:
+        p.close()
+        b.cleanup()
+
+
+def histogram(p, start):
+    metrics = p.collect(time.time_ns(), start)
+    if not metrics:
+        return None
+    [m] = metrics
+    assert (m.name, m.unit, m.kind) == (RunqlatProbe.METRIC, "ns", MetricKind.EXPONENTIAL_HISTOGRAM)
+    [point] = m.points
+    return point
+
+
+def test_key_layout_matches_bpf(probe):
+    key = probe.hist.Key
+    assert ct.sizeof(key) == ct.sizeof(RunqKey)
+    assert [(n, getattr(key, n).offset) for n, _ in key._fields_] == \
+        [(n, getattr(RunqKey, n).offset) for n, _ in RunqKey._fields_]
+
+
+def test_cpu_contention_grows_histogram(probe):
+    start = time.time_ns()
+    before = histogram(probe, start)
+    n0 = before.count if before else 0
+    busy = "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(2 * os.cpu_count())]
+    try:
+        for p in procs:
+            p.wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    after = histogram(probe, start)
+    assert after is not None and after.count - n0 >= 20
+    assert after.scale == 0 and after.start_time_ns == start
+    assert sum(after.positive_counts) + after.zero_count == after.count
+    # 2 busy processes per CPU for 1 s: some waits last a scheduler slice (>= ~1 ms)
+    top = after.positive_offset + len(after.positive_counts) - 1
+    assert 2 ** (top + 1) >= 1_000_000
+    assert after.sum / after.count > 0

@@ -1,0 +1,131 @@
+"""syscalls on the real kernel: exact counts and errors for one process (-DTARGET_TGID)."""
+import ctypes as ct
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.model import MetricKind
+from agent.sources.ebpf.probe import BPF_DIR
+from agent.sources.ebpf.syscalls import (SyscallError, SyscallKey, SyscallsProbe, errno_name,
+                                         syscall_name, syscall_names)
+
+TRACEFS = "/sys/kernel/tracing"
+FAILING, SUCCEEDING = 1000, 300
+
+# Waits for a line, then makes FAILING fchdir() on a closed fd (EBADF) and SUCCEEDING getppid() calls, says
+# so, and waits for a line before exiting. Python itself calls neither.
+CHILD = f"""
+import os, sys
+sys.stdin.readline()
+for _ in range({FAILING}):
+    try:
+        os.fchdir(999_999)
+    except OSError:
+        pass
+for _ in range({SUCCEEDING}):
+    os.getppid()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def tracepoint_exists(tp: str) -> bool:
+    return os.path.isdir(os.path.join(TRACEFS, "events", *tp.split(":")))
+
+
+@pytest.fixture
+def child():
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(params=[False, True], ids=["count", "latency"])
+def probe(request, child):
+    """The probe limited to `child`, compiled, attached and set up as the loader does it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    bcc = pytest.importorskip("bcc")
+    p = SyscallsProbe(latency=request.param, target_tgid=child.pid)
+    tps = p.select_tracepoints(tracepoint_exists)
+    if tps is None:
+        pytest.skip("tracepoints missing")
+    b = bcc.BPF(src_file=p.source_file.encode(), cflags=[f"-I{BPF_DIR}/include", *p.cflags(tps)])
+    try:
+        p.setup(b)
+        yield p
+    finally:
+        p.close()
+        b.cleanup()
+
+
+def metrics_by_name(p, start):
+    return {m.name: m for m in p.collect(time.time_ns(), start)}
+
+
+def test_exact_counts_and_errors_for_one_process(probe, child):
+    start = time.time_ns()
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "done"
+    ms = metrics_by_name(probe, start)
+
+    calls = ms[SyscallsProbe.CALLS]
+    assert (calls.kind, calls.monotonic, calls.unit) == (MetricKind.SUM, True, "{call}")
+    counts = {dict(pt.attributes)["syscall"]: pt.value for pt in calls.points}
+    assert counts["fchdir"] == FAILING
+    assert counts["getppid"] == SUCCEEDING
+
+    errors = {tuple(v for _, v in pt.attributes): pt.value for pt in ms[SyscallsProbe.ERRORS].points}
+    assert errors[("fchdir", "EBADF")] == FAILING
+    assert not [k for k in errors if k[0] == "getppid"]
+
+    if probe.latency:
+        durations = {dict(pt.attributes)["syscall"]: pt for pt in ms[SyscallsProbe.DURATION].points}
+        d = durations["fchdir"]
+        assert d.count == FAILING
+        assert sum(d.positive_counts) + d.zero_count == FAILING
+        assert 0 < d.sum / d.count < 1e9
+        assert ms[SyscallsProbe.DURATION].unit == "ns"
+        assert ms[SyscallsProbe.DURATION].kind == MetricKind.EXPONENTIAL_HISTOGRAM
+    else:
+        assert SyscallsProbe.DURATION not in ms
+
+
+def test_other_processes_are_not_counted(probe, child):
+    for _ in range(50):
+        os.getppid()
+    ms = metrics_by_name(probe, 0)
+    calls = ms.get(SyscallsProbe.CALLS)
+    assert not calls or "getppid" not in {dict(pt.attributes)["syscall"] for pt in calls.points}
+
+
+def test_key_layouts_match_bpf(probe):
+    tables = [(probe.errors, SyscallError)]
+    if probe.latency:
+        tables.append((probe.durations, SyscallKey))
+    for table, mirror in tables:
+        key = table.Key
+        assert ct.sizeof(key) == ct.sizeof(mirror)
+        assert [(n, getattr(key, n).offset) for n, _ in key._fields_] == \
+            [(n, getattr(mirror, n).offset) for n, _ in mirror._fields_]
+
+
+def test_names():
+    names = syscall_names()
+    assert len(names) > 300
+    assert {"read", "write", "getppid", "fchdir", "openat"} <= set(names.values())
+    nr = {v: k for k, v in names.items()}
+    assert syscall_name(nr["getppid"]) == "getppid"
+    assert syscall_name(1023) == "other"
+    assert errno_name(9) == "EBADF"
+    assert errno_name(512) == "ERESTARTSYS"
+    assert errno_name(4000) == "E4000"
