@@ -465,9 +465,6 @@ def test_filesystem_skips_a_mount_it_cannot_stat(monkeypatch, caplog):
     assert any("statvfs /" in r.getMessage() for r in caplog.records)
 
 
-Partition = collections.namedtuple("Partition", "device mountpoint fstype opts")
-
-
 def test_filesystem_a_hung_network_mount_costs_one_timeout(monkeypatch):
     release = threading.Event()
     real = os.statvfs
@@ -479,8 +476,7 @@ def test_filesystem_a_hung_network_mount_costs_one_timeout(monkeypatch):
             release.wait(5)
         return real("/")
 
-    part = Partition("server:/export", "/mnt/nfs", "nfs4", "rw,relatime")
-    monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [part])
+    monkeypatch.setattr(host, "read_mounts", lambda path: [("server:/export", "/mnt/nfs", "nfs4", "rw,relatime")])
     monkeypatch.setattr(os, "statvfs", statvfs)
     monkeypatch.setattr(host, "STAT_TIMEOUT_S", 0.1)
     source = build("filesystem")
@@ -1065,3 +1061,45 @@ def test_metrics_document_lists_every_metric_with_unit_and_default():
             re.finditer(r"^\| `([a-z0-9_.]+)` \| [^|]* \| `([^`]*)` \| [^|]* \| (on|off) \|", doc, re.M)}
     table = {d.name: (d.unit, "on" if d.enabled else "off") for defs in TABLE.values() for d in defs}
     assert rows == table
+
+
+def test_filesystem_scraper_reports_the_hosts_mounts_from_a_private_namespace(tmp_path):
+    """Run as a sandboxed unit is (own mount namespace, everything remounted read-only, a private
+    tmpfs), the scraper still reports the host's filesystems as the host sees them."""
+    import json
+    import subprocess
+    import sys
+    private = tmp_path / "private"
+    private.mkdir()
+    # PID 1 of this machine may be out of reach; a process of ours stands in for the host's
+    host_process = subprocess.Popen(["sleep", "60"])
+    script = f"""
+import json, subprocess
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", {str(private)!r}], check=True)
+subprocess.run(["mount", "-o", "remount,bind,ro", "/"], check=True)
+from agent.config import FilesystemScraperConfig
+from agent.model import Resource
+from agent.sources import host
+from agent.sources.host import FilesystemScraper
+host.HOST_PID = {host_process.pid}
+out = {{}}
+for g in FilesystemScraper(FilesystemScraperConfig(exclude_fs_types=()), Resource(())).collect():
+    for m in g.metrics:
+        for p in m.points:
+            a = dict(p.attributes)
+            out[a["mountpoint"]] = a["mode"]
+print(json.dumps(out))
+"""
+    try:
+        res = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        host_process.kill()
+        host_process.wait()
+    assert res.returncode == 0, res.stderr
+    seen = json.loads(res.stdout)
+    assert str(private) not in seen  # the sandbox's private mount is not the host's
+    host_root_mode = next(opts for _, mp, _, opts in
+                          (line.split()[:4] for line in open("/proc/self/mounts")) if mp == "/")
+    assert seen["/"] == ("rw" if "rw" in host_root_mode.split(",") else "ro")

@@ -441,6 +441,38 @@ NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph",
 STAT_TIMEOUT_S = 1.0
 
 
+HOST_PID = 1  # a process in the host's mount namespace
+
+
+def host_mount_view() -> tuple:
+    """(mounts file, path prefix for statvfs) of the host's mount namespace. A sandboxed service
+    (ProtectSystem=, PrivateTmp=) has a namespace of its own in which every filesystem looks
+    read-only and private mounts appear; PID 1's namespace is the host's, so read that one when
+    it differs from ours and we may look into it (CAP_SYS_PTRACE)."""
+    host = f"/proc/{HOST_PID}"
+    try:
+        if os.readlink(f"{host}/ns/mnt") != os.readlink("/proc/self/ns/mnt") and os.access(f"{host}/root/", os.R_OK):
+            return f"{host}/mounts", f"{host}/root"
+    except OSError:
+        pass
+    return "/proc/self/mounts", ""
+
+
+def _unescape_mount_field(text: str) -> str:
+    """Undo the kernel's octal escapes (a space in a mount point is written \\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def read_mounts(path: str) -> list:
+    """(device, mountpoint, fstype, options) per line of a mounts file."""
+    out = []
+    for line in _read(path).splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            out.append((_unescape_mount_field(fields[0]), _unescape_mount_field(fields[1]), fields[2], fields[3]))
+    return out
+
+
 def mount_mode(opts: str) -> str:
     options = opts.split(",")
     return "rw" if "rw" in options else "ro" if "ro" in options else "unknown"
@@ -455,17 +487,18 @@ class FilesystemScraper(HostScraper):
         self._blocked: dict = {}  # mount point -> thread still stuck in statvfs
 
     def scrape(self, p: Points) -> None:
-        partitions = []
+        mounts = []
+        mounts_file, prefix = host_mount_view()
         with self.guard("mounts"):
-            partitions = psutil.disk_partitions(all=True)
-        visible = {part.mountpoint: part for part in partitions}  # a later mount hides an earlier one
-        for part in visible.values():
-            if part.fstype in self._exclude_types or not self.selected(part.mountpoint):
+            mounts = read_mounts(mounts_file)
+        visible = {m[1]: m for m in mounts}  # a later mount hides an earlier one
+        for device, mountpoint, fstype, opts in visible.values():
+            if fstype in self._exclude_types or not self.selected(mountpoint):
                 continue
-            with self.guard(f"statvfs {part.mountpoint}"):
-                st = self._statvfs(part.mountpoint, part.fstype)
-                attrs = (("device", part.device), ("mode", mount_mode(part.opts)),
-                         ("mountpoint", part.mountpoint), ("type", part.fstype))
+            with self.guard(f"statvfs {mountpoint}"):
+                st = self._statvfs(prefix + mountpoint, fstype)
+                attrs = (("device", device), ("mode", mount_mode(opts)),
+                         ("mountpoint", mountpoint), ("type", fstype))
                 used = (st.f_blocks - st.f_bfree) * st.f_frsize
                 free = st.f_bavail * st.f_frsize
                 reserved = (st.f_bfree - st.f_bavail) * st.f_frsize
