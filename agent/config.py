@@ -174,7 +174,8 @@ class BatchConfig:
     max_size: int = 8192
     # ... or when the oldest buffered item is this old
     timeout: Duration = Duration(1.0)
-    # batches waiting for the exporter; when full the oldest is dropped and counted
+    # collected batches waiting for the batcher; when full the oldest is dropped and counted
+    # (the queue in front of the exporter is exporter.queue)
     queue_size: int = 64
 
     def validate(self, key: str) -> None:
@@ -206,44 +207,153 @@ class FileExporterConfig:
 
 DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
 
+# Content-Encoding names as the Collector's confighttp accepts them; gRPC (grpcio) compresses with
+# gzip or deflate only. The level ranges are those of zlib, zstd and lz4 frames.
+COMPRESSION_LEVELS = {"gzip": (1, 9), "zlib": (1, 9), "deflate": (1, 9), "zstd": (1, 22), "lz4": (0, 16)}
+GRPC_COMPRESSIONS = ("gzip", "deflate", "none")
+
+
+def _check_readable(path: str, key: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    # PEM file of the CAs that sign the server's certificate; empty: the system's CAs
+    ca_file: str = ""
+    # mTLS: the client's PEM certificate (chain) and its private key, both or neither
+    cert_file: str = ""
+    key_file: str = ""
+    # the name checked against the server's certificate (and sent as SNI) instead of the host
+    server_name_override: str = ""
+
+    def validate(self, key: str) -> None:
+        import ssl
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name):
+                _check_readable(getattr(self, name), f"{key}.{name}")
+        if bool(self.cert_file) != bool(self.key_file):
+            missing = "key_file" if self.cert_file else "cert_file"
+            raise ConfigError(f"{key}.{missing}", "cert_file and key_file go together (mTLS); set both or neither")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ca_file:
+            try:
+                ctx.load_verify_locations(cafile=self.ca_file)
+            except (ssl.SSLError, ValueError) as e:
+                raise ConfigError(f"{key}.ca_file", f"{self.ca_file} holds no PEM certificate ({e})") from None
+        if self.cert_file:
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, ValueError) as e:
+                raise ConfigError(f"{key}.cert_file", f"{self.cert_file} with {self.key_file}: not a PEM "
+                                  f"certificate and matching private key ({e})") from None
+
+
+def read_headers_file(path: str, key: str = "exporter.otlp.headers_file") -> dict:
+    """`name: value` or `name=value` lines; blank lines and lines starting with # are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8 text") from None
+    out = {}
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        sep = min((i for i in (line.find(":"), line.find("=")) if i > 0), default=-1)
+        if sep < 0 or not line[:sep].strip():
+            # never echo the line: it may hold a secret
+            raise ConfigError(key, f"{path} line {n}: expected `name: value` or `name=value`")
+        out[line[:sep].strip()] = line[sep + 1:].strip()
+    return out
+
 
 @dataclass(frozen=True)
 class OtlpExporterConfig:
     protocol: Literal["grpc", "http/protobuf"] = "grpc"
     # gRPC: host:port or http(s)://host:port; HTTP: base URL, /v1/metrics and /v1/logs are appended
     endpoint: str = ""
+    # several receivers taking turns (round robin; one that fails is skipped until it is back);
+    # replaces `endpoint` when set
+    endpoints: tuple = ()
     # full URLs used as they are (HTTP) or host:port (gRPC); override `endpoint` per signal
     metrics_endpoint: str = ""
     logs_endpoint: str = ""
     headers: Mapping[str, str] = _frozen_dict()
-    compression: Literal["gzip", "none"] = "gzip"
+    # a file of `name: value` lines added to `headers` (and winning over them), read at start and reload
+    headers_file: str = ""
+    compression: Literal["gzip", "none", "zstd", "lz4", "zlib", "deflate"] = "gzip"
+    # unset: the codec's default (gzip/zlib 6, zstd 3, lz4 0)
+    compression_level: Optional[int] = None
     # unset: plaintext for http:// endpoints and loopback hosts, TLS otherwise
     insecure: Optional[bool] = None
+    tls: TlsConfig = TlsConfig()
     timeout: Duration = Duration(10.0)
+    # requests in flight at once, each over its own connection (per endpoint)
+    connections: int = 2
 
     def validate(self, key: str) -> None:
         for name in ("endpoint", "metrics_endpoint", "logs_endpoint"):
             value = getattr(self, name)
             if value:
                 parse_endpoint(value, self.protocol, f"{key}.{name}")
+        for i, value in enumerate(self.endpoints):
+            parse_endpoint(value, self.protocol, f"{key}.endpoints[{i}]")
         if self.timeout <= 0:
             raise ConfigError(f"{key}.timeout", "must be greater than 0s")
+        if not 1 <= self.connections <= 64:
+            raise ConfigError(f"{key}.connections", "must be between 1 and 64")
+        if self.protocol == "grpc" and self.compression not in GRPC_COMPRESSIONS:
+            raise ConfigError(f"{key}.compression", f"{self.compression} needs protocol http/protobuf; "
+                                                    f"gRPC supports {', '.join(GRPC_COMPRESSIONS)}")
+        if self.compression_level is not None:
+            if self.protocol == "grpc":
+                raise ConfigError(f"{key}.compression_level", "applies to http/protobuf only "
+                                                              "(gRPC compresses at zlib's default level)")
+            if self.compression == "none":
+                raise ConfigError(f"{key}.compression_level", "needs a compression other than none")
+            low, high = COMPRESSION_LEVELS[self.compression]
+            if not low <= self.compression_level <= high:
+                raise ConfigError(f"{key}.compression_level",
+                                  f"{self.compression} levels go from {low} to {high}, got {self.compression_level}")
+        if self.headers_file:
+            read_headers_file(self.headers_file, f"{key}.headers_file")
 
-    def signal_url(self, signal: Literal["metrics", "logs"]) -> str:
-        """The full URL (HTTP) or scheme://host:port (gRPC) one signal is sent to."""
+    def all_headers(self) -> dict:
+        """`headers` with the entries of `headers_file` on top."""
+        out = dict(self.headers)
+        if self.headers_file:
+            out.update(read_headers_file(self.headers_file))
+        return out
+
+    def signal_urls(self, signal: Literal["metrics", "logs"]) -> list:
+        """Every URL (HTTP) or scheme://host:port (gRPC) one signal is sent to, in config order."""
         specific = self.metrics_endpoint if signal == "metrics" else self.logs_endpoint
         if specific:
-            return parse_endpoint(specific, self.protocol, "").geturl()
-        base = parse_endpoint(self.endpoint or DEFAULT_ENDPOINTS[self.protocol], self.protocol, "")
-        if self.protocol == "grpc":
-            return base.geturl()
-        return base.geturl().rstrip("/") + f"/v1/{signal}"
+            return [parse_endpoint(specific, self.protocol, "").geturl()]
+        out = []
+        for value in self.endpoints or (self.endpoint or DEFAULT_ENDPOINTS[self.protocol],):
+            base = parse_endpoint(value, self.protocol, "")
+            out.append(base.geturl() if self.protocol == "grpc" else base.geturl().rstrip("/") + f"/v1/{signal}")
+        return out
+
+    def signal_url(self, signal: Literal["metrics", "logs"]) -> str:
+        """The (first) full URL (HTTP) or scheme://host:port (gRPC) one signal is sent to."""
+        return self.signal_urls(signal)[0]
 
     def is_insecure(self, url: str) -> bool:
+        """gRPC: plaintext? `insecure` when set, else the scheme (an endpoint given without one
+        is http:// for loopback hosts, https:// otherwise: see parse_endpoint)."""
         if self.insecure is not None:
             return self.insecure
-        parts = urlsplit(url)
-        return parts.scheme == "http" or _is_loopback(parts.hostname or "")
+        return urlsplit(url).scheme == "http"
 
 
 @dataclass(frozen=True)
@@ -253,8 +363,9 @@ class RetryConfig:
     initial_interval: Duration = Duration(5.0)
     max_interval: Duration = Duration(30.0)
     multiplier: float = 1.5
-    # give up on a payload (drop and count it) after this long; 0s retries forever
-    max_elapsed_time: Duration = Duration(300.0)
+    # give up on a payload (drop and count it) after this long; 0s retries forever;
+    # unset: forever with a persistent queue, 5m with a memory queue
+    max_elapsed_time: Optional[Duration] = None
 
     def validate(self, key: str) -> None:
         if self.initial_interval <= 0:
@@ -264,6 +375,43 @@ class RetryConfig:
         if self.multiplier < 1:
             raise ConfigError(f"{key}.multiplier", "must be at least 1")
 
+    def give_up_after(self, persistent: bool) -> float:
+        """Seconds after which a payload is dropped; 0 for never."""
+        if self.max_elapsed_time is not None:
+            return float(self.max_elapsed_time)
+        return 0.0 if persistent else 300.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    # persistent: an append-only log on disk that survives restarts and outages; memory: lost on
+    # exit; auto: persistent for the otlp exporter when the directory is usable, memory otherwise
+    type: Literal["auto", "memory", "persistent"] = "auto"
+    # empty: <state_dir>/queue/otlp
+    directory: str = ""
+    # bytes on disk (persistent) or of encoded payloads in memory; unset: 1GiB on disk, 64MiB in memory
+    max_size: Optional[Size] = None
+    # memory queue: also bound the number of data points and log records; 0: no bound by count
+    max_items: int = 0
+    # when full: drop the oldest data (and count it) or refuse the new (and count it)
+    full_policy: Literal["drop_oldest", "refuse_new"] = "drop_oldest"
+    # persistent: the log is cut into files of this size (at most max_size/8); space is
+    # reclaimed, and the oldest data dropped, a whole file at a time
+    segment_size: Size = Size(16 * 2**20)
+    # persistent: fsync every record (and every read-pointer move), or every fsync_interval
+    fsync: Literal["record", "interval"] = "interval"
+    fsync_interval: Duration = Duration(1.0)
+
+    def validate(self, key: str) -> None:
+        if self.max_size is not None and self.max_size < 2**20:
+            raise ConfigError(f"{key}.max_size", "must be at least 1MiB")
+        if self.max_items < 0:
+            raise ConfigError(f"{key}.max_items", "must be 0 (no bound) or more")
+        if self.segment_size < 64 * 2**10:
+            raise ConfigError(f"{key}.segment_size", "must be at least 64KiB")
+        if self.fsync_interval <= 0:
+            raise ConfigError(f"{key}.fsync_interval", "must be greater than 0s")
+
 
 @dataclass(frozen=True)
 class ExporterConfig:
@@ -271,6 +419,7 @@ class ExporterConfig:
     type: Literal["file", "otlp"] = "file"
     file: FileExporterConfig = FileExporterConfig()
     otlp: OtlpExporterConfig = OtlpExporterConfig()
+    queue: QueueConfig = QueueConfig()
     retry: RetryConfig = RetryConfig()
 
     def validate(self, key: str) -> None:
@@ -302,6 +451,8 @@ class Config:
     collection_interval: Duration = Duration(10.0)
     # on SIGTERM/SIGINT, time allowed to flush buffered data before exiting
     shutdown_timeout: Duration = Duration(10.0)
+    # the agent's own state: the persistent export queue lives under <state_dir>/queue
+    state_dir: str = "/var/lib/hostagent"
     resource: ResourceConfig = ResourceConfig()
     scrapers: ScrapersConfig = ScrapersConfig()
     ebpf: EbpfConfig = EbpfConfig()
@@ -315,6 +466,15 @@ class Config:
             raise ConfigError("collection_interval", "must be at least 100ms")
         if self.shutdown_timeout <= 0:
             raise ConfigError("shutdown_timeout", "must be greater than 0s")
+        if not os.path.isabs(self.state_dir):
+            raise ConfigError("state_dir", f"must be an absolute path, got {self.state_dir!r}")
+        queue = self.exporter.queue
+        if queue.directory and not os.path.isabs(queue.directory):
+            raise ConfigError("exporter.queue.directory", f"must be an absolute path, got {queue.directory!r}")
+        if queue.type == "persistent":
+            key = "exporter.queue.directory" if queue.directory else "state_dir"
+            _check_writable_dir(queue_directory(self), key)
+
 
 
 # --- endpoints ---------------------------------------------------------------------------------
@@ -347,6 +507,20 @@ def parse_endpoint(value: str, protocol: str, key: str):
         if parts.path not in ("", "/"):
             raise ConfigError(key, f"gRPC endpoint {value!r} must not have a path")
     return parts
+
+
+def queue_directory(cfg: "Config") -> str:
+    """Where the persistent export queue keeps its log."""
+    return cfg.exporter.queue.directory or os.path.join(cfg.state_dir, "queue", "otlp")
+
+
+def _check_writable_dir(path: str, key: str) -> None:
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
+        probe = os.path.dirname(probe)
+    if (not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK)
+            or os.statvfs(probe).f_flag & os.ST_RDONLY):
+        raise ConfigError(key, f"{path} is not a writable directory")
 
 
 def _check_writable(path: str, key: str) -> None:
@@ -515,6 +689,11 @@ def env_layer(environ: Mapping[str, str]) -> dict:
         if value not in ("true", "false"):
             raise ConfigError("OTEL_EXPORTER_OTLP_INSECURE", f"must be true or false, got {value!r}")
         otlp["insecure"] = value == "true"
+    tls = {name: get(var) for var, name in (("OTEL_EXPORTER_OTLP_CERTIFICATE", "ca_file"),
+                                            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "cert_file"),
+                                            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "key_file")) if get(var)}
+    if tls:
+        otlp["tls"] = tls
     if get("OTEL_EXPORTER_OTLP_TIMEOUT"):
         otlp["timeout"] = _env_millis("OTEL_EXPORTER_OTLP_TIMEOUT", get("OTEL_EXPORTER_OTLP_TIMEOUT"))
     if otlp:

@@ -23,7 +23,7 @@ from agent import __version__
 from agent.config import Config, ConfigError, load
 from agent.export import Exporter
 from agent.model import Batch
-from agent.pipeline import Pipeline
+from agent.pipeline import build_pipeline
 from agent.selfmetrics import SELF
 from agent.sources import Source
 
@@ -127,7 +127,7 @@ class Agent:
         self.stopping.clear()
         self.resource = detect(cfg.resource)
         SELF.resource = self.resource
-        self.pipeline = Pipeline(cfg.batch, cfg.exporter.retry, build_exporter(cfg), backlog)
+        self.pipeline = build_pipeline(cfg, build_exporter(cfg), backlog)
         self.pipeline.start()
         self.sources = [*build_host_sources(cfg.scrapers, self.resource), SELF]
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)

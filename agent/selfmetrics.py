@@ -6,10 +6,12 @@ metrics travel the same pipeline as everything else.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from typing import Callable
 
-from agent.model import Attributes, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
+from agent.model import (Attributes, HistogramPoint, Metric, MetricGroup, MetricKind, NumberPoint, Resource,
+                         Scope, now_ns)
 from agent.sources import Source
 
 SCOPE = Scope("hostagent/self")
@@ -56,6 +58,38 @@ class Gauge:
                       [NumberPoint(a, read(), now, now) for a, read in list(self._reads.items())])
 
 
+# request duration buckets, seconds: 1ms .. 30s
+DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """An explicit-bucket histogram per attribute set, cumulative."""
+
+    def __init__(self, name: str, unit: str, description: str, bounds: tuple = DURATION_BOUNDS):
+        self.name, self.unit, self.description, self.bounds = name, unit, description, bounds
+        self._values: dict = {}  # attributes -> [count, sum, bucket counts]
+        self._lock = threading.Lock()
+
+    def record(self, value: float, attributes: Attributes = ()) -> None:
+        with self._lock:
+            v = self._values.get(attributes)
+            if v is None:
+                v = self._values[attributes] = [0, 0.0, [0] * (len(self.bounds) + 1)]
+            v[0] += 1
+            v[1] += value
+            v[2][bisect.bisect_left(self.bounds, value)] += 1
+
+    def count(self, attributes: Attributes = ()) -> int:
+        v = self._values.get(attributes)
+        return v[0] if v else 0
+
+    def _metric(self, start: int, now: int) -> Metric:
+        with self._lock:
+            points = [HistogramPoint(a, start, now, c, s, self.bounds, list(b))
+                      for a, (c, s, b) in self._values.items()]
+        return Metric(self.name, self.description, self.unit, MetricKind.HISTOGRAM, points)
+
+
 class SelfMetrics(Source):
     name = "self"
 
@@ -77,6 +111,10 @@ class SelfMetrics(Source):
 
     def gauge(self, name: str, unit: str, description: str) -> Gauge:
         return self._instrument(Gauge, name, unit, description)
+
+    def histogram(self, name: str, unit: str, description: str) -> Histogram:
+        """Durations in seconds, in DURATION_BOUNDS buckets."""
+        return self._instrument(Histogram, name, unit, description)
 
     def collect(self) -> list[MetricGroup]:
         now = now_ns()

@@ -42,6 +42,7 @@ def base_config(tmp_path, **overrides) -> dict:
     """A config writing only under tmp_path, without eBPF (its tests enable it themselves)."""
     cfg = {
         "collection_interval": "1s",
+        "state_dir": str(tmp_path / "state"),  # the persistent export queue lives under it
         "ebpf": {"enabled": False},
         "health": {"endpoint": "127.0.0.1:0"},
         "batch": {"timeout": "200ms"},

@@ -45,7 +45,10 @@ def test_unreachable_endpoint_is_not_a_config_error(tmp_path, start_agent):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start_agent(grpc_config(tmp_path, f"127.0.0.1:{port}", shutdown_timeout="2s"))
+    # a memory queue drops what it could not deliver (a persistent one keeps it: test_delivery_crash.py)
+    cfg = grpc_config(tmp_path, f"127.0.0.1:{port}", shutdown_timeout="2s")
+    cfg["exporter"]["queue"] = {"type": "memory"}
+    proc = start_agent(cfg)
     wait_for_log(proc, "export_retry")
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)

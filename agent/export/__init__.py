@@ -1,7 +1,8 @@
 """OTLP encoding and the exporters that send it.
 
 An exporter only sends one encoded Payload and says how it went by raising one of the errors
-below; retrying, queueing and batching are separate layers (agent/export/retry.py, agent/pipeline/).
+below; retrying, queueing and batching are separate layers (agent/export/retry.py,
+agent/export/queue.py, agent/pipeline/).
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ class RetryableError(ExportError):
 class PermanentError(ExportError):
     """Sending the same payload again cannot succeed: drop it and count it."""
     reason = "permanent"
+
+
+class TooLargeError(PermanentError):
+    """The server refuses the request for its size (HTTP 413, gRPC RESOURCE_EXHAUSTED "message
+    larger than max"): split it in halves and send those instead."""
+    reason = "too_large"
 
 
 class Exporter:

@@ -2,9 +2,18 @@
 
 Shared by every exporter (gRPC, HTTP, file), so what is queued is always the wire payload.
 Groups with the same resource and scope are merged, and each resource is encoded once.
+
+The protobuf wire format is written directly (fields in field-number order, proto3 defaults left
+out, exactly as the official serializer writes the same message), because building one protobuf
+object per data point and attribute costs several times more CPU than the bytes themselves.
+What repeats from one collection to the next is encoded once and cached: resources, scopes,
+attribute sets, histogram bounds. tests/test_delivery_encoding.py decodes every shape with the
+official classes and checks the bytes against a message built field by field.
 """
 from __future__ import annotations
 
+import operator
+import struct
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -13,13 +22,8 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (ExportLogsSe
                                                                     ExportLogsServiceResponse)
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest, ExportMetricsServiceResponse)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.logs.v1 import logs_pb2
-from opentelemetry.proto.metrics.v1 import metrics_pb2
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from agent.model import (Attributes, Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup,
-                         MetricGroup, MetricKind)
+from agent.model import Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, MetricGroup, MetricKind
 
 SIGNALS = ("metrics", "logs")
 REQUEST_TYPES = {"metrics": ExportMetricsServiceRequest, "logs": ExportLogsServiceRequest}
@@ -33,70 +37,171 @@ class Payload:
     items: int  # data points or log records inside
 
 
-def _any(value) -> AnyValue:
+# --- wire primitives -----------------------------------------------------------------------------
+
+_BYTE = [bytes((i,)) for i in range(256)]
+_F64 = struct.Struct("<Q")
+_D = struct.Struct("<d")
+_Q = struct.Struct("<q")
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        if n < 0:
+            n &= 0xFFFFFFFFFFFFFFFF  # int64: ten bytes of two's complement
+        else:
+            return _BYTE[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _zigzag(n: int) -> int:
+    return (n << 1) ^ (n >> 63)
+
+
+def _ld(tag: bytes, body: bytes) -> bytes:
+    """A length-delimited field: tag, length, body."""
+    return tag + _varint(len(body)) + body
+
+
+def _str(tag: bytes, text: str) -> bytes:
+    """A string field, left out when empty (proto3 default)."""
+    return _ld(tag, text.encode()) if text else b""
+
+
+def _any_value(value) -> bytes:
     if isinstance(value, bool):
-        return AnyValue(bool_value=value)
+        return b"\x10" + _BYTE[int(value)]
     if isinstance(value, int):
-        return AnyValue(int_value=value)
+        return b"\x18" + _varint(value)
     if isinstance(value, float):
-        return AnyValue(double_value=value)
-    return AnyValue(string_value=str(value))
+        return b"\x21" + _D.pack(value)
+    return _ld(b"\x0a", str(value).encode())
 
 
-def _kvs(attributes: Attributes) -> list:
-    return [KeyValue(key=k, value=_any(v)) for k, v in attributes]
+def _key_values(tag: bytes, attributes) -> bytes:
+    """Repeated KeyValue under field `tag`, one entry per (key, value) pair."""
+    return b"".join(_ld(tag, _str(b"\x0a", k) + _ld(b"\x12", _any_value(v))) for k, v in attributes)
 
 
-def _number_point(p, out) -> None:
-    out.attributes.extend(_kvs(p.attributes))
-    out.start_time_unix_nano = p.start_time_ns
-    out.time_unix_nano = p.time_ns
-    if isinstance(p.value, int):
-        out.as_int = p.value
+class _Cache(dict):
+    """Encoded bytes of values that repeat between collections, keyed by the (hashable) value.
+    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality."""
+
+    def __init__(self, encode, limit: int = 65536):
+        super().__init__()
+        self.encode, self.limit = encode, limit
+
+    def __missing__(self, key):
+        if len(self) >= self.limit:
+            self.clear()
+        value = self[key] = self.encode(key)
+        return value
+
+
+# attribute sets, per the field number attributes have in each message
+_ATTRS_NUMBER = _Cache(lambda a: _key_values(b"\x3a", a))  # NumberDataPoint.attributes = 7
+_ATTRS_HISTOGRAM = _Cache(lambda a: _key_values(b"\x4a", a))  # HistogramDataPoint.attributes = 9
+_ATTRS_EXP = _Cache(lambda a: _key_values(b"\x0a", a))  # ExponentialHistogramDataPoint.attributes = 1
+_ATTRS_LOG = _Cache(lambda a: _key_values(b"\x32", a))  # LogRecord.attributes = 6
+# Resource and InstrumentationScope, as field 1 of ResourceMetrics/ResourceLogs and ScopeMetrics/ScopeLogs
+_RESOURCE = _Cache(lambda r: _ld(b"\x0a", _key_values(b"\x0a", r.attributes)), limit=4096)
+_SCOPE = _Cache(lambda s: _ld(b"\x0a", _str(b"\x0a", s.name) + _str(b"\x12", s.version)), limit=4096)
+_BOUNDS = _Cache(lambda b: _ld(b"\x3a", struct.pack(f"<{len(b)}d", *b)) if b else b"", limit=4096)
+
+# NumberDataPoint with both timestamps set: start (2, fixed64), time (3, fixed64), value (4 or 6)
+_NUMBER_DOUBLE = struct.Struct("<BQBQBd")
+_NUMBER_INT = struct.Struct("<BQBQBq")
+_DP_PREFIX = [b"\x0a" + _BYTE[n] for n in range(128)]  # data_points (field 1) with a one-byte length
+
+
+def _number_point_slow(p, attrs: bytes) -> bytes:
+    v = p.value
+    body = ((b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"")
+            + (b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"")
+            + (b"\x21" + _D.pack(v) if isinstance(v, float) else b"\x31" + _Q.pack(operator.index(v)))
+            + attrs)
+    return _ld(b"\x0a", body)
+
+
+def _number_points(points, out: list) -> None:
+    """Append each NumberDataPoint as field 1 of Gauge/Sum; the hot loop of the encoder."""
+    attrs_of, prefix, pack_d, pack_i = _ATTRS_NUMBER, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
+    append = out.append
+    for p in points:
+        a = attrs_of[p.attributes]
+        start, t, v = p.start_time_ns, p.time_ns, p.value
+        tv = type(v)
+        if tv is float and start and t:
+            body = pack_d(0x11, start, 0x19, t, 0x21, v)
+        elif tv is int and start and t:
+            body = pack_i(0x11, start, 0x19, t, 0x31, v)
+        else:  # a timestamp left at 0, a bool or a numpy number
+            append(_number_point_slow(p, a))
+            continue
+        n = 27 + len(a)
+        append(prefix[n] if n < 128 else b"\x0a" + _varint(n))
+        append(body)
+        append(a)
+
+
+def _histogram_point(p: HistogramPoint) -> bytes:
+    body = [b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
+            b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"",
+            b"\x21" + _F64.pack(p.count) if p.count else b"",
+            b"\x29" + _D.pack(p.sum),
+            _ld(b"\x32", struct.pack(f"<{len(p.counts)}Q", *p.counts)) if p.counts else b"",
+            _BOUNDS[tuple(p.bounds)],
+            _ATTRS_HISTOGRAM[p.attributes]]
+    return _ld(b"\x0a", b"".join(body))
+
+
+def _exp_histogram_point(p: ExponentialHistogramPoint) -> bytes:
+    counts = b"".join(_varint(int(c)) for c in p.positive_counts)
+    positive = ((b"\x08" + _varint(_zigzag(p.positive_offset)) if p.positive_offset else b"")
+                + (_ld(b"\x12", counts) if counts else b""))
+    body = [_ATTRS_EXP[p.attributes],
+            b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
+            b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"",
+            b"\x21" + _F64.pack(p.count) if p.count else b"",
+            b"\x29" + _D.pack(p.sum),
+            b"\x30" + _varint(_zigzag(p.scale)) if p.scale else b"",
+            b"\x39" + _F64.pack(p.zero_count) if p.zero_count else b"",
+            _ld(b"\x42", positive),
+            b"\x61" + _D.pack(p.min) if p.min is not None else b"",
+            b"\x69" + _D.pack(p.max) if p.max is not None else b""]
+    return _ld(b"\x0a", b"".join(body))
+
+
+# Metric fields holding each kind of data: gauge = 5, sum = 7, histogram = 9, exponential_histogram = 10
+_DATA_TAG = {MetricKind.GAUGE: b"\x2a", MetricKind.SUM: b"\x3a", MetricKind.HISTOGRAM: b"\x4a",
+             MetricKind.EXPONENTIAL_HISTOGRAM: b"\x52"}
+_IDENTITY = _Cache(lambda k: _str(b"\x0a", k[0]) + _str(b"\x12", k[1]) + _str(b"\x1a", k[2]), limit=4096)
+
+
+def _metric(first, metrics: list) -> bytes:
+    """One Metric with the identity of `first` and the points of every metric in `metrics`."""
+    kind = first.kind
+    points: list = []
+    if kind is MetricKind.GAUGE or kind is MetricKind.SUM:
+        for m in metrics:
+            _number_points(m.points, points)
+    elif kind is MetricKind.HISTOGRAM:
+        points = [_histogram_point(p) for m in metrics for p in m.points]
     else:
-        out.as_double = p.value
-
-
-def _histogram_point(p: HistogramPoint, out) -> None:
-    out.attributes.extend(_kvs(p.attributes))
-    out.start_time_unix_nano, out.time_unix_nano = p.start_time_ns, p.time_ns
-    out.count, out.sum = p.count, p.sum
-    out.explicit_bounds.extend(p.bounds)
-    out.bucket_counts.extend(p.counts)
-
-
-def _exp_histogram_point(p: ExponentialHistogramPoint, out) -> None:
-    out.attributes.extend(_kvs(p.attributes))
-    out.start_time_unix_nano, out.time_unix_nano = p.start_time_ns, p.time_ns
-    out.count, out.sum, out.scale, out.zero_count = p.count, p.sum, p.scale, p.zero_count
-    out.positive.offset = p.positive_offset
-    out.positive.bucket_counts.extend(p.positive_counts)
-    if p.min is not None:
-        out.min = p.min
-    if p.max is not None:
-        out.max = p.max
-
-
-def _fill_metric(m, out: metrics_pb2.Metric) -> None:
-    """Add m's points to `out`; the first call for a metric also sets its identity."""
-    if not out.name:
-        out.name, out.description, out.unit = m.name, m.description, m.unit
-    if m.kind is MetricKind.GAUGE:
-        for p in m.points:
-            _number_point(p, out.gauge.data_points.add())
-    elif m.kind is MetricKind.SUM:
-        out.sum.aggregation_temporality = int(m.temporality)
-        out.sum.is_monotonic = m.monotonic
-        for p in m.points:
-            _number_point(p, out.sum.data_points.add())
-    elif m.kind is MetricKind.HISTOGRAM:
-        out.histogram.aggregation_temporality = int(m.temporality)
-        for p in m.points:
-            _histogram_point(p, out.histogram.data_points.add())
-    else:
-        out.exponential_histogram.aggregation_temporality = int(m.temporality)
-        for p in m.points:
-            _exp_histogram_point(p, out.exponential_histogram.data_points.add())
+        points = [_exp_histogram_point(p) for m in metrics for p in m.points]
+    if kind is MetricKind.SUM:
+        points.append(b"\x10" + _varint(int(first.temporality)))
+        if first.monotonic:
+            points.append(b"\x18\x01")
+    elif kind is not MetricKind.GAUGE:
+        points.append(b"\x10" + _varint(int(first.temporality)))
+    data = b"".join(points)
+    return _ld(b"\x12", _IDENTITY[(first.name, first.description, first.unit)] + _ld(_DATA_TAG[kind], data))
 
 
 def _by_resource_and_scope(groups: Iterable) -> dict:
@@ -108,44 +213,41 @@ def _by_resource_and_scope(groups: Iterable) -> dict:
 
 
 def encode_metrics(groups: list[MetricGroup]) -> bytes:
-    req = ExportMetricsServiceRequest()
+    resources = []
     for resource, scopes in _by_resource_and_scope(groups).items():
-        rm = req.resource_metrics.add()
-        rm.resource.CopyFrom(PbResource(attributes=_kvs(resource.attributes)))
-        for scope, parts in scopes.items():
-            sm = rm.scope_metrics.add()
-            sm.scope.CopyFrom(InstrumentationScope(name=scope.name, version=scope.version))
+        parts = [_RESOURCE[resource]]
+        for scope, scope_groups in scopes.items():
             by_name: dict = {}  # collections of the same metric batched together share one entry
-            for g in parts:
+            for g in scope_groups:
                 for m in g.metrics:
                     if m.points:
-                        out = by_name.get(m.name)
-                        if out is None:
-                            out = by_name[m.name] = sm.metrics.add()
-                        _fill_metric(m, out)
-    return req.SerializeToString()
+                        by_name.setdefault(m.name, []).append(m)
+            metrics = [_metric(ms[0], ms) for ms in by_name.values()]
+            parts.append(_ld(b"\x12", _SCOPE[scope] + b"".join(metrics)))
+        resources.append(_ld(b"\x0a", b"".join(parts)))
+    return b"".join(resources)
+
+
+def _log_record(r) -> bytes:
+    body = [b"\x09" + _F64.pack(r.time_ns) if r.time_ns else b"",
+            b"\x10" + _varint(int(r.severity)) if int(r.severity) else b"",
+            _str(b"\x1a", r.severity.name),
+            _ld(b"\x2a", _ld(b"\x0a", r.body.encode())),
+            _ATTRS_LOG[r.attributes],
+            b"\x59" + _F64.pack(r.observed_time_ns or r.time_ns) if (r.observed_time_ns or r.time_ns) else b"",
+            _str(b"\x62", r.event_name)]
+    return _ld(b"\x12", b"".join(body))
 
 
 def encode_logs(groups: list[LogGroup]) -> bytes:
-    req = ExportLogsServiceRequest()
+    resources = []
     for resource, scopes in _by_resource_and_scope(groups).items():
-        rl = req.resource_logs.add()
-        rl.resource.CopyFrom(PbResource(attributes=_kvs(resource.attributes)))
-        for scope, parts in scopes.items():
-            sl = rl.scope_logs.add()
-            sl.scope.CopyFrom(InstrumentationScope(name=scope.name, version=scope.version))
-            for g in parts:
-                for r in g.records:
-                    out = sl.log_records.add()
-                    out.time_unix_nano = r.time_ns
-                    out.observed_time_unix_nano = r.observed_time_ns or r.time_ns
-                    out.severity_number = int(r.severity)
-                    out.severity_text = r.severity.name
-                    out.body.string_value = r.body
-                    out.attributes.extend(_kvs(r.attributes))
-                    if r.event_name:
-                        out.event_name = r.event_name
-    return req.SerializeToString()
+        parts = [_RESOURCE[resource]]
+        for scope, scope_groups in scopes.items():
+            records = [_log_record(r) for g in scope_groups for r in g.records]
+            parts.append(_ld(b"\x12", _SCOPE[scope] + b"".join(records)))
+        resources.append(_ld(b"\x0a", b"".join(parts)))
+    return b"".join(resources)
 
 
 def encode(batch: Batch) -> list[Payload]:
@@ -157,6 +259,80 @@ def encode(batch: Batch) -> list[Payload]:
         out.append(Payload("logs", encode_logs(batch.logs), batch.log_count()))
     return out
 
+
+# --- splitting a request that is too large for the server ------------------------------------------
+
+_POINT_FIELDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
+
+
+def _metric_points(metric):
+    kind = metric.WhichOneof("data")
+    return getattr(metric, kind).data_points if kind else None
+
+
+def count_items(signal: str, body: bytes) -> int:
+    req = REQUEST_TYPES[signal].FromString(body)
+    if signal == "metrics":
+        return sum(len(_metric_points(m) or ()) for rm in req.resource_metrics
+                   for sm in rm.scope_metrics for m in sm.metrics)
+    return sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
+
+
+def split(payload: Payload) -> list[Payload]:
+    """The payload as two requests with about half of its data points (log records) each, resource
+    and scope kept with each half; [] when it holds fewer than two items and cannot be split."""
+    req = REQUEST_TYPES[payload.signal].FromString(payload.body)
+    if payload.signal == "metrics":
+        places = [(i, j, k, n) for i, rm in enumerate(req.resource_metrics)
+                  for j, sm in enumerate(rm.scope_metrics) for k, m in enumerate(sm.metrics)
+                  for n in range(len(_metric_points(m) or ()))]
+    else:
+        places = [(i, j, n) for i, rl in enumerate(req.resource_logs)
+                  for j, sl in enumerate(rl.scope_logs) for n in range(len(sl.log_records))]
+    if len(places) < 2:
+        return []
+    half = len(places) // 2
+    return [_subset(payload.signal, req, set(part)) for part in (places[:half], places[half:])]
+
+
+def _subset(signal: str, req, keep: set) -> Payload:
+    """A copy of `req` with only the items at the positions in `keep`; empty containers dropped."""
+    out = REQUEST_TYPES[signal]()
+    if signal == "metrics":
+        for i, rm in enumerate(req.resource_metrics):
+            new_rm = None
+            for j, sm in enumerate(rm.scope_metrics):
+                new_sm = None
+                for k, m in enumerate(sm.metrics):
+                    points = _metric_points(m) or ()
+                    chosen = [p for n, p in enumerate(points) if (i, j, k, n) in keep]
+                    if not chosen:
+                        continue
+                    if new_rm is None:
+                        new_rm = out.resource_metrics.add(resource=rm.resource, schema_url=rm.schema_url)
+                    if new_sm is None:
+                        new_sm = new_rm.scope_metrics.add(scope=sm.scope, schema_url=sm.schema_url)
+                    new_m = new_sm.metrics.add()
+                    new_m.CopyFrom(m)
+                    target = _metric_points(new_m)
+                    del target[:]
+                    target.extend(chosen)
+        items = len(keep)
+    else:
+        for i, rl in enumerate(req.resource_logs):
+            new_rl = None
+            for j, sl in enumerate(rl.scope_logs):
+                chosen = [r for n, r in enumerate(sl.log_records) if (i, j, n) in keep]
+                if not chosen:
+                    continue
+                if new_rl is None:
+                    new_rl = out.resource_logs.add(resource=rl.resource, schema_url=rl.schema_url)
+                new_rl.scope_logs.add(scope=sl.scope, schema_url=sl.schema_url).log_records.extend(chosen)
+        items = len(keep)
+    return Payload(signal, out.SerializeToString(), items)
+
+
+# --- other views of a payload ---------------------------------------------------------------------
 
 def to_json_line(payload: Payload) -> bytes:
     """OTLP/JSON as the Collector's file exporter writes it: one request per line, camelCase
@@ -177,3 +353,4 @@ def rejected_items(signal: str, body: bytes) -> tuple[int, str]:
     ps = resp.partial_success
     rejected = ps.rejected_data_points if signal == "metrics" else ps.rejected_log_records
     return rejected, ps.error_message
+

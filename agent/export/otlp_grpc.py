@@ -1,16 +1,31 @@
-"""OTLP/gRPC: sends encoded payloads as unary Export calls, bytes passed through untouched."""
+"""OTLP/gRPC: sends encoded payloads as unary Export calls, bytes passed through untouched.
+
+Per endpoint, `connections` channels (each its own HTTP/2 connection) are used in turn by the
+senders; endpoints take turns and fail over (agent/export/pool.py). TLS with the system's or a given
+CA, optional client certificate (mTLS), headers as call metadata. What the server answers decides
+between retry, drop and split exactly as the OTLP specification says (`classify`).
+"""
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import re
+import time
+from typing import Optional
 from urllib.parse import urlsplit
 
-import grpc
-from google.rpc import error_details_pb2, status_pb2
+# grpc core's own log lines (a failed TLS handshake, a lost connection ...) would repeat on stderr
+# what the exporter already logs once, as one structured line
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+import grpc  # noqa: E402
+from google.rpc import error_details_pb2, status_pb2  # noqa: E402
 
-from agent.config import OtlpExporterConfig
-from agent.export import Exporter, PermanentError, RetryableError
-from agent.export.encoding import Payload, rejected_items
-from agent.selfmetrics import SELF
+from agent.config import OtlpExporterConfig  # noqa: E402
+from agent.export import Exporter, ExportError, PermanentError, RetryableError, TooLargeError  # noqa: E402
+from agent.export.encoding import Payload, rejected_items  # noqa: E402
+from agent.export.pool import Endpoint, EndpointPool, log_tls_error  # noqa: E402
+from agent.selfmetrics import SELF  # noqa: E402
 
 log = logging.getLogger("hostagent.export")
 
@@ -24,13 +39,19 @@ RETRYABLE_CODES = frozenset({
     grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
 })
+COMPRESSION = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate,
+               "none": grpc.Compression.NoCompression}
+_TLS_ERROR = re.compile(r"(ssl|tls|handshake|certificate)", re.I)
 
 
-def retry_delay(err: grpc.RpcError):
-    """RetryInfo.retry_delay in seconds from the status details, or None."""
-    for key, value in (err.trailing_metadata() or ()):
+def retry_delay(metadata) -> Optional[float]:
+    """RetryInfo.retry_delay in seconds from a call's trailing metadata, or None."""
+    for key, value in (metadata or ()):
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
+            try:
+                status = status_pb2.Status.FromString(value)
+            except Exception:
+                return None
             for detail in status.details:
                 if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                     info = error_details_pb2.RetryInfo()
@@ -39,52 +60,127 @@ def retry_delay(err: grpc.RpcError):
     return None
 
 
+def classify(code: grpc.StatusCode, details: str, delay: Optional[float], message: str) -> ExportError:
+    """The error a failed Export call becomes, per the OTLP specification."""
+    if code in RETRYABLE_CODES:
+        return RetryableError(message, delay)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if delay is not None:
+            return RetryableError(message, delay)
+        if "larger than" in (details or "").lower():  # "Received message larger than max (N vs. M)"
+            return TooLargeError(message)
+    return PermanentError(message)
+
+
+def tls_failure(details: str) -> str:
+    """The TLS part of a connection failure's details ("" when it is not about TLS)."""
+    if not details or not _TLS_ERROR.search(details):
+        return ""
+    # grpc core: "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: Tls handshake
+    # failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:...:CERTIFICATE_VERIFY_FAILED: ...: OK"
+    m = re.search(r"\w+ handshake failed.*", details, re.I)
+    text = m.group(0) if m else details
+    return re.sub(r": OK$", "", text.strip())
+
+
+def credentials(cfg: OtlpExporterConfig) -> grpc.ChannelCredentials:
+    tls = cfg.tls
+    read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+    return grpc.ssl_channel_credentials(root_certificates=read(tls.ca_file), private_key=read(tls.key_file),
+                                        certificate_chain=read(tls.cert_file))
+
+
+class _Channels:
+    """The channels of one endpoint, used in turn, each with its callables per signal."""
+
+    def __init__(self, exporter: "GrpcExporter", ep: Endpoint):
+        self.channels = [exporter.open_channel(ep.url) for _ in range(exporter.cfg.connections)]
+        self.calls = [{signal: ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+                       for signal, method in METHODS.items()} for ch in self.channels]
+        self._next = itertools.count()
+        self._ready_seen = [False] * len(self.channels)
+        self.endpoint = ep
+        for i, ch in enumerate(self.channels):
+            ch.subscribe(lambda state, i=i: self._state(i, state), try_to_connect=False)
+
+    def _state(self, i: int, state) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            if self._ready_seen[i]:
+                self.endpoint.reconnected()
+            self._ready_seen[i] = True
+
+    def call(self, signal: str):
+        return self.calls[next(self._next) % len(self.calls)][signal]
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+
 class GrpcExporter(Exporter):
     name = "otlp_grpc"
 
     def __init__(self, cfg: OtlpExporterConfig):
         self.cfg = cfg
         self.timeout = float(cfg.timeout)
-        self.metadata = tuple((k.lower(), v) for k, v in cfg.headers.items())
-        self.compression = grpc.Compression.Gzip if cfg.compression == "gzip" else grpc.Compression.NoCompression
-        self._channels: dict = {}
-        self._calls = {}
-        for signal in METHODS:
-            url = cfg.signal_url(signal)
-            channel = self._channels.get(url)
-            if channel is None:
-                channel = self._channels[url] = self._open(url)
-            self._calls[signal] = channel.unary_unary(
-                METHODS[signal], request_serializer=None,
-                response_deserializer=None)  # bytes in, bytes out: the payload is already encoded
+        self.metadata = tuple((k.lower(), v) for k, v in cfg.all_headers().items())
+        self.compression = COMPRESSION[cfg.compression]
+        self._credentials = None
+        self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in METHODS}, check=self._check)
+        for ep in self.pool.all():
+            ep.conn = _Channels(self, ep)
         self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
                                      "Items the receiver rejected in a partial success.")
 
-    def _open(self, url: str) -> grpc.Channel:
+    def open_channel(self, url: str) -> grpc.Channel:
         target = urlsplit(url).netloc
-        options = [("grpc.max_send_message_length", -1), ("grpc.enable_retries", 0)]
+        options = [("grpc.max_send_message_length", -1), ("grpc.enable_retries", 0),
+                   # come back quickly after an outage: grpc's own reconnect backoff grows to 120s
+                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 5000),
+                   ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
+                   ("grpc.primary_user_agent", "hostagent")]
         if self.cfg.is_insecure(url):
             return grpc.insecure_channel(target, options=options, compression=self.compression)
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options,
-                                   compression=self.compression)
+        if self.cfg.tls.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.cfg.tls.server_name_override))
+        if self._credentials is None:
+            self._credentials = credentials(self.cfg)
+        return grpc.secure_channel(target, self._credentials, options=options, compression=self.compression)
 
     def send(self, payload: Payload) -> None:
+        self.pool.send(payload.signal, lambda ep: self._send_to(ep, payload))
+
+    def _send_to(self, ep: Endpoint, payload: Payload) -> None:
+        started = time.monotonic()
         try:
-            body = self._calls[payload.signal](payload.body, timeout=self.timeout,
-                                               metadata=self.metadata)
+            body = ep.conn.call(payload.signal)(payload.body, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as err:
-            code = err.code()
-            delay = retry_delay(err)
-            message = f"{payload.signal} export failed: {code.name}: {err.details()}"
-            if code in RETRYABLE_CODES or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and delay is not None):
-                raise RetryableError(message, delay) from None
-            raise PermanentError(message) from None
+            code, details = err.code(), err.details() or ""
+            error = classify(code, details, retry_delay(err.trailing_metadata()),
+                             f"{payload.signal} export to {ep.url} failed: {code.name}: {details}")
+            ep.record(error.reason, time.monotonic() - started, len(payload.body), None)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                tls = tls_failure(details)
+                if tls:
+                    log_tls_error(ep, tls)
+            raise error from None
+        ep.record("success", time.monotonic() - started, len(payload.body), None)
         rejected, message = rejected_items(payload.signal, body)
         if rejected or message:
-            log.warning("partial_success signal=%s rejected=%d message=%r", payload.signal, rejected, message)
+            log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
+                        payload.signal, rejected, message)
             self.rejected.add(rejected, (("signal", payload.signal),))
 
-    def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
+    def _check(self, ep: Endpoint) -> bool:
+        """Health check of a down endpoint: can one of its channels connect within 2s?"""
+        try:
+            grpc.channel_ready_future(ep.conn.channels[0]).result(timeout=2)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
 
+    def close(self) -> None:
+        self.pool.close()
+        for ep in self.pool.all():
+            ep.conn.close()

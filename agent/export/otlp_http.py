@@ -1,16 +1,26 @@
-"""OTLP/HTTP with binary protobuf bodies over keep-alive connections."""
+"""OTLP/HTTP with binary protobuf bodies over keep-alive connections.
+
+Per endpoint a pool of `connections` keep-alive connections shared by the senders; endpoints take
+turns and fail over (agent/export/pool.py). Bodies are compressed here (gzip, zstd, lz4, zlib,
+deflate: agent/export/compression.py). What the server answers decides between retry, drop and
+split exactly as the OTLP specification says (`classify`).
+"""
 from __future__ import annotations
 
 import email.utils
-import gzip
 import logging
+import socket
 import time
+from typing import Optional
+from urllib.parse import urlsplit
 
 import urllib3
 
 from agent.config import OtlpExporterConfig
-from agent.export import Exporter, PermanentError, RetryableError
+from agent.export import Exporter, ExportError, PermanentError, RetryableError, TooLargeError
+from agent.export.compression import Compressor
 from agent.export.encoding import Payload, rejected_items
+from agent.export.pool import Endpoint, EndpointPool, log_tls_error
 from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export")
@@ -32,42 +42,94 @@ def parse_retry_after(value):
         return None
 
 
+def classify(status: int, retry_after: Optional[str], message: str) -> ExportError:
+    """The error a non-2xx answer becomes, per the OTLP specification."""
+    if status in RETRYABLE_STATUSES:
+        return RetryableError(message, parse_retry_after(retry_after))
+    if status == 413:
+        return TooLargeError(message)
+    return PermanentError(message)
+
+
 class HttpExporter(Exporter):
     name = "otlp_http"
 
     def __init__(self, cfg: OtlpExporterConfig):
         self.cfg = cfg
-        self.urls = {signal: cfg.signal_url(signal) for signal in ("metrics", "logs")}
-        self.headers = {**cfg.headers, "Content-Type": "application/x-protobuf",
+        self.compressor = Compressor(cfg.compression, cfg.compression_level)
+        self.headers = {**cfg.all_headers(), "Content-Type": "application/x-protobuf",
                         "User-Agent": "hostagent"}
-        if cfg.compression == "gzip":
-            self.headers["Content-Encoding"] = "gzip"
+        if self.compressor.encoding:
+            self.headers["Content-Encoding"] = self.compressor.encoding
         timeout = urllib3.Timeout(total=float(cfg.timeout))
-        # one pool per host, kept alive between exports; urllib3 does no retries of its own
-        self.pool = urllib3.PoolManager(num_pools=4, maxsize=2, timeout=timeout, retries=False)
+        tls = cfg.tls
+        kw = {}
+        if tls.server_name_override:
+            kw.update(server_hostname=tls.server_name_override, assert_hostname=tls.server_name_override)
+        # one pool of `connections` keep-alive connections per host; urllib3 does no retries of its own
+        self.http = urllib3.PoolManager(num_pools=16, maxsize=cfg.connections, block=True, timeout=timeout,
+                                        retries=False, cert_reqs="CERT_REQUIRED", ca_certs=tls.ca_file or None,
+                                        cert_file=tls.cert_file or None, key_file=tls.key_file or None, **kw)
+        self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in ("metrics", "logs")}, check=self._check)
+        self._opened: dict = {}  # url -> connections opened so far
         self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
                                      "Items the receiver rejected in a partial success.")
 
     def send(self, payload: Payload) -> None:
-        body = gzip.compress(payload.body, compresslevel=6) if self.cfg.compression == "gzip" else payload.body
-        url = self.urls[payload.signal]
+        body = self.compressor.compress(payload.body)
+        self.pool.send(payload.signal, lambda ep: self._send_to(ep, payload, body))
+
+    def _send_to(self, ep: Endpoint, payload: Payload, body: bytes) -> None:
+        started = time.monotonic()
         try:
-            resp = self.pool.request("POST", url, body=body, headers=self.headers)
+            resp = self.http.request("POST", ep.url, body=body, headers=self.headers)
         except urllib3.exceptions.HTTPError as err:
-            raise RetryableError(f"{payload.signal} export to {url} failed: {err}") from None
+            ep.record("retryable", time.monotonic() - started, len(payload.body), len(body))
+            self._count_connections(ep)
+            if isinstance(err, urllib3.exceptions.SSLError):
+                log_tls_error(ep, str(err.__context__ or err))
+            raise RetryableError(f"{payload.signal} export to {ep.url} failed: {err}") from None
+        self._count_connections(ep)
+        elapsed = time.monotonic() - started
         if 200 <= resp.status < 300:
+            ep.record("success", elapsed, len(payload.body), len(body))
             try:
                 rejected, message = rejected_items(payload.signal, resp.data)
-            except Exception:  # a 200 whose body is not an OTLP response is still a success
+            except Exception:  # a 2xx whose body is not an OTLP response is still a success
                 return
             if rejected or message:
-                log.warning("partial_success signal=%s rejected=%d message=%r", payload.signal, rejected, message)
+                log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
+                            payload.signal, rejected, message)
                 self.rejected.add(rejected, (("signal", payload.signal),))
             return
-        message = f"{payload.signal} export to {url} failed: HTTP {resp.status}: {resp.data[:200]!r}"
-        if resp.status in RETRYABLE_STATUSES:
-            raise RetryableError(message, parse_retry_after(resp.headers.get("Retry-After")))
-        raise PermanentError(message)
+        message = f"{payload.signal} export to {ep.url} failed: HTTP {resp.status}: {resp.data[:200]!r}"
+        error = classify(resp.status, resp.headers.get("Retry-After"), message)
+        ep.record(error.reason, elapsed, len(payload.body), len(body))
+        raise error
+
+    def _count_connections(self, ep: Endpoint) -> None:
+        """Connections opened beyond the first `connections` of a pool count as reconnects."""
+        try:
+            opened = self.http.connection_from_url(ep.url).num_connections
+        except Exception:
+            return
+        before = self._opened.get(ep.url, 0)
+        if opened > before:
+            self._opened[ep.url] = opened
+            again = opened - max(before, self.cfg.connections)
+            if again > 0:
+                ep.reconnected(again)
+
+    def _check(self, ep: Endpoint) -> bool:
+        """Health check of a down endpoint: does its host accept a TCP connection within 2s?"""
+        parts = urlsplit(ep.url)
+        try:
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=2).close()
+            return True
+        except OSError:
+            return False
 
     def close(self) -> None:
-        self.pool.clear()
+        self.pool.close()
+        self.http.clear()

@@ -1,30 +1,43 @@
-"""The retry layer around a plain exporter: backoff with jitter, the server's delay honored,
-permanent errors dropped at once; every wait can be cut short by `abort`."""
+"""The retry layer around a plain exporter, as the OTLP specification has it: retryable failures
+are retried with exponential backoff and jitter (the server's RetryInfo / Retry-After wins),
+permanent ones are dropped and counted at once, a request too large for the server is split in
+halves and those are sent instead. Every wait can be cut short by `abort`."""
 from __future__ import annotations
 
 import logging
 import random
 import threading
 import time
+from typing import Optional
 
 from agent.config import RetryConfig
-from agent.export import Exporter, PermanentError, RetryableError
-from agent.export.encoding import Payload
+from agent.export import Exporter, PermanentError, RetryableError, TooLargeError
+from agent.export.encoding import Payload, split
 from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export")
 
 SENT, DROPPED, ABORTED = "sent", "dropped", "aborted"
+RETRY_LOG_EVERY = 10.0  # seconds between two export_retry warnings (others go to debug)
 
 
 class RetryingSender:
-    def __init__(self, exporter: Exporter, cfg: RetryConfig, abort: threading.Event):
+    def __init__(self, exporter: Exporter, cfg: RetryConfig, abort: threading.Event,
+                 give_up_after: Optional[float] = None):
+        """`give_up_after`: seconds after which a payload is dropped (0: never); by default what
+        `cfg` says for a memory queue."""
         self.exporter, self.cfg, self.abort = exporter, cfg, abort
+        self.give_up_after = cfg.give_up_after(persistent=False) if give_up_after is None else give_up_after
         self.sent = SELF.counter("hostagent.exporter.sent", "{items}",
                                  "Data points and log records the exporter delivered.")
         self.failed = SELF.counter("hostagent.exporter.send_failed", "{items}",
                                    "Items dropped because they could not be delivered, by reason.")
         self.retries = SELF.counter("hostagent.exporter.retries", "{requests}", "Export requests retried.")
+        self.splits = SELF.counter("hostagent.exporter.splits", "{requests}",
+                                   "Requests split in halves because the server found them too large.")
+        self._log_lock = threading.Lock()
+        self._last_warning = 0.0
+        self._quiet = 0
 
     def _attrs(self, payload: Payload, *extra) -> tuple:
         return (("exporter", self.exporter.name), ("signal", payload.signal), *extra)
@@ -39,20 +52,54 @@ class RetryingSender:
                 self.exporter.send(payload)
                 self.sent.add(payload.items, self._attrs(payload))
                 return SENT
+            except TooLargeError as e:
+                return self._split(payload, str(e))
             except PermanentError as e:
                 return self._drop(payload, "permanent", str(e))
             except RetryableError as e:
                 if not self.cfg.enabled:
                     return self._drop(payload, "retry_disabled", str(e))
-                delay = e.delay if e.delay is not None else min(interval, self.cfg.max_interval) * random.uniform(0.5, 1.5)
-                interval *= self.cfg.multiplier
+                if e.delay is not None:
+                    delay = e.delay
+                else:
+                    delay = min(interval, self.cfg.max_interval) * random.uniform(0.5, 1.5)
+                    interval *= self.cfg.multiplier
                 elapsed = time.monotonic() - started
-                if self.cfg.max_elapsed_time and elapsed + delay > self.cfg.max_elapsed_time:
+                if self.give_up_after and elapsed + delay > self.give_up_after:
                     return self._drop(payload, "retries_exhausted", str(e))
-                log.warning("export_retry exporter=%s delay=%.1fs error=%r", self.exporter.name, delay, str(e))
+                self._log_retry(delay, str(e))
                 self.retries.add(1, self._attrs(payload))
                 if self.abort.wait(delay):
                     return ABORTED
+
+    def _split(self, payload: Payload, message: str) -> str:
+        halves = split(payload)
+        if not halves:  # one data point (log record) is more than the server takes
+            return self._drop(payload, "too_large", message)
+        log.info("export_split exporter=%s signal=%s items=%d into=%s", self.exporter.name, payload.signal,
+                 payload.items, "+".join(str(h.items) for h in halves))
+        self.splits.add(1, self._attrs(payload))
+        results = []
+        for half in halves:
+            result = self.send(half)
+            if result == ABORTED:  # the halves already sent arrive twice after a restart
+                return ABORTED
+            results.append(result)
+        return SENT if all(r == SENT for r in results) else DROPPED
+
+    def _log_retry(self, delay: float, error: str) -> None:
+        now = time.monotonic()
+        with self._log_lock:
+            loud = now - self._last_warning >= RETRY_LOG_EVERY
+            if loud:
+                self._last_warning, quiet, self._quiet = now, self._quiet, 0
+            else:
+                self._quiet += 1
+        if loud:
+            log.warning("export_retry exporter=%s delay=%.1fs error=%r%s", self.exporter.name, delay, error,
+                        f" retries_not_logged={quiet}" if quiet else "")
+        else:
+            log.debug("export_retry exporter=%s delay=%.1fs error=%r", self.exporter.name, delay, error)
 
     def _drop(self, payload: Payload, reason: str, message: str) -> str:
         log.error("export_dropped exporter=%s signal=%s items=%d reason=%s error=%r",

@@ -1,80 +1,141 @@
-"""sources -> input queue -> batcher -> export queue -> sender -> exporter, each stage a thread
-that hands the next a batch and never calls back up."""
+"""sources -> input queue -> batcher -> export queue -> senders -> exporter, each stage a thread
+(the senders: `connections` threads) that hands the next a batch and never calls back up.
+
+The export queue (agent/export/queue.py) is in memory or on disk. On a reload the queue itself
+moves to the next pipeline, so nothing queued is lost or sent twice. On shutdown the senders
+deliver for at most the shutdown timeout; what is left is dropped and counted (memory) or kept on
+disk and sent after the next start (persistent).
+"""
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from typing import Optional
 
-from agent.config import BatchConfig, RetryConfig
+from agent.config import BatchConfig, ConfigError, RetryConfig
 from agent.export import Exporter
+from agent.export.queue import ExportQueue, MemoryQueue, QueueError, open_queue
 from agent.export.retry import ABORTED, RetryingSender
 from agent.model import Batch
 from agent.pipeline.batcher import Batcher
 from agent.pipeline.queue import BoundedQueue
+from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.pipeline")
 
 
 class Pipeline:
-    def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, backlog=()):
-        """`backlog`: encoded payloads an earlier pipeline handed over (on reload); sent first."""
+    def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, backlog=(),
+                 queue: Optional[ExportQueue] = None, senders: int = 1, give_up_after: Optional[float] = None):
+        """`backlog`: encoded payloads an earlier pipeline left (sent first); `queue`: the export
+        queue (default: in memory); `senders`: requests in flight at once; `give_up_after`:
+        seconds of retries before a payload is dropped (0: never; default from `retry`)."""
         self.exporter = exporter
+        self.incoming = SELF.counter("hostagent.pipeline.incoming_items", "{items}",
+                                     "Data points and log records handed to the pipeline, by scope.")
         self.inq = BoundedQueue("input", batch.queue_size, len)
-        self.outq = BoundedQueue("export", batch.queue_size, lambda p: p.items)
+        self.queue = queue if queue is not None else MemoryQueue()
         for payload in backlog:
-            self.outq.put(payload)
-        self.batcher = Batcher(self.inq, self.outq, batch.max_size, float(batch.timeout))
+            self.queue.put(payload)
+        self.batcher = Batcher(self.inq, self.queue, batch.max_size, float(batch.timeout))
         self.abort = threading.Event()
-        self.sender = RetryingSender(exporter, retry, self.abort)
-        self._unsent = []  # a payload whose retries were cut short by abort
+        if give_up_after is None:
+            give_up_after = retry.give_up_after(persistent=self.queue.kind == "persistent")
+        self.sender = RetryingSender(exporter, retry, self.abort, give_up_after)
         self._draining = threading.Event()
-        self._worker = threading.Thread(target=self._send_loop, name="exporter", daemon=True)
+        self._workers = [threading.Thread(target=self._send_loop, name=f"exporter-{i}", daemon=True)
+                         for i in range(max(1, senders))]
 
     def start(self) -> None:
         self.batcher.start()
-        self._worker.start()
+        for w in self._workers:
+            w.start()
 
     def emit(self, batch: Batch) -> None:
         """Hand a batch to the pipeline; never blocks (a full queue drops its oldest batch)."""
-        if len(batch):
+        n = len(batch)
+        if n:
+            for g in batch.metrics:
+                self.incoming.add(sum(len(m.points) for m in g.metrics), (("scope", g.scope.name),))
+            for g in batch.logs:
+                self.incoming.add(len(g.records), (("scope", g.scope.name),))
             self.inq.put(batch)
 
     def _send_loop(self) -> None:
         while not self.abort.is_set():
-            payload = self.outq.get(timeout=0.2)
-            if payload is not None:
-                if self.sender.send(payload) == ABORTED:
-                    self._unsent.append(payload)
-            elif self._draining.is_set() and not self.batcher.is_alive():
-                return
+            entry = self.queue.get(timeout=0.2)
+            if entry is None:
+                if self._draining.is_set() and not self.batcher.is_alive():
+                    return
+                continue
+            try:
+                result = self.sender.send(entry.payload)
+            except Exception:  # a bug must not stop delivery, nor replay the same payload forever
+                log.exception("send_failed items=%d", entry.payload.items)
+                self.sender.failed.add(entry.payload.items, (("exporter", self.exporter.name),
+                                                             ("signal", entry.payload.signal),
+                                                             ("reason", "internal_error")))
+                result = None
+            if result == ABORTED:
+                self.queue.release(entry)
+            else:
+                self.queue.ack(entry)
 
     def healthy(self) -> bool:
-        return self.batcher.is_alive() and self._worker.is_alive()
+        return self.batcher.is_alive() and all(w.is_alive() for w in self._workers)
 
-    def _stop(self, timeout: float) -> list:
-        """Flush the batcher, deliver for at most `timeout` seconds, then stop the sender.
-        Returns the payloads left undelivered."""
-        deadline = time.monotonic() + timeout
+    def _stop(self, deliver_for: float) -> None:
+        """Flush the batcher into the queue, let the senders deliver for at most `deliver_for`
+        seconds, then stop them (a retry wait is cut short, its payload goes back to the queue)."""
+        deadline = time.monotonic() + deliver_for
         self._draining.set()
         self.batcher.stop()
         self.batcher.join(max(0.0, deadline - time.monotonic()))
-        self._worker.join(max(0.0, deadline - time.monotonic()))
-        self.abort.set()  # cut a retry wait short; the payload comes back through _unsent
-        self._worker.join()
+        for w in self._workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        self.abort.set()
+        self.queue.wake()
+        self.batcher.join()
+        for w in self._workers:
+            w.join()
         self.exporter.close()
-        return self._unsent + self.outq.drain()
 
-    def handover(self, timeout: float) -> list:
-        """Stop without losing anything: the undelivered payloads go to the next pipeline."""
-        return self._stop(timeout)
+    def handover(self, timeout: float) -> ExportQueue:
+        """Stop without losing anything: the export queue, with everything not yet delivered,
+        goes to the next pipeline (`build_pipeline(cfg, exporter, backlog=<this>)`)."""
+        self._stop(0.0)
+        return self.queue
 
     def shutdown(self, timeout: float) -> bool:
-        """Flush and deliver what was handed over, for at most `timeout` seconds; what is left
-        is dropped and counted. True when nothing was left."""
-        left = self._stop(timeout)
-        if left:
-            n = sum(p.items for p in left)
-            self.outq.dropped.add(n, (("queue", "export"), ("reason", "shutdown")))
-            log.warning("shutdown_dropped items=%d reason=timeout", n)
+        """Flush and deliver what was handed over, for at most `timeout` seconds. What is left is
+        dropped and counted (memory queue) or kept on disk for the next start (persistent queue).
+        True when nothing was left."""
+        self._stop(timeout)
+        left = self.queue.items
+        if self.queue.kind == "persistent":
+            self.queue.close()
+            if left:
+                log.warning("shutdown_queued items=%d directory=%s delivery=after_restart", left,
+                            self.queue.settings.directory)
+        elif left:
+            self.queue.metrics.dropped.add(left, (("queue", "export"), ("reason", "shutdown")))
+            log.warning("shutdown_dropped items=%d reason=timeout", left)
+            self.queue.close()
         return not left
+
+
+def build_pipeline(cfg, exporter: Exporter, backlog=()) -> Pipeline:
+    """The pipeline `cfg` describes. `backlog` is what `handover()` of the pipeline it replaces
+    returned (its export queue, kept or emptied into the new one), or a list of payloads."""
+    reuse = backlog if isinstance(backlog, ExportQueue) else None
+    try:
+        queue = open_queue(cfg, reuse=reuse)
+    except QueueError as e:
+        raise ConfigError("exporter.queue.directory", str(e)) from None
+    senders = cfg.exporter.otlp.connections if cfg.exporter.type == "otlp" else 1
+    log.info("export_queue type=%s%s items=%d max_size=%d", queue.kind,
+             f" directory={queue.settings.directory}" if queue.kind == "persistent" else "",
+             queue.items, queue.settings.max_bytes)
+    return Pipeline(cfg.batch, cfg.exporter.retry, exporter, () if reuse is not None else backlog,
+                    queue=queue, senders=senders)

@@ -11,22 +11,29 @@ from agent.selfmetrics import SELF
 
 class BoundedQueue:
     def __init__(self, name: str, capacity: int, items_of: Callable[[object], int] = lambda _: 1):
+        """`capacity` entries (batches); `items_of(entry)` counts the data points and log records in one."""
         self.name, self.capacity, self.items_of = name, capacity, items_of
         self._dq: collections.deque = collections.deque()
+        self._items = 0
         self._cond = threading.Condition()
         self.dropped = SELF.counter("hostagent.queue.dropped", "{items}",
-                                    "Items dropped because a queue was full, oldest first.")
-        SELF.gauge("hostagent.queue.size", "{batches}", "Batches waiting in a queue.").observe(
-            (("queue", name),), self.__len__)
-        SELF.gauge("hostagent.queue.capacity", "{batches}", "Capacity of a queue.").observe(
-            (("queue", name),), lambda: capacity)
+                                    "Items dropped from a queue, by reason: full (oldest first), "
+                                    "corrupt (a damaged record of the persistent queue), shutdown.")
+        SELF.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.").observe(
+            (("queue", name),), lambda: self._items)
+        SELF.gauge("hostagent.queue.capacity_batches", "{batches}",
+                   "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
 
     def put(self, item) -> None:
+        n = self.items_of(item)
         with self._cond:
             if len(self._dq) >= self.capacity:
                 oldest = self._dq.popleft()
-                self.dropped.add(self.items_of(oldest), (("queue", self.name), ("reason", "full")))
+                lost = self.items_of(oldest)
+                self._items -= lost
+                self.dropped.add(lost, (("queue", self.name), ("reason", "full")))
             self._dq.append(item)
+            self._items += n
             self._cond.notify()
 
     def get(self, timeout: Optional[float]):
@@ -34,11 +41,15 @@ class BoundedQueue:
         with self._cond:
             if not self._dq:
                 self._cond.wait(timeout)
-            return self._dq.popleft() if self._dq else None
+            if not self._dq:
+                return None
+            item = self._dq.popleft()
+            self._items -= self.items_of(item)
+            return item
 
     def drain(self) -> list:
         with self._cond:
-            items, self._dq = list(self._dq), collections.deque()
+            items, self._dq, self._items = list(self._dq), collections.deque(), 0
             return items
 
     def __len__(self) -> int:
