@@ -13,34 +13,19 @@ from agent.model import MetricKind
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.biolatency import (ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS, BioKey,
                                            BiolatencyProbe, DeviceNames)
-from agent.sources.ebpf.probe import BPF_DIR
-
-TRACEFS = "/sys/kernel/tracing"
-
-
-def tracepoint_exists(tp: str) -> bool:
-    return os.path.isdir(os.path.join(TRACEFS, "events", *tp.split(":")))
+from agent.sources.ebpf.loader import tracepoint_available
+from tests.ebpf_helpers import attached, misses
 
 
 @pytest.fixture(params=[ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS], ids=["io_start", "rq_issue"])
 def probe(request):
-    """The probe compiled, attached and set up as the loader does it, once per tracepoint pair
-    (the other pair hidden from select_tracepoints); always cleaned up."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    bcc = pytest.importorskip("bcc")
-    p = BiolatencyProbe()
+    """The probe compiled, attached and set up by the loader, once per tracepoint pair
+    (the other pair hidden from select_tracepoints); always unloaded."""
     wanted = request.param
-    tps = p.select_tracepoints(lambda tp: tp in wanted and tracepoint_exists(tp))
-    if tps != wanted:
+    if not all(tracepoint_available(tp) for tp in wanted):
         pytest.skip(f"{wanted} not on this kernel")
-    b = bcc.BPF(src_file=p.source_file.encode(), cflags=[f"-I{BPF_DIR}/include", *p.cflags(tps)])
-    try:
-        p.setup(b)
+    with attached(BiolatencyProbe(), lambda tp: tp in wanted) as p:
         yield p
-    finally:
-        p.close()
-        b.cleanup()
 
 
 def counts(p) -> dict:
@@ -53,19 +38,6 @@ def counts(p) -> dict:
             assert sum(pt.positive_counts) + pt.zero_count == pt.count
             out[(a["device"], a["operation"])] = pt.count
     return out
-
-
-def misses(p, *programs) -> int:
-    """Runs the kernel skipped for the named programs because another BPF program (anyone's) was
-    running on that CPU: `recursion_misses` in each program's fdinfo (0 on kernels without it)."""
-    total = 0
-    for name, fn in p.bpf.funcs.items():
-        if name.decode().split("__")[-1] in programs:
-            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                for line in f:
-                    if line.startswith("recursion_misses:"):
-                        total += int(line.split(":")[1])
-    return total
 
 
 def whole_disk(path: str):

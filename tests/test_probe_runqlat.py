@@ -8,33 +8,15 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.probe import BPF_DIR
 from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
-
-TRACEFS = "/sys/kernel/tracing"
-
-
-def tracepoint_exists(tp: str) -> bool:
-    return os.path.isdir(os.path.join(TRACEFS, "events", *tp.split(":")))
+from tests.ebpf_helpers import attached
 
 
 @pytest.fixture
 def probe():
-    """The probe compiled, attached and set up as the loader does it; always cleaned up."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    bcc = pytest.importorskip("bcc")
-    p = RunqlatProbe()
-    tps = p.select_tracepoints(tracepoint_exists)
-    if tps is None:
-        pytest.skip("tracepoints missing")
-    b = bcc.BPF(src_file=p.source_file.encode(), cflags=[f"-I{BPF_DIR}/include", *p.cflags(tps)])
-    try:
-        p.setup(b)
+    """The probe compiled, attached and set up by the loader; always unloaded."""
+    with attached(RunqlatProbe()) as p:
         yield p
-    finally:
-        p.close()
-        b.cleanup()
 
 
 def histogram(p, start):

@@ -8,11 +8,10 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.probe import BPF_DIR
 from agent.sources.ebpf.syscalls import (SyscallError, SyscallKey, SyscallsProbe, errno_name,
                                          syscall_name, syscall_names)
+from tests.ebpf_helpers import attached
 
-TRACEFS = "/sys/kernel/tracing"
 FAILING, SUCCEEDING = 1000, 300
 
 # Waits for a line, then makes FAILING fchdir() on a closed fd (EBADF) and SUCCEEDING getppid() calls, says
@@ -32,10 +31,6 @@ sys.stdin.readline()
 """
 
 
-def tracepoint_exists(tp: str) -> bool:
-    return os.path.isdir(os.path.join(TRACEFS, "events", *tp.split(":")))
-
-
 @pytest.fixture
 def child():
     proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
@@ -50,21 +45,9 @@ def child():
 
 @pytest.fixture(params=[False, True], ids=["count", "latency"])
 def probe(request, child):
-    """The probe limited to `child`, compiled, attached and set up as the loader does it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    bcc = pytest.importorskip("bcc")
-    p = SyscallsProbe(latency=request.param, target_tgid=child.pid)
-    tps = p.select_tracepoints(tracepoint_exists)
-    if tps is None:
-        pytest.skip("tracepoints missing")
-    b = bcc.BPF(src_file=p.source_file.encode(), cflags=[f"-I{BPF_DIR}/include", *p.cflags(tps)])
-    try:
-        p.setup(b)
+    """The probe limited to `child`, compiled, attached and set up by the loader."""
+    with attached(SyscallsProbe(latency=request.param, target_tgid=child.pid)) as p:
         yield p
-    finally:
-        p.close()
-        b.cleanup()
 
 
 def metrics_by_name(p, start):

@@ -12,11 +12,10 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.probe import BPF_DIR
-from agent.sources.ebpf.loader import tracepoint_fields
+from agent.sources.ebpf.loader import tracepoint_available, tracepoint_fields
 from agent.sources.ebpf.tcp import TcpKey, TcpProbe
+from tests.ebpf_helpers import attached, misses
 
-TRACEFS = "/sys/kernel/tracing"
 CONNECTIONS, MESSAGES = 8, 20
 
 # Run inside the namespace: "refused PORT" connects to a closed port; "traffic PORT N M" serves N
@@ -74,10 +73,6 @@ table inet hostagent_test {
 """
 
 
-def tracepoint_exists(tp: str) -> bool:
-    return os.path.isdir(os.path.join(TRACEFS, "events", *tp.split(":")))
-
-
 @pytest.fixture
 def netns():
     """A fresh network namespace with lo up; deleted (with its nft rules) afterwards."""
@@ -101,34 +96,9 @@ def port():
 
 @pytest.fixture
 def probe(port):
-    """The probe limited to `port`, compiled, attached and set up as the loader does it."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    bcc = pytest.importorskip("bcc")
-    p = TcpProbe(target_port=port)
-    tps = p.select_tracepoints(tracepoint_exists)
-    if tps is None:
-        pytest.skip("tracepoints missing")
-    b = bcc.BPF(src_file=p.source_file.encode(), cflags=[f"-I{BPF_DIR}/include", *p.cflags(tps)])
-    try:
-        p.setup(b)
+    """The probe limited to `port`, compiled, attached and set up by the loader."""
+    with attached(TcpProbe(target_port=port)) as p:
         yield p
-    finally:
-        p.close()
-        b.cleanup()
-
-
-def misses(p, *programs) -> int:
-    """Runs the kernel skipped for the named programs because another BPF program (anyone's) was
-    running on that CPU: `recursion_misses` in each program's fdinfo (0 on kernels without it)."""
-    total = 0
-    for name, fn in p.bpf.funcs.items():
-        if name.decode().split("__")[-1] in programs:
-            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                for line in f:
-                    if line.startswith("recursion_misses:"):
-                        total += int(line.split(":")[1])
-    return total
 
 
 def in_ns(ns, *cmd, **kw):
@@ -222,7 +192,7 @@ def test_lossy_connections_retransmits_opens_and_lifetimes(probe, netns, port):
 
 
 def test_cflags_follow_the_tracepoint_formats():
-    if not tracepoint_exists("tcp:tcp_send_reset"):
+    if not tracepoint_available("tcp:tcp_send_reset"):
         pytest.skip("no tcp tracepoints")
     flags = TcpProbe(target_port=8080).cflags(TcpProbe.tracepoints)
     assert "-DTARGET_PORT=8080" in flags
