@@ -36,7 +36,7 @@ class EndpointStats:
                                        "Request body bytes after compression, as sent (OTLP/HTTP), "
                                        "by exporter and endpoint.")
         self.duration = SELF.histogram("hostagent.exporter.request.duration", "s",
-                                  "Duration of export requests, by exporter and endpoint.")
+                                       "Duration of export requests, by exporter and endpoint.")
         self.reconnects = SELF.counter("hostagent.exporter.reconnects", "{connections}",
                                        "Connections to an endpoint established again after the first, "
                                        "by exporter and endpoint.")
