@@ -23,13 +23,13 @@ def wait_for_log(proc, text, timeout=60):
 
 
 def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_receiver):
-    probes = {name: {"enabled": name in ("process", "signals")}
+    probes = {name: {"enabled": name in ("syscalls", "process", "signals")}
               for name in ("runqlat", "biolatency", "syscalls", "tcp", "process", "oom", "signals")}
     cfg = base_config(tmp_path, ebpf={"enabled": True, "probes": probes},
                       exporter={"type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint}})
     proc = start_agent(cfg)
     wait_for_log(proc, "ebpf_probes on=")
-    assert "ebpf_probes on=process,signals" in agent_log(proc), agent_log(proc)
+    assert "ebpf_probes on=syscalls,process,signals" in agent_log(proc), agent_log(proc)
 
     codes = {}
     for k in range(N):
@@ -49,9 +49,13 @@ def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_re
         return max((p.as_int for _, _, m in r.all_metrics() if m.name == "system.linux.signals.fatal"
                     for p in m.sum.data_points if attributes(p).get("signal") == "SIGKILL"), default=0)
 
+    def has_syscall_latency(r):  # the syscalls probe, once switched on, includes its latency histogram
+        return any(m.name == "system.linux.syscall.duration" and m.exponential_histogram.data_points
+                   for _, _, m in r.all_metrics())
+
     assert grpc_receiver.wait_for(lambda r: len(records(r, "process.exit")) == N + 1
                                   and len(records(r, "process.exec")) >= N + 1
-                                  and fatal_sigkills(r) >= 1, timeout=30), agent_log(proc)
+                                  and fatal_sigkills(r) >= 1 and has_syscall_latency(r), timeout=30), agent_log(proc)
     exits = records(grpc_receiver, "process.exit")
     execs = records(grpc_receiver, "process.exec")
     assert {pid: a["process.exit.code"] for pid, a in exits.items() if pid in codes} == codes
