@@ -1,7 +1,8 @@
 """Loading one probe in a test the way the agent's loader does, and reading what the kernel skipped."""
 import contextlib
 
-from agent.sources.ebpf.loader import ON, Plan, ProbeStatus, load_one, tracepoint_available, unload
+from agent.sources.ebpf.loader import (ON, Plan, ProbeStatus, load_one, recursion_misses, tracepoint_available,
+                                       unload)
 
 
 @contextlib.contextmanager
@@ -19,13 +20,5 @@ def attached(probe, available=tracepoint_available):
 
 
 def misses(p, *programs) -> int:
-    """Runs the kernel skipped for the named programs because another BPF program (anyone's) was
-    running on that CPU: `recursion_misses` in each program's fdinfo (0 on kernels without it)."""
-    total = 0
-    for name, fn in p.bpf.funcs.items():
-        if name.decode().split("__")[-1] in programs:
-            with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                for line in f:
-                    if line.startswith("recursion_misses:"):
-                        total += int(line.split(":")[1])
-    return total
+    """Events the kernel skipped for the named programs of probe `p` (another BPF program was running)."""
+    return recursion_misses(p.bpf, programs)

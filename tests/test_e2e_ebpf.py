@@ -65,6 +65,10 @@ def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_re
     all_exits = [attributes(rec)["process.pid"] for _, _, rec in grpc_receiver.all_logs()
                  if rec.event_name == "process.exit"]
     assert all(all_exits.count(pid) == 1 for pid in codes)
+    # what the kernel skipped is exported per probe (zero or more, never silent)
+    skipped = {attributes(p)["probe"] for _, _, m in grpc_receiver.all_metrics()
+               if m.name == "hostagent.ebpf.skipped_events" for p in m.sum.data_points}
+    assert skipped == {"syscalls", "process", "signals"}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, agent_log(proc)
 

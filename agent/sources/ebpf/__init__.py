@@ -16,7 +16,7 @@ from typing import Optional
 
 from agent.model import Batch, LogGroup, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
 from agent.sources import Emit, Source
-from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, unload
+from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, recursion_misses, unload
 
 __all__ = ["EbpfSource", "ProbeStatus", "check", "format_table", "SCOPE"]
 
@@ -25,6 +25,7 @@ log = logging.getLogger("hostagent.ebpf")
 SCOPE = Scope("hostagent/ebpf")
 DROPPED = "hostagent.ebpf.ringbuf.dropped"
 READ = "hostagent.ebpf.ringbuf.records"
+SKIPPED = "hostagent.ebpf.skipped_events"
 
 POLL_INTERVAL = 0.2       # longest wait between passes over the rings (ringbuf.PollSchedule)
 
@@ -96,13 +97,14 @@ class EbpfSource(Source):
             return []
         now = now_ns()
         metrics: list = []
-        dropped, read = [], []
+        dropped, read, skipped = [], [], []
         for lp in self._loaded:
             name = lp.status.name
             try:
                 metrics.extend(lp.probe.collect(now, self.start_ns))
             except Exception:
                 log.exception("ebpf_collect_failed probe=%s", name)
+            skipped.append(NumberPoint((("probe", name),), recursion_misses(lp.bpf), self.start_ns, now))
             if lp.rings:
                 drops = read_drops(lp.bpf, len(lp.rings))
                 for ring, n in zip(lp.rings, drops):
@@ -115,6 +117,10 @@ class EbpfSource(Source):
                                   monotonic=True))
             metrics.append(Metric(READ, "Ring buffer records read by the agent.", "{record}",
                                   MetricKind.SUM, read, monotonic=True))
+        if skipped:
+            metrics.append(Metric(SKIPPED, "Events a probe's programs missed because another BPF program "
+                                  "was running on that CPU (the kernel's recursion_misses).", "{event}",
+                                  MetricKind.SUM, skipped, monotonic=True))
         return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
 
     # --- shutdown --------------------------------------------------------------------------

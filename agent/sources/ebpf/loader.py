@@ -415,6 +415,23 @@ def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
     return loaded, statuses
 
 
+def recursion_misses(bpf, programs=None) -> int:
+    """Events the kernel skipped for this object's programs (all, or those named) because another
+    BPF program was running on that CPU: `recursion_misses` in each program's fdinfo (0 on kernels
+    without it)."""
+    total = 0
+    for name, fn in bpf.funcs.items():
+        if programs is None or name.decode().split("__")[-1] in programs:
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split(":")[1])
+            except OSError:
+                pass
+    return total
+
+
 def unload(loaded: list[LoadedProbe]) -> None:
     for lp in loaded:
         try:
