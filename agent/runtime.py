@@ -197,13 +197,24 @@ class Agent:
         return clean
 
     def reload(self, cfg: Config) -> None:
-        """Restart sources and pipeline on `cfg`, carrying over everything not yet delivered."""
+        """Restart sources and pipeline on `cfg`, carrying over everything not yet delivered.
+        If `cfg` cannot start (an exporter or queue it describes fails to open), the running
+        config starts again instead."""
+        old = self.cfg
         self._stop_sources()
-        backlog = self.pipeline.handover(float(self.cfg.shutdown_timeout))
+        backlog = self.pipeline.handover()
+        try:
+            self._restart(cfg, backlog)
+        except (ConfigError, OSError, ValueError) as e:
+            log.error("reload_failed error=%r keeping=running_config", str(e))
+            self._restart(old, backlog)
+            return
+        log.info("reloaded carried_over_payloads=%d", len(backlog))
+
+    def _restart(self, cfg: Config, backlog) -> None:
         self.cfg = cfg
         setup_logging(cfg.logging.level)
         self.start(backlog)
-        log.info("reloaded carried_over_payloads=%d", len(backlog))
 
 
 def run(config_path: Optional[str], cfg: Config) -> int:

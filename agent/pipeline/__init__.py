@@ -101,7 +101,7 @@ class Pipeline:
             w.join()
         self.exporter.close()
 
-    def handover(self, timeout: float) -> ExportQueue:
+    def handover(self) -> ExportQueue:
         """Stop without losing anything: the export queue, with everything not yet delivered,
         goes to the next pipeline (`build_pipeline(cfg, exporter, backlog=<this>)`)."""
         self._stop(0.0)
