@@ -6,7 +6,12 @@ agent/export/queue.py, agent/pipeline/).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
+
+from agent.selfmetrics import SELF
+
+log = logging.getLogger("hostagent.export")
 
 
 class ExportError(Exception):
@@ -42,3 +47,24 @@ class Exporter:
 
     def close(self) -> None:
         pass
+
+
+class OtlpExporter(Exporter):
+    """An exporter to an OTLP receiver, whose success answers may carry a partial success."""
+
+    def __init__(self):
+        self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
+                                     "Items the receiver rejected in a partial success.")
+
+    def partial_success(self, signal: str, body: bytes) -> None:
+        """Log and count what a success answer says was rejected; it is never retried. A body
+        that is not an OTLP response (some backends answer 2xx with anything) is a plain success."""
+        from agent.export.encoding import rejected_items
+        try:
+            rejected, message = rejected_items(signal, body)
+        except Exception:
+            return
+        if rejected or message:
+            log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
+                        signal, rejected, message)
+            self.rejected.add(rejected, (("signal", signal),))

@@ -8,7 +8,6 @@ between retry, drop and split exactly as the OTLP specification says (`classify`
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import re
 import time
@@ -22,12 +21,10 @@ import grpc  # noqa: E402
 from google.rpc import error_details_pb2, status_pb2  # noqa: E402
 
 from agent.config import OtlpExporterConfig  # noqa: E402
-from agent.export import Exporter, ExportError, PermanentError, RetryableError, TooLargeError  # noqa: E402
-from agent.export.encoding import Payload, rejected_items  # noqa: E402
+from agent.export import ExportError, OtlpExporter, PermanentError, RetryableError, TooLargeError  # noqa: E402
+from agent.export.encoding import Payload  # noqa: E402
 from agent.export.pool import Endpoint, EndpointPool, log_tls_error  # noqa: E402
-from agent.selfmetrics import SELF  # noqa: E402
 
-log = logging.getLogger("hostagent.export")
 
 METHODS = {
     "metrics": "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
@@ -117,10 +114,11 @@ class _Channels:
             ch.close()
 
 
-class GrpcExporter(Exporter):
+class GrpcExporter(OtlpExporter):
     name = "otlp_grpc"
 
     def __init__(self, cfg: OtlpExporterConfig):
+        super().__init__()
         self.cfg = cfg
         self.timeout = float(cfg.timeout)
         self.metadata = tuple((k.lower(), v) for k, v in cfg.all_headers().items())
@@ -129,8 +127,6 @@ class GrpcExporter(Exporter):
         self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in METHODS}, check=self._check)
         for ep in self.pool.all():
             ep.conn = _Channels(self, ep)
-        self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
-                                     "Items the receiver rejected in a partial success.")
 
     def open_channel(self, url: str) -> grpc.Channel:
         target = urlsplit(url).netloc
@@ -166,11 +162,7 @@ class GrpcExporter(Exporter):
                     log_tls_error(ep, tls)
             raise error from None
         ep.record("success", time.monotonic() - started, len(payload.body), None)
-        rejected, message = rejected_items(payload.signal, body)
-        if rejected or message:
-            log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
-                        payload.signal, rejected, message)
-            self.rejected.add(rejected, (("signal", payload.signal),))
+        self.partial_success(payload.signal, body)
 
     def _check(self, ep: Endpoint) -> bool:
         """Health check of a down endpoint: can one of its channels connect within 2s?"""

@@ -8,7 +8,6 @@ split exactly as the OTLP specification says (`classify`).
 from __future__ import annotations
 
 import email.utils
-import logging
 import socket
 import time
 from typing import Optional
@@ -17,13 +16,11 @@ from urllib.parse import urlsplit
 import urllib3
 
 from agent.config import OtlpExporterConfig
-from agent.export import Exporter, ExportError, PermanentError, RetryableError, TooLargeError
+from agent.export import ExportError, OtlpExporter, PermanentError, RetryableError, TooLargeError
 from agent.export.compression import Compressor
-from agent.export.encoding import Payload, rejected_items
+from agent.export.encoding import Payload
 from agent.export.pool import Endpoint, EndpointPool, log_tls_error
-from agent.selfmetrics import SELF
 
-log = logging.getLogger("hostagent.export")
 
 # OTLP spec: only these statuses may succeed on retry.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -51,10 +48,11 @@ def classify(status: int, retry_after: Optional[str], message: str) -> ExportErr
     return PermanentError(message)
 
 
-class HttpExporter(Exporter):
+class HttpExporter(OtlpExporter):
     name = "otlp_http"
 
     def __init__(self, cfg: OtlpExporterConfig):
+        super().__init__()
         self.cfg = cfg
         self.compressor = Compressor(cfg.compression, cfg.compression_level)
         self.headers = {**cfg.all_headers(), "Content-Type": "application/x-protobuf",
@@ -72,8 +70,6 @@ class HttpExporter(Exporter):
                                         cert_file=tls.cert_file or None, key_file=tls.key_file or None, **kw)
         self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in ("metrics", "logs")}, check=self._check)
         self._opened: dict = {}  # url -> connections opened so far
-        self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
-                                     "Items the receiver rejected in a partial success.")
 
     def send(self, payload: Payload) -> None:
         body = self.compressor.compress(payload.body)
@@ -93,14 +89,7 @@ class HttpExporter(Exporter):
         elapsed = time.monotonic() - started
         if 200 <= resp.status < 300:
             ep.record("success", elapsed, len(payload.body), len(body))
-            try:
-                rejected, message = rejected_items(payload.signal, resp.data)
-            except Exception:  # a 2xx whose body is not an OTLP response is still a success
-                return
-            if rejected or message:
-                log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
-                            payload.signal, rejected, message)
-                self.rejected.add(rejected, (("signal", payload.signal),))
+            self.partial_success(payload.signal, resp.data)
             return
         message = f"{payload.signal} export to {ep.url} failed: HTTP {resp.status}: {resp.data[:200]!r}"
         error = classify(resp.status, resp.headers.get("Retry-After"), message)
