@@ -68,10 +68,10 @@ class QueueMetrics:
                                     "Damaged records or regions skipped in the persistent queue, by reason.")
         self.corrupt_bytes = SELF.counter("hostagent.queue.corrupt_bytes", "By",
                                           "Bytes of the persistent queue skipped or truncated as damaged.")
+        self.size = SELF.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.")
 
     def observe(self, queue: "ExportQueue") -> None:
-        SELF.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.").observe(
-            QUEUE_ATTRS, lambda: queue.items)
+        self.size.observe(QUEUE_ATTRS, lambda: queue.items)
         SELF.gauge("hostagent.queue.size_bytes", "By",
                    "Bytes a queue holds: encoded payloads in memory, or its files on disk.").observe(
             QUEUE_ATTRS, lambda: queue.size_bytes)

@@ -6,6 +6,7 @@ import collections
 import threading
 from typing import Callable, Optional
 
+from agent.export.queue import QueueMetrics
 from agent.selfmetrics import SELF
 
 
@@ -16,11 +17,9 @@ class BoundedQueue:
         self._dq: collections.deque = collections.deque()
         self._items = 0
         self._cond = threading.Condition()
-        self.dropped = SELF.counter("hostagent.queue.dropped", "{items}",
-                                    "Items dropped from a queue, by reason: full (oldest first), "
-                                    "corrupt (a damaged record of the persistent queue), shutdown.")
-        SELF.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.").observe(
-            (("queue", name),), lambda: self._items)
+        metrics = QueueMetrics()  # the same instruments as the export queue's, with queue=<name>
+        self.dropped = metrics.dropped
+        metrics.size.observe((("queue", name),), lambda: self._items)
         SELF.gauge("hostagent.queue.capacity_batches", "{batches}",
                    "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
 
