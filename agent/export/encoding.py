@@ -25,7 +25,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from agent.model import Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, MetricGroup, MetricKind
 
-SIGNALS = ("metrics", "logs")
 REQUEST_TYPES = {"metrics": ExportMetricsServiceRequest, "logs": ExportLogsServiceRequest}
 
 

@@ -125,10 +125,6 @@ def tracepoint_available(tp: str) -> bool:
     return os.path.isdir(os.path.join(root, "events", category, event))
 
 
-def btf_available() -> bool:
-    return os.path.exists(BTF_VMLINUX)
-
-
 @dataclass(frozen=True)
 class TracepointField:
     name: str
