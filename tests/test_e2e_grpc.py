@@ -5,13 +5,15 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 
 import pytest
+import yaml
 
 from agent import __version__
 from tests import hostmetrics_spec as spec
-from tests.conftest import agent_log, base_config
-from tests.otlp_receiver import attributes
+from tests.conftest import HOSTAGENT, ROOT, agent_log, base_config, clean_env
+from tests.otlp_receiver import GrpcReceiver, attributes
 
 HOST_SCRAPERS = ("cpu", "disk", "filesystem", "load", "memory", "network", "paging", "processes", "system")
 
@@ -23,9 +25,6 @@ def has_swap() -> bool:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, grpc_receiver_module):
     """What one agent run (two collections, process scraper on for this test's own process) exported."""
-    from tests.conftest import HOSTAGENT, ROOT, clean_env
-    import subprocess
-    import yaml
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = base_config(tmp, exporter={"type": "otlp", "otlp": {"endpoint": grpc_receiver_module.endpoint}},
                       scrapers={"process": {"enabled": True, "include": ["python.*"]}})
@@ -50,7 +49,6 @@ def exported(tmp_path_factory, grpc_receiver_module):
 
 @pytest.fixture(scope="module")
 def grpc_receiver_module():
-    from tests.otlp_receiver import GrpcReceiver
     rec = GrpcReceiver().start()
     yield rec
     rec.stop()
