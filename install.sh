@@ -397,7 +397,7 @@ main() {
 
     local pkgs=(python3-bpfcc python3-venv ca-certificates)
     if [[ $dev == 1 ]]; then
-        pkgs+=(bpfcc-tools nftables iproute2 e2fsprogs util-linux procps gcc libc6-dev curl rpm systemd python3-seccomp)
+        pkgs+=(bpfcc-tools nftables iproute2 e2fsprogs util-linux procps gcc libc6-dev curl rpm systemd python3-seccomp prometheus-node-exporter)
     fi
     # Fresh hosts (containers, minimal images) have no package lists at all.
     compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update

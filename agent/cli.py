@@ -25,10 +25,20 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args) -> int:
+    from agent import profiling
     from agent.runtime import run, setup_logging
+    profile = profiling.profile_path(args.profile)
+    if profile:
+        try:
+            profile = profiling.check_path(profile)
+        except profiling.ProfileError as e:
+            return _fail(f"{'--profile' if args.profile else profiling.ENV}: {e}")
     cfg = load(args.config)
     setup_logging(cfg.logging.level)
-    return run(args.config, cfg)
+    if not profile:
+        return run(args.config, cfg)
+    with profiling.profiling(profile):
+        return run(args.config, cfg)
 
 
 def cmd_check_config(args) -> int:
@@ -64,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
                                      "Without --config, the embedded defaults apply (OTLP-JSON files under "
                                      "/var/lib/hostagent/otlp), changed by OTEL_* environment variables.")
     run.add_argument("--config", "-c", metavar="FILE", help="YAML config file (docs/configuration.md)")
+    run.add_argument("--profile", metavar="FILE",
+                     help="profile every thread with cProfile (CPU time) and write the merged profile to "
+                          "FILE when the agent exits (SIGTERM/SIGINT); read it with `python -m pstats FILE`. "
+                          "Also set by the HOSTAGENT_PROFILE environment variable. Slows the agent down")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and print the effective config",

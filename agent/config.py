@@ -162,6 +162,47 @@ class EbpfConfig:
 
 
 @dataclass(frozen=True)
+class RedactionConfig:
+    # an option or variable whose name ends with one of these (case-insensitive) has a secret value:
+    # --password x, --password=x, token=x in a URL query, AWS_SECRET_ACCESS_KEY=x
+    secret_names: tuple = ("password", "passwd", "pwd", "token", "secret", "apikey", "_key", "-key")
+    # command (glob on argv[0]'s base name) -> option whose value is a password, glued (-psecret) or next
+    password_options: Mapping[str, str] = _frozen_dict(**{
+        "mysql*": "-p", "mariadb*": "-p", "mongo*": "-p", "sshpass": "-p", "redis-cli": "-a",
+        "valkey-cli": "-a"})
+    # regular expressions searched in each argument; the group named `secret` (else the match) is hidden
+    patterns: tuple = (r"[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:(?P<secret>[^@/\s]+)@",
+                       r"(?i)authorization:\s*\w+\s+(?P<secret>\S+)")
+
+    def validate(self, key: str) -> None:
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"{key}.patterns[{i}]", f"invalid regular expression {pattern!r}: {e}") from None
+        for command, option in self.password_options.items():
+            if not option.startswith("-") or len(option) < 2:
+                raise ConfigError(f"{key}.password_options.{command}", f"expected an option like -p, got {option!r}")
+
+
+@dataclass(frozen=True)
+class EnrichmentConfig:
+    # add who a process is (executable, command line, owner, container, unit) to records with process.pid
+    enabled: bool = True
+    # read and export command lines at all (false: process.command_line is never produced)
+    command_line: bool = True
+    redaction: RedactionConfig = RedactionConfig()
+    # process metadata cache: hot entries (L1) and the rest (L2), each bounded by entry count
+    cache_l1_size: int = 256
+    cache_l2_size: int = 4096
+
+    def validate(self, key: str) -> None:
+        for name in ("cache_l1_size", "cache_l2_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class ResourceConfig:
     service_name: str = "hostagent"
     # extra resource attributes; these win over detected ones
@@ -456,6 +497,10 @@ class Config:
     resource: ResourceConfig = ResourceConfig()
     scrapers: ScrapersConfig = ScrapersConfig()
     ebpf: EbpfConfig = EbpfConfig()
+    enrichment: EnrichmentConfig = EnrichmentConfig()
+    # per metric and resource, the attribute sets kept per collection; the rest are merged into one
+    # series with otel.metric.overflow=true and counted in hostagent.pipeline.cardinality_overflow
+    cardinality_limit: int = 2000
     batch: BatchConfig = BatchConfig()
     exporter: ExporterConfig = ExporterConfig()
     health: HealthConfig = HealthConfig()
@@ -466,6 +511,8 @@ class Config:
             raise ConfigError("collection_interval", "must be at least 100ms")
         if self.shutdown_timeout <= 0:
             raise ConfigError("shutdown_timeout", "must be greater than 0s")
+        if self.cardinality_limit < 1:
+            raise ConfigError("cardinality_limit", "must be at least 1")
         if not os.path.isabs(self.state_dir):
             raise ConfigError("state_dir", f"must be an absolute path, got {self.state_dir!r}")
         queue = self.exporter.queue

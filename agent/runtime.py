@@ -8,6 +8,7 @@ one replaces sources and pipeline, and undelivered payloads move to the new pipe
 """
 from __future__ import annotations
 
+import ctypes
 import http.server
 import json
 import logging
@@ -129,7 +130,7 @@ class Agent:
         SELF.resource = self.resource
         self.pipeline = build_pipeline(cfg, build_exporter(cfg), backlog)
         self.pipeline.start()
-        self.sources = [*build_host_sources(cfg.scrapers, self.resource), SELF]
+        self.sources = [*build_host_sources(cfg.scrapers, self.resource, cfg.enrichment), SELF]
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self._scheduler.start()
         if cfg.ebpf.enabled:
@@ -140,7 +141,7 @@ class Agent:
     def _start_ebpf(self) -> None:
         try:
             from agent.sources.ebpf import EbpfSource
-            source = EbpfSource(self.cfg.ebpf, self.resource)
+            source = EbpfSource(self.cfg.ebpf, self.resource, enrichment=self.cfg.enrichment)
             source.start(self.pipeline.emit)
         except Exception:
             log.exception("ebpf_unavailable")
@@ -217,8 +218,22 @@ class Agent:
         self.start(backlog)
 
 
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives threads that allocate at once malloc arenas of their own (up to 8 per core), and
+    each keeps what its thread freed: ~12 MB of an idle agent's RSS. Its threads mostly wait, so
+    two arenas cost no contention. Must run before the threads start."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 def run(config_path: Optional[str], cfg: Config) -> int:
     """The daemon: run until SIGTERM or SIGINT, reload on SIGHUP, exit 0 after a drain."""
+    limit_malloc_arenas()
     signals: list = []
     wake = threading.Event()
 

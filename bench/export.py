@@ -109,6 +109,108 @@ def pb_encoder():
     return reference_metrics
 
 
+CATEGORY = "network"
+
+
+def measure(rounds: int, n_batches: int, log=print) -> dict:
+    """Runs every variant against one local receiver; medians per variant and the batch sizes."""
+    import tempfile
+    import grpc
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+    from agent.config import Duration, OtlpExporterConfig
+    from agent.export.encoding import Payload, encode_metrics
+    from agent.export.otlp_grpc import GrpcExporter
+    from agent.export.queue import QueueSettings
+    from agent.export.wal import PersistentQueue
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = os.path.join(tmp, "port")
+        receiver = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", port_file])
+        try:
+            while not os.path.exists(port_file):
+                if receiver.poll() is not None:
+                    raise RuntimeError("the receiver did not start")
+                time.sleep(0.05)
+            endpoint = "127.0.0.1:" + open(port_file).read()
+            log(f"collecting {n_batches} batches of ~{BATCH_POINTS} points from this host's scrapers ...")
+            batches = host_batches(n_batches)
+            points = sum(sum(len(m.points) for g in b for m in g.metrics) for b in batches)
+            sdk_batches = [to_sdk(b) for b in batches]
+            reference = pb_encoder()
+
+            ours = GrpcExporter(OtlpExporterConfig(endpoint=endpoint, compression="gzip", timeout=Duration(30),
+                                                   connections=1))
+            theirs = OTLPMetricExporter(endpoint=endpoint, insecure=True, compression=grpc.Compression.Gzip,
+                                        timeout=30)
+            queue = PersistentQueue(QueueSettings("persistent", os.path.join(tmp, "queue"), max_bytes=2**30))
+            try:
+                def run_hostagent():
+                    for groups in batches:
+                        ours.send(Payload("metrics", encode_metrics(groups), 0))
+
+                def run_hostagent_queue():
+                    for groups in batches:
+                        queue.put(Payload("metrics", encode_metrics(groups), 0))
+                        entry = queue.get(0)
+                        ours.send(entry.payload)
+                        queue.ack(entry)
+
+                def run_hostagent_pb():
+                    for groups in batches:
+                        ours.send(Payload("metrics", reference(groups), 0))
+
+                def run_otel():
+                    for data in sdk_batches:
+                        if theirs.export(data) is not MetricExportResult.SUCCESS:
+                            raise RuntimeError("opentelemetry exporter failed")
+
+                variants = {"hostagent": run_hostagent, "hostagent+queue": run_hostagent_queue,
+                            "hostagent-pb": run_hostagent_pb, "opentelemetry": run_otel}
+                for run_variant in variants.values():  # warm up: connections, caches
+                    run_variant()
+                samples = {name: [] for name in variants}
+                for _ in range(rounds):
+                    for name, run_variant in variants.items():
+                        cpu0, wall0 = time.process_time(), time.perf_counter()
+                        run_variant()
+                        samples[name].append((time.process_time() - cpu0, time.perf_counter() - wall0))
+            finally:
+                ours.close()
+                queue.close()
+                theirs.shutdown()
+        finally:
+            receiver.kill()
+            receiver.wait()
+
+    results = {}
+    for name, s in samples.items():
+        cpu = statistics.median(c for c, _ in s)
+        wall = statistics.median(w for _, w in s)
+        results[name] = {"cpu_s_per_million_points": cpu / points * 1e6, "points_per_s": points / wall,
+                         "cpu_s_per_round": cpu, "wall_s_per_round": wall}
+    return {"points_per_round": points, "requests_per_round": len(batches), "rounds": rounds,
+            "results": results}
+
+
+def run(quick: bool = False) -> list[dict]:
+    """hostagent's exporter, alone and through the persistent queue, against opentelemetry-python's."""
+    m = measure(3 if quick else 7, 3 if quick else 6, log=lambda *a: None)
+    res = m["results"]
+    theirs = res["opentelemetry"]["cpu_s_per_million_points"]
+    rows = []
+    for case, variant in (("grpc-gzip", "hostagent"), ("grpc-gzip-queue", "hostagent+queue")):
+        ours = res[variant]["cpu_s_per_million_points"]
+        rows.append({"case": case, "baseline": "opentelemetry-python OTLP/gRPC exporter, gzip",
+                     "metric": "CPU-s per M data points sent",
+                     "ours": ours, "theirs": theirs, "ratio": theirs / ours,
+                     "details": {"points_per_s": res[variant]["points_per_s"],
+                                 "theirs_points_per_s": res["opentelemetry"]["points_per_s"],
+                                 "protobuf_object_encoder_cpu_s_per_m": res["hostagent-pb"]["cpu_s_per_million_points"],
+                                 "points_per_round": m["points_per_round"], "rounds": m["rounds"]}})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a few seconds)")
@@ -122,84 +224,10 @@ def main(argv=None) -> int:
         return 0
     rounds = args.rounds or (3 if args.quick else 7)
     n_batches = args.batches or (3 if args.quick else 6)
-
-    import tempfile
-    import grpc
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    from opentelemetry.sdk.metrics.export import MetricExportResult
-    from agent.config import Duration, OtlpExporterConfig
-    from agent.export.encoding import Payload, encode_metrics
-    from agent.export.otlp_grpc import GrpcExporter
-    from agent.export.queue import QueueSettings
-    from agent.export.wal import PersistentQueue
-
-    port_file = os.path.join(tempfile.mkdtemp(), "port")
-    receiver = subprocess.Popen([sys.executable, __file__, "--serve", port_file])
-    try:
-        while not os.path.exists(port_file):
-            if receiver.poll() is not None:
-                raise SystemExit("the receiver did not start")
-            time.sleep(0.05)
-        endpoint = "127.0.0.1:" + open(port_file).read()
-        print(f"collecting {n_batches} batches of ~{BATCH_POINTS} points from this host's scrapers ...")
-        batches = host_batches(n_batches)
-        points = sum(sum(len(m.points) for g in b for m in g.metrics) for b in batches)
-        sdk_batches = [to_sdk(b) for b in batches]
-        reference = pb_encoder()
-
-        ours = GrpcExporter(OtlpExporterConfig(endpoint=endpoint, compression="gzip", timeout=Duration(30),
-                                               connections=1))
-        theirs = OTLPMetricExporter(endpoint=endpoint, insecure=True, compression=grpc.Compression.Gzip,
-                                    timeout=30)
-
-        def run_hostagent():
-            for groups in batches:
-                ours.send(Payload("metrics", encode_metrics(groups), 0))
-
-        queue = PersistentQueue(QueueSettings("persistent", os.path.join(tempfile.mkdtemp(), "queue"),
-                                              max_bytes=2**30))
-
-        def run_hostagent_queue():
-            for groups in batches:
-                queue.put(Payload("metrics", encode_metrics(groups), 0))
-                entry = queue.get(0)
-                ours.send(entry.payload)
-                queue.ack(entry)
-
-        def run_hostagent_pb():
-            for groups in batches:
-                ours.send(Payload("metrics", reference(groups), 0))
-
-        def run_otel():
-            for data in sdk_batches:
-                if theirs.export(data) is not MetricExportResult.SUCCESS:
-                    raise SystemExit("opentelemetry exporter failed")
-
-        variants = {"hostagent": run_hostagent, "hostagent+queue": run_hostagent_queue,
-                    "hostagent-pb": run_hostagent_pb, "opentelemetry": run_otel}
-        for run in variants.values():  # warm up: connections, caches
-            run()
-        samples = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, run in variants.items():
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                run()
-                samples[name].append((time.process_time() - cpu0, time.perf_counter() - wall0))
-        ours.close()
-        queue.close()
-        theirs.shutdown()
-    finally:
-        receiver.kill()
-        receiver.wait()
-
-    results = {}
-    for name, s in samples.items():
-        cpu = statistics.median(c for c, _ in s)
-        wall = statistics.median(w for _, w in s)
-        results[name] = {"cpu_s_per_million_points": cpu / points * 1e6, "points_per_s": points / wall,
-                         "cpu_s_per_round": cpu, "wall_s_per_round": wall}
+    m = measure(rounds, n_batches)
+    results, points = m["results"], m["points_per_round"]
     base = results["opentelemetry"]["cpu_s_per_million_points"]
-    print(f"\n{points} data points per round in {len(batches)} requests, {rounds} rounds, gzip, "
+    print(f"\n{points} data points per round in {m['requests_per_round']} requests, {rounds} rounds, gzip, "
           f"one local receiver process; medians")
     print(f"{'exporter':<16}{'CPU-s per M points':>20}{'points/s':>14}{'CPU vs opentelemetry':>24}")
     for name, r in results.items():
@@ -207,7 +235,7 @@ def main(argv=None) -> int:
               f"{base / r['cpu_s_per_million_points']:>23.1f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"points_per_round": points, "requests_per_round": len(batches), "rounds": rounds,
+            json.dump({"points_per_round": points, "requests_per_round": m["requests_per_round"], "rounds": rounds,
                        "compression": "gzip", "results": results,
                        "cpu_ratio_vs_opentelemetry": {n: base / r["cpu_s_per_million_points"]
                                                       for n, r in results.items()}}, f, indent=2)

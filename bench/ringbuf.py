@@ -189,7 +189,7 @@ def pin(pid: int, cpu: int) -> None:
         os.sched_setaffinity(pid, {cpu})
 
 
-def run(mode: str, generator: str, seconds: float, rate: int) -> dict:
+def run_mode(mode: str, generator: str, seconds: float, rate: int) -> dict:
     from bcc import BPF
     gen = subprocess.Popen([generator, str(seconds), str(rate)], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, text=True)
@@ -289,6 +289,79 @@ def run(mode: str, generator: str, seconds: float, rate: int) -> dict:
     }
 
 
+def measure(seconds: float, rates: list, modes: list, log=None) -> list[dict]:
+    """Every mode at every rate ("max" or calls/s), each row with its CPU ratio against mode a."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        generator = build_generator(tmp)
+        for rate in rates:
+            for mode in modes:
+                r = run_mode(mode, generator, seconds, 0 if rate == "max" else int(rate))
+                results.append(r)
+                if log:
+                    log(f"  {mode} rate={r['rate']}: {r['consumed_per_s'] / 1e6:.2f} M/s consumed, "
+                        f"{r['lost']} lost, {r['consumer_cpu_s']:.2f} CPU-s")
+    for rate in {r["rate"] for r in results}:
+        base = next((r for r in results if r["rate"] == rate and r["mode"] == "a"), None)
+        for r in results:
+            if r["rate"] == rate and base and base["cpu_s_per_m"] and r["cpu_s_per_m"]:
+                r["cpu_ratio_vs_a"] = base["cpu_s_per_m"] / r["cpu_s_per_m"]
+    return results
+
+
+CATEGORY = "capture"
+# (case prefix, mode) compared with mode a; the rate is appended: reader-max, reader-200k
+SUITE_CASES = (("reader", "c"), ("bcc-ringbuf", "b"))
+
+
+def unavailable() -> str | None:
+    """Why this benchmark cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (loads BPF programs)"
+    import importlib.util
+    if importlib.util.find_spec("bcc") is None:
+        return "bcc (python3-bpfcc) is not installed"
+    import shutil
+    if not shutil.which("cc"):
+        return "no C compiler (cc) for the load generator"
+    return None
+
+
+def rate_name(rate) -> str:
+    return "max" if rate == "max" else f"{int(rate) // 1000}k"
+
+
+def run(quick: bool = False) -> list[dict]:
+    """hostagent's reader (c) and bcc's ring buffer (b) against bcc's perf buffer (a), consumer CPU
+    per million events; quick: the top rate only, 2 s per mode."""
+    rates = ["max"] if quick else ["200000", "max"]
+    why = unavailable()
+    if why:
+        return [{"case": f"{prefix}-{rate_name(rate)}", "skipped": why}
+                for rate in rates for prefix, _ in SUITE_CASES]
+    results = measure(2.0 if quick else 5.0, rates, ["a", "b", "c"] if quick else ["a", "b", "c", "d"])
+    rows = []
+    for rate in rates:
+        at_rate = {r["mode"]: r for r in results if str(r["rate"]) == rate}
+        base = at_rate["a"]
+        for prefix, mode in SUITE_CASES:
+            r = at_rate[mode]
+            case = f"{prefix}-{rate_name(rate)}"
+            if not r.get("cpu_ratio_vs_a"):
+                rows.append({"case": case, "skipped": "no events consumed (or none by the baseline)"})
+                continue
+            details = {k: r[k] for k in ("produced_per_s", "consumed_per_s", "lost", "unaccounted",
+                                         "kernel_ns_per_run")}
+            details.update(theirs_consumed_per_s=base["consumed_per_s"], theirs_lost=base["lost"],
+                           theirs_kernel_ns_per_run=base["kernel_ns_per_run"], seconds=r["seconds"])
+            if mode == "c" and "d" in at_rate:
+                details["kernel_wakeups_cpu_s_per_m"] = at_rate["d"]["cpu_s_per_m"]
+            rows.append({"case": case, "baseline": "bcc perf buffer + Python callback per event",
+                         "metric": "consumer CPU-s per M events", "ours": r["cpu_s_per_m"],
+                         "theirs": base["cpu_s_per_m"], "ratio": r["cpu_ratio_vs_a"], "details": details})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=5.0, help="generator run time per case")
@@ -303,20 +376,7 @@ def main(argv=None) -> int:
     seconds = 2.0 if args.quick else args.seconds
     rates = ["max"] if args.quick else args.rates.split(",")
     modes = (args.modes or ("a,b,c" if args.quick else "a,b,c,d")).split(",")
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        generator = build_generator(tmp)
-        for rate in rates:
-            for mode in modes:
-                r = run(mode, generator, seconds, 0 if rate == "max" else int(rate))
-                results.append(r)
-                print(f"  {mode} rate={r['rate']}: {r['consumed_per_s'] / 1e6:.2f} M/s consumed, "
-                      f"{r['lost']} lost, {r['consumer_cpu_s']:.2f} CPU-s", file=sys.stderr)
-    for rate in {r["rate"] for r in results}:
-        base = next((r for r in results if r["rate"] == rate and r["mode"] == "a"), None)
-        for r in results:
-            if r["rate"] == rate and base and base["cpu_s_per_m"] and r["cpu_s_per_m"]:
-                r["cpu_ratio_vs_a"] = base["cpu_s_per_m"] / r["cpu_s_per_m"]
+    results = measure(seconds, rates, modes, log=lambda line: print(line, file=sys.stderr))
     print(f"{'case':<46} {'rate':>8} {'produced/s':>11} {'consumed/s':>11} {'lost':>10} "
           f"{'lost%':>6} {'CPU-s/M':>8} {'vs a':>6} {'BPF ns/run':>10}")
     for r in results:

@@ -4,7 +4,12 @@
  *                             remembered in `procs` (its parent and start time)
  *   sched:sched_process_exec  one exec_event per successful execve
  *   sched:sched_process_exit  one exit_event when the last thread of a process exits
+ *   syscalls:sys_enter_execve, syscalls:sys_enter_execveat (with HA_CAPTURE_ARGS)
+ *                             the arguments of the execve about to run, kept per thread in
+ *                             `pending_args` until sched_process_exec reports it succeeded
  *
+ * The arguments are read from the caller's memory through the tracepoint's argv pointer while
+ * it still exists, so a process that exits a millisecond later still has its command line.
  * Tracepoint arguments and BPF helpers only, with one exception: the exit status is not an
  * argument of sched_process_exit, so it is read from the exiting task at the offset of
  * task_struct.exit_code that the agent takes from the running kernel's BTF
@@ -15,11 +20,18 @@
  * Build parameters (-D): HA_EXEC_RING_PAGES, HA_EXIT_RING_PAGES, HA_EXEC_WAKEUP_EVERY,
  * HA_EXIT_WAKEUP_EVERY (see ha_submit_flags in hostagent.h), HA_PROCS_MAX,
  * HA_EXIT_HAS_GROUP_DEAD (sched_process_exit has the group_dead argument, as on 6.18),
- * HA_TASK_EXIT_CODE_OFFSET.
+ * HA_TASK_EXIT_CODE_OFFSET, HA_CAPTURE_ARGS (the syscalls tracepoints exist and command lines
+ * are wanted).
  */
 #include "hostagent.h"
 
 #define HA_FILENAME_LEN 256          /* execve path, truncated */
+#define HA_ARGS_LEN 1024             /* argv, NUL-separated, truncated (power of two) */
+#define HA_MAX_ARGS 64               /* arguments read; more set HA_EXEC_ARGS_TRUNCATED */
+
+/* exec_event.flags */
+#define HA_EXEC_ARGS_KNOWN     1     /* args holds the argv of this exec */
+#define HA_EXEC_ARGS_TRUNCATED 2     /* ... cut at HA_ARGS_LEN bytes or HA_MAX_ARGS arguments */
 
 /* exit_event.flags */
 #define HA_EXIT_CODE_KNOWN  1        /* exit_code was read */
@@ -27,18 +39,32 @@
 
 struct exec_event {
     u64 time_ns;                     /* bpf_ktime_get_boot_ns() */
+    u64 start_ns;                    /* when the process was created, boot-time ns; 0 if not known */
+    u64 cgroup_id;                   /* its cgroup v2 id (bpf_get_current_cgroup_id) */
     u32 pid;                         /* the process (thread group) id after exec */
     u32 old_pid;                     /* the thread that called execve; differs from pid when it
                                         was not the group leader */
     u32 ppid;                        /* the process that created it, 0 if not known */
     u32 uid;                         /* real user id, after exec (setuid binaries included) */
+    u32 flags;                       /* HA_EXEC_* */
+    u32 args_size;                   /* bytes of args in use */
     char comm[16];                   /* the new command name */
     char filename[HA_FILENAME_LEN];  /* the path given to execve, NUL-terminated */
+    char args[HA_ARGS_LEN];          /* argv[0] NUL argv[1] NUL ... */
+};
+
+/* pending_args value, and the per-CPU scratch it is built in: twice HA_ARGS_LEN, so that a read
+ * of up to HA_ARGS_LEN bytes at any offset below HA_ARGS_LEN stays in bounds */
+struct exec_args {
+    u32 size;
+    u32 flags;
+    char buf[2 * HA_ARGS_LEN];
 };
 
 struct exit_event {
     u64 time_ns;                     /* bpf_ktime_get_boot_ns() */
     u64 start_ns;                    /* when the process was created, boot-time ns */
+    u64 cgroup_id;                   /* its cgroup v2 id */
     u32 pid;                         /* the process (thread group) id */
     u32 tid;                         /* its last thread */
     u32 ppid;                        /* the process that created it, 0 if not known */
@@ -58,7 +84,7 @@ struct proc_info {
 #ifndef HA_LAYOUT_ONLY
 
 #ifndef HA_EXEC_RING_PAGES
-#define HA_EXEC_RING_PAGES 512       /* 2 MiB: 6898 exec records */
+#define HA_EXEC_RING_PAGES 1024      /* 4 MiB: 3081 exec records */
 #endif
 #ifndef HA_EXIT_RING_PAGES
 #define HA_EXIT_RING_PAGES 128       /* 512 KiB: 8191 exit records */
@@ -87,6 +113,63 @@ BPF_RINGBUF_OUTPUT(exit_events, HA_EXIT_RING_PAGES);
 BPF_F_TABLE("hash", u32, struct proc_info, procs, HA_PROCS_MAX, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(forks, u64, 1);                                    /* processes created */
 
+#ifdef HA_CAPTURE_ARGS
+BPF_PERCPU_ARRAY(args_scratch, struct exec_args, 1);
+/* thread id -> the arguments of its execve in flight; a failed execve leaves its entry behind
+ * until the thread's next execve or LRU eviction */
+BPF_TABLE("lru_hash", u32, struct exec_args, pending_args, 1024);
+
+static __always_inline int ha_capture_args(const char *const *argv)
+{
+    u32 zero = 0;
+    struct exec_args *a = args_scratch.lookup(&zero);
+    if (!a)
+        return 0;
+    u32 size = 0, flags = HA_EXEC_ARGS_KNOWN;
+    int i;
+    for (i = 0; i < HA_MAX_ARGS; i++) {
+        const char *arg = NULL;
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) != 0) {
+            flags |= HA_EXEC_ARGS_TRUNCATED;    /* argv not readable now: keep what we have */
+            break;
+        }
+        if (!arg)
+            break;
+        if (size >= HA_ARGS_LEN) {
+            flags |= HA_EXEC_ARGS_TRUNCATED;
+            break;
+        }
+        long n = bpf_probe_read_user_str(&a->buf[size & (HA_ARGS_LEN - 1)], HA_ARGS_LEN, arg);
+        if (n <= 0) {
+            flags |= HA_EXEC_ARGS_TRUNCATED;
+            break;
+        }
+        size += n;
+    }
+    if (i == HA_MAX_ARGS)
+        flags |= HA_EXEC_ARGS_TRUNCATED;
+    if (size > HA_ARGS_LEN) {
+        size = HA_ARGS_LEN;
+        flags |= HA_EXEC_ARGS_TRUNCATED;
+    }
+    a->size = size;
+    a->flags = flags;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    pending_args.update(&tid, a);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return ha_capture_args(args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return ha_capture_args(args->argv);
+}
+#endif
+
 TRACEPOINT_PROBE(task, task_newtask)
 {
     if (args->clone_flags & HA_CLONE_THREAD)
@@ -113,12 +196,27 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 pid = args->pid;
     struct proc_info *info = procs.lookup(&pid);
     e->time_ns = bpf_ktime_get_boot_ns();
+    e->start_ns = info ? info->start_ns : 0;
+    e->cgroup_id = bpf_get_current_cgroup_id();
     e->pid = pid;
     e->old_pid = args->old_pid;
     e->ppid = info ? info->ppid : 0;
     e->uid = (u32)bpf_get_current_uid_gid();
+    e->flags = 0;
+    e->args_size = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     HA_TP_STR(e->filename, filename);
+#ifdef HA_CAPTURE_ARGS
+    u32 old_pid = args->old_pid;     /* the thread that called execve */
+    struct exec_args *a = pending_args.lookup(&old_pid);
+    if (a) {
+        if (bpf_probe_read_kernel(e->args, HA_ARGS_LEN, a->buf) == 0) {
+            e->args_size = a->size;
+            e->flags = a->flags;
+        }
+        pending_args.delete(&old_pid);
+    }
+#endif
     exec_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), HA_EXEC_WAKEUP_EVERY));
     return 0;
 }
@@ -141,6 +239,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
     }
     e->time_ns = bpf_ktime_get_boot_ns();
+    e->cgroup_id = bpf_get_current_cgroup_id();
     e->pid = pid;
     e->tid = (u32)pid_tgid;
     e->flags = 0;

@@ -18,6 +18,7 @@ class _Recorder:
         self.metrics: list = []  # ExportMetricsServiceRequest
         self.logs: list = []  # ExportLogsServiceRequest
         self.headers: list = []  # metadata / headers of each request, as dicts
+        self.bodies: list = []  # OTLP/HTTP: each accepted request's protobuf bytes, decompressed
         self._cond = threading.Condition()
 
     def _record(self, bucket: list, request, headers: dict) -> None:
@@ -113,6 +114,7 @@ class HttpReceiver(_Recorder):
                     body = gzip.decompress(body)
                 status, headers, reply = rec.respond(self.path) if rec.respond else (200, {}, b"")
                 if status == 200:
+                    rec.bodies.append(body)
                     if self.path.endswith("/v1/metrics"):
                         rec._record(rec.metrics, metrics_service_pb2.ExportMetricsServiceRequest.FromString(body),
                                     dict(self.headers))

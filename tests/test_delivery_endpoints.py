@@ -247,3 +247,33 @@ def test_down_endpoint_is_skipped_then_checked_back(monkeypatch):
         up.stop()
         if back is not None:
             back.stop()
+
+
+def test_grpc_reconnect_after_the_receiver_comes_back_is_counted_once():
+    from agent.export import ExportError
+    port = free_port()
+    receiver = GrpcReceiver(port).start()
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=f"http://127.0.0.1:{port}", connections=1,
+                                               timeout=Duration(2)))
+    ep = exporter.pool.endpoints["metrics"][0]
+    try:
+        exporter.send(payload("before"))
+        receiver.stop()
+        with pytest.raises(ExportError):
+            exporter.send(payload("down"))
+        receiver = GrpcReceiver(port).start()
+        wait_until(lambda: _sends(exporter, payload("after")), 20)
+        exporter.send(payload("again"))
+        assert exporter.pool.stats.reconnects.value(ep.attrs) == 1
+    finally:
+        exporter.close()
+        receiver.stop()
+
+
+def _sends(exporter, p) -> bool:
+    from agent.export import ExportError
+    try:
+        exporter.send(p)
+        return True
+    except ExportError:
+        return False

@@ -77,7 +77,7 @@ def test_check_as_root_says_on_for_every_default_probe():
     statuses = by_name(check(EbpfConfig()))
     for name in ("process", "oom", "signals"):
         assert statuses[name].state == "on" and statuses[name].reason == ""
-    assert statuses["process"].tracepoints == ProcessProbe.tracepoints
+    assert statuses["process"].tracepoints == ProcessProbe.tracepoints + ProcessProbe.argv_tracepoints
     for name, cls in PROBES.items():
         if not cls.default_enabled:
             assert statuses[name].state == "off" and "off by default" in statuses[name].reason
@@ -252,3 +252,30 @@ def test_without_privileges_everything_is_off_and_nothing_raises(drop):
 
 def test_privilege_problem_as_this_process():
     assert (privilege_problem() is None) == (os.geteuid() == 0)
+
+
+def _compiler_code_rss_kib() -> int:
+    """Resident KiB of this process's libLLVM/libclang code mappings."""
+    total, counting = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[0].endswith(":"):
+                counting = len(parts) >= 6 and parts[1] == "r-xp" and \
+                    os.path.basename(parts[5]).startswith(("libLLVM", "libclang"))
+            elif counting and parts[0] == "Rss:":
+                total += int(parts[1])
+    return total
+
+
+@needs_root
+def test_loading_gives_back_the_compilers_code_pages():
+    """Compiling touches ~80 MB of LLVM/clang code the agent never runs again until a reload;
+    after loading, none of it stays resident in the agent."""
+    only_signals = EbpfConfig(probes={name: ProbeConfig(enabled=name == "signals") for name in PROBES})
+    src = EbpfSource(only_signals, Resource(()))
+    try:
+        assert [s.name for s in src.statuses if s.on] == ["signals"]
+        assert _compiler_code_rss_kib() < 1024
+    finally:
+        src.close()

@@ -88,26 +88,33 @@ def credentials(cfg: OtlpExporterConfig) -> grpc.ChannelCredentials:
 
 
 class _Channels:
-    """The channels of one endpoint, used in turn, each with its callables per signal."""
+    """The channels of one endpoint, used in turn, each with its callables per signal.
+
+    A channel whose call failed UNAVAILABLE (its connection was lost or refused) and then
+    succeeds has connected again: that counts as a reconnect. Watching the channels' state
+    instead (Channel.subscribe) costs a polling thread per channel that wakes 5 times a second,
+    about half of an idle agent's CPU."""
 
     def __init__(self, exporter: "GrpcExporter", ep: Endpoint):
         self.channels = [exporter.open_channel(ep.url) for _ in range(exporter.cfg.connections)]
         self.calls = [{signal: ch.unary_unary(method, request_serializer=None, response_deserializer=None)
                        for signal, method in METHODS.items()} for ch in self.channels]
         self._next = itertools.count()
-        self._ready_seen = [False] * len(self.channels)
+        self._lost = [False] * len(self.channels)
         self.endpoint = ep
-        for i, ch in enumerate(self.channels):
-            ch.subscribe(lambda state, i=i: self._state(i, state), try_to_connect=False)
-
-    def _state(self, i: int, state) -> None:
-        if state is grpc.ChannelConnectivity.READY:
-            if self._ready_seen[i]:
-                self.endpoint.reconnected()
-            self._ready_seen[i] = True
 
     def call(self, signal: str):
-        return self.calls[next(self._next) % len(self.calls)][signal]
+        """(channel index, the callable of `signal` on that channel), channels in turn."""
+        i = next(self._next) % len(self.calls)
+        return i, self.calls[i][signal]
+
+    def outcome(self, i: int, code: Optional[grpc.StatusCode]) -> None:
+        """What a call on channel `i` ended with (None: success)."""
+        if code is grpc.StatusCode.UNAVAILABLE:
+            self._lost[i] = True
+        elif code is None and self._lost[i]:
+            self._lost[i] = False
+            self.endpoint.reconnected()
 
     def close(self) -> None:
         for ch in self.channels:
@@ -149,10 +156,12 @@ class GrpcExporter(OtlpExporter):
 
     def _send_to(self, ep: Endpoint, payload: Payload) -> None:
         started = time.monotonic()
+        channel, call = ep.conn.call(payload.signal)
         try:
-            body = ep.conn.call(payload.signal)(payload.body, timeout=self.timeout, metadata=self.metadata)
+            body = call(payload.body, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as err:
             code, details = err.code(), err.details() or ""
+            ep.conn.outcome(channel, code)
             error = classify(code, details, retry_delay(err.trailing_metadata()),
                              f"{payload.signal} export to {ep.url} failed: {code.name}: {details}")
             ep.record(error.reason, time.monotonic() - started, len(payload.body), None)
@@ -161,6 +170,7 @@ class GrpcExporter(OtlpExporter):
                 if tls:
                     log_tls_error(ep, tls)
             raise error from None
+        ep.conn.outcome(channel, None)
         ep.record("success", time.monotonic() - started, len(payload.body), None)
         self.partial_success(payload.signal, body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable, Sequence
 
 from agent.export.encoding import encode
 from agent.model import Batch
@@ -15,11 +16,14 @@ log = logging.getLogger("hostagent.pipeline")
 class Batcher(threading.Thread):
     """Moves items from `inq` (Batch) to `outq` (Payload), flushing when `max_size` items are
     buffered or the oldest buffered item is `timeout` seconds old. Encoding happens here, once
-    per flushed batch, so everything downstream handles wire bytes."""
+    per flushed batch, so everything downstream handles wire bytes. `stages` change each incoming
+    batch in place first (enrichment, cardinality limits), all on this one thread."""
 
-    def __init__(self, inq: BoundedQueue, outq: BoundedQueue, max_size: int, timeout: float):
+    def __init__(self, inq: BoundedQueue, outq: BoundedQueue, max_size: int, timeout: float,
+                 stages: Sequence[Callable[[Batch], None]] = ()):
         super().__init__(name="batcher", daemon=True)
         self.inq, self.outq, self.max_size, self.timeout = inq, outq, max_size, timeout
+        self.stages = tuple(stages)
         self._stopping = threading.Event()
         self._pending = Batch()
         self._size = 0
@@ -38,6 +42,11 @@ class Batcher(threading.Thread):
         self._flush()
 
     def _add(self, batch: Batch) -> None:
+        for stage in self.stages:
+            try:
+                stage(batch)
+            except Exception:  # a bug in a stage must not stop the pipeline nor lose the batch
+                log.exception("stage_failed stage=%s", type(stage).__name__)
         if not self._size:
             self._oldest = time.monotonic()
         self._pending.metrics.extend(batch.metrics)

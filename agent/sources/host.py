@@ -824,13 +824,17 @@ HOST_SCRAPERS = {cls.name: cls for cls in (CpuScraper, DiskScraper, FilesystemSc
                                            ProcessesScraper, SystemScraper)}
 
 
-def build_host_sources(cfg, resource: Resource) -> list:
-    """The enabled scrapers of a ScrapersConfig, in config order, the process scraper included."""
+def build_host_sources(cfg, resource: Resource, enrichment=None) -> list:
+    """The enabled scrapers of a ScrapersConfig, in config order, the process scraper included
+    (with `enrichment`, an EnrichmentConfig, for its command lines and cache)."""
     from agent.sources.process import ProcessScraper
     classes = dict(HOST_SCRAPERS, process=ProcessScraper)
     sources = []
     for name in METRICS:
         scraper_cfg = getattr(cfg, name)
         if scraper_cfg.enabled:
-            sources.append(classes[name](scraper_cfg, resource))
+            if name == "process" and enrichment is not None:
+                sources.append(ProcessScraper(scraper_cfg, resource, enrichment))
+            else:
+                sources.append(classes[name](scraper_cfg, resource))
     return sources

@@ -2,8 +2,11 @@
 
 Opt-in (ProcessScraperConfig is disabled by default) and filtered by executable name. Each process is
 its own Resource: the host resource plus process.pid, process.parent_pid, process.executable.name,
-process.executable.path, process.command, process.command_line (secrets redacted) and process.owner.
-Cumulative points start at the process's create time.
+process.executable.path, process.command, process.command_line (secrets redacted, unless
+enrichment.command_line is off), process.owner, and from its cgroup process.linux.cgroup,
+container.id and linux.systemd.unit. Cumulative points start at the process's create time. What does
+not change while a process lives (executable, command line, owner) is read once and kept in a
+two-level cache keyed by (pid, create time), so a recycled pid is a new key.
 
 Processes come and go while a scrape runs: one that vanishes is skipped and counted
 (hostagent.scraper.process.vanished); a field the kernel will not show us (AccessDenied) drops that
@@ -11,75 +14,29 @@ attribute or metric, not the process. Kernel threads (no executable, no command 
 """
 from __future__ import annotations
 
-import os
-import re
 import time
 
 import psutil
 
+from agent.config import EnrichmentConfig
 from agent.model import MetricGroup, Resource
+from agent.pipeline.cache import TwoLevelCache
 from agent.selfmetrics import SELF
 from agent.sources.host import HostScraper, Points
-
-REDACTED = "***"
+from agent.sources.identity import Redactor, cgroup_attributes, proc_cgroup
 
 # psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
 FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
 KTHREADD = 2  # the kernel's thread daemon: parent of every kernel thread
 
-# option and variable names whose value is a secret: ...password, ...token, ...secret, ..._KEY
-_SECRET_NAME = re.compile(r"(?:password|passwd|pwd|token|secret|apikey|[_-]key)$", re.IGNORECASE)
-# name=value inside an argument (--password=x, token=x in a URL query, AWS_SECRET_ACCESS_KEY=x)
-_ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^\s&]+)")
-# scheme://user:password@host
-_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^@/\s]+)@")
-# -H "Authorization: Bearer x"
-_AUTH_HEADER = re.compile(r"(?P<head>authorization:\s*(?:bearer|basic|token)\s+)\S+", re.IGNORECASE)
-# clients taking the password glued to -p (mysql -psecret); a bare -p prompts instead
-_MYSQL_STYLE = re.compile(r"(?:mysql\w*|mariadb[\w-]*)")
-
-
-def _secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name.lstrip("-")))
-
-
-def _redact_assignment(m: re.Match) -> str:
-    return f"{m['name']}={REDACTED}" if _secret_name(m["name"]) else m.group(0)
-
-
-def redact_command_line(argv: list) -> str:
-    """The command line as one string, with the values of secret-looking arguments replaced by ***.
-
-    Covers `--password x`, `--password=x`, `--token x`, `token=x`, `secret=x`, `*_KEY=x`,
-    `*_SECRET=x`, `-px` for mysql-style clients, `user:password@` in URLs and Authorization headers."""
-    mysql_style = bool(argv) and bool(_MYSQL_STYLE.fullmatch(os.path.basename(argv[0])))
-    out = []
-    value_is_secret = False
-    for arg in argv:
-        if value_is_secret and not arg.startswith("--"):
-            out.append(REDACTED)
-            value_is_secret = False
-            continue
-        value_is_secret = False
-        if arg.startswith("-") and "=" not in arg and _secret_name(arg):
-            value_is_secret = True  # `--password secret`: the next argument is the value
-            out.append(arg)
-            continue
-        if mysql_style and len(arg) > 2 and arg.startswith("-p"):
-            out.append("-p" + REDACTED)
-            continue
-        arg = _URL_USERINFO.sub(rf"\g<head>:{REDACTED}@", arg)
-        arg = _ASSIGNMENT.sub(_redact_assignment, arg)
-        arg = _AUTH_HEADER.sub(rf"\g<head>{REDACTED}", arg)
-        out.append(arg)
-    return " ".join(out)
-
 
 class ProcessScraper(HostScraper):
     name = "process"
 
-    def __init__(self, cfg, resource: Resource):
+    def __init__(self, cfg, resource: Resource, enrichment: EnrichmentConfig = EnrichmentConfig()):
         super().__init__(cfg, resource)
+        self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
+        self._static = TwoLevelCache("process_scraper", enrichment.cache_l1_size, enrichment.cache_l2_size)
         self._vanished = SELF.counter("hostagent.scraper.process.vanished", "{process}",
                                       "Processes that exited while being scraped and were skipped.")
         self._cpus = psutil.cpu_count() or 1
@@ -113,6 +70,7 @@ class ProcessScraper(HostScraper):
             if group is not None:
                 groups.append(group)
         self._previous = {k: v for k, v in self._previous.items() if k in seen}
+        self._static.publish()
         return groups
 
     @staticmethod
@@ -131,23 +89,23 @@ class ProcessScraper(HostScraper):
             ppid = self._get(proc.ppid)
             if proc.pid == KTHREADD or ppid == KTHREADD:
                 return None  # a kernel thread: no executable, no command line, no user memory
-            cmdline = self._get(proc.cmdline, [])
-            exe = self._get(proc.exe, "")
-            if not cmdline and not exe:
-                return None  # a kernel thread all the same
             create_time = proc.create_time()
+            static = self._static.get((proc.pid, create_time))
+            if static is None:
+                static = self._static_attributes(proc, name)
+                if static is None:
+                    return None  # a kernel thread all the same
+                self._static.put((proc.pid, create_time), static)
             attrs = [("process.pid", proc.pid)]
             if ppid is not None:
                 attrs.append(("process.parent_pid", ppid))
-            attrs.append(("process.executable.name", name))
-            if exe:
-                attrs.append(("process.executable.path", exe))
-            if cmdline:
-                attrs.append(("process.command", redact_command_line(cmdline[:1])))
-                attrs.append(("process.command_line", redact_command_line(cmdline)))
-            owner = self._get(proc.username)
-            if owner is not None:
-                attrs.append(("process.owner", owner))
+            attrs += static
+            try:  # read each time: systemd and container runtimes move processes between cgroups
+                with open(f"/proc/{proc.pid}/cgroup") as f:
+                    prefix, path = proc_cgroup(f.read())
+                attrs += cgroup_attributes(path, prefix)
+            except (OSError, ValueError):
+                pass  # gone, or hidden from us: no cgroup attributes
 
             p = Points(self.definitions, self.enabled, int(create_time * 1e9), time_ns)
             self._metrics(proc, p, (proc.pid, create_time), create_time, time_ns, seen)
@@ -155,6 +113,23 @@ class ProcessScraper(HostScraper):
         if not metrics:
             return None
         return MetricGroup(self.resource.merged(tuple(attrs)), self.scope, metrics)
+
+    def _static_attributes(self, proc: psutil.Process, name: str):
+        """What stays the same while the process lives; None for a kernel thread."""
+        cmdline = self._get(proc.cmdline, [])
+        exe = self._get(proc.exe, "")
+        if not cmdline and not exe:
+            return None
+        attrs = [("process.executable.name", name)]
+        if exe:
+            attrs.append(("process.executable.path", exe))
+        if cmdline and self.redact is not None:
+            attrs.append(("process.command", self.redact(cmdline[:1])))
+            attrs.append(("process.command_line", self.redact(cmdline)))
+        owner = self._get(proc.username)
+        if owner is not None:
+            attrs.append(("process.owner", owner))
+        return tuple(attrs)
 
     def _metrics(self, proc: psutil.Process, p: Points, key: tuple, create_time: float,
                  time_ns: int, seen: set) -> None:

@@ -35,8 +35,14 @@ class EbpfSource(Source):
     and why the rest is off. One reader thread (start()) drains every ring buffer."""
     name = "ebpf"
 
-    def __init__(self, cfg, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL):
-        """`probes` overrides the registry ({name: Probe class or instance})."""
+    def __init__(self, cfg, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL,
+                 enrichment=None):
+        """`probes` overrides the registry ({name: Probe class or instance}); `enrichment`
+        (EnrichmentConfig) says whether and how the process probe records command lines."""
+        if probes is None and enrichment is not None:
+            from agent.sources.ebpf.process import ProcessProbe
+            from agent.sources.ebpf.registry import PROBES
+            probes = dict(PROBES, process=ProcessProbe(enrichment=enrichment))
         self.resource = resource
         self.poll_interval = poll_interval
         self.start_ns = now_ns()

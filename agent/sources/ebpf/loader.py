@@ -13,6 +13,7 @@ file) and a kernel struct member's offset from the running kernel's BTF.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -408,7 +409,37 @@ def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
         if lp is not None:
             loaded.append(lp)
     log_statuses(statuses)
+    release_compiler_memory()
     return loaded, statuses
+
+
+COMPILER_LIBRARIES = ("libLLVM", "libclang")
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+
+
+def release_compiler_memory() -> None:
+    """After compiling, give back what only the compiler needed: the heap it freed (malloc_trim)
+    and the LLVM/clang library pages it touched, some 80 MB. Their code is dropped from this
+    process (MADV_DONTNEED: code is never written, so it is read again from the file if a reload
+    compiles); their other pages are paged out where no other process maps them (MADV_PAGEOUT).
+    Without this an agent keeps ~110 MB it no longer uses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:                    # not glibc
+        pass
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith(COMPILER_LIBRARIES):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            advice = MADV_DONTNEED if fields[1] == "r-xp" else MADV_PAGEOUT
+            libc.madvise(start, end - start, advice)    # best effort: EINVAL on old kernels
 
 
 def recursion_misses(bpf, programs=None) -> int:

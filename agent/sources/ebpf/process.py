@@ -3,11 +3,15 @@
 Log records (event names as OpenTelemetry would spell them):
 - process.exec: process.pid, process.parent_pid, process.executable.name (the new comm),
   process.executable.path (the path given to execve, up to 255 bytes; may be relative),
-  process.real_user.id, process.owner (when the uid has a passwd entry);
+  process.command_line (the argv given to execve, read by the kernel side before the call, up to
+  1024 bytes, secrets hidden; see enrichment.command_line), process.real_user.id, process.owner
+  (when the uid has a passwd entry), process.creation.time, and from its cgroup
+  process.linux.cgroup, container.id and linux.systemd.unit;
 - process.exit, once per process (when its last thread exits): process.pid, process.parent_pid,
   process.executable.name (the last thread's comm), process.exit.code, process.creation.time,
-  process.exit.time, linux.process.lifetime (s), and for a process a signal ended,
-  linux.process.exit.signal and linux.process.exit.core_dumped.
+  process.exit.time, linux.process.lifetime (s), the cgroup attributes, and for a process a signal
+  ended, linux.process.exit.signal and linux.process.exit.core_dumped. The pipeline adds what
+  the exec record knew (agent/pipeline/enrich.py).
 process.exit.code is the status the process passed to exit(); for a process a signal ended it is
 128 + the signal number, as shells report it.
 
@@ -17,21 +21,22 @@ signal} (counted by the reader from the records).
 
 The parent and start time of a process come from the kernel's record of its creation
 (task:task_newtask); processes that existed before the probe loaded are read from /proc once at
-setup. Command-line arguments are never read.
+setup.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
 import datetime
-import functools
 import logging
 import os
-import pwd
+from typing import Optional
 
 import numpy as np
 
+from agent.config import EnrichmentConfig
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
+from agent.sources.identity import CgroupPaths, Redactor, user_name
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
 from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
 from agent.sources.ebpf.signals import signal_name
@@ -39,17 +44,21 @@ from agent.sources.ebpf.signals import signal_name
 log = logging.getLogger("hostagent.ebpf")
 
 FILENAME_LEN = 256                       # HA_FILENAME_LEN
+ARGS_LEN = 1024                          # HA_ARGS_LEN
 
 # struct exec_event
 EXEC_EVENT = np.dtype([
-    ("time_ns", "<u8"), ("pid", "<u4"), ("old_pid", "<u4"), ("ppid", "<u4"), ("uid", "<u4"),
-    ("comm", "S16"), ("filename", f"S{FILENAME_LEN}"),
+    ("time_ns", "<u8"), ("start_ns", "<u8"), ("cgroup_id", "<u8"), ("pid", "<u4"), ("old_pid", "<u4"),
+    ("ppid", "<u4"), ("uid", "<u4"), ("flags", "<u4"), ("args_size", "<u4"), ("comm", "S16"),
+    ("filename", f"S{FILENAME_LEN}"), ("args", f"V{ARGS_LEN}"),
 ])
+ARGS_KNOWN, ARGS_TRUNCATED = 1, 2        # HA_EXEC_ARGS_*
+TRUNCATED_MARK = "..."                   # stands for what did not fit
 
 # struct exit_event
 EXIT_EVENT = np.dtype([
-    ("time_ns", "<u8"), ("start_ns", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("ppid", "<u4"),
-    ("exit_code", "<i4"), ("flags", "<u4"), ("_pad", "<u4"), ("comm", "S16"),
+    ("time_ns", "<u8"), ("start_ns", "<u8"), ("cgroup_id", "<u8"), ("pid", "<u4"), ("tid", "<u4"),
+    ("ppid", "<u4"), ("exit_code", "<i4"), ("flags", "<u4"), ("_pad", "<u4"), ("comm", "S16"),
 ])
 EXIT_CODE_KNOWN = 1                      # HA_EXIT_CODE_KNOWN
 EXIT_START_KNOWN = 2                     # HA_EXIT_START_KNOWN
@@ -74,12 +83,16 @@ def iso8601(ns: int) -> str:
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@functools.lru_cache(maxsize=4096)
-def user_name(uid: int):
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return None
+def argv_of(raw: bytes, size: int, flags: int) -> list:
+    """The argument list of an exec record; a last argument cut short is replaced by "..."
+    (half a secret is still a secret, and the redaction rules need whole words)."""
+    parts = bytes(raw[:size]).split(b"\0")
+    complete = parts[-1] == b""
+    parts.pop()                            # what follows the last NUL: "" or a cut argument
+    argv = [a.decode(errors="replace") for a in parts]
+    if flags & ARGS_TRUNCATED or not complete:
+        argv.append(TRUNCATED_MARK)
+    return argv
 
 
 def exit_status(raw: int) -> tuple:
@@ -103,9 +116,22 @@ class ProcessProbe(RingProbe):
                 [_CLASS_ATTRS[c] for c in (SUCCESS, FAILURE, SIGNAL)]),
     }
 
-    def __init__(self, exec_ring_pages: int = 512, exit_ring_pages: int = 128, procs_max: int = 65536):
+    argv_tracepoints = ("syscalls:sys_enter_execve", "syscalls:sys_enter_execveat")
+
+    def __init__(self, exec_ring_pages: int = 1024, exit_ring_pages: int = 128, procs_max: int = 65536,
+                 enrichment: EnrichmentConfig = EnrichmentConfig()):
         self.exec_ring_pages, self.exit_ring_pages, self.procs_max = exec_ring_pages, exit_ring_pages, procs_max
         self.exit_codes = False
+        self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
+        self.cgroups: Optional[CgroupPaths] = None
+
+    def select_tracepoints(self, available) -> Optional[tuple]:
+        """The argv tracepoints are optional: without them (or with command lines off) exec
+        records carry no process.command_line."""
+        base = super().select_tracepoints(available)
+        if base is None or self.redact is None or not all(map(available, self.argv_tracepoints)):
+            return base
+        return base + self.argv_tracepoints
 
     def cflags(self, tracepoints: tuple) -> list:
         exec_bytes, exit_bytes = self.exec_ring_pages * PAGE_SIZE, self.exit_ring_pages * PAGE_SIZE
@@ -116,6 +142,8 @@ class ProcessProbe(RingProbe):
                  f"-DHA_PROCS_MAX={self.procs_max}"]
         if "group_dead" in tracepoint_fields("sched:sched_process_exit"):
             flags.append("-DHA_EXIT_HAS_GROUP_DEAD")
+        if self.argv_tracepoints[0] in tracepoints:
+            flags.append("-DHA_CAPTURE_ARGS")
         offset = btf_member_offset("task_struct", "exit_code")
         self.exit_codes = offset is not None
         if offset is not None:
@@ -128,6 +156,7 @@ class ProcessProbe(RingProbe):
         super().setup(bpf)
         self.forks = bpf[b"forks"]
         self._seed(bpf[b"procs"])
+        self.cgroups = CgroupPaths()
 
     def _seed(self, table) -> None:
         """Parent and start time of the processes that existed before the probe was attached
@@ -149,24 +178,40 @@ class ProcessProbe(RingProbe):
 
     # --- decoding (reader thread) ----------------------------------------------------------
 
-    def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
-        if ring == "exec_events":
-            return self._execs(batch, boot_to_wall)
-        return self._exits(batch, boot_to_wall)
+    # Exits are drained before execs and a pass is decoded in time order, so a process's exec
+    # record always comes before its exit record (the pipeline's process cache relies on it): an
+    # exec and exit both committed between the two drains are read together in the next pass.
+    ring_order = ("exit_events", "exec_events")
+
+    def decode_pass(self, batches: dict, boot_to_wall: int) -> list[LogRecord]:
+        records = []
+        if "exec_events" in batches:
+            records += self._execs(batches["exec_events"], boot_to_wall)
+        if "exit_events" in batches:
+            records += self._exits(batches["exit_events"], boot_to_wall)
+        if "exec_events" in batches and "exit_events" in batches:
+            records.sort(key=lambda r: r.time_ns)
+        return records
 
     def _execs(self, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
         observed = now_ns()
         out = []
-        for time_ns, pid, _old_pid, ppid, uid, comm, filename in batch.tolist():
+        for (time_ns, start_ns, cgroup_id, pid, _old_pid, ppid, uid, flags, args_size, comm, filename,
+             args) in batch.tolist():
             path = cstr(filename)
             attrs = [("process.pid", pid)]
             if ppid:
                 attrs.append(("process.parent_pid", ppid))
-            attrs += [("process.executable.name", cstr(comm)), ("process.executable.path", path),
-                      ("process.real_user.id", uid)]
+            attrs += [("process.executable.name", cstr(comm)), ("process.executable.path", path)]
+            if self.redact is not None and flags & ARGS_KNOWN:
+                attrs.append(("process.command_line", self.redact(argv_of(args, args_size, flags))))
+            attrs.append(("process.real_user.id", uid))
             owner = user_name(uid)
             if owner is not None:
                 attrs.append(("process.owner", owner))
+            if start_ns:
+                attrs.append(("process.creation.time", iso8601(start_ns + boot_to_wall)))
+            attrs += self.cgroups.attributes(cgroup_id)
             out.append(LogRecord(time_ns + boot_to_wall, f"process {pid} executed {path}", tuple(attrs),
                                  Severity.INFO, "process.exec", observed))
         self.count(EXECS, (), len(out))
@@ -176,7 +221,7 @@ class ProcessProbe(RingProbe):
         observed = now_ns()
         classes = collections.Counter()
         out = []
-        for time_ns, start_ns, pid, _tid, ppid, raw, flags, _pad, comm in batch.tolist():
+        for time_ns, start_ns, cgroup_id, pid, _tid, ppid, raw, flags, _pad, comm in batch.tolist():
             name = cstr(comm)
             wall = time_ns + boot_to_wall
             attrs = [("process.pid", pid)]
@@ -203,10 +248,16 @@ class ProcessProbe(RingProbe):
                 attrs += [("process.creation.time", iso8601(start_ns + boot_to_wall)),
                           ("linux.process.lifetime", max(time_ns - start_ns, 0) / 1e9)]
             attrs.append(("process.exit.time", iso8601(wall)))
+            attrs += self.cgroups.attributes(cgroup_id)
             out.append(LogRecord(wall, body, tuple(attrs), severity, "process.exit", observed))
         for cls, n in classes.items():
             self.count(EXITS, _CLASS_ATTRS[cls], n)
         return out
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
+        super().close()
 
     # --- metrics (collection thread) -------------------------------------------------------
 

@@ -330,6 +330,7 @@ class RingProbe(Probe):
     so neither side takes a lock.
     """
     rings: tuple = ()
+    ring_order: tuple = ()      # ring names in the order a pass drains them (default: `rings`)
     # metric name -> (unit, description, attribute sets reported as 0 before the first event)
     counters: Mapping[str, tuple] = {}
 
@@ -339,12 +340,15 @@ class RingProbe(Probe):
         self._dirty = False
         self.counts: Mapping = MappingProxyType({})
         self.ring_buffers: list = []
+        self._boot_to_wall = 0
         try:
             for name, record in self.rings:
                 self.ring_buffers.append(RingBuffer.from_table(bpf[name.encode()], record, name))
         except BaseException:
             self.close()
             raise
+        order = self.ring_order or [name for name, _ in self.rings]
+        self._drain_order = sorted(self.ring_buffers, key=lambda ring: order.index(ring.name))
 
     def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
         return []
@@ -356,30 +360,33 @@ class RingProbe(Probe):
         self._dirty = True
 
     def poll(self) -> list[LogRecord]:
-        records: list = []
-        offset = None
-        for ring in self.ring_buffers:
+        batches = {}
+        for ring in self._drain_order:
             batch = ring.drain()
             if len(batch):
-                if offset is None:
-                    offset = boot_to_wall_ns()
-                records.extend(self.decode(ring.name, batch, offset))
+                batches[ring.name] = batch
+        records = self.decode_pass(batches, self._boot_to_wall_ns()) if batches else []
         if self._dirty:
             self.counts = MappingProxyType(dict(self._counts))   # one reference swap
             self._dirty = False
         return records
 
+    def decode_pass(self, batches: dict, boot_to_wall: int) -> list[LogRecord]:
+        """The records of one pass ({ring name: batch}); probes that need an order across
+        their rings override this."""
+        return [r for name, batch in batches.items() for r in self.decode(name, batch, boot_to_wall)]
+
+    def _boot_to_wall_ns(self) -> int:
+        """The boot-clock -> Unix time offset, held steady: the same kernel timestamp gives the
+        same wall time in every record (an exec and an exit record name one creation time); a
+        change over 1 ms is a clock step and is followed."""
+        now = boot_to_wall_ns()
+        if abs(now - self._boot_to_wall) > 1_000_000:
+            self._boot_to_wall = now
+        return self._boot_to_wall
+
     def counter_metrics(self, now_ns: int, start_ns: int) -> list[Metric]:
-        counts = self.counts                                      # the current snapshot
-        metrics = []
-        for name, (unit, description, initial) in self.counters.items():
-            values = {attrs: 0 for attrs in initial}
-            values.update({attrs: v for (metric, attrs), v in counts.items() if metric == name})
-            if values:
-                metrics.append(Metric(name, description, unit, MetricKind.SUM,
-                                      [NumberPoint(a, v, start_ns, now_ns) for a, v in values.items()],
-                                      monotonic=True))
-        return metrics
+        return counter_metrics(self.counters, self.counts, now_ns, start_ns)   # the current snapshot
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         return self.counter_metrics(now_ns, start_ns)
@@ -388,6 +395,20 @@ class RingProbe(Probe):
         for ring in getattr(self, "ring_buffers", ()):
             ring.close()
         self.ring_buffers = []
+
+
+def counter_metrics(counters: Mapping[str, tuple], counts: Mapping, now_ns: int, start_ns: int) -> list[Metric]:
+    """The metrics `counters` describes ({name: (unit, description, initial attribute sets)})
+    from `counts` ({(name, attributes): value})."""
+    metrics = []
+    for name, (unit, description, initial) in counters.items():
+        values = {attrs: 0 for attrs in initial}
+        values.update({attrs: v for (metric, attrs), v in counts.items() if metric == name})
+        if values:
+            metrics.append(Metric(name, description, unit, MetricKind.SUM,
+                                  [NumberPoint(a, v, start_ns, now_ns) for a, v in values.items()],
+                                  monotonic=True))
+    return metrics
 
 
 def cstr(raw: bytes) -> str:
