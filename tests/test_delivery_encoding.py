@@ -142,11 +142,18 @@ def shapes() -> list:
                  [ExponentialHistogramPoint((("cpu", "cpu0"),), T0, T1, 7, 3.5, 0, 1, -3, [1, 0, 200, 3], 1e-6, 2.0),
                   ExponentialHistogramPoint((), T0, T1, 0, 0.0, -2, 0, 0, []),
                   ExponentialHistogramPoint((), T0, T1, 2, 1.0, 3, 0, 5, [2**40, 1])])
+    # enough bucket counts (> 256) in one metric for the vectorized varint path, every varint width
+    widths = [0, 1, 127, 128, 16383, 16384, 2**21, 2**28, 2**35, 2**42, 2**49, 2**56, 2**63 - 1]
+    many = Metric("syscall.latency", "", "ns", MetricKind.EXPONENTIAL_HISTOGRAM,
+                  [ExponentialHistogramPoint((("syscall", f"s{i}"),), T0, T1, 3 + i, 9.0 * i, 0, i % 3, i % 7,
+                                             [widths[(i + k) % len(widths)] for k in range(i % 23)])
+                   for i in range(60)])
     other = Resource((("host.name", "h2"),))
     return [
         [MetricGroup(HOST, Scope("hostagent/scrapers/cpu", "0.1.0"), [cpu, gauge])],
         [MetricGroup(HOST, Scope("s"), [mem, delta, Metric("empty", "", "", MetricKind.GAUGE, [])])],
         [MetricGroup(HOST, Scope("probes"), [hist, exp])],
+        [MetricGroup(HOST, Scope("probes"), [many])],
         # merged: two collections of the same metric under one resource and scope, a second resource,
         # an empty resource and an empty scope
         [MetricGroup(HOST, Scope("s"), [cpu]), MetricGroup(other, Scope("s"), [mem]),
@@ -154,7 +161,7 @@ def shapes() -> list:
     ]
 
 
-@pytest.mark.parametrize("groups", shapes(), ids=["sum-gauge", "ints-delta", "histograms", "merged"])
+@pytest.mark.parametrize("groups", shapes(), ids=["sum-gauge", "ints-delta", "histograms", "many-buckets", "merged"])
 def test_metrics_bytes_equal_the_official_serializer(groups):
     body = encode_metrics(groups)
     assert body == reference_metrics(groups)

@@ -12,6 +12,7 @@ official classes and checks the bytes against a message built field by field.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import struct
 from dataclasses import dataclass
@@ -70,6 +71,31 @@ def _packed_varints(values) -> bytes:
             v >>= 7
         append(v)
     return bytes(out)
+
+
+# From this many bucket counts in one metric on, one numpy pass over all of them beats the loop.
+_VECTOR_FROM = 256
+
+
+def _packed_varints_of(count_lists: list) -> list:
+    """_packed_varints() of each list of `count_lists`: one loop each when there are few counts,
+    else one vectorized pass over all of them (an eBPF histogram metric carries hundreds)."""
+    total = sum(map(len, count_lists))
+    if total < _VECTOR_FROM:
+        return [_packed_varints(c) for c in count_lists]
+    import numpy as np       # only eBPF histograms get here, and the eBPF source has numpy loaded
+    values = np.fromiter(itertools.chain.from_iterable(count_lists), dtype=np.uint64, count=total)
+    width = max(1, (int(values.max()).bit_length() + 6) // 7)           # bytes of the largest
+    shifts = np.arange(0, 7 * width, 7, dtype=np.uint64)
+    shifted = values[:, None] >> shifts
+    nbytes = 1 + np.count_nonzero(shifted[:, 1:], axis=1)              # bytes of each value
+    column = np.arange(width)
+    groups = (shifted & np.uint64(0x7F)) | np.where(column < (nbytes - 1)[:, None], np.uint64(0x80),
+                                                    np.uint64(0))
+    data = groups[column < nbytes[:, None]].astype(np.uint8).tobytes()  # row by row: value order
+    offsets = np.concatenate(([0], np.cumsum(nbytes)))
+    bounds = offsets[np.concatenate(([0], np.cumsum([len(c) for c in count_lists])))].tolist()
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _zigzag(n: int) -> int:
@@ -173,21 +199,29 @@ def _histogram_point(p: HistogramPoint) -> bytes:
     return _ld(b"\x0a", b"".join(body))
 
 
-def _exp_histogram_point(p: ExponentialHistogramPoint) -> bytes:
-    counts = _packed_varints(p.positive_counts)
+# fields 2-5 of an ExponentialHistogramDataPoint (start, time, count, sum), packed at once when
+# none of them is a proto3 default that must be left out
+_EXP_HEAD = struct.Struct("<BQBQBQBd")
+
+
+def _exp_histogram_point(p: ExponentialHistogramPoint, counts: bytes) -> bytes:
+    """`counts`: the packed varints of p.positive_counts."""
+    if p.start_time_ns and p.time_ns and p.count:
+        head = _EXP_HEAD.pack(0x11, p.start_time_ns, 0x19, p.time_ns, 0x21, p.count, 0x29, p.sum)
+    else:
+        head = b"".join((b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
+                         b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"",
+                         b"\x21" + _F64.pack(p.count) if p.count else b"",
+                         b"\x29" + _D.pack(p.sum)))
     positive = ((b"\x08" + _varint(_zigzag(p.positive_offset)) if p.positive_offset else b"")
-                + (_ld(b"\x12", counts) if counts else b""))
-    body = [_ATTRS_EXP[p.attributes],
-            b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
-            b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"",
-            b"\x21" + _F64.pack(p.count) if p.count else b"",
-            b"\x29" + _D.pack(p.sum),
-            b"\x30" + _varint(_zigzag(p.scale)) if p.scale else b"",
-            b"\x39" + _F64.pack(p.zero_count) if p.zero_count else b"",
-            _ld(b"\x42", positive),
-            b"\x61" + _D.pack(p.min) if p.min is not None else b"",
-            b"\x69" + _D.pack(p.max) if p.max is not None else b""]
-    return _ld(b"\x0a", b"".join(body))
+                + (b"\x12" + _varint(len(counts)) + counts if counts else b""))
+    body = (_ATTRS_EXP[p.attributes] + head
+            + (b"\x30" + _varint(_zigzag(p.scale)) if p.scale else b"")
+            + (b"\x39" + _F64.pack(p.zero_count) if p.zero_count else b"")
+            + b"\x42" + _varint(len(positive)) + positive
+            + (b"\x61" + _D.pack(p.min) if p.min is not None else b"")
+            + (b"\x69" + _D.pack(p.max) if p.max is not None else b""))
+    return b"\x0a" + _varint(len(body)) + body
 
 
 # Metric fields holding each kind of data: gauge = 5, sum = 7, histogram = 9, exponential_histogram = 10
@@ -206,7 +240,9 @@ def _metric(first, metrics: list) -> bytes:
     elif kind is MetricKind.HISTOGRAM:
         points = [_histogram_point(p) for m in metrics for p in m.points]
     else:
-        points = [_exp_histogram_point(p) for m in metrics for p in m.points]
+        all_points = [p for m in metrics for p in m.points]
+        counts = _packed_varints_of([p.positive_counts for p in all_points])
+        points = [_exp_histogram_point(p, c) for p, c in zip(all_points, counts)]
     if kind is MetricKind.SUM:
         points.append(b"\x10" + _varint(int(first.temporality)))
         if first.monotonic:
