@@ -71,6 +71,15 @@ class Size(int):
         return f"{int(self)}B"
 
 
+def _check_patterns(patterns, key: str) -> None:
+    """Each of `patterns` compiles as a regular expression; the error names `key[i]`."""
+    for i, pattern in enumerate(patterns):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{key}[{i}]", f"invalid regular expression {pattern!r}: {e}") from None
+
+
 # --- schema ------------------------------------------------------------------------------------
 
 def _frozen_dict(**kw) -> Any:
@@ -135,12 +144,7 @@ class ScrapersConfig:
                     raise ConfigError(f"{key}.{f.name}.metrics.{metric}",
                                       "unknown metric" + _did_you_mean(metric, known))
             for pattern_key in ("include", "exclude"):
-                for i, pattern in enumerate(getattr(getattr(self, f.name), pattern_key, ())):
-                    try:
-                        re.compile(pattern)
-                    except re.error as e:
-                        raise ConfigError(f"{key}.{f.name}.{pattern_key}[{i}]",
-                                          f"invalid regular expression {pattern!r}: {e}") from None
+                _check_patterns(getattr(getattr(self, f.name), pattern_key, ()), f"{key}.{f.name}.{pattern_key}")
 
 
 @dataclass(frozen=True)
@@ -175,11 +179,7 @@ class RedactionConfig:
                        r"(?i)authorization:\s*\w+\s+(?P<secret>\S+)")
 
     def validate(self, key: str) -> None:
-        for i, pattern in enumerate(self.patterns):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"{key}.patterns[{i}]", f"invalid regular expression {pattern!r}: {e}") from None
+        _check_patterns(self.patterns, f"{key}.patterns")
         for command, option in self.password_options.items():
             if not option.startswith("-") or len(option) < 2:
                 raise ConfigError(f"{key}.password_options.{command}", f"expected an option like -p, got {option!r}")

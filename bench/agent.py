@@ -45,6 +45,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import parser, write_json  # noqa: E402
+
 CATEGORY = "whole agent"
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
@@ -560,10 +562,8 @@ def print_table(m: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one collection interval (not representative)")
+    ap = parser(__doc__, "one collection interval (not representative)")
     ap.add_argument("--minutes", type=float, default=FULL_MINUTES, help="length of the window (default 3)")
-    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--serve", nargs=2, metavar=("STATUS_FILE", "PORTS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -576,8 +576,7 @@ def main(argv=None) -> int:
     m = measure(args.minutes, args.quick)
     print_table(m)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"measurement": m, "rows": rows(m)}, f, indent=2)
+        write_json(args.json, {"measurement": m, "rows": rows(m)})
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
@@ -15,9 +16,12 @@ def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
 
 
 def write_json(path: str, data) -> None:
-    with open(path, "w") as f:
+    """Write through a temp file renamed over `path`: a reader never sees half a report."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def finish(args, category: str, results: list, print_table) -> int:

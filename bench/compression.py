@@ -15,8 +15,6 @@ several runs, one thread.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import sys
@@ -24,6 +22,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.common import parser, write_json  # noqa: E402
 
 CODECS = [("none", None), ("gzip", 1), ("gzip", 6), ("gzip", 9), ("zlib", 6), ("zstd", 1), ("zstd", 3),
           ("zstd", 9), ("lz4", 0), ("lz4", 9)]
@@ -144,9 +144,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer batches and repeats")
-    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap = parser(__doc__, "fewer batches and repeats")
     args = ap.parse_args(argv)
     results, info = measure_all(args.quick)
     for kind, rows in results.items():
@@ -159,8 +157,7 @@ def main(argv=None) -> int:
             print(f"{r['codec']:<10}{level:>6}{r['ratio']:>11.1f}x{r['bytes_per_item']:>12.1f}"
                   f"{r['us_per_1k_items']:>17.0f}{r['us_per_1k_items'] / base:>8.1f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

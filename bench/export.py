@@ -20,7 +20,6 @@ medians are printed, with each variant's ratio to opentelemetry.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.common import parser, write_json  # noqa: E402
 
 BATCH_POINTS = 8192
 
@@ -212,11 +213,9 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (a few seconds)")
+    ap = parser(__doc__, "fewer rounds (a few seconds)")
     ap.add_argument("--rounds", type=int, help="timed rounds per variant (default 7, quick 3)")
     ap.add_argument("--batches", type=int, help="batches per round (default 6, quick 3)")
-    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--serve", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -234,11 +233,10 @@ def main(argv=None) -> int:
         print(f"{name:<16}{r['cpu_s_per_million_points']:>20.2f}{r['points_per_s']:>14,.0f}"
               f"{base / r['cpu_s_per_million_points']:>23.1f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"points_per_round": points, "requests_per_round": m["requests_per_round"], "rounds": rounds,
-                       "compression": "gzip", "results": results,
-                       "cpu_ratio_vs_opentelemetry": {n: base / r["cpu_s_per_million_points"]
-                                                      for n, r in results.items()}}, f, indent=2)
+        write_json(args.json, {"points_per_round": points, "requests_per_round": m["requests_per_round"],
+                               "rounds": rounds, "compression": "gzip", "results": results,
+                               "cpu_ratio_vs_opentelemetry": {n: base / r["cpu_s_per_million_points"]
+                                                              for n, r in results.items()}})
     return 0
 
 

@@ -23,9 +23,7 @@ BPF_ENABLE_STATS). Ratios are against (a).
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +35,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.common import parser, write_json  # noqa: E402
 
 from agent.sources.ebpf.loader import INCLUDE_DIR  # noqa: E402
 from agent.sources.ebpf import POLL_INTERVAL  # noqa: E402
@@ -363,12 +363,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, "2 s per case, max rate, modes a-c (CI)")
     p.add_argument("--seconds", type=float, default=5.0, help="generator run time per case")
     p.add_argument("--rates", default="200000,max", help="generator rates, calls/s or max")
     p.add_argument("--modes", default=None, help="subset of a,b,c,d")
-    p.add_argument("--quick", action="store_true", help="2 s per case, max rate, modes a-c (CI)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/ringbuf.py loads BPF programs: run it as root", file=sys.stderr)
@@ -388,9 +386,8 @@ def main(argv=None) -> int:
               f"{r['produced_per_s'] / 1e6:>9.2f} M {r['consumed_per_s'] / 1e6:>9.2f} M "
               f"{r['lost']:>10} {lost_pct:>5.1f}% {cpu:>8} {ratio:>6} {kns:>10}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ring_bytes": RING_BYTES, "poll_interval_s": POLL_INTERVAL, "cpus": os.cpu_count(),
-                       "kernel": os.uname().release, "results": results}, f, indent=2)
+        write_json(args.json, {"ring_bytes": RING_BYTES, "poll_interval_s": POLL_INTERVAL, "cpus": os.cpu_count(),
+                               "kernel": os.uname().release, "results": results})
     return 0
 
 

@@ -34,6 +34,9 @@ import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
+sys.path.insert(0, ROOT)
+from bench.common import write_json  # noqa: E402
+
 DEFAULT_REPORT = os.path.join(BENCH_DIR, "report.json")
 DEFAULT_BASELINE = os.path.join(BENCH_DIR, "baseline.json")
 
@@ -255,14 +258,6 @@ def run_suite(args) -> dict:
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
-
-
-def write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # --- checking against the baseline ---------------------------------------------------------------

@@ -10,9 +10,7 @@ hostagent's added cost as a ratio of syscount's. Needs root.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes as ct
-import json
 import os
 import shutil
 import signal
@@ -24,6 +22,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.common import parser, write_json  # noqa: E402
 
 LOOP_C = r"""
 #include <stdio.h>
@@ -239,11 +239,9 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer calls and repeats")
+    ap = parser(__doc__, "fewer calls and repeats")
     ap.add_argument("--calls", type=int, help="calls per timed run (default 10M, quick 2M)")
     ap.add_argument("--repeats", type=int, help="timed runs per setup, median kept (default 3)")
-    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("syscall_cost: needs root (loads BPF programs)", file=sys.stderr)
@@ -270,9 +268,7 @@ def main(argv=None) -> int:
         print(f"added cost {k}: {r:.2f}")
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(m, f, indent=2)
-            f.write("\n")
+        write_json(args.json, m)
     return 0
 
 

@@ -20,7 +20,7 @@ from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher, merge
 from agent.runtime import build_exporter
 from agent.selfmetrics import SELF
 from agent.sources.ebpf.process import iso8601
-from agent.sources.identity import CLOCK_TICK_NS, container_id, proc_cgroup, systemd_unit
+from agent.sources.identity import CLOCK_TICK_NS, boot_to_wall_ns, container_id, proc_cgroup, proc_stat, systemd_unit
 from tests.conftest import HOSTAGENT, ROOT, base_config, clean_env
 from tests.otlp_receiver import HttpReceiver, attributes
 
@@ -131,9 +131,8 @@ def test_an_identity_with_another_creation_time_is_never_used():
 
 def test_a_miss_is_answered_from_proc_only_for_the_same_process():
     e = _enricher()
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        ticks = int(f.read().rpartition(")")[2].split()[19])
-    boot_to_wall = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    ticks = proc_stat(os.getpid())[2]
+    boot_to_wall = boot_to_wall_ns()
     created = iso8601(ticks * CLOCK_TICK_NS + boot_to_wall)
     same = _enrich(e, _record("linux.oom.kill", os.getpid(), created))[0]
     assert same["process.executable.path"] == os.path.realpath(f"/proc/{os.getpid()}/exe")

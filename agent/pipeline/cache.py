@@ -22,6 +22,15 @@ from agent.selfmetrics import SELF
 
 _MISSING = object()
 
+_LOOKUPS = SELF.counter("hostagent.cache.lookups", "{lookup}",
+                        "Cache lookups by result: l1_hit, l2_hit or miss.")
+_PROMOTIONS = SELF.counter("hostagent.cache.promotions", "{entry}", "Entries moved from L2 to L1 on repeated hits.")
+_DEMOTIONS = SELF.counter("hostagent.cache.demotions", "{entry}", "Entries moved from a full L1 back to L2.")
+_EVICTIONS = SELF.counter("hostagent.cache.evictions", "{entry}", "Entries dropped from a full L2.")
+_INVALIDATIONS = SELF.counter("hostagent.cache.invalidations", "{entry}",
+                              "Entries removed because what they describe ended (a process exited).")
+_ENTRIES = SELF.gauge("hostagent.cache.entries", "{entry}", "Entries held, by cache and level.")
+
 
 class TwoLevelCache:
     def __init__(self, name: str, l1_size: int, l2_size: int, promote_hits: int = 2):
@@ -33,6 +42,8 @@ class TwoLevelCache:
         self.l1_hits = self.l2_hits = self.misses = 0
         self.promotions = self.demotions = self.evictions = self.invalidations = 0
         self._published = (0,) * 7
+        _ENTRIES.observe((("cache", name), ("level", "l1")), lambda: len(self._l1))
+        _ENTRIES.observe((("cache", name), ("level", "l2")), lambda: len(self._l2))
 
     def __len__(self) -> int:
         return len(self._l1) + len(self._l2)
@@ -108,15 +119,4 @@ class TwoLevelCache:
         for counter, n in zip((_PROMOTIONS, _DEMOTIONS, _EVICTIONS, _INVALIDATIONS), delta[3:]):
             if n:
                 counter.add(n, (cache,))
-        _ENTRIES.observe((cache, ("level", "l1")), lambda: len(self._l1))
-        _ENTRIES.observe((cache, ("level", "l2")), lambda: len(self._l2))
 
-
-_LOOKUPS = SELF.counter("hostagent.cache.lookups", "{lookup}",
-                        "Cache lookups by result: l1_hit, l2_hit or miss.")
-_PROMOTIONS = SELF.counter("hostagent.cache.promotions", "{entry}", "Entries moved from L2 to L1 on repeated hits.")
-_DEMOTIONS = SELF.counter("hostagent.cache.demotions", "{entry}", "Entries moved from a full L1 back to L2.")
-_EVICTIONS = SELF.counter("hostagent.cache.evictions", "{entry}", "Entries dropped from a full L2.")
-_INVALIDATIONS = SELF.counter("hostagent.cache.invalidations", "{entry}",
-                              "Entries removed because what they describe ended (a process exited).")
-_ENTRIES = SELF.gauge("hostagent.cache.entries", "{entry}", "Entries held, by cache and level.")

@@ -20,14 +20,14 @@ counted in hostagent.pipeline.cardinality_overflow.
 from __future__ import annotations
 
 import datetime
-import time
 from typing import Optional
 
 from agent.model import (Batch, ExponentialHistogramPoint, HistogramPoint, LogRecord, Metric, MetricKind,
                          NumberPoint)
 from agent.pipeline.cache import TwoLevelCache
 from agent.selfmetrics import SELF
-from agent.sources.identity import CLOCK_TICK_NS, Redactor, read_process
+from agent.sources.identity import (CLOCK_TICK_NS, Redactor, boot_to_wall_ns, proc_cgroup_attributes,
+                                    proc_stat, read_process)
 
 # what an identity holds: the attributes a record gains when it has only the pid
 IDENTITY_KEYS = ("process.parent_pid", "process.executable.name", "process.executable.path",
@@ -101,32 +101,45 @@ class ProcessEnricher:
     def _cgroup_v1(self, record: LogRecord, attrs: dict, pid: int, created: Optional[str]) -> None:
         """The kernel side reports the cgroup v2 id only; in the v2 root (cgroup v1 and hybrid
         hosts) the cgroup that names a container may be a v1 one: ask /proc while the process lives."""
-        found = self._from_proc(pid, created, None)
-        if found is None:
+        start = self._same_process(pid, created, None)
+        if start is None:
             return
-        cgroup = tuple(kv for kv in found[1] if kv[0] in CGROUP_KEYS)
-        if cgroup:
+        cgroup = proc_cgroup_attributes(pid)
+        if cgroup and self._still(pid, start):
             record.attributes = tuple(kv for kv in record.attributes if kv[0] not in CGROUP_KEYS) + cgroup
             attrs.update(cgroup)
 
     def _from_proc(self, pid: int, created: Optional[str], comm: Optional[str]):
-        """The identity of the process now at `pid`, if it is the one the record is about: same
-        creation time (to a clock tick) when the record has one, else the same command name."""
+        """The identity of the process now at `pid`, if it is the one the record is about."""
+        start = self._same_process(pid, created, comm)
+        if start is None:
+            return None
         found = read_process(pid, self.redact)
-        if found is None:
+        if found is None or found[0] != start or not self._still(pid, start):
             return None
-        start_ticks, attrs = found
+        return created, found[1]
+
+    @staticmethod
+    def _same_process(pid: int, created: Optional[str], comm: Optional[str]) -> Optional[int]:
+        """The start time (boot-clock ticks) of the process now at `pid` if it is the one a
+        record is about: same creation time (to a clock tick) when the record has one, else the
+        same command name; None otherwise."""
+        stat = proc_stat(pid)
+        if stat is None:
+            return None
+        name, _, start = stat
         if created is not None:
-            boot_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            proc_created = time.time_ns() - boot_ns + start_ticks * CLOCK_TICK_NS
-            if abs(proc_created - _iso_to_ns(created)) > CLOCK_TICK_NS + 1_000_000:
+            if abs(boot_to_wall_ns() + start * CLOCK_TICK_NS - _iso_to_ns(created)) > CLOCK_TICK_NS + 1_000_000:
                 return None
-        elif comm is not None and dict(attrs).get("process.executable.name") != comm:
+        elif comm is not None and name != comm:
             return None
-        again = read_process(pid, None)       # did the pid change hands while we read?
-        if again is None or again[0] != start_ticks:
-            return None
-        return created, attrs
+        return start
+
+    @staticmethod
+    def _still(pid: int, start: int) -> bool:
+        """Is the process that started at `start` still the one at `pid` (after reading it)?"""
+        stat = proc_stat(pid)
+        return stat is not None and stat[2] == start
 
 
 # --- cardinality ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import functools
 import os
 import pwd
 import re
+import time
 from typing import Optional
 
 REDACTED = "***"
@@ -238,22 +239,42 @@ def _read(path: str, mode: str = "r"):
         return f.read()
 
 
+def boot_to_wall_ns() -> int:
+    """What to add to a boot-clock time (bpf_ktime_get_boot_ns(), /proc start times) to get Unix
+    time in ns."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def proc_stat(pid: int) -> Optional[tuple]:
+    """(command name, parent pid, start time in boot-clock ticks) from /proc/<pid>/stat, or None
+    if there is no such process."""
+    try:
+        head, _, tail = _read(f"/proc/{pid}/stat", "rb").rpartition(b")")
+        fields = tail.split()
+        return head.partition(b"(")[2].decode(errors="replace"), int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_cgroup_attributes(pid: int) -> tuple:
+    """cgroup_attributes() of the line of /proc/<pid>/cgroup that proc_cgroup() picks; () if the
+    process is gone or hidden from us."""
+    try:
+        prefix, path = proc_cgroup(_read(f"/proc/{pid}/cgroup"))
+    except (OSError, ValueError):
+        return ()
+    return cgroup_attributes(path, prefix)
+
+
 def read_process(pid: int, redactor: Optional[Redactor]) -> Optional[tuple]:
     """(start time in boot-clock ticks, attributes) of the process now at `pid`, from /proc; None
     if there is none. `redactor` None: no command line. Fields the kernel will not show are left out."""
+    stat = proc_stat(pid)
+    if stat is None:
+        return None
+    comm, ppid, start_ticks = stat
     base = f"/proc/{pid}"
-    try:
-        stat = _read(f"{base}/stat", "rb")
-    except OSError:
-        return None
-    head, _, tail = stat.rpartition(b")")
-    fields = tail.split()
-    try:
-        ppid, start_ticks = int(fields[1]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-    attrs = [("process.parent_pid", ppid),
-             ("process.executable.name", head.partition(b"(")[2].decode(errors="replace"))]
+    attrs = [("process.parent_pid", ppid), ("process.executable.name", comm)]
     try:
         attrs.append(("process.executable.path", os.readlink(f"{base}/exe")))
     except OSError:
@@ -276,9 +297,5 @@ def read_process(pid: int, redactor: Optional[Redactor]) -> Optional[tuple]:
                 break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        prefix, path = proc_cgroup(_read(f"{base}/cgroup"))
-        attrs.extend(cgroup_attributes(path, prefix))
-    except (OSError, ValueError):
-        pass
+    attrs.extend(proc_cgroup_attributes(pid))
     return start_ticks, tuple(attrs)

@@ -23,7 +23,7 @@ from agent.model import MetricGroup, Resource
 from agent.pipeline.cache import TwoLevelCache
 from agent.selfmetrics import SELF
 from agent.sources.host import HostScraper, Points
-from agent.sources.identity import Redactor, cgroup_attributes, proc_cgroup
+from agent.sources.identity import Redactor, proc_cgroup_attributes
 
 # psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
 FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
@@ -100,12 +100,8 @@ class ProcessScraper(HostScraper):
             if ppid is not None:
                 attrs.append(("process.parent_pid", ppid))
             attrs += static
-            try:  # read each time: systemd and container runtimes move processes between cgroups
-                with open(f"/proc/{proc.pid}/cgroup") as f:
-                    prefix, path = proc_cgroup(f.read())
-                attrs += cgroup_attributes(path, prefix)
-            except (OSError, ValueError):
-                pass  # gone, or hidden from us: no cgroup attributes
+            # read each time: systemd and container runtimes move processes between cgroups
+            attrs += proc_cgroup_attributes(proc.pid)
 
             p = Points(self.definitions, self.enabled, int(create_time * 1e9), time_ns)
             self._metrics(proc, p, (proc.pid, create_time), create_time, time_ns, seen)

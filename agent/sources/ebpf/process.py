@@ -36,7 +36,7 @@ import numpy as np
 
 from agent.config import EnrichmentConfig
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
-from agent.sources.identity import CgroupPaths, Redactor, user_name
+from agent.sources.identity import CLOCK_TICK_NS, CgroupPaths, Redactor, proc_stat, user_name
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
 from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
 from agent.sources.ebpf.signals import signal_name
@@ -162,18 +162,13 @@ class ProcessProbe(RingProbe):
         """Parent and start time of the processes that existed before the probe was attached
         (entries the probe already made are kept: BPF_NOEXIST)."""
         from bcc.libbcc import lib
-        tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
         key, value = ctypes.c_uint32(), ProcInfo()
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, IndexError):
+            stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+            if stat is None:
                 continue
             key.value = int(entry.name)
-            value.ppid, value.start_ns = int(fields[1]), int(int(fields[19]) * tick_ns)
+            value.ppid, value.start_ns = stat[1], stat[2] * CLOCK_TICK_NS
             lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(value), _BPF_NOEXIST)
 
     # --- decoding (reader thread) ----------------------------------------------------------

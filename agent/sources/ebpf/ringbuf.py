@@ -47,6 +47,7 @@ import numpy as np
 
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint
 from agent.sources.ebpf.probe import Probe
+from agent.sources.identity import boot_to_wall_ns
 
 log = logging.getLogger("hostagent.ebpf")
 
@@ -313,11 +314,6 @@ class PollSchedule:
 
 
 # --- probes that send records ----------------------------------------------------------------
-
-def boot_to_wall_ns() -> int:
-    """What to add to a bpf_ktime_get_boot_ns() timestamp to get Unix time in ns."""
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
 
 class RingProbe(Probe):
     """A probe whose BPF program sends records through ring buffers.
