@@ -15,6 +15,12 @@ is an error row in the table and the report, and the run exits 1.
 A case regresses when its ratio < baseline ratio * (1 - tolerance). A baseline case that a module
 which ran did not return fails the check (unless the entry says "full_only" and the run was quick);
 skipped cases are listed, not failed.
+
+The CI subset is checked against its own entries (each CI case's "ci": {"ratio", "tolerance"}),
+measured in CI mode next to a CPU hog (bench/ci_noise.py), and a case below its floor is measured
+again, its best of --attempts runs (3 in CI mode) counting: noise makes a run slower, never faster,
+so a real regression stays below the floor in every attempt. Other modes check each case once,
+against the full suite's entries.
 """
 from __future__ import annotations
 
@@ -55,11 +61,11 @@ SUITE = [
     "agent",
 ]
 
-# The CI subset (--ci): fast, steady cases, their modules in quick mode (about 15 s together on a
-# 2-core machine). tests/test_bench.py runs them with --check, so CI runs them on every change.
+# The CI subset (--ci): fast cases whose ratio stays far from 1x on a busy machine, their modules in
+# quick mode (about 10 s together on a 2-core machine). tests/test_bench.py runs them with --check,
+# so CI runs them on every change. Cases that a busy machine moves too far (aggregation/* sits
+# within noise of 1x; batching/* lost 45% next to a CPU hog) stay in the full suite.
 CI_CASES = [
-    "aggregation/per-event",
-    "batching/metrics: a scrape per batch",
     "encoding/metrics",
     "encoding/logs",
     "compression/metrics-gzip",
@@ -74,6 +80,11 @@ TIMEOUT = {"full": 300, "quick": 90}
 DEFAULT_TOLERANCE = 0.3
 # Tolerance from a spread of runs: twice the largest drop below the median, within these bounds.
 MIN_TOLERANCE, MAX_TOLERANCE = 0.2, 0.7
+# A CI entry's tolerance stays below a third, so a case that really halved (a baseline raised 2x)
+# stays under its floor, 2 * (1 - 0.35) = 1.3x its median, even at its best of three noisy runs.
+CI_MAX_TOLERANCE = 0.35
+# Runs of a case below its floor before it fails, in CI mode (--attempts overrides).
+CI_ATTEMPTS = 3
 
 # Exit statuses
 OK, FAILED = 0, 1
@@ -206,10 +217,16 @@ def modules_in(directory: str) -> dict:
             if f.endswith(".py") and not f.startswith("_")}
 
 
-def run_suite(args) -> dict:
+def module_paths(args) -> dict:
+    """{module name: path}: the suite's, then those of --module-dir."""
     paths = {name: os.path.join(BENCH_DIR, name + ".py") for name in SUITE}
     for directory in args.module_dir or []:
         paths.update({n: p for n, p in modules_in(os.path.abspath(directory)).items() if n not in paths})
+    return paths
+
+
+def run_suite(args) -> dict:
+    paths = module_paths(args)
     names = list(paths)
     selected: dict = {n: None for n in names}            # module -> cases kept (None: all)
     if args.ci:
@@ -255,6 +272,36 @@ def run_suite(args) -> dict:
     return report
 
 
+def remeasure(report: dict, baseline: dict, args) -> None:
+    """Run the modules of cases below their floor again, up to args.attempts runs in all, keeping
+    each case's best ratio; every attempt's ratio is kept in the row's "attempts"."""
+    quick = report["quick"]
+    timeout = args.timeout or TIMEOUT["quick" if quick else "full"]
+    paths = module_paths(args)
+    modules = {m["module"]: m for m in report["modules"]}
+    for attempt in range(2, args.attempts + 1):
+        regressed: dict = {}
+        for key, v in check(report, baseline)[2].items():
+            if v == "REGRESSED":
+                module, case = key.split("/", 1)
+                regressed.setdefault(module, []).append(case)
+        if not regressed:
+            return
+        for name, cases in regressed.items():
+            print(f"== {name} again (attempt {attempt}): {', '.join(cases)}", file=sys.stderr, flush=True)
+            again = run_module(name, paths[name], quick, timeout, args.verbose)
+            fresh = {r["case"]: r for r in again["rows"] if "ratio" in r}
+            for row in modules[name]["rows"]:
+                if row["case"] not in cases:
+                    continue
+                attempts = row.pop("attempts", [row["ratio"]])
+                new = fresh.get(row["case"])
+                attempts.append(new["ratio"] if new else None)
+                if new and new["ratio"] > row["ratio"]:
+                    row.update({k: v for k, v in new.items() if k != "attempts"})
+                row["attempts"] = attempts
+
+
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -264,8 +311,9 @@ def read_json(path: str):
 
 def check(report: dict, baseline: dict) -> tuple[list[str], list[str], dict]:
     """(failures, notes, verdict per "module/case"). Failures: module errors, regressions, and
-    baseline cases missing from a module that ran."""
+    baseline cases missing from a module that ran. A CI-mode report is held to the CI entries."""
     failures, notes, verdict = [], [], {}
+    ci = report.get("mode") == "ci"
     modules = {m["module"]: m for m in report["modules"]}
     for m in report["modules"]:
         if m["status"] != "ok":
@@ -288,10 +336,13 @@ def check(report: dict, baseline: dict) -> tuple[list[str], list[str], dict]:
             notes.append(f"{key}: skipped: {row['skipped']}")
             verdict[key] = "skipped"
             continue
+        if ci:
+            entry = entry.get("ci", entry)
         floor = entry["ratio"] * (1 - entry["tolerance"])
         if row["ratio"] < floor:
+            tried = (f", best of {', '.join(number(a) for a in row['attempts'])}" if "attempts" in row else "")
             failures.append(f"{key}: ratio {row['ratio']:.3g} < {floor:.3g} (baseline {entry['ratio']:g}, "
-                            f"tolerance {entry['tolerance']:.0%})")
+                            f"tolerance {entry['tolerance']:.0%}{tried})")
             verdict[key] = "REGRESSED"
         else:
             verdict[key] = "ok"
@@ -311,7 +362,11 @@ def round_up(x: float, step: float = 0.05) -> float:
 def updated_baseline(reports: list, baseline: dict) -> dict:
     """The baseline with each case's ratio set to the median over `reports`; with two runs or more,
     its tolerance is recomputed from their spread (twice the largest drop below the median, within
-    MIN_TOLERANCE..MAX_TOLERANCE). Entries for cases not in the reports are kept."""
+    MIN_TOLERANCE..MAX_TOLERANCE). Entries for cases not in the reports are kept. CI-mode reports
+    update the cases' "ci" entries (tolerance at most CI_MAX_TOLERANCE)."""
+    ci = reports[0].get("mode") == "ci"
+    if any((r.get("mode") == "ci") != ci for r in reports):
+        raise ValueError("CI-mode reports and other reports cannot update the baseline together")
     ratios: dict = {}
     for report in reports:
         for m in report["modules"]:
@@ -321,12 +376,17 @@ def updated_baseline(reports: list, baseline: dict) -> dict:
     out = dict(baseline)
     for key, values in ratios.items():
         entry = dict(out.get(key, {}))
+        target = dict(entry.get("ci", {})) if ci else entry
         median = statistics.median(values)
-        entry["ratio"] = float(f"{median:.3g}")
+        target["ratio"] = float(f"{median:.3g}")
         if len(values) >= 2:
             drop = (median - min(values)) / median
-            entry["tolerance"] = min(MAX_TOLERANCE, max(MIN_TOLERANCE, round_up(2 * drop)))
-        entry.setdefault("tolerance", DEFAULT_TOLERANCE)
+            target["tolerance"] = min(CI_MAX_TOLERANCE if ci else MAX_TOLERANCE, max(MIN_TOLERANCE, round_up(2 * drop)))
+        target.setdefault("tolerance", DEFAULT_TOLERANCE)
+        if ci:
+            entry["ci"] = {"ratio": target["ratio"], "tolerance": target["tolerance"]}
+            entry.setdefault("ratio", target["ratio"])
+            entry.setdefault("tolerance", DEFAULT_TOLERANCE)
         out[key] = {"ratio": entry.pop("ratio"), "tolerance": entry.pop("tolerance"), **entry}
     order = {name: i for i, name in enumerate(SUITE)}
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0].split("/")[0], len(order)), kv[0])))
@@ -401,6 +461,9 @@ def parse_args(argv):
     ap.add_argument("--module-dir", metavar="DIR", action="append",
                     help="also run the modules in DIR (after the suite's)")
     ap.add_argument("--timeout", type=float, help="seconds per module (default 300, quick 90)")
+    ap.add_argument("--attempts", type=int, metavar="N",
+                    help=f"with --check, run a case below its floor up to N times in all and keep its best "
+                         f"ratio (default {CI_ATTEMPTS} with --ci, else 1)")
     ap.add_argument("--verbose", action="store_true", help="show the modules' own output")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -409,6 +472,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.attempts is None:
+        args.attempts = CI_ATTEMPTS if args.ci else 1
+    if args.attempts < 1:
+        print("run.py: --attempts takes a whole number from 1", file=sys.stderr)
+        return 2
     if args.worker:
         worker(args.worker, args.quick, args.worker_out)
         return OK
@@ -420,6 +488,8 @@ def main(argv=None) -> int:
         reports = [read_json(p) for p in args.from_report]
     else:
         report = run_suite(args)
+        if args.check and args.attempts > 1:
+            remeasure(report, read_json(args.check), args)
         write_json(args.report, report)
         print(f"report: {args.report}", file=sys.stderr)
         reports = [report]
@@ -448,7 +518,11 @@ def main(argv=None) -> int:
             status = FAILED
     if args.update_baseline:
         baseline = read_json(args.update_baseline) if os.path.exists(args.update_baseline) else {}
-        write_json(args.update_baseline, updated_baseline(reports, baseline))
+        try:
+            write_json(args.update_baseline, updated_baseline(reports, baseline))
+        except ValueError as e:
+            print(f"run.py: {e}", file=sys.stderr)
+            return 2
         print(f"baseline written: {os.path.relpath(args.update_baseline)}", file=sys.stderr)
     return status
 

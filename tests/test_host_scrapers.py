@@ -36,6 +36,7 @@ from agent.sources.host import METRICS, TABLE, build_host_sources
 from agent.sources.identity import Redactor
 from agent.sources.process import ProcessScraper
 from tests import hostmetrics_spec as spec
+from tests.helpers import finishes
 
 RESOURCE = Resource((("service.name", "test"), ("host.name", "test-host")))
 HOST_SCRAPERS = ("cpu", "disk", "filesystem", "load", "memory", "network", "paging", "processes", "system")
@@ -474,7 +475,7 @@ def test_filesystem_a_hung_network_mount_costs_one_timeout(monkeypatch):
     def statvfs(path):
         if path == "/mnt/nfs":
             calls.append(path)
-            release.wait(5)
+            release.wait(3600)
         return real("/")
 
     monkeypatch.setattr(host, "read_mounts", lambda path: [("server:/export", "/mnt/nfs", "nfs4", "rw,relatime")])
@@ -482,17 +483,16 @@ def test_filesystem_a_hung_network_mount_costs_one_timeout(monkeypatch):
     monkeypatch.setattr(host, "STAT_TIMEOUT_S", 0.1)
     source = build("filesystem")
     try:
-        t = time.monotonic()
-        assert source.collect() == []
-        assert time.monotonic() - t < 1.0
-        t = time.monotonic()
-        assert source.collect() == []  # still blocked: skipped at once, no second thread
-        assert time.monotonic() - t < 0.05
+        assert finishes(source.collect) == []  # the server hangs for an hour: given up on
+        assert finishes(source.collect) == []  # still blocked: skipped, no second thread
         assert calls == ["/mnt/nfs"]
     finally:
         release.set()
-    time.sleep(0.05)
-    assert by_name(source.collect())["system.filesystem.usage"]  # back once the server answers
+
+    def back_once_the_server_answers():
+        while not by_name(source.collect()).get("system.filesystem.usage"):
+            time.sleep(0.05)
+    finishes(back_once_the_server_answers)
 
 
 def test_network_counters_are_the_kernels():

@@ -1,0 +1,39 @@
+"""Code shared by several test modules."""
+import threading
+
+# How long a call may run before a test calls it hung. Tests never assert how long something took:
+# they make the wrong behaviour take far longer than this (an hour's wait, a server that never
+# answers), so a busy machine cannot fail them and a regression cannot hang the suite.
+HANG_LIMIT = 60.0
+
+
+def finishes(fn, *args, **kwargs):
+    """fn(*args, **kwargs)'s result; an AssertionError if it is still running after HANG_LIMIT."""
+    result, error = [], []
+
+    def call():
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            error.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(HANG_LIMIT)
+    assert not t.is_alive(), f"{getattr(fn, '__name__', fn)} still running after {HANG_LIMIT:.0f} s"
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class RecordingEvent(threading.Event):
+    """An abort event that is never set and records each wait asked of it, returning at once: the
+    waits a sender chose, without spending them."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return False
