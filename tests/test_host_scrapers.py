@@ -47,7 +47,8 @@ MiB = 1 << 20
 # --- independent readers of the kernel's files ------------------------------------------------
 
 def read(path: str) -> str:
-    with open(path) as f:
+    # Kernel files hold bytes: another process may be named with any of them.
+    with open(path, errors="surrogateescape") as f:
         return f.read()
 
 
