@@ -17,7 +17,7 @@ from typing import Optional
 from agent.config import BatchConfig, ConfigError, RetryConfig
 from agent.export import Exporter
 from agent.export.queue import ExportQueue, MemoryQueue, QueueError, open_queue
-from agent.export.retry import ABORTED, RetryingSender
+from agent.export.retry import ABORTED, RetryingSender, internal_error
 from agent.model import Batch
 from agent.pipeline.batcher import Batcher
 from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher
@@ -51,6 +51,7 @@ class Pipeline:
         if give_up_after is None:
             give_up_after = retry.give_up_after(persistent=self.queue.kind == "persistent")
         self.sender = RetryingSender(exporter, retry, self.abort, give_up_after)
+        self.retry_pause = float(retry.max_interval)
         self._draining = threading.Event()
         self._workers = [threading.Thread(target=self._send_loop, name=f"exporter-{i}", daemon=True)
                          for i in range(max(1, senders))]
@@ -79,12 +80,13 @@ class Pipeline:
                 continue
             try:
                 result = self.sender.send(entry.payload)
-            except Exception:  # a bug must not stop delivery, nor replay the same payload forever
-                log.exception("send_failed items=%d", entry.payload.items)
-                self.sender.failed.add(entry.payload.items, (("exporter", self.exporter.name),
-                                                             ("signal", entry.payload.signal),
-                                                             ("reason", "internal_error")))
-                result = None
+            except Exception as e:  # a bug must not stop delivery, nor lose the payload: retry later
+                log.error("send_failed items=%d error=%r retry_in=%.1fs", entry.payload.items,
+                          internal_error(e), self.retry_pause)
+                self.sender.internal_errors.add(1, (("exporter", self.exporter.name),
+                                                    ("signal", entry.payload.signal)))
+                self.abort.wait(self.retry_pause)
+                result = ABORTED
             if result == ABORTED:
                 self.queue.release(entry)
             else:
@@ -104,6 +106,7 @@ class Pipeline:
         for w in self._workers:
             w.join(max(0.0, deadline - time.monotonic()))
         self.abort.set()
+        self.exporter.abort()       # a request still in flight (a slow server) ends now
         self.queue.wake()
         self.batcher.join()
         for w in self._workers:
