@@ -321,8 +321,10 @@ def test_endless_response_body_is_read_only_up_to_a_bound():
 def test_trickling_response_is_cut_at_the_request_timeout(mode):
     server = HostileHttpServer(mode)
     exporter = http_exporter(server.endpoint, timeout=Duration(1.5))
+    abort = threading.Event()
+    t = None
     try:
-        sender = RetryingSender(exporter, TINY, threading.Event(), give_up_after=0)
+        sender = RetryingSender(exporter, TINY, abort, give_up_after=0)
         t, out = send_in_thread(sender, payload(3))
         # trickle: the 200 arrived, the body was cut at the deadline; trickle_headers: no answer
         # in time, retried (and trickled again) until the server stops
@@ -332,6 +334,10 @@ def test_trickling_response_is_cut_at_the_request_timeout(mode):
             t.join(60)
             assert out == [SENT] and server.requests == 1
     finally:
+        abort.set()
+        exporter.abort()
+        if t is not None:
+            t.join(30)
         server.stop()
         exporter.close()
 
@@ -354,7 +360,7 @@ def test_agent_against_a_hostile_http_server_stays_small_and_stops_on_sigterm(tm
     server = HostileHttpServer(mode, cap=512 << 20)
     try:
         proc = start_agent(hostile_agent_config(tmp_path, server.endpoint))
-        assert poll(lambda: server.requests >= 3 or proc.poll() is not None, timeout=60), agent_log(proc)
+        assert poll(lambda: server.requests >= 2 or proc.poll() is not None, timeout=60), agent_log(proc)
         assert proc.poll() is None, agent_log(proc)
         peak = rss_kib(proc.pid)
         started = time.monotonic()
@@ -368,6 +374,46 @@ def test_agent_against_a_hostile_http_server_stays_small_and_stops_on_sigterm(tm
         assert code == 0, agent_log(proc)
         assert "stopped clean=" in agent_log(proc)
         assert peak < 400 * 1024, peak  # the agent idles at ~60-170 MiB; an unbounded read grows by GiBs
+    finally:
+        server.stop()
+
+
+class StallingGrpcServer(ScriptedGrpcServer):
+    """Takes each call and answers none until stopped."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def _export(self, body, context):
+        with self.lock:
+            self.calls.append((time.monotonic(), None))
+        self.release.wait(120)
+        return b""
+
+    def stop(self):
+        self.release.set()
+        super().stop()
+
+
+def test_agent_stops_on_sigterm_while_a_grpc_server_holds_its_requests(tmp_path, start_agent):
+    """A server that takes requests and never answers (timeout 2 min) does not hold shutdown: the
+    requests in flight are cancelled once shutdown_timeout is over, and stay queued on disk."""
+    server = StallingGrpcServer()
+    try:
+        cfg = base_config(tmp_path, shutdown_timeout="2s", exporter={
+            "type": "otlp", "otlp": {"endpoint": server.endpoint, "timeout": "120s"}})
+        proc = start_agent(cfg)
+        assert poll(lambda: len(server.calls) >= 2 or proc.poll() is not None, timeout=60), agent_log(proc)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(2 + 30)
+        except Exception:
+            code = None
+        print(f"grpc stall: exit {code} after {time.monotonic() - started:.1f}s")
+        assert code == 0, agent_log(proc)
+        assert "shutdown_queued" in agent_log(proc)  # kept for the next start
     finally:
         server.stop()
 

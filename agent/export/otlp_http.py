@@ -63,7 +63,7 @@ class Deadlines:
 
     def __init__(self, name: str):
         self._cond = threading.Condition()
-        self._watched: dict = {}  # connection -> deadline (monotonic)
+        self._watched: dict = {}  # connection -> (deadline (monotonic), thread of the exchange)
         self._local = threading.local()  # the deadline of the exchange this thread runs
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"{name}-deadlines", daemon=True)
@@ -77,33 +77,35 @@ class Deadlines:
             yield
         finally:
             self._local.deadline = None
-            with self._cond:
+            me = threading.get_ident()
+            with self._cond:  # a connection given back to the pool may already serve another thread
                 for conn in self._local.conns:
-                    self._watched.pop(conn, None)
+                    if self._watched.get(conn, (0, me))[1] == me:
+                        self._watched.pop(conn, None)
 
     def started(self, conn) -> None:
         """`conn` starts a request (called by the connection, in the sending thread)."""
         deadline = getattr(self._local, "deadline", None)
         if deadline is not None:
             with self._cond:
-                self._watched[conn] = deadline
+                self._watched[conn] = (deadline, threading.get_ident())
                 self._local.conns.append(conn)
                 self._cond.notify()
 
     def cut_all(self) -> None:
         with self._cond:
-            for conn in self._watched:
-                self._watched[conn] = 0.0
+            for conn, (_, owner) in self._watched.items():
+                self._watched[conn] = (0.0, owner)
             self._cond.notify()
 
     def _loop(self) -> None:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                for conn in [c for c, d in self._watched.items() if d <= now]:
+                for conn in [c for c, (d, _) in self._watched.items() if d <= now]:
                     if _cut(conn):  # not connected yet: the next round
                         del self._watched[conn]
-                soonest = min(self._watched.values(), default=None)
+                soonest = min((d for d, _ in self._watched.values()), default=None)
                 self._cond.wait(None if soonest is None else max(soonest - now, 0.05))
 
     def close(self) -> None:

@@ -4,8 +4,8 @@ batcher first runs the batch through enrichment and cardinality limits (enrich.p
 
 The export queue (agent/export/queue.py) is in memory or on disk. On a reload the queue itself
 moves to the next pipeline, so nothing queued is lost or sent twice. On shutdown the senders
-deliver for at most the shutdown timeout; what is left is dropped and counted (memory) or kept on
-disk and sent after the next start (persistent).
+deliver for at most the shutdown timeout, then a request still in flight is cut short; what is left
+is dropped and counted (memory) or kept on disk and sent after the next start (persistent).
 """
 from __future__ import annotations
 
@@ -95,9 +95,10 @@ class Pipeline:
     def healthy(self) -> bool:
         return self.batcher.is_alive() and all(w.is_alive() for w in self._workers)
 
-    def _stop(self, deliver_for: float) -> None:
+    def _stop(self, deliver_for: float, cut: bool) -> None:
         """Flush the batcher into the queue, let the senders deliver for at most `deliver_for`
-        seconds, then stop them (a retry wait is cut short, its payload goes back to the queue)."""
+        seconds, then stop them (a retry wait is cut short, its payload goes back to the queue;
+        with `cut`, so is a request in flight: shutdown must not wait for a slow server)."""
         deadline = time.monotonic() + deliver_for
         self._draining.set()
         self.batcher.stop()
@@ -106,7 +107,8 @@ class Pipeline:
         for w in self._workers:
             w.join(max(0.0, deadline - time.monotonic()))
         self.abort.set()
-        self.exporter.abort()       # a request still in flight (a slow server) ends now
+        if cut:
+            self.exporter.abort()
         self.queue.wake()
         self.batcher.join()
         for w in self._workers:
@@ -116,14 +118,14 @@ class Pipeline:
     def handover(self) -> ExportQueue:
         """Stop without losing anything: the export queue, with everything not yet delivered,
         goes to the next pipeline (`build_pipeline(cfg, exporter, backlog=<this>)`)."""
-        self._stop(0.0)
+        self._stop(0.0, cut=False)  # requests in flight end (within their timeout): nothing sent twice
         return self.queue
 
     def shutdown(self, timeout: float) -> bool:
         """Flush and deliver what was handed over, for at most `timeout` seconds. What is left is
         dropped and counted (memory queue) or kept on disk for the next start (persistent queue).
         True when nothing was left."""
-        self._stop(timeout)
+        self._stop(timeout, cut=True)
         left = self.queue.items
         if self.queue.kind == "persistent":
             self.queue.close()
