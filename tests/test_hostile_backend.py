@@ -12,18 +12,22 @@ import threading
 import time
 
 import grpc
+import lz4.frame
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from agent.config import Duration, FileExporterConfig, OtlpExporterConfig, RetryConfig
+from agent.config import BatchConfig, Duration, FileExporterConfig, OtlpExporterConfig, RetryConfig
 from agent.export.encoding import Payload, encode_metrics
+from agent.export.file import FileExporter
 from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter, parse_retry_after
+from agent.export.pool import HEALTH_BACKOFF_MAX, EndpointPool
 from agent.export.queue import QueueSettings
 from agent.export.retry import SENT, RetryingSender
 from agent.export.wal import HEADER, PersistentQueue, segment_files
-from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
+from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
+from agent.pipeline import Pipeline
 from agent.selfmetrics import SELF
 from tests.conftest import agent_log, base_config
 from tests.otlp_receiver import HttpReceiver
@@ -82,8 +86,6 @@ def refused_port() -> socket.socket:
 def test_ten_thousand_failures_then_every_queued_item_is_delivered(tmp_path):
     """An endpoint refusing 10,000 connections in a row (hours of outage with the default backoff)
     and then coming back gets everything that was queued, once."""
-    from agent.config import BatchConfig
-    from agent.pipeline import Pipeline
     blocker = refused_port()
     port = blocker.getsockname()[1]
     exporter = http_exporter(f"http://127.0.0.1:{port}")
@@ -112,7 +114,6 @@ def test_ten_thousand_failures_then_every_queued_item_is_delivered(tmp_path):
 
 
 def test_pool_backoff_after_any_number_of_failures():
-    from agent.export.pool import HEALTH_BACKOFF_MAX, EndpointPool
     pool = EndpointPool("t", {"metrics": ["http://a", "http://b"]})
     ep = pool.all()[0]
     for _ in range(5000):
@@ -142,9 +143,6 @@ class Buggy:
 
 
 def test_an_unexpected_exception_keeps_the_payload_queued_and_retries_it(caplog):
-    from agent.config import BatchConfig
-    from agent.model import Batch
-    from agent.pipeline import Pipeline
     exporter = Buggy(3)
     pipe = Pipeline(BatchConfig(max_size=5), TINY, exporter, senders=1)
     errors = counted(INTERNAL, (("exporter", "buggy"), ("signal", "metrics")))
@@ -471,8 +469,6 @@ def test_partial_success_count_is_clamped_and_message_truncated(rejected, caplog
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_an_invalid_header_value_is_never_logged_and_drops_nothing(protocol, caplog, capfd):
-    from agent.config import BatchConfig
-    from agent.pipeline import Pipeline
     endpoint = "http://127.0.0.1:1"
     cfg = OtlpExporterConfig(protocol=protocol, endpoint=endpoint, timeout=Duration(2), connections=1,
                              headers={"authorization": f"Bearer {SECRET}\n"})
@@ -492,7 +488,6 @@ def test_an_invalid_header_value_is_never_logged_and_drops_nothing(protocol, cap
 # --- the file exporter's output is private --------------------------------------------------------
 
 def test_file_exporter_output_is_private_whatever_the_umask(tmp_path):
-    from agent.export.file import FileExporter
     old = os.umask(0o022)
     try:
         out = tmp_path / "out"
@@ -520,7 +515,6 @@ def wal_payload(i: int) -> Payload:
 
 def wal_records(directory: str) -> list:
     """(segment path, offset, frame length, payload number) of every frame on disk."""
-    import lz4.frame
     out = []
     for path in segment_files(directory).values():
         data = open(path, "rb").read()
