@@ -65,6 +65,9 @@ class NullExporter:
         if self.sent >= self.expect:
             self.all_sent.set()
 
+    def abort(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -159,6 +159,9 @@ class CountingExporter:
             if self.sent >= self.expect:
                 self.all_sent.set()
 
+    def abort(self) -> None:
+        self.inner.abort()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -346,37 +346,3 @@ def test_retries_never_give_up_with_a_persistent_queue_by_default(tmp_path):
     p = build_pipeline(c, p.exporter)
     assert p.sender.give_up_after == 60
     p.queue.close()
-
-
-def test_a_failing_exporter_does_not_stop_delivery():
-    """An exporter bug (an unexpected exception) drops that payload, counted, and the senders go on."""
-    from agent.config import BatchConfig, RetryConfig
-    from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-    from agent.pipeline import Pipeline
-
-    class Buggy:
-        name = "buggy"
-        sent = []
-
-        def send(self, p):
-            if not self.sent:
-                self.sent.append(None)
-                raise ValueError("a bug")
-            self.sent.append(p)
-
-        def close(self):
-            pass
-
-    exporter = Buggy()
-    pipe = Pipeline(BatchConfig(max_size=5), RetryConfig(), exporter, senders=2)
-    attrs = (("exporter", "buggy"), ("signal", "metrics"), ("reason", "internal_error"))
-    before = pipe.sender.failed.value(attrs)
-    pipe.start()
-    group = MetricGroup(Resource(()), Scope("t"), [Metric("m", "", "1", MetricKind.GAUGE,
-                                                          [NumberPoint((), i, 1, 2) for i in range(5)])])
-    pipe.emit(Batch(metrics=[group]))
-    time.sleep(0.5)
-    pipe.emit(Batch(metrics=[group]))
-    assert pipe.shutdown(5)
-    assert pipe.sender.failed.value(attrs) - before == 5
-    assert len(exporter.sent) == 2 and pipe.healthy() is False  # stopped by shutdown, not by the bug

@@ -13,6 +13,11 @@ from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export")
 
+# The most of an answer read: a status and a partial success fit many times over. An answer that
+# goes on (larger, or still arriving at the request timeout) is cut there, never held in memory.
+MAX_RESPONSE = 64 * 2**10
+LOGGED_MESSAGE = 256  # characters of a server's message in a log line
+
 
 class ExportError(Exception):
     """Base of export failures; `reason` is a short label used as a metric attribute."""
@@ -39,11 +44,20 @@ class TooLargeError(PermanentError):
     reason = "too_large"
 
 
+class LocalError(ExportError):
+    """The request cannot leave this host for a reason of the agent's own (e.g. a header the
+    transport refuses): like any unexpected error, the payload stays queued and is retried."""
+    reason = "internal_error"
+
+
 class Exporter:
     name = ""
 
     def send(self, payload) -> None:
         raise NotImplementedError
+
+    def abort(self) -> None:
+        """Cut the requests in flight short (shutdown: the time to deliver is over)."""
 
     def close(self) -> None:
         pass
@@ -52,19 +66,39 @@ class Exporter:
 class OtlpExporter(Exporter):
     """An exporter to an OTLP receiver, whose success answers may carry a partial success."""
 
-    def __init__(self):
+    def __init__(self, headers: dict):
         self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
                                      "Items the receiver rejected in a partial success.")
+        self.oversized = SELF.counter("hostagent.exporter.oversized_responses", "{responses}",
+                                      "Success answers cut unread: larger than 64 KiB, or still arriving "
+                                      "at the request timeout. The request counts as delivered, once.")
+        self._secrets = sorted({v.strip() for v in headers.values() if len(v.strip()) >= 4}, key=len, reverse=True)
 
-    def partial_success(self, signal: str, body: bytes) -> None:
+    def scrub(self, text: str) -> str:
+        """`text` (a server's or a library's words) without any header value it may echo."""
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
+
+    def answered_oversized(self, signal: str, url: str) -> None:
+        self.oversized.add(1, (("exporter", self.name), ("signal", signal)))
+        log.warning("response_cut exporter=%s endpoint=%s signal=%s read_at_most=%d delivered=true",
+                    self.name, url, signal, MAX_RESPONSE)
+
+    def partial_success(self, signal: str, body: bytes, items: int) -> None:
         """Log and count what a success answer says was rejected; it is never retried. A body
-        that is not an OTLP response (some backends answer 2xx with anything) is a plain success."""
+        that is not an OTLP response (some backends answer 2xx with anything) is a plain success.
+        The count is taken as at most the `items` sent, the message logged only in part."""
         from agent.export.encoding import rejected_items
         try:
             rejected, message = rejected_items(signal, body)
         except Exception:
             return
         if rejected or message:
+            rejected = min(max(rejected, 0), items)
+            message = self.scrub(message)
+            if len(message) > LOGGED_MESSAGE:
+                message = message[:LOGGED_MESSAGE] + f"... ({len(message)} characters)"
             log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
                         signal, rejected, message)
             self.rejected.add(rejected, (("signal", signal),))

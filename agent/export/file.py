@@ -10,12 +10,17 @@ from agent.export.encoding import Payload, to_json_line
 
 
 class RotatingFile:
-    """Appends lines; at max_size renames path -> path.1 -> ... -> path.<max_backups>."""
+    """Appends lines; at max_size renames path -> path.1 -> ... -> path.<max_backups>. The lines
+    hold what the host runs (command lines): the directory it creates is 0700, its files 0600, as
+    the persistent queue's."""
 
     def __init__(self, path: str, max_size: int, max_backups: int):
         self.path, self.max_size, self.max_backups = path, max_size, max_backups
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "ab")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self._f = self._open()
+
+    def _open(self):
+        return open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
     def write(self, line: bytes) -> None:
         if self._f.tell() and self._f.tell() + len(line) > self.max_size:
@@ -32,7 +37,7 @@ class RotatingFile:
                 if os.path.exists(f"{self.path}.{i}"):
                     os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
-        self._f = open(self.path, "ab")
+        self._f = self._open()
 
     def close(self) -> None:
         self._f.close()

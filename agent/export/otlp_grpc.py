@@ -3,13 +3,15 @@
 Per endpoint, `connections` channels (each its own HTTP/2 connection) are used in turn by the
 senders; endpoints take turns and fail over (agent/export/pool.py). TLS with the system's or a given
 CA, optional client certificate (mTLS), headers as call metadata. What the server answers decides
-between retry, drop and split exactly as the OTLP specification says (`classify`).
+between retry, drop and split exactly as the OTLP specification says (`classify`). At most
+MAX_RESPONSE bytes of an answer are taken: a larger one still means the server took the request.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import re
+import threading
 import time
 from typing import Optional
 from urllib.parse import urlsplit
@@ -21,7 +23,8 @@ import grpc  # noqa: E402
 from google.rpc import error_details_pb2, status_pb2  # noqa: E402
 
 from agent.config import OtlpExporterConfig  # noqa: E402
-from agent.export import ExportError, OtlpExporter, PermanentError, RetryableError, TooLargeError  # noqa: E402
+from agent.export import (MAX_RESPONSE, ExportError, LocalError, OtlpExporter, PermanentError,  # noqa: E402
+                          RetryableError, TooLargeError)
 from agent.export.encoding import Payload  # noqa: E402
 from agent.export.pool import Endpoint, EndpointPool, log_tls_error  # noqa: E402
 
@@ -39,6 +42,17 @@ RETRYABLE_CODES = frozenset({
 COMPRESSION = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate,
                "none": grpc.Compression.NoCompression}
 _TLS_ERROR = re.compile(r"(ssl|tls|handshake|certificate)", re.I)
+
+
+def answer_too_large(code: grpc.StatusCode, details: str) -> bool:
+    """The server answered, with more than this client takes (grpc core: "CLIENT: Received message
+    larger than max"; the server's own limit on the request says "SERVER: ...")."""
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and "CLIENT:" in details and "larger than max" in details
+
+
+def metadata_refused(code: grpc.StatusCode, details: str) -> bool:
+    """grpc core refused to send the call's metadata (a header name or value it finds invalid)."""
+    return code is grpc.StatusCode.INTERNAL and details == "Invalid metadata"
 
 
 def retry_delay(metadata) -> Optional[float]:
@@ -125,10 +139,13 @@ class GrpcExporter(OtlpExporter):
     name = "otlp_grpc"
 
     def __init__(self, cfg: OtlpExporterConfig):
-        super().__init__()
+        headers = cfg.all_headers()
+        super().__init__(headers)
         self.cfg = cfg
         self.timeout = float(cfg.timeout)
-        self.metadata = tuple((k.lower(), v) for k, v in cfg.all_headers().items())
+        self.metadata = tuple((k.lower(), v) for k, v in headers.items())
+        self._inflight: set = set()  # calls under way, cancelled by abort()
+        self._lock = threading.Lock()
         self.compression = COMPRESSION[cfg.compression]
         self._credentials = None
         self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in METHODS}, check=self._check)
@@ -137,7 +154,8 @@ class GrpcExporter(OtlpExporter):
 
     def open_channel(self, url: str) -> grpc.Channel:
         target = urlsplit(url).netloc
-        options = [("grpc.max_send_message_length", -1), ("grpc.enable_retries", 0),
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", MAX_RESPONSE),
+                   ("grpc.enable_retries", 0),
                    # come back quickly after an outage: grpc's own reconnect backoff grows to 120s
                    ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
                    ("grpc.max_reconnect_backoff_ms", 5000),
@@ -157,10 +175,23 @@ class GrpcExporter(OtlpExporter):
     def _send_to(self, ep: Endpoint, payload: Payload) -> None:
         started = time.monotonic()
         channel, call = ep.conn.call(payload.signal)
+        future = call.future(payload.body, timeout=self.timeout, metadata=self.metadata)
+        with self._lock:
+            self._inflight.add(future)
         try:
-            body = call(payload.body, timeout=self.timeout, metadata=self.metadata)
+            body = future.result()
+        except grpc.FutureCancelledError:
+            raise RetryableError(f"{payload.signal} export to {ep.url} cancelled at shutdown") from None
         except grpc.RpcError as err:
-            code, details = err.code(), err.details() or ""
+            code, details = err.code(), self.scrub(err.details() or "")
+            if answer_too_large(code, details):
+                ep.conn.outcome(channel, None)
+                ep.record("success", time.monotonic() - started, len(payload.body), None)
+                self.answered_oversized(payload.signal, ep.url)
+                return
+            if metadata_refused(code, details):
+                raise LocalError("gRPC refuses the call's metadata: a header name or value is invalid "
+                                 "(exporter.otlp.headers, headers_file)") from None
             ep.conn.outcome(channel, code)
             error = classify(code, details, retry_delay(err.trailing_metadata()),
                              f"{payload.signal} export to {ep.url} failed: {code.name}: {details}")
@@ -170,9 +201,12 @@ class GrpcExporter(OtlpExporter):
                 if tls:
                     log_tls_error(ep, tls)
             raise error from None
+        finally:
+            with self._lock:
+                self._inflight.discard(future)
         ep.conn.outcome(channel, None)
         ep.record("success", time.monotonic() - started, len(payload.body), None)
-        self.partial_success(payload.signal, body)
+        self.partial_success(payload.signal, body, payload.items)
 
     def _check(self, ep: Endpoint) -> bool:
         """Health check of a down endpoint: can one of its channels connect within 2s?"""
@@ -181,6 +215,12 @@ class GrpcExporter(OtlpExporter):
             return True
         except grpc.FutureTimeoutError:
             return False
+
+    def abort(self) -> None:
+        with self._lock:
+            calls = list(self._inflight)
+        for future in calls:
+            future.cancel()
 
     def close(self) -> None:
         self.pool.close()

@@ -25,6 +25,14 @@ log = logging.getLogger("hostagent.export")
 
 HEALTH_BACKOFF_INITIAL = 1.0
 HEALTH_BACKOFF_MAX = 30.0
+
+
+def health_backoff(failures: int) -> float:
+    """Seconds before checking an endpoint again after `failures` failures in a row (the exponent is
+    capped: 2 ** 1024 does not fit a float, and an outage may last that many failures)."""
+    return min(HEALTH_BACKOFF_INITIAL * 2 ** min(failures - 1, 16), HEALTH_BACKOFF_MAX)
+
+
 class EndpointStats:
     def __init__(self):
         self.requests = SELF.counter("hostagent.exporter.requests", "{requests}",
@@ -135,7 +143,7 @@ class EndpointPool:
         with self._lock:
             ep.last_error = error
             ep.failures += 1
-            ep.retry_at = time.monotonic() + min(HEALTH_BACKOFF_INITIAL * 2 ** (ep.failures - 1), HEALTH_BACKOFF_MAX)
+            ep.retry_at = time.monotonic() + health_backoff(ep.failures)
             if ep.up and self.multiple:
                 log.warning("endpoint_down exporter=%s endpoint=%s error=%r", self.exporter, ep.url, error)
             ep.up = False
@@ -176,8 +184,7 @@ class EndpointPool:
                         log.info("endpoint_up exporter=%s endpoint=%s check=passed", self.exporter, ep.url)
                     else:
                         ep.failures += 1
-                        ep.retry_at = time.monotonic() + min(
-                            HEALTH_BACKOFF_INITIAL * 2 ** (ep.failures - 1), HEALTH_BACKOFF_MAX)
+                        ep.retry_at = time.monotonic() + health_backoff(ep.failures)
 
     def close(self) -> None:
         with self._lock:

@@ -1,17 +1,21 @@
 """The retry layer around a plain exporter, as the OTLP specification has it: retryable failures
-are retried with exponential backoff and jitter (the server's RetryInfo / Retry-After wins),
-permanent ones are dropped and counted at once, a request too large for the server is split in
-halves and those are sent instead. Every wait can be cut short by `abort`."""
+are retried with exponential backoff and jitter (the server's RetryInfo / Retry-After wins, up to
+max_interval), permanent ones are dropped and counted at once, a request too large for the server
+is split in halves and those are sent instead. Any other error (a bug, a request the transport
+refuses) is counted and retried like a retryable failure: only delivery, a permanent rejection or
+the give-up time ends a payload. Every wait can be cut short by `abort`."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
+import traceback
 from typing import Optional
 
 from agent.config import RetryConfig
-from agent.export import Exporter, PermanentError, RetryableError, TooLargeError
+from agent.export import Exporter, ExportError, PermanentError, RetryableError, TooLargeError
 from agent.export.encoding import Payload, split
 from agent.selfmetrics import SELF
 
@@ -19,6 +23,16 @@ log = logging.getLogger("hostagent.export")
 
 SENT, DROPPED, ABORTED = "sent", "dropped", "aborted"
 RETRY_LOG_EVERY = 10.0  # seconds between two export_retry warnings (others go to debug)
+
+
+def internal_error(e: Exception) -> str:
+    """What is logged of an unexpected exception: its type and where it was raised, not its words
+    (a transport's error may quote a header value, i.e. a credential)."""
+    if isinstance(e, ExportError):
+        return str(e)
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+    return f"internal error {type(e).__name__}{where}"
 
 
 class RetryingSender:
@@ -33,6 +47,9 @@ class RetryingSender:
         self.failed = SELF.counter("hostagent.exporter.send_failed", "{items}",
                                    "Items dropped because they could not be delivered, by reason.")
         self.retries = SELF.counter("hostagent.exporter.retries", "{requests}", "Export requests retried.")
+        self.internal_errors = SELF.counter("hostagent.exporter.internal_errors", "{requests}",
+                                            "Export attempts that failed on this host (a bug, or a request "
+                                            "the transport refuses); the payload stays queued and is retried.")
         self.splits = SELF.counter("hostagent.exporter.splits", "{requests}",
                                    "Requests split in halves because the server found them too large.")
         self._log_lock = threading.Lock()
@@ -59,18 +76,29 @@ class RetryingSender:
             except RetryableError as e:
                 if not self.cfg.enabled:
                     return self._drop(payload, "retry_disabled", str(e))
-                if e.delay is not None:
-                    delay = e.delay
-                else:
-                    delay = min(interval, self.cfg.max_interval) * random.uniform(0.5, 1.5)
-                    interval *= self.cfg.multiplier
-                elapsed = time.monotonic() - started
-                if self.give_up_after and elapsed + delay > self.give_up_after:
-                    return self._drop(payload, "retries_exhausted", str(e))
-                self._log_retry(delay, str(e))
-                self.retries.add(1, self._attrs(payload))
-                if self.abort.wait(delay):
-                    return ABORTED
+                delay, error = self.server_delay(e.delay), str(e)
+            except Exception as e:  # noqa: BLE001 - a bug or a local refusal is no reason to lose data
+                self.internal_errors.add(1, self._attrs(payload))
+                delay, error = None, internal_error(e)
+            if delay is None:
+                delay = interval * random.uniform(0.5, 1.5)
+                interval = min(interval * self.cfg.multiplier, float(self.cfg.max_interval))
+            if self.abort.is_set():
+                return ABORTED
+            elapsed = time.monotonic() - started
+            if self.give_up_after and elapsed + delay > self.give_up_after:
+                return self._drop(payload, "retries_exhausted", error)
+            self._log_retry(delay, error)
+            self.retries.add(1, self._attrs(payload))
+            if self.abort.wait(delay):
+                return ABORTED
+
+    def server_delay(self, delay: Optional[float]) -> Optional[float]:
+        """A server's requested wait, capped at max_interval; None (our own backoff) when it
+        makes no sense (negative, NaN)."""
+        if delay is None or not delay >= 0:
+            return None
+        return min(delay, float(self.cfg.max_interval))
 
     def _split(self, payload: Payload, message: str) -> str:
         halves = split(payload)

@@ -4,8 +4,8 @@ batcher first runs the batch through enrichment and cardinality limits (enrich.p
 
 The export queue (agent/export/queue.py) is in memory or on disk. On a reload the queue itself
 moves to the next pipeline, so nothing queued is lost or sent twice. On shutdown the senders
-deliver for at most the shutdown timeout; what is left is dropped and counted (memory) or kept on
-disk and sent after the next start (persistent).
+deliver for at most the shutdown timeout, then a request still in flight is cut short; what is left
+is dropped and counted (memory) or kept on disk and sent after the next start (persistent).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Optional
 from agent.config import BatchConfig, ConfigError, RetryConfig
 from agent.export import Exporter
 from agent.export.queue import ExportQueue, MemoryQueue, QueueError, open_queue
-from agent.export.retry import ABORTED, RetryingSender
+from agent.export.retry import ABORTED, RetryingSender, internal_error
 from agent.model import Batch
 from agent.pipeline.batcher import Batcher
 from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher
@@ -51,6 +51,7 @@ class Pipeline:
         if give_up_after is None:
             give_up_after = retry.give_up_after(persistent=self.queue.kind == "persistent")
         self.sender = RetryingSender(exporter, retry, self.abort, give_up_after)
+        self.retry_pause = float(retry.max_interval)
         self._draining = threading.Event()
         self._workers = [threading.Thread(target=self._send_loop, name=f"exporter-{i}", daemon=True)
                          for i in range(max(1, senders))]
@@ -79,12 +80,13 @@ class Pipeline:
                 continue
             try:
                 result = self.sender.send(entry.payload)
-            except Exception:  # a bug must not stop delivery, nor replay the same payload forever
-                log.exception("send_failed items=%d", entry.payload.items)
-                self.sender.failed.add(entry.payload.items, (("exporter", self.exporter.name),
-                                                             ("signal", entry.payload.signal),
-                                                             ("reason", "internal_error")))
-                result = None
+            except Exception as e:  # a bug must not stop delivery, nor lose the payload: retry later
+                log.error("send_failed items=%d error=%r retry_in=%.1fs", entry.payload.items,
+                          internal_error(e), self.retry_pause)
+                self.sender.internal_errors.add(1, (("exporter", self.exporter.name),
+                                                    ("signal", entry.payload.signal)))
+                self.abort.wait(self.retry_pause)
+                result = ABORTED
             if result == ABORTED:
                 self.queue.release(entry)
             else:
@@ -93,9 +95,10 @@ class Pipeline:
     def healthy(self) -> bool:
         return self.batcher.is_alive() and all(w.is_alive() for w in self._workers)
 
-    def _stop(self, deliver_for: float) -> None:
+    def _stop(self, deliver_for: float, cut: bool) -> None:
         """Flush the batcher into the queue, let the senders deliver for at most `deliver_for`
-        seconds, then stop them (a retry wait is cut short, its payload goes back to the queue)."""
+        seconds, then stop them (a retry wait is cut short, its payload goes back to the queue;
+        with `cut`, so is a request in flight: shutdown must not wait for a slow server)."""
         deadline = time.monotonic() + deliver_for
         self._draining.set()
         self.batcher.stop()
@@ -104,6 +107,8 @@ class Pipeline:
         for w in self._workers:
             w.join(max(0.0, deadline - time.monotonic()))
         self.abort.set()
+        if cut:
+            self.exporter.abort()
         self.queue.wake()
         self.batcher.join()
         for w in self._workers:
@@ -113,14 +118,14 @@ class Pipeline:
     def handover(self) -> ExportQueue:
         """Stop without losing anything: the export queue, with everything not yet delivered,
         goes to the next pipeline (`build_pipeline(cfg, exporter, backlog=<this>)`)."""
-        self._stop(0.0)
+        self._stop(0.0, cut=False)  # requests in flight end (within their timeout): nothing sent twice
         return self.queue
 
     def shutdown(self, timeout: float) -> bool:
         """Flush and deliver what was handed over, for at most `timeout` seconds. What is left is
         dropped and counted (memory queue) or kept on disk for the next start (persistent queue).
         True when nothing was left."""
-        self._stop(timeout)
+        self._stop(timeout, cut=True)
         left = self.queue.items
         if self.queue.kind == "persistent":
             self.queue.close()
