@@ -23,7 +23,7 @@ from agent.model import MetricGroup, Resource
 from agent.pipeline.cache import TwoLevelCache
 from agent.selfmetrics import SELF
 from agent.sources.host import HostScraper, Points
-from agent.sources.identity import Redactor, proc_cgroup_attributes
+from agent.sources.identity import Redactor, decoded, proc_cgroup_attributes, proc_cmdline
 
 # psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
 FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
@@ -83,7 +83,7 @@ class ProcessScraper(HostScraper):
 
     def _scrape_process(self, proc: psutil.Process, time_ns: int, seen: set):
         with proc.oneshot():
-            name = proc.name()
+            name = decoded(proc.name())
             if not self.selected(name):
                 return None
             ppid = self._get(proc.ppid)
@@ -112,8 +112,8 @@ class ProcessScraper(HostScraper):
 
     def _static_attributes(self, proc: psutil.Process, name: str):
         """What stays the same while the process lives; None for a kernel thread."""
-        cmdline = self._get(proc.cmdline, [])
-        exe = self._get(proc.exe, "")
+        cmdline = proc_cmdline(proc.pid)
+        exe = decoded(self._get(proc.exe, ""))
         if not cmdline and not exe:
             return None
         attrs = [("process.executable.name", name)]
@@ -124,7 +124,7 @@ class ProcessScraper(HostScraper):
             attrs.append(("process.command_line", self.redact(cmdline)))
         owner = self._get(proc.username)
         if owner is not None:
-            attrs.append(("process.owner", owner))
+            attrs.append(("process.owner", decoded(owner)))
         return tuple(attrs)
 
     def _metrics(self, proc: psutil.Process, p: Points, key: tuple, create_time: float,
