@@ -48,6 +48,7 @@ SUITE = [
     "batching",
     "cache",
     "encoding",
+    "redaction",
     "compression",
     "export",
     "network",

@@ -200,7 +200,9 @@ def _key_values(tag: bytes, attributes) -> bytes:
 
 class _Cache(dict):
     """Encoded bytes of values that repeat between collections, keyed by the (hashable) value.
-    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality."""
+    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality.
+    Keys are compared as Python does: attribute sets that differ only in 0 / 0.0 / False share
+    the encoding of the first one seen (no source gives one attribute values of several types)."""
 
     def __init__(self, encode, limit: int = 65536):
         super().__init__()
@@ -263,9 +265,13 @@ def _number_points(points, out: list) -> None:
         tv = type(v)
         if tv is float and start and t:
             body = pack_d(0x11, start, 0x19, t, 0x21, v)
-        elif tv is int and start and t and INT64_MIN <= v <= INT64_MAX:
-            body = pack_i(0x11, start, 0x19, t, 0x31, v)
-        else:  # a timestamp left at 0, a bool, a numpy number or an integer outside int64
+        elif tv is int and start and t:
+            try:
+                body = pack_i(0x11, start, 0x19, t, 0x31, v)
+            except struct.error:  # an integer outside int64 (or a timestamp outside uint64)
+                append(_number_point_slow(p, a))
+                continue
+        else:  # a timestamp left at 0, a bool or a numpy number
             append(_number_point_slow(p, a))
             continue
         n = 27 + len(a)

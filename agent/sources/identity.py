@@ -127,6 +127,7 @@ class Redactor:
         options: tuple = ()
         pending = None                        # "next": the next word is a value; "rest": all that follows
         for word in words:
+            options = self._password_options(word) or options
             if pending == "rest":
                 out.append(REDACTED)
                 break
@@ -138,7 +139,6 @@ class Redactor:
             if not nested and any(c.isspace() for c in word):
                 out.append(" ".join(self._line(word.split(), nested=True)))
                 continue
-            options = self._password_options(word) or options
             hidden = _option_value(word, options)
             if hidden is not None:
                 out.append(hidden)
