@@ -51,6 +51,8 @@ _PAIRS = re.compile(r"([;&?,])")
 _NAME = re.compile(r"[\w.-]+")               # what an option, variable or header name is made of
 # what may come before a name in a word: option dashes, quotes (sh -c "... '--password=x' ...")
 _NAME_PREFIX = "-\"'"
+# the first word of an Authorization header's value, kept: it says what kind of credential follows
+_AUTH_SCHEMES = frozenset(("basic", "bearer", "digest", "token", "negotiate", "ntlm", "bot", "apikey"))
 
 
 def split_argv(raw: bytes, cut: bool) -> list:
@@ -129,6 +131,9 @@ class Redactor:
         for word in words:
             options = self._password_options(word) or options
             if pending == "rest":
+                if word.lower() in _AUTH_SCHEMES:
+                    out.append(word)          # Authorization: Bearer ***
+                    continue
                 out.append(REDACTED)
                 break
             if pending == "next":
@@ -409,9 +414,13 @@ def proc_cmdline(pid: int) -> list:
     """The arguments of the process at `pid` (the first CMDLINE_MAX bytes of them; [] if it is gone,
     hidden from us, or a kernel thread)."""
     try:
-        raw = _read(f"/proc/{pid}/cmdline", "rb", CMDLINE_MAX + 1)
+        return cmdline_argv(_read(f"/proc/{pid}/cmdline", "rb", CMDLINE_MAX + 1))
     except OSError:
         return []
+
+
+def cmdline_argv(raw: bytes) -> list:
+    """The arguments in a /proc/<pid>/cmdline's bytes, the first CMDLINE_MAX bytes of them."""
     if len(raw) > CMDLINE_MAX:
         return split_argv(raw[:CMDLINE_MAX], cut=True)
     # a process that rewrote its arguments (setproctitle) may leave no NUL at the end

@@ -14,6 +14,7 @@ attribute or metric, not the process. Kernel threads (no executable, no command 
 """
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -23,7 +24,7 @@ from agent.model import MetricGroup, Resource
 from agent.pipeline.cache import TwoLevelCache
 from agent.selfmetrics import SELF
 from agent.sources.host import HostScraper, Points
-from agent.sources.identity import Redactor, decoded, proc_cgroup_attributes, proc_cmdline
+from agent.sources.identity import Redactor, cmdline_argv, decoded, proc_cgroup_attributes
 
 # psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
 FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
@@ -112,7 +113,8 @@ class ProcessScraper(HostScraper):
 
     def _static_attributes(self, proc: psutil.Process, name: str):
         """What stays the same while the process lives; None for a kernel thread."""
-        cmdline = proc_cmdline(proc.pid)
+        # as /proc holds them (psutil decoded them with surrogateescape), cut to CMDLINE_MAX bytes
+        cmdline = cmdline_argv(b"".join(os.fsencode(a) + b"\0" for a in self._get(proc.cmdline, [])))
         exe = decoded(self._get(proc.exe, ""))
         if not cmdline and not exe:
             return None
