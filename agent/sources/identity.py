@@ -27,6 +27,7 @@ import time
 from typing import Optional
 
 REDACTED = "***"
+CLOCK_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def decoded(raw) -> str:
@@ -39,7 +40,7 @@ def decoded(raw) -> str:
         except UnicodeEncodeError:
             raw = raw.encode("utf-8", "surrogateescape")
     return raw.decode("utf-8", "replace")
-CLOCK_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
 
 # Command lines are read whole up to this many bytes (the process probe reads 1 KiB in the kernel):
 # enough for nearly every command, and a bound on what one process can make the agent read and hold.
@@ -48,7 +49,7 @@ TRUNCATED_MARK = "..."                     # stands for the part of a command li
 
 # inside one word, name=value pairs are separated by these (URL queries, JDBC, mount -o)
 _PAIRS = re.compile(r"([;&?,])")
-_NAME = re.compile(r"[\w.-]+")               # what an option, variable or header name is made of
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")       # what an option, variable or header name is made of
 # what may come before a name in a word: option dashes, quotes (sh -c "... '--password=x' ...")
 _NAME_PREFIX = "-\"'"
 # the first word of an Authorization header's value, kept: it says what kind of credential follows
@@ -92,7 +93,7 @@ class Redactor:
         self._options_of: dict = {}           # a word -> the password options it brings, or ()
 
     def secret_name(self, name: str) -> bool:
-        """Has `name` (an option, variable or header name) a secret part?"""
+        """Has `name` (an option, variable or header name: _NAME's characters) a secret part?"""
         lower = name.lower()
         if any(n in lower for n in self.names):
             return True
@@ -166,7 +167,8 @@ class Redactor:
                 return word, ("rest" if nested and bare[cut] == ":" else "next")
             if not value.startswith("//"):    # not a URL: --password=x, API_KEY=x, pass:x
                 return word[:len(word) - len(value)] + REDACTED, None
-        if nested and word.endswith(":") and self.secret_name(word[:-1].rpartition("=")[2].lstrip(_NAME_PREFIX)):
+        header = word[:-1].rpartition("=")[2].lstrip(_NAME_PREFIX) if nested and word.endswith(":") else ""
+        if header and _NAME.fullmatch(header) and self.secret_name(header):
             return word, "rest"               # --header=Authorization: x
         if "=" in word:
             word = "".join(self._pair(piece) for piece in _PAIRS.split(word))
