@@ -110,6 +110,21 @@ def test_a_name_with_invalid_bytes_is_replaced_and_counted():
     assert REPLACED.total() > before
 
 
+def test_a_group_no_replacement_can_encode_is_left_out_and_counted_the_rest_is_sent():
+    dropped = SELF.counter("hostagent.export.encoding_dropped", "", "")
+    before = dropped.total()
+    scope = Scope("s")
+    bad = MetricGroup(Resource((("host.name", "bad"),)), scope, [   # a time before 1970: no fixed64 holds it
+        Metric("m", "", "1", MetricKind.GAUGE, [NumberPoint((), 1.5, -1, -1), NumberPoint((), 2.5, -1, -1)])])
+    good = MetricGroup(Resource((("host.name", "good"),)), scope, [
+        Metric("m", "", "1", MetricKind.GAUGE, [NumberPoint((), 3.5, 1, 2)])])
+    (payload,) = encode(Batch(metrics=[bad, good]))
+    request = ExportMetricsServiceRequest.FromString(payload.body)
+    assert payload.items == 1 and len(request.resource_metrics) == 1
+    assert request.resource_metrics[0].scope_metrics[0].metrics[0].gauge.data_points[0].as_double == 3.5
+    assert dropped.total() == before + 2
+
+
 # --- the real agent ------------------------------------------------------------------------------
 
 BAD = b"bad\xff\xfecg"
