@@ -125,6 +125,41 @@ def test_a_group_no_replacement_can_encode_is_left_out_and_counted_the_rest_is_s
     assert dropped.total() == before + 2
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups")
+def test_a_v1_cgroup_named_with_invalid_bytes_is_read_with_replacement():
+    """On cgroup v1 (and hybrid) hosts a process's cgroup is read from /proc/<pid>/cgroup: a v1
+    path with invalid bytes (here above a container's directory, so it is the line reported)
+    arrives with U+FFFD instead of being lost."""
+    from agent.sources.identity import proc_cgroup_attributes
+    root = b"/sys/fs/cgroup/pids"
+    if not os.path.isdir(root):
+        pytest.skip("no cgroup v1 pids hierarchy")
+    cid = uuid.uuid4().hex + uuid.uuid4().hex
+    top = os.path.join(root, b"hostagent-test-" + uuid.uuid4().hex[:8].encode())
+    cgroup = os.path.join(top, BAD, cid.encode())
+    os.makedirs(cgroup)
+    try:
+        def enter():
+            with open(os.path.join(cgroup, b"cgroup.procs"), "w") as f:
+                f.write("0")
+        p = subprocess.Popen(["sleep", "30"], preexec_fn=enter)
+        try:
+            attrs = dict(proc_cgroup_attributes(p.pid))
+        finally:
+            p.kill()
+            p.wait()
+    finally:
+        for path in (cgroup, os.path.dirname(cgroup), top):
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    assert attrs.get("container.id") == cid, attrs
+    assert attrs["process.linux.cgroup"].endswith(f"/bad\ufffd\ufffdcg/{cid}"), attrs
+
+
 # --- the real agent ------------------------------------------------------------------------------
 
 BAD = b"bad\xff\xfecg"
