@@ -397,12 +397,12 @@ _DROPPED = SELF.counter(
     "with replacements (the rest of the batch is sent).")
 
 
-def _encode_signal(signal: str, encoder, groups: list, count) -> Payload:
-    """encoder(groups) as a Payload. Should that raise (a value no replacement covers), each group
+def _encode_signal(signal: str, encoder, groups: list, count) -> list:
+    """[encoder(groups) as a Payload]. Should that raise (a value no replacement covers), each group
     is encoded alone and the ones that still raise are left out and counted: one bad group never
-    costs the batch."""
+    costs the batch ([] when no group is left)."""
     try:
-        return Payload(signal, encoder(groups), count(groups))
+        return [Payload(signal, encoder(groups), count(groups))]
     except Exception as e:
         log.warning("encode_failed signal=%s error=%s", signal, type(e).__name__)
     kept = []
@@ -413,17 +413,17 @@ def _encode_signal(signal: str, encoder, groups: list, count) -> Payload:
             _DROPPED.add(count([g]), (("signal", signal),))
         else:
             kept.append(g)
-    return Payload(signal, encoder(kept), count(kept))
+    return [Payload(signal, encoder(kept), count(kept))] if kept else []
 
 
 def encode(batch: Batch) -> list[Payload]:
     """The batch as at most one payload per signal."""
     out = []
     if batch.metrics:
-        out.append(_encode_signal("metrics", encode_metrics, batch.metrics,
-                                  lambda gs: sum(len(m.points) for g in gs for m in g.metrics)))
+        out += _encode_signal("metrics", encode_metrics, batch.metrics,
+                              lambda gs: sum(len(m.points) for g in gs for m in g.metrics))
     if batch.logs:
-        out.append(_encode_signal("logs", encode_logs, batch.logs, lambda gs: sum(len(g.records) for g in gs)))
+        out += _encode_signal("logs", encode_logs, batch.logs, lambda gs: sum(len(g.records) for g in gs))
     return out
 
 
