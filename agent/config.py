@@ -71,13 +71,58 @@ class Size(int):
         return f"{int(self)}B"
 
 
+# User regular expressions run on what the host hands us (command lines, process and device
+# names), so they run on RE2: time linear in the text whatever the pattern. The bounds keep
+# compiling one cheap too (RE2 turns a{1000}{1000} into a million states).
+PATTERN_MAX_LENGTH = 1024
+PATTERN_MAX_NESTING = 32
+PATTERN_MAX_REPEAT = 1000
+_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def compile_pattern(pattern: Any):
+    """`pattern` compiled with RE2 (google-re2); ValueError saying why if it is not a string, is
+    longer, more nested or repeats more than the bounds above, or RE2 rejects it."""
+    import re2
+    if not isinstance(pattern, str):
+        raise ValueError(f"expected a regular expression as a string, got {type(pattern).__name__}")
+    if len(pattern) > PATTERN_MAX_LENGTH:
+        raise ValueError(f"longer than {PATTERN_MAX_LENGTH} characters")
+    depth = deepest = 0
+    escaped = False
+    for c in pattern:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+    if deepest > PATTERN_MAX_NESTING:
+        raise ValueError(f"groups nested more than {PATTERN_MAX_NESTING} deep")
+    for m in _REPEAT.finditer(pattern):
+        if any(n and int(n) > PATTERN_MAX_REPEAT for n in m.groups()):
+            raise ValueError(f"a repetition count above {PATTERN_MAX_REPEAT}: {m.group(0)[:20]}")
+    options = re2.Options()
+    options.log_errors = False                     # the error is ours to report, in one line
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        reason = e.args[0] if e.args else ""
+        raise ValueError(reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)) from None
+
+
 def _check_patterns(patterns, key: str) -> None:
-    """Each of `patterns` compiles as a regular expression; the error names `key[i]`."""
+    """Each of `patterns` is one compile_pattern() takes; the error names `key[i]`."""
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, collections.abc.Iterable):
+        raise ConfigError(key, f"expected a list of regular expressions, got {type(patterns).__name__}")
     for i, pattern in enumerate(patterns):
         try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"{key}[{i}]", f"invalid regular expression {pattern!r}: {e}") from None
+            compile_pattern(pattern)
+        except ValueError as e:
+            raise ConfigError(f"{key}[{i}]", f"invalid regular expression {str(pattern)[:80]!r}: {e}") from None
 
 
 # --- schema ------------------------------------------------------------------------------------
@@ -167,22 +212,33 @@ class EbpfConfig:
 
 @dataclass(frozen=True)
 class RedactionConfig:
-    # an option or variable whose name ends with one of these (case-insensitive) has a secret value:
-    # --password x, --password=x, token=x in a URL query, AWS_SECRET_ACCESS_KEY=x
-    secret_names: tuple = ("password", "passwd", "pwd", "token", "secret", "apikey", "_key", "-key")
-    # command (glob on argv[0]'s base name) -> option whose value is a password, glued (-psecret) or next
+    # an option, variable, key or header whose name contains one of these (case-insensitive) has a secret
+    # value: --password x, --db-pass=x, AWS_SECRET_ACCESS_KEY=x, ?token=x, ;password=x, Authorization: x
+    secret_names: tuple = ("pass", "pwd", "secret", "token", "auth", "cred", "cookie")
+    # ... or has one of these at the end of one of its words: API_KEY=x, --secretKey=x, X-Api-Key: x
+    # (not --keyboard)
+    secret_suffixes: tuple = ("key", "keys")
+    # a command (glob on a word's base name, wherever it appears: `timeout 5 mysql -px`) -> options whose
+    # value is a password, glued (-psecret, --user=x) or next; several separated by spaces
     password_options: Mapping[str, str] = _frozen_dict(**{
         "mysql*": "-p", "mariadb*": "-p", "mongo*": "-p", "sshpass": "-p", "redis-cli": "-a",
-        "valkey-cli": "-a"})
-    # regular expressions searched in each argument; the group named `secret` (else the match) is hidden
-    patterns: tuple = (r"[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:(?P<secret>[^@/\s]+)@",
-                       r"(?i)authorization:\s*\w+\s+(?P<secret>\S+)")
+        "valkey-cli": "-a", "curl": "-u --user --proxy-user", "login": "-p", "ssh-keygen": "-N -P",
+        "sqlcmd": "-P", "ldap*": "-w", "zip": "-P", "unzip": "-P", "7z*": "-p", "smbclient": "-U"})
+    # regular expressions (RE2 syntax) searched in the redacted command line; the group named `secret`
+    # (else the match) is hidden
+    patterns: tuple = ()
 
     def validate(self, key: str) -> None:
         _check_patterns(self.patterns, f"{key}.patterns")
-        for command, option in self.password_options.items():
-            if not option.startswith("-") or len(option) < 2:
-                raise ConfigError(f"{key}.password_options.{command}", f"expected an option like -p, got {option!r}")
+        for name in ("secret_names", "secret_suffixes"):
+            for i, word in enumerate(getattr(self, name)):
+                if not isinstance(word, str) or not word.strip():
+                    raise ConfigError(f"{key}.{name}[{i}]", f"expected a non-empty name part, got {word!r}")
+        for command, options in self.password_options.items():
+            if not isinstance(options, str) or not options.split() or not all(
+                    o.startswith("-") and len(o) >= 2 for o in options.split()):
+                raise ConfigError(f"{key}.password_options.{command}",
+                                  f"expected options like -p or \"-u --user\", got {options!r}")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ SUITE = [
     "batching",
     "cache",
     "encoding",
+    "redaction",
     "compression",
     "export",
     "network",

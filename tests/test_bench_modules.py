@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module name in bench/ == its CATEGORY
-MODULES = ("aggregation", "batching", "encoding", "memory", "network")
+MODULES = ("aggregation", "batching", "encoding", "memory", "network", "redaction")
 
 RUN_QUICK = """
 import json, sys

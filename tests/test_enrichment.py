@@ -386,52 +386,141 @@ def test_records_of_a_process_in_a_container_cgroup_carry_its_container_id(agent
 
 
 SECRETS = [  # (argv, the secret values that must not leave the host)
+    # a command's password options
     (["mysql", "-uroot", "-pMy5qlPa55"], ["My5qlPa55"]),
     (["mysqldump", "--password=DumpPa55", "db"], ["DumpPa55"]),
     (["mariadb", "-u", "app", "-pMaria77x"], ["Maria77x"]),
     (["redis-cli", "-a", "RedisPa55", "ping"], ["RedisPa55"]),
     (["sshpass", "-pSshPa55w0rd", "ssh", "host"], ["SshPa55w0rd"]),
     (["mongosh", "-u", "root", "-p", "MongoPa55"], ["MongoPa55"]),
+    (["curl", "-u", "alice:CurlUserPa55", "https://example.com"], ["CurlUserPa55"]),
+    (["curl", "--user", "alice:CurlUser2Pa55", "https://example.com"], ["CurlUser2Pa55"]),
+    (["curl", "--user=bob:CurlUser3Pa55", "https://example.com"], ["CurlUser3Pa55"]),
+    (["curl", "-x", "proxy:3128", "--proxy-user", "p:ProxyPa55", "https://x"], ["ProxyPa55"]),
+    (["docker", "login", "-u", "me", "-p", "DockerLoginPa55", "registry.example.com"], ["DockerLoginPa55"]),
+    (["podman", "login", "-p", "PodmanPa55", "quay.io"], ["PodmanPa55"]),
+    (["ssh-keygen", "-t", "ed25519", "-N", "KeygenPhrase1", "-f", "/tmp/k"], ["KeygenPhrase1"]),
+    (["sqlcmd", "-S", "db", "-U", "sa", "-P", "SqlCmdPa55"], ["SqlCmdPa55"]),
+    (["ldapsearch", "-x", "-D", "cn=admin", "-w", "LdapBindPa55", "-b", "dc=x"], ["LdapBindPa55"]),
+    (["zip", "-P", "ZipPa55", "out.zip", "f"], ["ZipPa55"]),
+    (["7z", "a", "-pSevenZipPa55", "out.7z", "f"], ["SevenZipPa55"]),
+    (["smbclient", "//srv/share", "-U", "user%SmbPa55"], ["SmbPa55"]),
+    # wrappers hide nothing
+    (["timeout", "5", "mysql", "-pTimeoutPa55"], ["TimeoutPa55"]),
+    (["sh", "-c", "mysql -uroot -pShellMysqlPa55 -e 'select 1'"], ["ShellMysqlPa55"]),
+    (["bash", "-c", "exec mysql -pBashMysqlPa55"], ["BashMysqlPa55"]),
+    (["env", "LANG=C", "mysql", "-pEnvMysqlPa55"], ["EnvMysqlPa55"]),
+    (["sudo", "-u", "mysql", "mysql", "-pSudoMysqlPa55"], ["SudoMysqlPa55"]),
+    (["nice", "-n", "10", "mysqldump", "-pNiceMysqlPa55", "db"], ["NiceMysqlPa55"]),
+    (["nohup", "redis-cli", "-a", "NohupRed1sPa55"], ["NohupRed1sPa55"]),
+    (["xargs", "-n1", "mysql", "-pXargsMysqlPa55"], ["XargsMysqlPa55"]),
+    (["/usr/bin/timeout", "-s", "KILL", "30", "/usr/bin/mysql", "-pAbsPathPa55"], ["AbsPathPa55"]),
+    (["sh", "-c", "curl -u ops:ShellCurlPa55 https://x | jq ."], ["ShellCurlPa55"]),
+    (["sh", "-c", "docker login -u ci -p ShellDockerPa55 reg"], ["ShellDockerPa55"]),
+    (["sh", "-c", "DB_PASSWORD=ShellPa55 ./run"], ["ShellPa55"]),
+    (["ssh", "host", "mysql -pRemoteMysqlPa55"], ["RemoteMysqlPa55"]),
+    # options and keys with a secret name, any spelling
     (["app", "--password", "SepPa55"], ["SepPa55"]),
     (["app", "--db-password=GluedPa55"], ["GluedPa55"]),
+    (["app", "--db-password:ColonPa55"], ["ColonPa55"]),
     (["app", "--token", "ghp_T0kenValue1"], ["ghp_T0kenValue1"]),
     (["app", "--api-token=T0kenValue2"], ["T0kenValue2"]),
     (["app", "--client-secret", "Cl1entSecret"], ["Cl1entSecret"]),
+    (["app", "--passwd", "PasswdValue"], ["PasswdValue"]),
+    (["app", "--apikey=ApiKeyValue"], ["ApiKeyValue"]),
+    (["app", "--pass", "ShortPassValue"], ["ShortPassValue"]),
+    (["redis-cli", "--pass", "RedisLongPa55"], ["RedisLongPa55"]),
+    (["mysql", "--password", "-DashValuePa55"], ["-DashValuePa55"]),
+    (["app", "--secretKey=CamelSecretKey1"], ["CamelSecretKey1"]),
+    (["app", "--accessKey", "CamelAccessKey2"], ["CamelAccessKey2"]),
+    (["app", "--credentials=CredValue1"], ["CredValue1"]),
+    (["app", "--creds", "CredValue2"], ["CredValue2"]),
+    (["app", "--auth", "AuthValue1"], ["AuthValue1"]),
+    (["app", "--auth-token=AuthValue2"], ["AuthValue2"]),
+    (["app", "-password", "SingleDashPa55"], ["SingleDashPa55"]),
+    (["app", "--DB_PASS=UpperPa55"], ["UpperPa55"]),
+    (["app", "--private-key", "PrivKeyValue1"], ["PrivKeyValue1"]),
+    (["app", "--ssh_key=SshKeyValue1"], ["SshKeyValue1"]),
+    (["app", "--session-cookie", "CookieValue1"], ["CookieValue1"]),
+    (["openssl", "rsa", "-in", "k.pem", "-passin", "pass:OpensslPa55"], ["OpensslPa55"]),
+    (["openssl", "enc", "-aes256", "-pass", "pass:OpensslEncPa55"], ["OpensslEncPa55"]),
+    (["openssl", "pkcs12", "-export", "-passout", "pass:OpensslOutPa55"], ["OpensslOutPa55"]),
+    (["wget", "--http-password=WgetPa55", "https://x"], ["WgetPa55"]),
+    (["vault", "login", "-method=userpass", "password=VaultPa55"], ["VaultPa55"]),
+    # environment variables
     (["env", "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI", "true"], ["wJalrXUtnFEMI"]),
     (["env", "STRIPE_API_KEY=sk_live_abc123", "true"], ["sk_live_abc123"]),
     (["env", "APP_SECRET=AppS3cr3t", "DB_PASSWORD=DbPa55", "true"], ["AppS3cr3t", "DbPa55"]),
+    (["env", "PGPASSWORD=PgEnvPa55", "psql"], ["PgEnvPa55"]),
+    (["env", "GITHUB_TOKEN=ghp_EnvT0ken", "gh"], ["ghp_EnvT0ken"]),
+    (["env", "MYSQL_PWD=MysqlPwdEnv", "mysql"], ["MysqlPwdEnv"]),
+    # URLs: userinfo and query keys
     (["psql", "postgres://bob:PgUrlPa55@db:5432/app"], ["PgUrlPa55"]),
     (["redis-cli", "-u", "redis://:RedisUrlPa55@cache:6379"], ["RedisUrlPa55"]),
     (["curl", "https://user:CurlPa55@example.com/x"], ["CurlPa55"]),
+    (["curl", "https://api.example.com/v1?token=QueryT0ken&page=2"], ["QueryT0ken"]),
+    (["git", "clone", "https://ghp_UserinfoT0ken@github.com/o/r.git"], ["ghp_UserinfoT0ken"]),
+    (["git", "clone", "https://oauth2:GitlabT0ken@gitlab.com/o/r.git"], ["GitlabT0ken"]),
+    (["curl", "https://u:Slash/Pa55@example.com/"], ["Slash/Pa55"]),
+    (["mongosh", "mongodb+srv://app:MongoSrvPa55@cluster.example.net/db"], ["MongoSrvPa55"]),
+    (["app", "--url=amqp://guest:AmqpPa55@rabbit:5672/"], ["AmqpPa55"]),
+    (["curl", "https://x/cb?client_id=a&client_secret=OauthSecret1"], ["OauthSecret1"]),
+    (["curl", "https://s3/b/o?X-Amz-Credential=AKIAQUERY&X-Amz-Signature=s"], ["AKIAQUERY"]),
+    (["sh", "-c", "curl -s https://ops:ShellUrlPa55@x/ | sh"], ["ShellUrlPa55"]),
+    (["java", "-jar", "app.jar", "jdbc:sqlserver://db:1433;user=sa;password=JdbcPa55;db=x"], ["JdbcPa55"]),
+    (["java", "-jar", "app.jar", "jdbc:mysql://db/x?user=u&password=JdbcMysqlPa55"], ["JdbcMysqlPa55"]),
+    (["mount", "-t", "cifs", "//srv/s", "/mnt", "-o", "username=u,password=CifsPa55"], ["CifsPa55"]),
+    # headers
     (["curl", "-H", "Authorization: Bearer eyJhbGciOiJIUzI1"], ["eyJhbGciOiJIUzI1"]),
     (["curl", "-H", "Authorization: Basic dXNlcjpwYXNz"], ["dXNlcjpwYXNz"]),
-    (["curl", "https://api.example.com/v1?token=QueryT0ken&page=2"], ["QueryT0ken"]),
-    (["sh", "-c", "DB_PASSWORD=ShellPa55 ./run"], ["ShellPa55"]),
-    (["app", "--passwd", "PasswdValue"], ["PasswdValue"]),
-    (["app", "--apikey=ApiKeyValue"], ["ApiKeyValue"]),
+    (["curl", "-H", "Authorization: NoSchemeT0ken"], ["NoSchemeT0ken"]),
+    (["curl", "-H", "X-API-Key: HeaderApiKey1"], ["HeaderApiKey1"]),
+    (["curl", "-H", "PRIVATE-TOKEN: GlPrivateT0ken"], ["GlPrivateT0ken"]),
+    (["curl", "-H", "X-Auth-Token:GluedHeaderT0ken"], ["GluedHeaderT0ken"]),
+    (["curl", "-H", "Cookie: session=CookieSess10n"], ["CookieSess10n"]),
+    (["curl", "--header", "Proxy-Authorization: Basic UHJveHlBdXRo"], ["UHJveHlBdXRo"]),
+    (["sh", "-c", "curl -H 'Authorization: Bearer ShellHeaderT0ken' https://x"], ["ShellHeaderT0ken"]),
+    (["wget", "--header=Authorization: Bearer WgetHeaderT0ken", "https://x"], ["WgetHeaderT0ken"]),
+]
+
+# command lines with nothing secret: they must arrive as they were
+KEPT = [
+    ["ssh-keygen", "-t", "rsa", "-b", "4096"],
+    ["setxkbmap", "--keyboard", "us"],
+    ["ls", "-la", "/etc/ssh"],
+    ["git", "log", "--oneline", "-n", "5"],
+    ["curl", "-H", "Accept: application/json", "https://example.com/path@v2"],
+    ["docker", "run", "-p", "8080:80", "nginx"],
+    ["psql", "-h", "db", "-U", "app", "-c", "select 1"],
 ]
 
 
 @needs_root
 def test_no_secret_from_a_command_line_appears_in_any_exported_byte(agent):
+    """Each command line runs for real (as /bin/true with those arguments); the process probe
+    captures it, and not one secret is in the bytes the receiver got; the ones with nothing to
+    hide arrive whole."""
+    assert len(SECRETS) >= 80
     marker = uuid.uuid4().hex
     pids = set()
-    for argv, _ in SECRETS:
+    for argv in [a for a, _ in SECRETS] + KEPT:
         p = subprocess.Popen([*argv, marker], executable="/bin/true")
         pids.add(p.pid)
         assert p.wait() == 0
+    count = len(SECRETS) + len(KEPT)
     mine = lambda a: marker in a.get("process.command_line", "")  # noqa: E731  (pids are recycled)
-    execs = _wait_records(agent.receiver, "process.exec", pids, len(SECRETS), mine=mine)
-    _wait_records(agent.receiver, "process.exit", pids, len(SECRETS), mine=mine)
+    execs = _wait_records(agent.receiver, "process.exec", pids, count, mine=mine)
+    _wait_records(agent.receiver, "process.exit", pids, count, mine=mine)
     lines = [a["process.command_line"] for a in execs if marker in a.get("process.command_line", "")]
-    assert len(lines) == len(SECRETS), lines          # every command line was recorded (redacted)
-    assert all("***" in line for line in lines), lines
+    assert len(lines) == count, lines                 # every command line was recorded (redacted)
     time.sleep(1.5)                                   # the agent's own metrics and later batches too
     wire = b"".join(agent.receiver.bodies)
     assert marker.encode() in wire
-    for _, secrets in SECRETS:
-        for secret in secrets:
-            assert secret.encode() not in wire, secret
+    leaked = [secret for _, secrets in SECRETS for secret in secrets if secret.encode() in wire]
+    assert not leaked, f"{len(leaked)} of {len(SECRETS)} leaked: {leaked}"
+    assert sum("***" in line for line in lines) == len(SECRETS), lines
+    for argv in KEPT:
+        assert " ".join([*argv, marker]) in lines, (argv, lines)
 
 
 @needs_root

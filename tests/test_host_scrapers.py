@@ -1009,7 +1009,7 @@ REDACTION_CASES = [
     (["mysqldump", "--password=x", "db"], "mysqldump --password=*** db"),
     (["grep", "-phunter2"], "grep -phunter2"),  # -p means a password only for mysql-style clients
     (["env", "AWS_SECRET_ACCESS_KEY=abc", "API_KEY=def", "AWS_ACCESS_KEY_ID=AKIA", "APP_SECRET=ghi"],
-     "env AWS_SECRET_ACCESS_KEY=*** API_KEY=*** AWS_ACCESS_KEY_ID=AKIA APP_SECRET=***"),
+     "env AWS_SECRET_ACCESS_KEY=*** API_KEY=*** AWS_ACCESS_KEY_ID=*** APP_SECRET=***"),
     (["psql", "postgres://bob:pw123@db:5432/app"], "psql postgres://bob:***@db:5432/app"),
     (["redis-cli", "-u", "redis://:pw@cache:6379"], "redis-cli -u redis://:***@cache:6379"),
     (["git", "clone", "https://github.com/org/repo.git"], "git clone https://github.com/org/repo.git"),

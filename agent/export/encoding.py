@@ -9,10 +9,19 @@ object per data point and attribute costs several times more CPU than the bytes 
 What repeats from one collection to the next is encoded once and cached: resources, scopes,
 attribute sets, histogram bounds. tests/test_delivery_encoding.py decodes every shape with the
 official classes and checks the bytes against a message built field by field.
+
+Encoding never raises over one value, whatever the host put in a name: text that is not valid
+Unicode (lone surrogates, from file names and /proc) is sent with U+FFFD in place of each bad code
+point; an integer outside int64 is sent as a double; a value of another type as its text (bytes as
+bytes, lists and dicts as OTLP arrays and key-value lists, at most MAX_DEPTH levels deep). Each
+replacement is counted in hostagent.export.replaced_values; as with everything cached here, a value
+that repeats is encoded, and counted, once per cache lifetime.
 """
 from __future__ import annotations
 
+import codecs
 import itertools
+import logging
 import operator
 import struct
 from dataclasses import dataclass
@@ -25,7 +34,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest, ExportMetricsServiceResponse)
 
 from agent.model import Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, MetricGroup, MetricKind
+from agent.selfmetrics import SELF
 
+log = logging.getLogger("hostagent.export")
 REQUEST_TYPES = {"metrics": ExportMetricsServiceRequest, "logs": ExportLogsServiceRequest}
 
 
@@ -107,19 +118,79 @@ def _ld(tag: bytes, body: bytes) -> bytes:
     return tag + _varint(len(body)) + body
 
 
+_REPLACED = SELF.counter(
+    "hostagent.export.replaced_values", "{value}",
+    "Values the OTLP encoder could not send as they were and replaced, by reason: text that is not valid "
+    "Unicode (sent with U+FFFD), an integer outside int64 (sent as a double), a value nested deeper than "
+    "the limit or of no OTLP type (sent as text).")
+MAX_DEPTH = 16                  # nesting of lists/dicts in one attribute value
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _one_replacement_char_each(error: UnicodeError) -> tuple:
+    return "\ufffd".encode() * (error.end - error.start), error.end   # bytes: the UTF-8 codec takes no str here
+
+
+codecs.register_error("hostagent.ufffd", _one_replacement_char_each)
+
+
+def _utf8(text) -> bytes:
+    """`text` as UTF-8; a code point UTF-8 cannot hold (a lone surrogate) becomes U+FFFD."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        _REPLACED.add(1, (("reason", "invalid_unicode"),))
+        return text.encode("utf-8", "hostagent.ufffd")
+    except AttributeError:                              # not a str at all
+        return _utf8(_text_of(text))
+
+
+def _text_of(value) -> str:
+    """str(value), or a placeholder when even that fails (a broken __str__, a 5000-digit int)."""
+    _REPLACED.add(1, (("reason", "type"),))
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _double_of(big: int) -> float:
+    """An integer outside int64 as the nearest double (an infinity past its range)."""
+    _REPLACED.add(1, (("reason", "int_range"),))
+    try:
+        return float(big)
+    except OverflowError:
+        return float("inf") if big > 0 else float("-inf")
+
+
 def _str(tag: bytes, text: str) -> bytes:
     """A string field, left out when empty (proto3 default)."""
-    return _ld(tag, text.encode()) if text else b""
+    return _ld(tag, _utf8(text)) if text else b""
 
 
-def _any_value(value) -> bytes:
+def _any_value(value, depth: int = 0) -> bytes:
+    """An AnyValue's body (string 1, bool 2, int 3, double 4, array 5, kvlist 6, bytes 7)."""
+    if isinstance(value, str):
+        return _ld(b"\x0a", _utf8(value))
     if isinstance(value, bool):
         return b"\x10" + _BYTE[int(value)]
     if isinstance(value, int):
-        return b"\x18" + _varint(value)
+        if INT64_MIN <= value <= INT64_MAX:
+            return b"\x18" + _varint(value)
+        return b"\x21" + _D.pack(_double_of(value))
     if isinstance(value, float):
         return b"\x21" + _D.pack(value)
-    return _ld(b"\x0a", str(value).encode())
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _ld(b"\x3a", bytes(value))
+    if isinstance(value, (list, tuple, dict)) and depth < MAX_DEPTH:
+        if isinstance(value, dict):   # KeyValueList.values = 1
+            body = b"".join(_ld(b"\x0a", _str(b"\x0a", k if isinstance(k, str) else _text_of(k))
+                                + _ld(b"\x12", _any_value(v, depth + 1))) for k, v in value.items())
+            return _ld(b"\x32", body)
+        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _any_value(v, depth + 1)) for v in value))  # ArrayValue.values = 1
+    if value is None:
+        return b""
+    return _ld(b"\x0a", _utf8(_text_of(value)))
 
 
 def _key_values(tag: bytes, attributes) -> bytes:
@@ -129,7 +200,9 @@ def _key_values(tag: bytes, attributes) -> bytes:
 
 class _Cache(dict):
     """Encoded bytes of values that repeat between collections, keyed by the (hashable) value.
-    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality."""
+    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality.
+    Keys are compared as Python does: attribute sets that differ only in 0 / 0.0 / False share
+    the encoding of the first one seen (no source gives one attribute values of several types)."""
 
     def __init__(self, encode, limit: int = 65536):
         super().__init__()
@@ -140,6 +213,13 @@ class _Cache(dict):
             self.clear()
         value = self[key] = self.encode(key)
         return value
+
+    def of(self, key):
+        """self[key]; encoded each time when the key cannot be hashed (a list in an attribute value)."""
+        try:
+            return self[key]
+        except TypeError:
+            return self.encode(key)
 
 
 # attribute sets, per the field number attributes have in each message
@@ -162,9 +242,14 @@ def _number_point_slow(p, attrs: bytes) -> bytes:
     v = p.value
     body = ((b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"")
             + (b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"")
-            + (b"\x21" + _D.pack(v) if isinstance(v, float) else b"\x31" + _Q.pack(operator.index(v)))
+            + (b"\x21" + _D.pack(v) if isinstance(v, float) else _int_value(operator.index(v)))
             + attrs)
     return _ld(b"\x0a", body)
+
+
+def _int_value(v: int) -> bytes:
+    """NumberDataPoint.as_int (6), or as_double (4) for an integer outside int64."""
+    return b"\x31" + _Q.pack(v) if INT64_MIN <= v <= INT64_MAX else b"\x21" + _D.pack(_double_of(v))
 
 
 def _number_points(points, out: list) -> None:
@@ -172,13 +257,20 @@ def _number_points(points, out: list) -> None:
     attrs_of, prefix, pack_d, pack_i = _ATTRS_NUMBER, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
     append = out.append
     for p in points:
-        a = attrs_of[p.attributes]
+        try:
+            a = attrs_of[p.attributes]
+        except TypeError:
+            a = attrs_of.of(p.attributes)
         start, t, v = p.start_time_ns, p.time_ns, p.value
         tv = type(v)
         if tv is float and start and t:
             body = pack_d(0x11, start, 0x19, t, 0x21, v)
         elif tv is int and start and t:
-            body = pack_i(0x11, start, 0x19, t, 0x31, v)
+            try:
+                body = pack_i(0x11, start, 0x19, t, 0x31, v)
+            except struct.error:  # an integer outside int64 (or a timestamp outside uint64)
+                append(_number_point_slow(p, a))
+                continue
         else:  # a timestamp left at 0, a bool or a numpy number
             append(_number_point_slow(p, a))
             continue
@@ -195,7 +287,7 @@ def _histogram_point(p: HistogramPoint) -> bytes:
             b"\x29" + _D.pack(p.sum),
             _ld(b"\x32", struct.pack(f"<{len(p.counts)}Q", *p.counts)) if p.counts else b"",
             _BOUNDS[tuple(p.bounds)],
-            _ATTRS_HISTOGRAM[p.attributes]]
+            _ATTRS_HISTOGRAM.of(p.attributes)]
     return _ld(b"\x0a", b"".join(body))
 
 
@@ -215,7 +307,7 @@ def _exp_histogram_point(p: ExponentialHistogramPoint, counts: bytes) -> bytes:
                          b"\x29" + _D.pack(p.sum)))
     positive = ((b"\x08" + _varint(_zigzag(p.positive_offset)) if p.positive_offset else b"")
                 + (b"\x12" + _varint(len(counts)) + counts if counts else b""))
-    body = (_ATTRS_EXP[p.attributes] + head
+    body = (_ATTRS_EXP.of(p.attributes) + head
             + (b"\x30" + _varint(_zigzag(p.scale)) if p.scale else b"")
             + (b"\x39" + _F64.pack(p.zero_count) if p.zero_count else b"")
             + b"\x42" + _varint(len(positive)) + positive
@@ -264,7 +356,7 @@ def _by_resource_and_scope(groups: Iterable) -> dict:
 def encode_metrics(groups: list[MetricGroup]) -> bytes:
     resources = []
     for resource, scopes in _by_resource_and_scope(groups).items():
-        parts = [_RESOURCE[resource]]
+        parts = [_RESOURCE.of(resource)]
         for scope, scope_groups in scopes.items():
             by_name: dict = {}  # collections of the same metric batched together share one entry
             for g in scope_groups:
@@ -281,8 +373,8 @@ def _log_record(r) -> bytes:
     body = [b"\x09" + _F64.pack(r.time_ns) if r.time_ns else b"",
             b"\x10" + _varint(int(r.severity)) if int(r.severity) else b"",
             _str(b"\x1a", r.severity.name),
-            _ld(b"\x2a", _ld(b"\x0a", r.body.encode())),
-            _ATTRS_LOG[r.attributes],
+            _ld(b"\x2a", _ld(b"\x0a", _utf8(r.body))),
+            _ATTRS_LOG.of(r.attributes),
             b"\x59" + _F64.pack(r.observed_time_ns or r.time_ns) if (r.observed_time_ns or r.time_ns) else b"",
             _str(b"\x62", r.event_name)]
     return _ld(b"\x12", b"".join(body))
@@ -291,7 +383,7 @@ def _log_record(r) -> bytes:
 def encode_logs(groups: list[LogGroup]) -> bytes:
     resources = []
     for resource, scopes in _by_resource_and_scope(groups).items():
-        parts = [_RESOURCE[resource]]
+        parts = [_RESOURCE.of(resource)]
         for scope, scope_groups in scopes.items():
             records = [_log_record(r) for g in scope_groups for r in g.records]
             parts.append(_ld(b"\x12", _SCOPE[scope] + b"".join(records)))
@@ -299,13 +391,39 @@ def encode_logs(groups: list[LogGroup]) -> bytes:
     return b"".join(resources)
 
 
+_DROPPED = SELF.counter(
+    "hostagent.export.encoding_dropped", "{items}",
+    "Data points and log records left out of a request because their group could not be encoded even "
+    "with replacements (the rest of the batch is sent).")
+
+
+def _encode_signal(signal: str, encoder, groups: list, count) -> list:
+    """[encoder(groups) as a Payload]. Should that raise (a value no replacement covers), each group
+    is encoded alone and the ones that still raise are left out and counted: one bad group never
+    costs the batch ([] when no group is left)."""
+    try:
+        return [Payload(signal, encoder(groups), count(groups))]
+    except Exception as e:
+        log.warning("encode_failed signal=%s error=%s", signal, type(e).__name__)
+    kept = []
+    for g in groups:
+        try:
+            encoder([g])
+        except Exception:
+            _DROPPED.add(count([g]), (("signal", signal),))
+        else:
+            kept.append(g)
+    return [Payload(signal, encoder(kept), count(kept))] if kept else []
+
+
 def encode(batch: Batch) -> list[Payload]:
     """The batch as at most one payload per signal."""
     out = []
     if batch.metrics:
-        out.append(Payload("metrics", encode_metrics(batch.metrics), batch.point_count()))
+        out += _encode_signal("metrics", encode_metrics, batch.metrics,
+                              lambda gs: sum(len(m.points) for g in gs for m in g.metrics))
     if batch.logs:
-        out.append(Payload("logs", encode_logs(batch.logs), batch.log_count()))
+        out += _encode_signal("logs", encode_logs, batch.logs, lambda gs: sum(len(g.records) for g in gs))
     return out
 
 

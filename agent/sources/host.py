@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Optional
 import psutil
 
 from agent import __version__
+from agent.config import compile_pattern
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
 from agent.selfmetrics import SELF
 from agent.sources import Source
@@ -281,9 +282,10 @@ class HostScraper(Source):
         self.scope = Scope(SCOPE_PREFIX + self.name, __version__)
         self.definitions = {d.name: d for d in TABLE[self.name]}
         self.enabled = enabled_metrics(self.name, cfg.metrics)
-        # include/exclude exist on the filtered scrapers only (disk, network, filesystem, process)
-        self._include = tuple(re.compile(p) for p in getattr(cfg, "include", ()))
-        self._exclude = tuple(re.compile(p) for p in getattr(cfg, "exclude", ()))
+        # include/exclude exist on the filtered scrapers only (disk, network, filesystem, process); RE2:
+        # a name on the host (a process's) cannot make a pattern backtrack
+        self._include = tuple(compile_pattern(p) for p in getattr(cfg, "include", ()))
+        self._exclude = tuple(compile_pattern(p) for p in getattr(cfg, "exclude", ()))
         self.start_ns = _boot_time_s() * 1_000_000_000
         self._errors = SELF.counter("hostagent.scraper.errors", "{error}",
                                     "Host read failures in scrapers; the affected part of the scrape "

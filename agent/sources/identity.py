@@ -10,6 +10,10 @@ container and systemd unit -- as OpenTelemetry attributes.
   gone (not after its cgroup is).
 - `read_process(pid)`: the same attributes from /proc, with the process's start time, so a caller
   can tell the process it asked about from a later one that got the same pid.
+
+Names on a Linux host are bytes, not text: a cgroup, a file or a command line may hold bytes that
+are not UTF-8. They are decoded where they are read, each invalid byte becoming U+FFFD
+(`decoded()`), so no lone surrogate (Python's stand-in for an undecodable byte) leaves this module.
 """
 from __future__ import annotations
 
@@ -25,70 +29,211 @@ from typing import Optional
 REDACTED = "***"
 CLOCK_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
-# name=value inside an argument (--password=x, token=x in a URL query, AWS_SECRET_ACCESS_KEY=x)
-_ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^\s&]+)")
+
+def decoded(raw) -> str:
+    """Bytes from the kernel (or a str that os/psutil decoded with surrogateescape) as text, each
+    byte that is not UTF-8 replaced by U+FFFD."""
+    if isinstance(raw, str):
+        try:
+            raw.encode()
+            return raw
+        except UnicodeEncodeError:
+            raw = raw.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "replace")
+
+
+# Command lines are read whole up to this many bytes (the process probe reads 1 KiB in the kernel):
+# enough for nearly every command, and a bound on what one process can make the agent read and hold.
+CMDLINE_MAX = 4096
+TRUNCATED_MARK = "..."                     # stands for the part of a command line that did not fit
+
+# inside one word, name=value pairs are separated by these (URL queries, JDBC, mount -o)
+_PAIRS = re.compile(r"([;&?,])")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")       # what an option, variable or header name is made of
+# what may come before a name in a word: option dashes, quotes (sh -c "... '--password=x' ...")
+_NAME_PREFIX = "-\"'"
+# the first word of an Authorization header's value, kept: it says what kind of credential follows
+_AUTH_SCHEMES = frozenset(("basic", "bearer", "digest", "token", "negotiate", "ntlm", "bot", "apikey"))
+
+
+def split_argv(raw: bytes, cut: bool) -> list:
+    """NUL-separated arguments as text. `cut`: the bytes end inside an argument, which is replaced
+    by TRUNCATED_MARK (half a secret is still a secret, and the rules need whole words)."""
+    parts = raw.split(b"\0")
+    parts.pop()                            # "" after the last NUL, or the argument cut short
+    argv = [decoded(a) for a in parts]
+    if cut:
+        argv.append(TRUNCATED_MARK)
+    return argv
 
 
 class Redactor:
     """`redactor(argv)` -> the command line as one string, secret values replaced by ***.
 
-    Hidden: the value of an option or variable whose name ends in a secret name (`--password x`,
-    `--password=x`, `API_KEY=x`, `?token=x`), a client's password option (`mysql -px`,
-    `redis-cli -a x`), and what the patterns mark (by default `user:password@` in URLs and
-    Authorization headers). A bare password option followed by another word hides that word:
-    `mysql -p db` may be prompting, but a hidden database name is the safe mistake."""
+    Linear in the length of the command line, whatever it holds: the built-in rules are scans of
+    each word (no regular expression that can backtrack), and the configured patterns run on RE2.
+    An argument holding spaces (`sh -c "mysql -px"`, `-H "Authorization: Basic x"`) is read as a
+    command line of its own, so a wrapper hides nothing. Hidden:
+    - the value of an option, variable or key whose name has a secret part (`secret_names`
+      anywhere in it, `secret_suffixes` at the end of one of its words: --password x,
+      --db-password=x, --secretKey:x, API_KEY=x, ?token=x, ;password=x, pass:x), glued with = or
+      :, or the next word unless that is a --long-option (`--password -x` hides -x);
+    - a header-like `Name: value` with such a name: the rest of that argument;
+    - the userinfo of any URL (scheme://user:***@host, scheme://***@host);
+    - a command's password options (`password_options`; `mysql -px`, `timeout 5 mysql -p x`,
+      `curl -u user:x`, `docker login -p x`), from the word naming that command on;
+    - what the patterns mark (the group named `secret`, else the whole match)."""
 
     def __init__(self, cfg):
+        from agent.config import compile_pattern
         self.names = tuple(n.lower() for n in cfg.secret_names)
-        self.options = tuple((glob, option) for glob, option in cfg.password_options.items())
-        self.patterns = tuple(re.compile(p) for p in cfg.patterns)
-        self._option_of: dict = {}            # argv[0] -> its password option or None
+        self.suffixes = tuple(n.lower() for n in cfg.secret_suffixes)
+        self.options = tuple((glob, tuple(options.split())) for glob, options in cfg.password_options.items())
+        self.patterns = tuple(compile_pattern(p) for p in cfg.patterns)
+        self._options_of: dict = {}           # a word -> the password options it brings, or ()
 
-    def _secret_name(self, name: str) -> bool:
-        bare = name.lstrip("-")
-        return bool(bare) and bare.lower().endswith(self.names)
+    def secret_name(self, name: str) -> bool:
+        """Has `name` (an option, variable or header name: _NAME's characters) a secret part?"""
+        lower = name.lower()
+        if any(n in lower for n in self.names):
+            return True
+        for suffix in self.suffixes:          # at the end of a word of the name: API_KEY, secretKey, x-api-key
+            at = lower.find(suffix)
+            while at != -1:
+                end = at + len(suffix)
+                if end == len(name) or not name[end].isalnum() or (name[end].isupper() and name[end - 1].islower()):
+                    return True
+                at = lower.find(suffix, at + 1)
+        return False
 
-    def _assignment(self, m: re.Match) -> str:
-        return f"{m['name']}={REDACTED}" if self._secret_name(m["name"]) else m.group(0)
-
-    def _pattern(self, pattern: re.Pattern, arg: str) -> str:
-        def hide(m: re.Match) -> str:
-            group = "secret" if "secret" in pattern.groupindex and m.group("secret") is not None else 0
-            start, end = m.start(group) - m.start(), m.end(group) - m.start()
-            return m.group(0)[:start] + REDACTED + m.group(0)[end:]
-        return pattern.sub(hide, arg)
-
-    def _password_option(self, command: str) -> Optional[str]:
-        if command not in self._option_of:
-            if len(self._option_of) >= 1024:
-                self._option_of.clear()
-            base = os.path.basename(command)
-            self._option_of[command] = next(
-                (option for glob, option in self.options if fnmatch.fnmatchcase(base, glob)), None)
-        return self._option_of[command]
+    def _password_options(self, word: str) -> tuple:
+        if len(word) > 255:                   # longer than any file name: names no command
+            return ()
+        if word not in self._options_of:
+            if len(self._options_of) >= 1024:
+                self._options_of.clear()
+            base = word.rpartition("/")[2]
+            self._options_of[word] = next(
+                (options for glob, options in self.options if fnmatch.fnmatchcase(base, glob)), ())
+        return self._options_of[word]
 
     def __call__(self, argv) -> str:
-        option = self._password_option(argv[0]) if argv else None
+        out = " ".join(self._line(argv, nested=False))
+        for pattern in self.patterns:
+            out = _hide_matches(pattern, out)
+        return out
+
+    def _line(self, words, nested: bool) -> list:
+        """The words of one command line, redacted. `nested`: the words of one argument (its rest
+        is a header's value)."""
         out = []
-        value_is_secret = False
-        for arg in argv:
-            if value_is_secret and not arg.startswith("-"):
+        options: tuple = ()
+        pending = None                        # "next": the next word is a value; "rest": all that follows
+        for word in words:
+            options = self._password_options(word) or options
+            if pending == "rest":
+                if word.lower() in _AUTH_SCHEMES:
+                    out.append(word)          # Authorization: Bearer ***
+                    continue
                 out.append(REDACTED)
-                value_is_secret = False
+                break
+            if pending == "next":
+                pending = None
+                if not word.startswith("--"):
+                    out.append(REDACTED)
+                    continue
+            if not nested and any(c.isspace() for c in word):
+                out.append(" ".join(self._line(word.split(), nested=True)))
                 continue
-            value_is_secret = False
-            if arg.startswith("-") and "=" not in arg and (arg == option or self._secret_name(arg)):
-                value_is_secret = True        # `--password secret`: the next argument is the value
-                out.append(arg)
+            hidden = _option_value(word, options)
+            if hidden is not None:
+                out.append(hidden)
+                pending = "next" if hidden == word else None
                 continue
-            if option and len(arg) > len(option) and arg.startswith(option) and not arg.startswith("--"):
-                out.append(option + REDACTED)
-                continue
-            arg = _ASSIGNMENT.sub(self._assignment, arg)
-            for pattern in self.patterns:
-                arg = self._pattern(pattern, arg)
-            out.append(arg)
-        return " ".join(out)
+            word, pending = self._word(word, nested)
+            out.append(word)
+        return out
+
+    def _word(self, word: str, nested: bool) -> tuple:
+        """(the word with its secret parts hidden, what it makes of the words after it)."""
+        bare = word.lstrip(_NAME_PREFIX)
+        cut = min((i for i in (bare.find("="), bare.find(":")) if i != -1), default=-1)
+        name = bare if cut == -1 else bare[:cut]
+        if name and _NAME.fullmatch(name) and self.secret_name(name):
+            if cut == -1:                     # --password x
+                return word, ("next" if word.startswith("-") else None)
+            value = bare[cut + 1:]
+            if not value:                     # Authorization: x, --password= x
+                return word, ("rest" if nested and bare[cut] == ":" else "next")
+            if not value.startswith("//"):    # not a URL: --password=x, API_KEY=x, pass:x
+                return word[:len(word) - len(value)] + REDACTED, None
+        header = word[:-1].rpartition("=")[2].lstrip(_NAME_PREFIX) if nested and word.endswith(":") else ""
+        if header and _NAME.fullmatch(header) and self.secret_name(header):
+            return word, "rest"               # --header=Authorization: x
+        if "=" in word:
+            word = "".join(self._pair(piece) for piece in _PAIRS.split(word))
+        if "://" in word:
+            word = _hide_userinfo(word)
+        return word, None
+
+    def _pair(self, piece: str) -> str:
+        name, eq, value = piece.partition("=")
+        name = name.lstrip(_NAME_PREFIX)
+        if eq and value and _NAME.fullmatch(name) and self.secret_name(name):
+            return piece[:len(piece) - len(value)] + REDACTED
+        return piece
+
+
+def _option_value(word: str, options: tuple):
+    """`word` with the value of one of a command's password `options` hidden (-px, --user=x);
+    `word` itself when it is such an option and its value is the next word; else None."""
+    for option in options:
+        if word == option:
+            return word
+        if word.startswith(option) and len(word) > len(option):
+            if option.startswith("--"):
+                if word[len(option)] == "=":
+                    return option + "=" + REDACTED
+            else:
+                return option + REDACTED
+    return None
+
+
+def _hide_userinfo(word: str) -> str:
+    """`word` with the userinfo of each URL in it hidden: scheme://user:***@host (the password may
+    hold a /), scheme://***@host (a token given as the user name; not when it holds a /: that is a
+    path with an @ in it)."""
+    out = []
+    done = 0
+    at_scheme = word.find("://")
+    while at_scheme != -1:
+        start = at_scheme + 3
+        following = word.find("://", start)
+        end = len(word) if following == -1 else following
+        at = word.rfind("@", start, end)
+        if at != -1:
+            colon = word.find(":", start, at)
+            if colon != -1:
+                out += [word[done:colon + 1], REDACTED]
+                done = at
+            elif word.find("/", start, at) == -1:
+                out += [word[done:start], REDACTED]
+                done = at
+        at_scheme = following
+    out.append(word[done:])
+    return "".join(out)
+
+
+def _hide_matches(pattern, text: str) -> str:
+    """`text` with what `pattern` matches hidden: its group named `secret` if it has one and it
+    took part in the match, else the whole match."""
+    group = pattern.groupindex.get("secret")
+
+    def hide(m) -> str:
+        g = group if group is not None and m.start(group) != -1 else 0
+        whole = m.group(0)
+        return whole[:m.start(g) - m.start()] + REDACTED + whole[m.end(g) - m.start():]
+    return pattern.sub(hide, text)
 
 
 # --- cgroups -------------------------------------------------------------------------------------
@@ -163,7 +308,7 @@ O_PATH = 0o10000000
 
 def cgroup2_mount() -> Optional[str]:
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 if right.split(" ", 1)[0] == "cgroup2":
@@ -199,7 +344,7 @@ class CgroupPaths:
         if fd < 0:
             return None
         try:
-            full = os.readlink(f"/proc/self/fd/{fd}")
+            full = decoded(os.readlink(f"/proc/self/fd/{fd}".encode()))
         finally:
             os.close(fd)
         relative = os.path.relpath(full, self.mount)
@@ -234,9 +379,10 @@ def user_name(uid: int) -> Optional[str]:
         return None
 
 
-def _read(path: str, mode: str = "r"):
-    with open(path, mode) as f:
-        return f.read()
+def _read(path: str, mode: str = "r", limit: int = -1):
+    """A /proc file: bytes in mode "rb", else text with invalid bytes replaced by U+FFFD."""
+    with open(path, mode) if mode == "rb" else open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(limit)
 
 
 def boot_to_wall_ns() -> int:
@@ -266,6 +412,23 @@ def proc_cgroup_attributes(pid: int) -> tuple:
     return cgroup_attributes(path, prefix)
 
 
+def proc_cmdline(pid: int) -> list:
+    """The arguments of the process at `pid` (the first CMDLINE_MAX bytes of them; [] if it is gone,
+    hidden from us, or a kernel thread)."""
+    try:
+        return cmdline_argv(_read(f"/proc/{pid}/cmdline", "rb", CMDLINE_MAX + 1))
+    except OSError:
+        return []
+
+
+def cmdline_argv(raw: bytes) -> list:
+    """The arguments in a /proc/<pid>/cmdline's bytes, the first CMDLINE_MAX bytes of them."""
+    if len(raw) > CMDLINE_MAX:
+        return split_argv(raw[:CMDLINE_MAX], cut=True)
+    # a process that rewrote its arguments (setproctitle) may leave no NUL at the end
+    return split_argv(raw if raw.endswith(b"\0") or not raw else raw + b"\0", cut=False)
+
+
 def read_process(pid: int, redactor: Optional[Redactor]) -> Optional[tuple]:
     """(start time in boot-clock ticks, attributes) of the process now at `pid`, from /proc; None
     if there is none. `redactor` None: no command line. Fields the kernel will not show are left out."""
@@ -276,18 +439,13 @@ def read_process(pid: int, redactor: Optional[Redactor]) -> Optional[tuple]:
     base = f"/proc/{pid}"
     attrs = [("process.parent_pid", ppid), ("process.executable.name", comm)]
     try:
-        attrs.append(("process.executable.path", os.readlink(f"{base}/exe")))
+        attrs.append(("process.executable.path", decoded(os.readlink(f"{base}/exe".encode()))))
     except OSError:
         pass
     if redactor is not None:
-        try:
-            argv = _read(f"{base}/cmdline", "rb").split(b"\0")
-            if argv and argv[-1] == b"":
-                argv.pop()
-            if argv:
-                attrs.append(("process.command_line", redactor([a.decode(errors="replace") for a in argv])))
-        except OSError:
-            pass
+        argv = proc_cmdline(pid)
+        if argv:
+            attrs.append(("process.command_line", redactor(argv)))
     try:
         for line in _read(f"{base}/status").splitlines():
             if line.startswith("Uid:"):

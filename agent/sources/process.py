@@ -14,6 +14,7 @@ attribute or metric, not the process. Kernel threads (no executable, no command 
 """
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -23,7 +24,7 @@ from agent.model import MetricGroup, Resource
 from agent.pipeline.cache import TwoLevelCache
 from agent.selfmetrics import SELF
 from agent.sources.host import HostScraper, Points
-from agent.sources.identity import Redactor, proc_cgroup_attributes
+from agent.sources.identity import Redactor, cmdline_argv, decoded, proc_cgroup_attributes
 
 # psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
 FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
@@ -83,7 +84,7 @@ class ProcessScraper(HostScraper):
 
     def _scrape_process(self, proc: psutil.Process, time_ns: int, seen: set):
         with proc.oneshot():
-            name = proc.name()
+            name = decoded(proc.name())
             if not self.selected(name):
                 return None
             ppid = self._get(proc.ppid)
@@ -112,8 +113,9 @@ class ProcessScraper(HostScraper):
 
     def _static_attributes(self, proc: psutil.Process, name: str):
         """What stays the same while the process lives; None for a kernel thread."""
-        cmdline = self._get(proc.cmdline, [])
-        exe = self._get(proc.exe, "")
+        # as /proc holds them (psutil decoded them with surrogateescape), cut to CMDLINE_MAX bytes
+        cmdline = cmdline_argv(b"".join(os.fsencode(a) + b"\0" for a in self._get(proc.cmdline, [])))
+        exe = decoded(self._get(proc.exe, ""))
         if not cmdline and not exe:
             return None
         attrs = [("process.executable.name", name)]
@@ -124,7 +126,7 @@ class ProcessScraper(HostScraper):
             attrs.append(("process.command_line", self.redact(cmdline)))
         owner = self._get(proc.username)
         if owner is not None:
-            attrs.append(("process.owner", owner))
+            attrs.append(("process.owner", decoded(owner)))
         return tuple(attrs)
 
     def _metrics(self, proc: psutil.Process, p: Points, key: tuple, create_time: float,

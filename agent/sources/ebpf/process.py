@@ -36,7 +36,7 @@ import numpy as np
 
 from agent.config import EnrichmentConfig
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
-from agent.sources.identity import CLOCK_TICK_NS, CgroupPaths, Redactor, proc_stat, user_name
+from agent.sources.identity import CLOCK_TICK_NS, CgroupPaths, Redactor, proc_stat, split_argv, user_name
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
 from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
 from agent.sources.ebpf.signals import signal_name
@@ -53,7 +53,6 @@ EXEC_EVENT = np.dtype([
     ("filename", f"S{FILENAME_LEN}"), ("args", f"V{ARGS_LEN}"),
 ])
 ARGS_KNOWN, ARGS_TRUNCATED = 1, 2        # HA_EXEC_ARGS_*
-TRUNCATED_MARK = "..."                   # stands for what did not fit
 
 # struct exit_event
 EXIT_EVENT = np.dtype([
@@ -84,15 +83,9 @@ def iso8601(ns: int) -> str:
 
 
 def argv_of(raw: bytes, size: int, flags: int) -> list:
-    """The argument list of an exec record; a last argument cut short is replaced by "..."
-    (half a secret is still a secret, and the redaction rules need whole words)."""
-    parts = bytes(raw[:size]).split(b"\0")
-    complete = parts[-1] == b""
-    parts.pop()                            # what follows the last NUL: "" or a cut argument
-    argv = [a.decode(errors="replace") for a in parts]
-    if flags & ARGS_TRUNCATED or not complete:
-        argv.append(TRUNCATED_MARK)
-    return argv
+    """The argument list of an exec record; a last argument cut short is replaced by "..."."""
+    args = bytes(raw[:size])
+    return split_argv(args, cut=bool(flags & ARGS_TRUNCATED) or not args.endswith(b"\0"))
 
 
 def exit_status(raw: int) -> tuple:
