@@ -117,7 +117,7 @@ else:
         c.sendall(block)
     c.close()
 """
-BULK_BYTES = 16 << 20
+BULK_BYTES = 4 << 20
 
 
 @pytest.fixture
