@@ -171,30 +171,46 @@ def concurrent_fsyncs(directory, writers=4):
         t.join()
 
 
-@pytest.mark.parametrize("workload", [dsync_direct_writes, fsynced_random_writes, direct_reads,
-                                      concurrent_fsyncs])
-def test_counts_and_latency_equal_diskstats_on_root_disk(accounting_probe, workload):
-    """Each operation's count over the window equals the /proc/diskstats delta of the root disk
-    (other engineers' I/O included: both see it), and so does the time the kernel accounted."""
-    directory, disk = root_disk()
-    p = accounting_probe
+def window(p, disk, workload, directory) -> tuple:
+    """{operation: (agent count, kernel count, agent ms, kernel ms)} over one run of `workload`,
+    and the events the kernel skipped for the probe meanwhile (another BPF program was running)."""
     skipped0 = misses(p, *PROGRAMS)
     agent0, kernel0 = idle_edge(p, disk)
     workload(directory)
     agent1, kernel1 = idle_edge(p, disk)
-    skipped = misses(p, *PROGRAMS) - skipped0       # while another BPF program ran on the CPU
     report = {}
     for op in OPS:
-        agent = agent1.get(op, (0, 0))[0] - agent0.get(op, (0, 0))[0]
-        kernel = kernel1[op][0] - kernel0[op][0]
-        agent_ms = agent1.get(op, (0, 0))[1] - agent0.get(op, (0, 0))[1]
-        kernel_ms = kernel1[op][1] - kernel0[op][1]
-        report[op] = (agent, kernel, round(agent_ms, 1), kernel_ms)
-        assert kernel - skipped <= agent <= kernel, report
+        report[op] = (agent1.get(op, (0, 0))[0] - agent0.get(op, (0, 0))[0], kernel1[op][0] - kernel0[op][0],
+                      round(agent1.get(op, (0, 0))[1] - agent0.get(op, (0, 0))[1], 1),
+                      kernel1[op][1] - kernel0[op][1])
+    return report, misses(p, *PROGRAMS) - skipped0
+
+
+WINDOWS = 3
+
+
+@pytest.mark.parametrize("workload", [dsync_direct_writes, fsynced_random_writes, direct_reads,
+                                      concurrent_fsyncs])
+def test_counts_and_latency_equal_diskstats_on_root_disk(accounting_probe, workload):
+    """Each operation's count over the window equals the /proc/diskstats delta of the root disk
+    (other I/O on the disk included: both see it), and so does the time the kernel accounted.
+    Never more than the kernel; a window that comes short (other programs being attached to the
+    same tracepoints on this shared host, see docs/probes.md) is run again, up to WINDOWS times."""
+    directory, disk = root_disk()
+    reports = []
+    for _ in range(WINDOWS):
+        report, skipped = window(accounting_probe, disk, workload, directory)
+        reports.append((report, skipped))
+        print(workload.__name__, report, "skipped", skipped)
+        assert all(agent <= kernel for agent, kernel, _, _ in report.values()), reports
+        if all(agent == kernel for agent, kernel, _, _ in report.values()):
+            break
+    else:
+        pytest.fail(f"no window in {WINDOWS} counted what the kernel counted: {reports}")
+    for agent, kernel, agent_ms, kernel_ms in report.values():
         # the same durations: the probe reads the clock a few microseconds after the kernel,
         # and /proc/diskstats truncates to milliseconds
         assert abs(agent_ms - kernel_ms) <= 3 + 0.1 * kernel_ms, report
-    print(workload.__name__, report)
     assert report["read" if workload is direct_reads else "write"][1] > 0
     if workload is not direct_reads and \
             open(f"/sys/block/{disk}/queue/write_cache").read().strip() == "write back":
