@@ -16,8 +16,9 @@ import pytest
 from agent.model import MetricKind
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.biolatency import (ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS, BioKey,
-                                           BiolatencyProbe, DeviceNames, OPERATIONS)
-from agent.sources.ebpf.loader import tracepoint_available
+                                           BiolatencyProbe, DeviceNames, OPERATIONS,
+                                           accounting_flags)
+from agent.sources.ebpf.loader import btf_facts, btf_member_offset, tracepoint_available
 from tests.ebpf_helpers import attached, misses
 
 
@@ -316,3 +317,20 @@ def test_device_names(tmp_path):
     names = DeviceNames(str(tmp_path))
     assert names.name(254 << 20 | 16) == "vdb"
     assert names.name(8 << 20 | 1) == "8:1"
+
+
+def test_accounting_flags_come_from_btf(tmp_path):
+    flags = accounting_flags()
+    if flags is None:
+        pytest.skip("no BTF, or it lacks what the accounting variant reads")
+    values = dict(f[2:].split("=") for f in flags if "=" in f)
+    # enum req_op values have not changed since they became an enum
+    assert (values["BIO_REQ_OP_FLUSH"], values["BIO_REQ_OP_DISCARD"], values["BIO_REQ_OP_SECURE_ERASE"]) == \
+        ("2", "3", "5")
+    assert values["BIO_RQ_RQ_FLAGS"] == str(btf_member_offset("request", "rq_flags"))
+    assert int(values["BIO_RQF_IO_STAT"]) != int(values["BIO_RQF_FLUSH_SEQ"])
+    bad = tmp_path / "vmlinux"
+    bad.write_bytes(b"not btf")
+    assert btf_facts([("request", "q")], ["REQ_OP_FLUSH"], path=str(bad)) is None
+    assert btf_facts([("request", "no_such_member")], ["NO_SUCH_ENUMERATOR"]) == \
+        {("request", "no_such_member"): None, "NO_SUCH_ENUMERATOR": None}

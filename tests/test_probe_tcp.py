@@ -3,6 +3,7 @@ retransmitted segments equal TcpRetransSegs (a bulk transfer over a veth pair wi
 defaults, and small messages over loopback), opens and lifetimes match the connections made, a
 connection refused is one reset each way."""
 import ctypes as ct
+import errno
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.loader import tracepoint_available, tracepoint_fields
+from agent.sources.ebpf.loader import btf_member_offset, tracepoint_available, tracepoint_fields
 from agent.sources.ebpf.tcp import UNSIZED, TcpKey, TcpProbe
 from tests.ebpf_helpers import attached, misses
 
@@ -308,3 +309,7 @@ def test_cflags_follow_the_tracepoint_formats():
     assert ("-DTCP_RETRANSMIT_HAS_ERR" in flags) == ("err" in tracepoint_fields("tcp:tcp_retransmit_skb"))
     assert ("-DTCP_SEND_RESET_SOCKADDR" in flags) == ("sport" not in tracepoint_fields("tcp:tcp_send_reset"))
     assert TcpProbe().cflags(TcpProbe.tracepoints) == [f for f in flags if not f.startswith("-DTARGET_PORT")]
+    cb, segs = btf_member_offset("sk_buff", "cb"), btf_member_offset("tcp_skb_cb", "tcp_gso_segs")
+    if cb is not None and segs is not None:
+        assert f"-DTCP_SKB_GSO_SEGS_OFFSET={cb + segs}" in flags
+    assert f"-DERR_EBUSY={errno.EBUSY}" in flags
