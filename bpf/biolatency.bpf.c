@@ -1,12 +1,25 @@
 /* biolatency: block I/O latency per device and operation, as log2 histograms in nanoseconds.
  *
- * With -DBIO_ACCOUNTING (block_io_start/block_io_done, Linux 6.5+): from when a request is
- * accounted to when it is done, the time iostat's await measures (I/O scheduler queueing
- * included). Without: from block_rq_issue (handed to the driver) to block_rq_complete, the
- * device's service time.
- * A request is identified by the tracepoint's {dev, sector}; the operation comes from rwbs at
- * completion. Flushes carry no sector (0 at start, 0 or -1 at completion), so they are keyed by
- * sector 0; an fsync's empty preflush write then pairs with the flush it turned into.
+ * With -DBIO_ACCOUNTING (Linux 6.5+, and the running kernel's BTF): what /proc/diskstats counts,
+ * request by request. The raw tracepoint block_io_done fires in blk_account_io_done() just before
+ * the kernel adds a completed request to the disk's counters, which it does when the request has
+ * RQF_IO_STAT and not RQF_FLUSH_SEQ: a request in a flush sequence completes twice (its data,
+ * then the whole sequence), and only the second completion counts. The operation is the kernel's
+ * op_stat_group(): discard, else write when the op is odd, else read. The latency is what the
+ * kernel adds to the same counter's time: from rq->start_time_ns (set when the request was
+ * accounted, before the I/O scheduler) to completion. Flushes are the flush machinery's own
+ * requests (REQ_OP_FLUSH with RQF_FLUSH_SEQ); the kernel counts one at each completion of such a
+ * request (flush_end_io), which block_rq_complete marks; their latency runs from when the
+ * flush machinery issued the flush (blk_rq_init sets start_time_ns) to its completion.
+ * Offsets and flag values come from BTF (agent/sources/ebpf/biolatency.py), never from headers:
+ *   BIO_RQ_Q, BIO_RQ_CMD_FLAGS, BIO_RQ_RQ_FLAGS, BIO_RQ_START_TIME_NS   struct request members
+ *   BIO_Q_DISK, BIO_DISK_MAJOR, BIO_DISK_FIRST_MINOR                    request_queue, gendisk
+ *   BIO_RQF_IO_STAT, BIO_RQF_FLUSH_SEQ                                  bits of enum rqf_flags
+ *   BIO_REQ_OP_BITS, BIO_REQ_OP_FLUSH, BIO_REQ_OP_DISCARD, BIO_REQ_OP_SECURE_ERASE
+ *
+ * Without: from block_rq_issue (handed to the driver) to block_rq_complete, the device's service
+ * time of each command it was sent, paired by the tracepoint's {dev, sector}. Flushes carry no
+ * sector (0 at start, 0 or -1 at completion), so they are keyed by sector 0.
  */
 #include "maps.h"
 
@@ -36,8 +49,78 @@ struct bio_key {
     u32 slot;
 };
 
-BPF_TABLE("lru_hash", struct bio_request, u64, bio_started, BIO_MAX_INFLIGHT);  /* -> start, ns */
 EXP2_HISTOGRAM(bio_latency, struct bio_key, BIO_MAX_KEYS);
+
+static __always_inline void record(u32 dev, u32 op, u64 delta)
+{
+    struct bio_key key = {.dev = dev, .op = op, .slot = exp2_slot(delta)};
+    struct exp2_bucket zero = {};
+    exp2_add(bio_latency.lookup_or_try_init(&key, &zero), delta);
+}
+
+#ifdef BIO_ACCOUNTING
+struct request_facts {
+    u64 start_ns;
+    u32 dev;            /* the whole disk's dev_t, as the block tracepoints give it */
+    u32 op;             /* REQ_OP_* */
+    u32 rq_flags;
+};
+
+/* The members of `rq` the kernel's accounting reads; 0 if one could not be read. */
+static __always_inline int read_request(void *rq, struct request_facts *f)
+{
+    void *q = 0, *disk = 0;
+    u32 opf = 0;
+    int major = 0, first_minor = 0;
+    if (bpf_probe_read_kernel(&f->rq_flags, sizeof(f->rq_flags), rq + BIO_RQ_RQ_FLAGS) ||
+        bpf_probe_read_kernel(&opf, sizeof(opf), rq + BIO_RQ_CMD_FLAGS) ||
+        bpf_probe_read_kernel(&f->start_ns, sizeof(f->start_ns), rq + BIO_RQ_START_TIME_NS) ||
+        bpf_probe_read_kernel(&q, sizeof(q), rq + BIO_RQ_Q) ||
+        bpf_probe_read_kernel(&disk, sizeof(disk), q + BIO_Q_DISK))
+        return 0;
+    if (disk && (bpf_probe_read_kernel(&major, sizeof(major), disk + BIO_DISK_MAJOR) ||
+                 bpf_probe_read_kernel(&first_minor, sizeof(first_minor), disk + BIO_DISK_FIRST_MINOR)))
+        return 0;
+    f->op = opf & ((1U << BIO_REQ_OP_BITS) - 1);
+    f->dev = (u32)major << 20 | (u32)first_minor;
+    return 1;
+}
+
+/* block/blk.h op_stat_group() */
+static __always_inline u32 stat_group(u32 op)
+{
+    if (op == BIO_REQ_OP_DISCARD || op == BIO_REQ_OP_SECURE_ERASE)
+        return BIO_OP_DISCARD;
+    return op & 1 ? BIO_OP_WRITE : BIO_OP_READ;
+}
+
+#define RQF(bit) (1U << (bit))
+
+/* block_io_done(struct request *rq) */
+RAW_TRACEPOINT_PROBE(block_io_done)
+{
+    struct request_facts f = {};
+    if (!read_request((void *)ctx->args[0], &f))
+        return 0;
+    if ((f.rq_flags & (RQF(BIO_RQF_IO_STAT) | RQF(BIO_RQF_FLUSH_SEQ))) != RQF(BIO_RQF_IO_STAT))
+        return 0;       /* not accounted, or a step of a flush sequence */
+    record(f.dev, stat_group(f.op), bpf_ktime_get_ns() - f.start_ns);
+    return 0;
+}
+
+/* block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes) */
+RAW_TRACEPOINT_PROBE(block_rq_complete)
+{
+    struct request_facts f = {};
+    if (!read_request((void *)ctx->args[0], &f))
+        return 0;
+    if (f.op != BIO_REQ_OP_FLUSH || !(f.rq_flags & RQF(BIO_RQF_FLUSH_SEQ)))
+        return 0;       /* only the flush machinery's flush requests */
+    record(f.dev, BIO_OP_FLUSH, bpf_ktime_get_ns() - f.start_ns);
+    return 0;
+}
+#else
+BPF_TABLE("lru_hash", struct bio_request, u64, bio_started, BIO_MAX_INFLIGHT);  /* -> start, ns */
 
 /* rwbs as blk_fill_rwbs() writes it: an optional 'F' (preflush), then the operation letter
  * (R, W, D, N; a lone 'F' is a flush), then flags. */
@@ -58,50 +141,25 @@ static __always_inline u32 rwbs_op(const char *rwbs)
     }
 }
 
-static __always_inline void started(u32 dev, u64 sector, const char *rwbs)
-{
-    struct bio_request req = {.dev = dev, .sector = rwbs_op(rwbs) == BIO_OP_FLUSH ? 0 : sector};
-    u64 now = bpf_ktime_get_ns();
-    bio_started.update(&req, &now);
-}
-
-static __always_inline void finished(u32 dev, u64 sector, const char *rwbs)
-{
-    u32 op = rwbs_op(rwbs);
-    struct bio_request req = {.dev = dev, .sector = op == BIO_OP_FLUSH ? 0 : sector};
-    u64 *at = bio_started.lookup(&req);
-    if (!at)
-        return;
-    u64 delta = bpf_ktime_get_ns() - *at;
-    bio_started.delete(&req);
-
-    struct bio_key key = {.dev = dev, .op = op, .slot = exp2_slot(delta)};
-    struct exp2_bucket zero = {};
-    exp2_add(bio_latency.lookup_or_try_init(&key, &zero), delta);
-}
-
-#ifdef BIO_ACCOUNTING
-TRACEPOINT_PROBE(block, block_io_start)
-{
-    started(args->dev, args->sector, args->rwbs);
-    return 0;
-}
-
-TRACEPOINT_PROBE(block, block_io_done)
-{
-    finished(args->dev, args->sector, args->rwbs);
-    return 0;
-}
-#else
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
-    started(args->dev, args->sector, args->rwbs);
+    struct bio_request req = {.dev = args->dev,
+                              .sector = rwbs_op(args->rwbs) == BIO_OP_FLUSH ? 0 : args->sector};
+    u64 now = bpf_ktime_get_ns();
+    bio_started.update(&req, &now);
     return 0;
 }
 
 TRACEPOINT_PROBE(block, block_rq_complete)
 {
-    finished(args->dev, args->sector, args->rwbs);
+    u32 op = rwbs_op(args->rwbs), dev = args->dev;
+    struct bio_request req = {.dev = dev, .sector = op == BIO_OP_FLUSH ? 0 : args->sector};
+    u64 *at = bio_started.lookup(&req);
+    if (!at)
+        return 0;       /* not sent to the driver: the end of a flush sequence */
+    u64 delta = bpf_ktime_get_ns() - *at;
+    bio_started.delete(&req);
+    record(dev, op, delta);
     return 0;
 }
 #endif

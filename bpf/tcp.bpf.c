@@ -3,10 +3,22 @@
  *
  * Tracepoint arguments only. A connection is identified by the skaddr argument of
  * sock:inet_sock_set_state between ESTABLISHED and CLOSE; it is only an identity, never read.
- * Parameters (set by agent/sources/ebpf/tcp.py from the tracepoints' format files):
+ * Parameters (set by agent/sources/ebpf/tcp.py from the tracepoints' format files and BTF):
  *   TCP_RETRANSMIT_HAS_ERR    tcp_retransmit_skb has `err` (6.12+: it fires on failures too)
  *   TCP_SEND_RESET_SOCKADDR   tcp_send_reset carries sockaddrs (6.10+), not sport/dport
+ *   TCP_SKB_GSO_SEGS_OFFSET=n offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb,
+ *                             tcp_gso_segs) in the running kernel (BTF): tcp_skb_pcount(skb);
+ *                             without it each skb counts as one segment (TCP_UNSIZED)
  *   TARGET_PORT=n             count only traffic with local or remote port n
+ *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values
+ *
+ * Retransmitted segments are TcpRetransSegs: __tcp_retransmit_skb() adds tcp_skb_pcount(skb)
+ * once the skb has been trimmed, fragmented to what may be sent and re-segmented, just before
+ * handing it to IP, whether or not IP then sends it; nothing changes the skb's segment count
+ * between there and the tracepoint, which fires on the way out (6.12+: on every way out, with
+ * `err`). The exits before the counter return -EBUSY, -EINVAL, -ENOMEM, -EHOSTUNREACH or
+ * -EAGAIN; any other err is a failure after it (a qdisc or netfilter drop), counted like the
+ * kernel does. tcp_rtx_synack() adds 1 and fires its tracepoint only when the SYN-ACK was sent.
  */
 #include "maps.h"
 
@@ -27,7 +39,9 @@ enum hostagent_sk_rst_reason { HOSTAGENT_SK_RST_REASON_UNREAD };
 #define TCP_OPENS_ACTIVE 3          /* SYN_SENT -> ESTABLISHED */
 #define TCP_OPENS_PASSIVE 4         /* SYN_RECV -> ESTABLISHED */
 #define TCP_UNTRACKED 5             /* opens not tracked for lifetime: the table was full */
-#define TCP_EVENTS 6
+#define TCP_UNSIZED 6               /* retransmitted skbs whose segment count was unreadable:
+                                       counted as one segment each */
+#define TCP_EVENTS 7
 
 #define DIRECTION_ACTIVE 0
 #define DIRECTION_PASSIVE 1
@@ -54,11 +68,16 @@ BPF_F_TABLE("hash", u64, struct tcp_connection, tcp_connections, TCP_MAX_CONNECT
             BPF_F_NO_PREALLOC);
 EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, 2 * EXP2_SLOTS);
 
+static __always_inline void count_n(u32 event, u64 n)
+{
+    u64 *total = tcp_events.lookup(&event);
+    if (total)
+        *total += n;
+}
+
 static __always_inline void count(u32 event)
 {
-    u64 *n = tcp_events.lookup(&event);
-    if (n)
-        *n += 1;
+    count_n(event, 1);
 }
 
 static __always_inline int other_port(u16 sport, u16 dport)
@@ -75,10 +94,20 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     if (other_port(args->sport, args->dport))
         return 0;
 #ifdef TCP_RETRANSMIT_HAS_ERR
-    if (args->err)          /* not sent: nothing left the host */
-        return 0;
+    int err = args->err;
+    if (err == -ERR_EBUSY || err == -ERR_EINVAL || err == -ERR_ENOMEM ||
+        err == -ERR_EHOSTUNREACH || err == -ERR_EAGAIN)
+        return 0;           /* left before the kernel counted the segments */
 #endif
-    count(TCP_RETRANSMITS);
+    u16 segs = 0;
+#ifdef TCP_SKB_GSO_SEGS_OFFSET
+    bpf_probe_read_kernel(&segs, sizeof(segs), (void *)args->skbaddr + TCP_SKB_GSO_SEGS_OFFSET);
+#endif
+    if (!segs) {
+        count(TCP_UNSIZED);
+        segs = 1;
+    }
+    count_n(TCP_RETRANSMITS, segs);
     return 0;
 }
 

@@ -2,16 +2,54 @@
 from __future__ import annotations
 
 import ctypes as ct
+import logging
 import os
 from typing import Optional
 
 from agent.model import Metric, MetricKind
 from agent.sources.ebpf import histogram
+from agent.sources.ebpf.loader import btf_facts
 from agent.sources.ebpf.probe import Probe
 
-# Linux 6.5+: the request's accounted lifetime (iostat's await); older kernels: issue to complete.
-ACCOUNTING_TRACEPOINTS = ("block:block_io_start", "block:block_io_done")
+log = logging.getLogger("hostagent.ebpf")
+
+# Linux 6.5+ with BTF: what /proc/diskstats counts, with the latency the kernel adds to it
+# (raw tracepoints, reading the request). Otherwise: commands handed to the driver, issue to complete.
+ACCOUNTING_TRACEPOINTS = ("block:block_io_done", "block:block_rq_complete")
 DRIVER_TRACEPOINTS = ("block:block_rq_issue", "block:block_rq_complete")
+
+# -D name -> what BTF must say for the accounting variant (see bpf/biolatency.bpf.c)
+BTF_MEMBERS = {
+    "BIO_RQ_Q": ("request", "q"),
+    "BIO_RQ_CMD_FLAGS": ("request", "cmd_flags"),
+    "BIO_RQ_RQ_FLAGS": ("request", "rq_flags"),
+    "BIO_RQ_START_TIME_NS": ("request", "start_time_ns"),
+    "BIO_Q_DISK": ("request_queue", "disk"),
+    "BIO_DISK_MAJOR": ("gendisk", "major"),
+    "BIO_DISK_FIRST_MINOR": ("gendisk", "first_minor"),
+}
+BTF_ENUMERATORS = {
+    "BIO_RQF_IO_STAT": "__RQF_IO_STAT",
+    "BIO_RQF_FLUSH_SEQ": "__RQF_FLUSH_SEQ",
+    "BIO_REQ_OP_BITS": "__REQ_FAILFAST_DEV",      # the first flag bit after the op
+    "BIO_REQ_OP_FLUSH": "REQ_OP_FLUSH",
+    "BIO_REQ_OP_DISCARD": "REQ_OP_DISCARD",
+    "BIO_REQ_OP_SECURE_ERASE": "REQ_OP_SECURE_ERASE",
+}
+
+
+def accounting_flags() -> Optional[list]:
+    """The -D flags of the accounting variant from the running kernel's BTF, or None when BTF is
+    missing or lacks one of them (then the driver pair is used)."""
+    facts = btf_facts(BTF_MEMBERS.values(), BTF_ENUMERATORS.values())
+    if facts is None:
+        return None
+    values = {flag: facts[key] for flag, key in {**BTF_MEMBERS, **BTF_ENUMERATORS}.items()}
+    missing = sorted(flag for flag, v in values.items() if v is None)
+    if missing:
+        log.info("biolatency_accounting_unavailable missing=%s", ",".join(missing))
+        return None
+    return ["-DBIO_ACCOUNTING"] + [f"-D{flag}={v}" for flag, v in values.items()]
 
 # BIO_OP_* in bpf/biolatency.bpf.c
 OPERATIONS = {0: "read", 1: "write", 2: "flush", 3: "discard", 4: "other"}
@@ -66,13 +104,19 @@ class BiolatencyProbe(Probe):
         self.devices = devices or DeviceNames()
 
     def select_tracepoints(self, available):
-        for pair in (ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS):
-            if all(available(tp) for tp in pair):
-                return pair
+        if all(map(available, ACCOUNTING_TRACEPOINTS)) and accounting_flags() is not None:
+            return ACCOUNTING_TRACEPOINTS
+        if all(map(available, DRIVER_TRACEPOINTS)):
+            return DRIVER_TRACEPOINTS
         return None
 
     def cflags(self, tracepoints: tuple) -> list:
-        return ["-DBIO_ACCOUNTING"] if tuple(tracepoints) == ACCOUNTING_TRACEPOINTS else []
+        if tuple(tracepoints) != ACCOUNTING_TRACEPOINTS:
+            return []
+        flags = accounting_flags()
+        if flags is None:
+            raise RuntimeError("the running kernel's BTF lacks what the accounting variant reads")
+        return flags
 
     def setup(self, bpf) -> None:
         super().setup(bpf)

@@ -166,9 +166,9 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
     return fields
 
 
-# --- BTF: member offsets of the running kernel's structs ------------------------------------
+# --- BTF: member offsets and enumerator values of the running kernel ------------------------
 
-_BTF_KIND_STRUCT, _BTF_KIND_UNION = 4, 5
+_BTF_KIND_STRUCT, _BTF_KIND_UNION, _BTF_KIND_ENUM, _BTF_KIND_ENUM64 = 4, 5, 6, 19
 # bytes following the 12-byte btf_type header: fixed, and per vlen entry (linux/btf.h)
 _BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}                   # INT, ARRAY, VAR, DECL_TAG
 _BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT, UNION, ENUM, FUNC_PROTO, DATASEC, ENUM64
@@ -180,7 +180,8 @@ class BtfError(Exception):
 
 
 def _btf_index(path: str):
-    """(raw BTF, string section start, type id -> position, struct name -> type id)."""
+    """(raw BTF, string section start, type id -> position, struct name -> type id,
+    enumerator name -> value)."""
     with open(path, "rb") as f:
         data = f.read()
     magic, _version, _flags, hdr_len, type_off, type_len, str_off, _str_len = \
@@ -191,29 +192,33 @@ def _btf_index(path: str):
     strings = hdr_len + str_off
     offsets = [0]                     # type id -> position; id 0 is void
     structs: dict = {}                # struct name -> type id (first complete definition)
+    enumerators: dict = {}            # enumerator name -> value (first definition)
     pos, end = types_start, types_start + type_len
     unpack = _TYPE.unpack_from
+
+    def name_at(off: int) -> bytes:
+        return data[strings + off:data.index(b"\0", strings + off)]
+
     while pos < end:
         name_off, info, _ = unpack(data, pos)
         kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
         offsets.append(pos)
         if kind == _BTF_KIND_STRUCT and name_off:
-            name = data[strings + name_off:data.index(b"\0", strings + name_off)]
-            structs.setdefault(name, len(offsets) - 1)
+            structs.setdefault(name_at(name_off), len(offsets) - 1)
+        elif kind == _BTF_KIND_ENUM:
+            for i in range(vlen):
+                e_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
+                enumerators.setdefault(name_at(e_name), value)
+        elif kind == _BTF_KIND_ENUM64:
+            for i in range(vlen):
+                e_name, lo, hi = unpack(data, pos + 12 + 12 * i)
+                enumerators.setdefault(name_at(e_name), hi << 32 | lo)
         pos += 12 + _BTF_EXTRA.get(kind, 0) + _BTF_PER_VLEN.get(kind, 0) * vlen
-    return data, strings, offsets, structs
+    return data, strings, offsets, structs, enumerators
 
 
-@functools.lru_cache(maxsize=None)
-def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) -> Optional[int]:
-    """Byte offset of `member` in `struct struct_name` of the running kernel (members of anonymous
-    structs and unions included), or None when there is no BTF or no such member. Parses the
-    whole BTF (about 0.1 s for vmlinux) and keeps only the answer."""
-    try:
-        data, strings, offsets, structs = _btf_index(path)
-    except (OSError, BtfError, struct.error) as e:
-        log.debug("btf_unavailable path=%s error=%s", path, e)
-        return None
+def _member_offset(index, struct_name: str, member: str) -> Optional[int]:
+    data, strings, offsets, structs, _ = index
     type_id = structs.get(struct_name.encode())
     if type_id is None:
         return None
@@ -240,6 +245,29 @@ def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) ->
         return None
 
     return find(type_id, 0)
+
+
+def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[dict]:
+    """From one parse of the running kernel's BTF (about 0.1 s for vmlinux), keeping only the
+    answers: {(struct, member): byte offset} for each pair in `members` (members of anonymous
+    structs and unions included) and {enumerator: value} for each name in `enumerators`, None
+    where the kernel has no such thing. None as a whole when there is no readable BTF."""
+    try:
+        index = _btf_index(path)
+    except (OSError, BtfError, struct.error) as e:
+        log.debug("btf_unavailable path=%s error=%s", path, e)
+        return None
+    facts = {(s, m): _member_offset(index, s, m) for s, m in members}
+    facts.update({name: index[4].get(name.encode()) for name in enumerators})
+    return facts
+
+
+@functools.lru_cache(maxsize=None)
+def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) -> Optional[int]:
+    """Byte offset of `member` in `struct struct_name` of the running kernel, or None when there
+    is no BTF or no such member."""
+    facts = btf_facts([(struct_name, member)], path=path)
+    return None if facts is None else facts[(struct_name, member)]
 
 
 # --- the registry, filtered by config --------------------------------------------------------

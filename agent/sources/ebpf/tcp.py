@@ -2,16 +2,32 @@
 from __future__ import annotations
 
 import ctypes as ct
+import errno
+import logging
 from typing import Optional
 
 from agent.model import Metric, MetricKind, NumberPoint
 from agent.selfmetrics import SELF
 from agent.sources.ebpf import histogram
-from agent.sources.ebpf.loader import tracepoint_fields
+from agent.sources.ebpf.loader import btf_facts, tracepoint_fields
 from agent.sources.ebpf.probe import Probe
 
+log = logging.getLogger("hostagent.ebpf")
+
 # indexes of tcp_events in bpf/tcp.bpf.c
-RETRANSMITS, RESETS_SENT, RESETS_RECEIVED, OPENS_ACTIVE, OPENS_PASSIVE, UNTRACKED = range(6)
+RETRANSMITS, RESETS_SENT, RESETS_RECEIVED, OPENS_ACTIVE, OPENS_PASSIVE, UNTRACKED, UNSIZED = range(7)
+# the errors __tcp_retransmit_skb() returns before it adds to TcpRetransSegs
+EARLY_EXITS = ("EBUSY", "EINVAL", "ENOMEM", "EHOSTUNREACH", "EAGAIN")
+
+
+def gso_segs_offset() -> Optional[int]:
+    """Where tcp_skb_pcount(skb) lives in an sk_buff of the running kernel (skb->cb holds the
+    struct tcp_skb_cb), from BTF; None without BTF."""
+    cb, segs = ("sk_buff", "cb"), ("tcp_skb_cb", "tcp_gso_segs")
+    facts = btf_facts([cb, segs])
+    if facts is None or facts[cb] is None or facts[segs] is None:
+        return None
+    return facts[cb] + facts[segs]
 DIRECTIONS = {0: "active", 1: "passive"}    # DIRECTION_* in bpf/tcp.bpf.c
 
 
@@ -35,10 +51,16 @@ class TcpProbe(Probe):
 
     def __init__(self, target_port: Optional[int] = None):
         self.target_port = target_port
-        self._untracked_seen = 0
-        self._untracked = SELF.counter(
-            "hostagent.ebpf.tcp.untracked_connections", "{connection}",
-            "TCP connections whose lifetime was not measured because the probe's table was full.")
+        self._seen = {UNTRACKED: 0, UNSIZED: 0}
+        self._self_metrics = {
+            UNTRACKED: SELF.counter(
+                "hostagent.ebpf.tcp.untracked_connections", "{connection}",
+                "TCP connections whose lifetime was not measured because the probe's table was full."),
+            UNSIZED: SELF.counter(
+                "hostagent.ebpf.tcp.unsized_retransmits", "{skb}",
+                "Retransmitted TCP skbs whose segment count could not be read (no BTF), "
+                "each counted as one segment."),
+        }
 
     def cflags(self, tracepoints: tuple) -> list:
         flags = []
@@ -48,6 +70,12 @@ class TcpProbe(Probe):
             flags.append("-DTCP_SEND_RESET_SOCKADDR")
         if self.target_port is not None:
             flags.append(f"-DTARGET_PORT={int(self.target_port)}")
+        offset = gso_segs_offset()
+        if offset is not None:
+            flags.append(f"-DTCP_SKB_GSO_SEGS_OFFSET={offset}")
+        else:
+            log.warning("tcp_retransmits_count_skbs reason=\"no BTF at /sys/kernel/btf/vmlinux\"")
+        flags += [f"-DERR_{name}={getattr(errno, name)}" for name in EARLY_EXITS]
         return flags
 
     def setup(self, bpf) -> None:
@@ -57,7 +85,7 @@ class TcpProbe(Probe):
 
     def event_counts(self) -> list:
         keys, values = histogram.read_map(self.events, ct.c_uint32)
-        counts = [0] * (UNTRACKED + 1)
+        counts = [0] * (UNSIZED + 1)
         for k, v in zip(keys.tolist(), values[:, 0].tolist()):
             if k < len(counts):
                 counts[k] = v
@@ -65,9 +93,10 @@ class TcpProbe(Probe):
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         c = self.event_counts()
-        if c[UNTRACKED] > self._untracked_seen:
-            self._untracked.add(c[UNTRACKED] - self._untracked_seen)
-            self._untracked_seen = c[UNTRACKED]
+        for event, counter in self._self_metrics.items():
+            if c[event] > self._seen[event]:
+                counter.add(c[event] - self._seen[event])
+                self._seen[event] = c[event]
 
         def point(value, attributes=()):
             return NumberPoint(attributes, value, start_ns, now_ns)
