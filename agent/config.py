@@ -616,13 +616,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@")
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?.*@", re.S)  # to the last @: a password may hold a /
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", re.ASCII)
 
 
 def redact_url(url: str) -> str:
-    """`url` with its userinfo (user:password@, token@) replaced by ***@: every endpoint shown in a
-    message, a log line or check-config's output goes through here."""
+    """`url` with its userinfo (user:password@, token@) replaced by ***@, for every message that
+    shows an endpoint (a valid config has none: see parse_endpoint)."""
     return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)
 
 
@@ -640,11 +640,15 @@ def parse_endpoint(value: str, protocol: str, key: str, insecure: Optional[bool]
         parts = urlsplit(text)
         port = parts.port
     except ValueError as e:
-        raise ConfigError(key, f"malformed endpoint {shown!r}: {redact_url(str(e))}") from None
+        detail = "" if "@" in value else f": {e}"  # the error may quote a piece of a password
+        raise ConfigError(key, f"malformed endpoint {shown!r}{detail}") from None
     if parts.scheme not in ("http", "https"):
         raise ConfigError(key, f"endpoint {shown!r} must use http:// or https://")
     if not parts.hostname:
         raise ConfigError(key, f"endpoint {shown!r} has no host")
+    if "@" in parts.netloc:  # neither grpcio nor urllib3 would send them: they would only be logged
+        raise ConfigError(key, f"endpoint {shown!r}: credentials in an endpoint are never sent; put them in "
+                               "exporter.otlp.headers (e.g. authorization: Basic ...)")
     if not _HOSTNAME.fullmatch(parts.hostname):
         try:
             ipaddress.ip_address(parts.hostname)
@@ -1001,9 +1005,6 @@ def to_plain(obj) -> Any:
 
 def dump(cfg: Config) -> str:
     plain = to_plain(cfg)
-    otlp = plain["exporter"]["otlp"]
-    otlp["headers"] = {k: "<redacted>" for k in otlp["headers"]}  # never print secrets
-    for name in ("endpoint", "metrics_endpoint", "logs_endpoint"):
-        otlp[name] = redact_url(otlp[name])
-    otlp["endpoints"] = [redact_url(e) for e in otlp["endpoints"]]
+    headers = plain["exporter"]["otlp"]["headers"]
+    plain["exporter"]["otlp"]["headers"] = {k: "<redacted>" for k in headers}  # never print secrets
     return yaml.safe_dump(plain, sort_keys=False)

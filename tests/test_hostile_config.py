@@ -7,10 +7,14 @@ import math
 import os
 import random
 import re
+import signal
+import socket
+import struct
 import subprocess
 import tempfile
 import time
 import typing
+import urllib.request
 
 import pytest
 import yaml
@@ -18,7 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config
-from tests.conftest import HOSTAGENT, ROOT, clean_env
+from agent.export import RetryableError
+from agent.export.otlp_grpc import GrpcExporter
+from tests.conftest import HOSTAGENT, ROOT, agent_log, base_config, clean_env
+from tests.otlp_receiver import GrpcReceiver
+from tests.test_delivery_outage import self_metric
+from tests.test_tls import grpc_tls_receiver, payload, pki  # noqa: F401 - pki is a fixture
 
 MAX_RSS_MIB = 200  # generous: the bound the agent keeps is 100 MB, a bare interpreter is ~10
 
@@ -166,13 +175,19 @@ CASES = [
     Case("headers file is a FIFO", lambda tmp_path: headers_file(tmp_path, None), words="regular file"),
     # endpoint credentials are never shown
     Case("password in the endpoint", f'exporter:\n  otlp:\n    endpoint: "http://user:{SECRET}@localhost:4317"\n',
-         expect=0),
+         words="exporter.otlp.endpoint: endpoint 'http://***@localhost:4317': credentials"),
+    Case("password in an HTTP endpoint", 'exporter:\n  otlp:\n    protocol: http/protobuf\n'
+         f'    metrics_endpoint: "https://user:{SECRET}@collector/v1/metrics"\n', words="exporter.otlp.metrics_endpoint"),
     Case("password in a bad endpoint", f'exporter:\n  otlp:\n    endpoint: "http://user:{SECRET}@localhost:99999"\n',
          words="exporter.otlp.endpoint"),
     Case("password in an endpoint without a port",
          f'exporter:\n  otlp:\n    endpoints: ["http://user:{SECRET}@collector"]\n', words="exporter.otlp.endpoints"),
     Case("token in the environment endpoint", "", env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"https://{SECRET}@localhost:4317"},
-         expect=0),
+         words="exporter.otlp.endpoint"),
+    Case("password with @ and / in an endpoint", f'exporter:\n  otlp:\n    endpoint: "http://u:{SECRET}@a/b@localhost:99999"\n',
+         words="exporter.otlp.endpoint"),
+    Case("password with / in an endpoint", 'exporter:\n  otlp:\n    endpoint: "http://u:SUPER/SECRET42@localhost:4317"\n',
+         words="exporter.otlp.endpoint"),
 ]
 
 
@@ -235,7 +250,7 @@ def test_hostile_config(tmp_path, case):
     else:
         assert err == ""
         yaml.safe_load(out)
-    assert SECRET not in out + err
+    assert SECRET not in out + err and "SUPER" not in out + err
     assert rss < MAX_RSS_MIB
 
 
@@ -380,3 +395,147 @@ def test_range_bounds_are_enforced():
         for bad in [beyond(high, 1)] + ([beyond(low, -1)] if low > 0 else []):
             with pytest.raises(config.ConfigError, match=re.escape(key)):
                 config.build(config.Config, tree({key: config.to_plain(bad)}))
+
+
+# --- reload: whatever the new file holds, the running config stays ---------------------------------------
+
+def wait_for_log(proc, text, count=1, timeout=30):
+    deadline = time.monotonic() + timeout
+    while agent_log(proc).count(text) < count and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert agent_log(proc).count(text) >= count, agent_log(proc)[-3000:]
+
+
+def test_reload_rejects_any_config_that_cannot_load(tmp_path, start_agent, http_receiver):
+    cfg = base_config(tmp_path, exporter={"type": "otlp", "otlp": {"protocol": "http/protobuf",
+                                                                   "endpoint": http_receiver.endpoint}},
+                      resource={"attributes": {"generation": "one"}})
+    proc = start_agent(cfg)
+    path = tmp_path / "agent-0.yaml"
+    wait_for_log(proc, "health_endpoint address=")
+    bad = [lambda: path.write_bytes(b"resource:\n  service_name: caf\xe9\n"),             # Latin-1
+           lambda: path.write_text('scrapers:\n  process:\n    include: ["a{4294967296}"]\n'),
+           lambda: (path.unlink(), os.mkfifo(path)),                                     # would block a read
+           lambda: (path.unlink(), path.write_text(billion_laughs()))]
+    for n, write in enumerate(bad, 1):
+        write()
+        proc.send_signal(signal.SIGHUP)
+        wait_for_log(proc, "reload_rejected", n)
+        assert proc.poll() is None, agent_log(proc)[-3000:]
+    assert "Traceback" not in agent_log(proc)
+    # still exporting on the running config, and the rejections are counted
+    assert http_receiver.wait_for(lambda r: self_metric([r], "hostagent.config.reloads", result="rejected") == len(bad))
+    cfg["resource"]["attributes"]["generation"] = "two"
+    path.unlink()
+    path.write_text(yaml.safe_dump(cfg))
+    proc.send_signal(signal.SIGHUP)
+    assert http_receiver.wait_for(lambda r: any(res.get("generation") == "two" for res, _, _ in r.all_metrics()))
+    assert http_receiver.wait_for(lambda r: self_metric([r], "hostagent.config.reloads", result="applied") == 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+# --- the health endpoint -----------------------------------------------------------------------------
+
+def health(proc) -> str:
+    wait_for_log(proc, "health_endpoint address=")
+    return re.search(r"health_endpoint address=(\S+)", agent_log(proc)).group(1)
+
+
+def get_health(address) -> int:
+    with urllib.request.urlopen(f"http://{address}/", timeout=10) as resp:
+        return resp.status
+
+
+def connect(address) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+
+
+def threads_and_fds(pid) -> tuple:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1)), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_health_resets_are_counted_not_logged(tmp_path, start_agent):
+    proc = start_agent(base_config(tmp_path))
+    address = health(proc)
+    before = agent_log(proc).count("\n")
+    for i in range(20):
+        s = connect(address)
+        s.sendall(b"GET / HTTP/1.1\r\n" if i % 2 else b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset
+        s.close()
+    assert get_health(address) == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    new = agent_log(proc).splitlines()[before:]
+    print(f"\n20 resets: {len(new)} new log lines")
+    assert "Traceback" not in agent_log(proc)
+    assert len([line for line in new if "health" in line]) <= 1, new
+
+
+def test_health_idle_connections_are_bounded_and_time_out(tmp_path, start_agent):
+    proc = start_agent(base_config(tmp_path))
+    address = health(proc)
+    assert get_health(address) == 200
+    threads, fds = threads_and_fds(proc.pid)
+    idle = [connect(address) for _ in range(500)]
+    try:
+        assert get_health(address) == 200  # a check gets in while 500 clients hold connections
+        threads_after, fds_after = threads_and_fds(proc.pid)
+        print(f"\n500 idle connections: threads {threads} -> {threads_after}, fds {fds} -> {fds_after}")
+        assert threads_after <= threads + 2
+        assert fds_after <= fds + 40
+    finally:
+        for s in idle:
+            s.close()
+    # a client that sends nothing is closed after the timeout
+    s = connect(address)
+    s.settimeout(60)
+    assert s.recv(10) == b""
+    s.close()
+    assert "Traceback" not in agent_log(proc)
+
+
+def test_health_on_ipv6_loopback(tmp_path, start_agent):
+    proc = start_agent(base_config(tmp_path, health={"endpoint": "[::1]:0"}))
+    address = health(proc)
+    assert address.startswith("[::1]:")
+    assert get_health(address) == 200
+
+
+# --- plaintext over https: the scheme wins over OTEL_EXPORTER_OTLP_INSECURE ----------------------------------
+
+def grpc_exporter(environ):
+    return GrpcExporter(config.load(None, environ).exporter.otlp)
+
+
+def test_https_endpoint_is_tls_even_when_insecure_is_set(pki):
+    rec, endpoint = grpc_tls_receiver(pki)
+    try:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
+               "OTEL_EXPORTER_OTLP_CERTIFICATE": pki.ca, "OTEL_EXPORTER_OTLP_HEADERS": f"api-key={SECRET}"}
+        exp = grpc_exporter(env)
+        exp.send(payload())
+        exp.close()
+        assert len(rec.metrics) == 1
+        # INSECURE applies to endpoints without a scheme: false there means TLS, even to a loopback host
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint.removeprefix("https://"), OTEL_EXPORTER_OTLP_INSECURE="false")
+        exp = grpc_exporter(env)
+        exp.send(payload())
+        exp.close()
+        assert len(rec.metrics) == 2
+    finally:
+        rec.stop()
+    # a plaintext server behind an https:// endpoint never sees the key
+    plain = GrpcReceiver().start()
+    try:
+        exp = grpc_exporter({"OTEL_EXPORTER_OTLP_ENDPOINT": f"https://127.0.0.1:{plain.port}",
+                             "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_EXPORTER_OTLP_HEADERS": f"api-key={SECRET}"})
+        with pytest.raises(RetryableError):
+            exp.send(payload())
+        exp.close()
+        assert plain.metrics == []
+    finally:
+        plain.stop()
