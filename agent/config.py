@@ -403,7 +403,8 @@ class OtlpExporterConfig:
     # full URLs used as they are (HTTP) or host:port (gRPC); override `endpoint` per signal
     metrics_endpoint: str = ""
     logs_endpoint: str = ""
-    headers: Mapping[str, str] = _frozen_dict()
+    # `secret`: an error converting it never shows the value
+    headers: Mapping[str, str] = field(default_factory=dict, metadata={"secret": "a mapping of names to strings"})
     # a file of `name: value` lines added to `headers` (and winning over them), read at start and reload
     headers_file: str = ""
     compression: Literal["gzip", "none", "zstd", "lz4", "zlib", "deflate"] = "gzip"
@@ -759,6 +760,15 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls, globalns=globals())
 
 
+def _convert_field(f: dataclasses.Field, tp, value, key: str):
+    try:
+        return _convert(tp, value, key)
+    except ConfigError as e:
+        if "secret" not in f.metadata:
+            raise
+        raise ConfigError(e.key, f"expected {f.metadata['secret']}; the value is not shown") from None
+
+
 def build(cls, raw: Any, key: str = ""):
     """Build dataclass `cls` from a raw mapping, rejecting unknown keys, then validate it."""
     if raw is None:
@@ -771,7 +781,7 @@ def build(cls, raw: Any, key: str = ""):
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
             raise ConfigError(where, "unknown key" + _did_you_mean(str(name), fields))
-    values = {name: _convert(hints[name], raw[name], f"{key}.{name}" if key else name)
+    values = {name: _convert_field(fields[name], hints[name], raw[name], f"{key}.{name}" if key else name)
               for name in raw}
     obj = cls(**values)
     if hasattr(obj, "validate"):
@@ -897,11 +907,12 @@ def _substitute(tree, environ: Mapping[str, str]):
     return walk(tree, "")
 
 
-def _parse_kv_list(text: str, var: str) -> dict:
+def _parse_kv_list(text: str, var: str, secret: bool = False) -> dict:
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for i, item in enumerate(filter(None, (s.strip() for s in text.split(","))), 1):
         if "=" not in item:
-            raise ConfigError(var, f"expected key=value pairs separated by commas, got {item!r}")
+            shown = f"item {i} (not shown)" if secret else repr(item)
+            raise ConfigError(var, f"expected key=value pairs separated by commas, got {shown}")
         k, v = item.split("=", 1)
         out[unquote(k.strip())] = unquote(v.strip())
     return out
@@ -932,7 +943,7 @@ def env_layer(environ: Mapping[str, str]) -> dict:
         if get(var):
             otlp[name] = get(var)
     if get("OTEL_EXPORTER_OTLP_HEADERS"):
-        otlp["headers"] = _parse_kv_list(get("OTEL_EXPORTER_OTLP_HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS")
+        otlp["headers"] = _parse_kv_list(get("OTEL_EXPORTER_OTLP_HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS", secret=True)
         check_headers(otlp["headers"], "OTEL_EXPORTER_OTLP_HEADERS")
     if get("OTEL_EXPORTER_OTLP_COMPRESSION"):
         otlp["compression"] = get("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
