@@ -13,8 +13,8 @@ import difflib
 import ipaddress
 import math
 import os
-import stat
 import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,7 +53,8 @@ class Duration(float):
             if m:
                 seconds = float(m.group(1)) * cls.UNITS[m.group(2)]
                 if not math.isfinite(seconds):
-                    raise ConfigError(key, f"{value[:40]}... is too long a duration")
+                    raise ConfigError(key, f"expected a duration like 10s, 500ms or 5m, got {value.strip()[:20]}... "
+                                           "(too large)")
                 return cls(seconds)
         raise ConfigError(key, f"expected a duration like 10s, 500ms or 5m, got {value!r}")
 
@@ -313,10 +314,6 @@ def read_regular_file(path: str, key: str, limit: int = MAX_FILE_BYTES) -> bytes
     return data
 
 
-def _check_readable(path: str, key: str) -> None:
-    read_regular_file(path, key)
-
-
 @dataclass(frozen=True)
 class TlsConfig:
     # PEM file of the CAs that sign the server's certificate; empty: the system's CAs
@@ -331,7 +328,7 @@ class TlsConfig:
         import ssl
         for name in ("ca_file", "cert_file", "key_file"):
             if getattr(self, name):
-                _check_readable(getattr(self, name), f"{key}.{name}")
+                read_regular_file(getattr(self, name), f"{key}.{name}")
         if bool(self.cert_file) != bool(self.key_file):
             missing = "key_file" if self.cert_file else "cert_file"
             raise ConfigError(f"{key}.{missing}", "cert_file and key_file go together (mTLS); set both or neither")
@@ -787,7 +784,9 @@ def build(cls, raw: Any, key: str = ""):
     if hasattr(obj, "validate"):
         try:
             obj.validate(key)
-        except (ValueError, OverflowError, RecursionError, MemoryError, re.error) as e:
+        except ConfigError:
+            raise
+        except Exception as e:
             # a check that fails on a hostile value (a regex engine's limits, an OS call) is still the
             # user's error: one line naming the section, never a traceback
             raise ConfigError(key or "config", f"invalid value ({type(e).__name__}: {e})") from None
