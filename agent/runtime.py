@@ -97,8 +97,9 @@ class HealthServer:
     def __init__(self, host: str, port: int, healthy):
         self.healthy = healthy
         self.errors = SELF.counter("hostagent.health.connection_errors", "{connections}",
-                                   "Health endpoint connections closed without an answer, by reason "
-                                   "(reset, timeout, too_large, evicted).")
+                                   "Health endpoint connections closed without an answer, or answered "
+                                   "503 because the check raised, by reason (reset, timeout, too_large, "
+                                   "evicted, accept_failed, check_failed).")
         self._logged = False
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:

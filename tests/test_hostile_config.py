@@ -9,8 +9,10 @@ import random
 import re
 import signal
 import socket
+import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import typing
@@ -216,28 +218,36 @@ def config_path(case: Case, tmp_path):
     return path
 
 
+# Forks the command from a small interpreter and writes its max RSS (KiB) to argv[1]: a child forked
+# from pytest itself would report pytest's RSS, which Linux carries over the exec
+MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def check_config(path, env=None, timeout=20):
     """Run `hostagent check-config PATH`: (status, stdout, stderr, seconds, max RSS in MiB)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.monotonic()
-        proc = subprocess.Popen([*HOSTAGENT, "check-config", str(path)], cwd=ROOT, env=env or clean_env(),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        while True:  # wait4: this child's own resource usage
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise AssertionError(f"check-config {path} still running after {timeout}s")
-            time.sleep(0.005)
-        seconds = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return (proc.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
-                seconds, usage.ru_maxrss / 1024)
+    rss_file = f"{tempfile.mkdtemp()}/rss"
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", MEASURE, rss_file, *HOSTAGENT, "check-config", str(path)],
+                            cwd=ROOT, env=env or clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"check-config {path} still running after {timeout}s")
+    seconds = time.monotonic() - start
+    rss = int(open(rss_file).read()) / 1024
+    shutil.rmtree(os.path.dirname(rss_file))
+    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), seconds, rss
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
