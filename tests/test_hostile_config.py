@@ -297,7 +297,25 @@ scalar = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_fr
           | st.floats(allow_nan=True, allow_infinity=True) | text)
 value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
                      max_leaves=12)
-entries = st.dictionaries(st.sampled_from(sorted(LEAVES)) | text, value, max_size=6)
+number = st.integers(0, 10**6) | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+
+
+def typed(tp):
+    """Values close to what a key takes: numbers of any size in its syntax, its choices, text."""
+    if tp is config.Duration or config.Duration in typing.get_args(tp):
+        return st.builds(lambda n, unit: f"{n}{unit}", number, st.sampled_from(["ms", "s", "m", "h", "", " s"]))
+    if tp is config.Size or config.Size in typing.get_args(tp):
+        return number | st.builds(lambda n, unit: f"{n}{unit}", st.integers(0, 10**40), st.sampled_from(["KiB", "TiB", "GB"]))
+    if tp in (int, float) or int in typing.get_args(tp):
+        return number
+    if typing.get_origin(tp) is typing.Literal:
+        return st.sampled_from(typing.get_args(tp)) | text
+    return value
+
+
+entries = (st.dictionaries(st.sampled_from(sorted(LEAVES)) | text, value, max_size=6)
+           | st.sampled_from(sorted(LEAVES)).flatmap(lambda key: st.dictionaries(st.just(key), typed(LEAVES[key]),
+                                                                                 min_size=1)))
 OTEL_VARS = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
              "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_INSECURE",
              "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_METRIC_EXPORT_INTERVAL", "OTEL_RESOURCE_ATTRIBUTES",
