@@ -45,7 +45,8 @@ BROKEN = [
     ({"shutdown_timeout": "9999999999999h"}, "shutdown_timeout", "at most 1h"),
     ({"exporter": {"file": {"path": ""}}}, "exporter.file.path", "file path"),
     ({"exporter": {"file": {"path": "/tmp/a\0b"}}}, "exporter.file.path", "NUL"),
-    ({"exporter": {"file": {"max_size": "4KiB", "max_backups": 10**12}}}, "exporter.file.max_backups", "at most 1000"),
+    ({"exporter": {"file": {"max_size": "4KiB", "max_backups": 10**12}}}, "exporter.file.max_backups",
+     "at most 1000"),
     ({"exporter": {"retry": {"multiplier": float("nan")}}}, "exporter.retry.multiplier", "finite"),
 ]
 

@@ -146,7 +146,8 @@ CASES = [
          words="exporter.otlp.endpoint"),
     Case("host with a space", 'exporter:\n  otlp:\n    endpoint: "http://local host:4317"\n',
          words="exporter.otlp.endpoint"),
-    Case("HTTP host with a space", 'exporter:\n  otlp:\n    protocol: http/protobuf\n    endpoint: "https://local host"\n',
+    Case("HTTP host with a space",
+         'exporter:\n  otlp:\n    protocol: http/protobuf\n    endpoint: "https://local host"\n',
          words="exporter.otlp.endpoint"),
     Case("health on 0.0.0.0", 'health:\n  endpoint: "0.0.0.0:13199"\n', words="loopback"),
     Case("health on [::]", 'health:\n  endpoint: "[::]:13199"\n', words="loopback"),
@@ -166,7 +167,8 @@ CASES = [
          words="exporter.otlp.headers"),
     Case("colon in a header name", f'exporter:\n  otlp:\n    headers:\n      "Authorization: {SECRET}": x\n',
          words="exporter.otlp.headers"),
-    Case("headers as a string", f'exporter:\n  otlp:\n    headers: "api-key={SECRET}"\n', words="exporter.otlp.headers"),
+    Case("headers as a string", f'exporter:\n  otlp:\n    headers: "api-key={SECRET}"\n',
+         words="exporter.otlp.headers"),
     Case("a header as a list", f'exporter:\n  otlp:\n    headers:\n      api-key: [{SECRET}]\n',
          words="exporter.otlp.headers"),
     Case("environment header without =", "", env={"OTEL_EXPORTER_OTLP_HEADERS": f"Authorization: Bearer {SECRET}"},
@@ -184,16 +186,20 @@ CASES = [
     Case("password in the endpoint", f'exporter:\n  otlp:\n    endpoint: "http://user:{SECRET}@localhost:4317"\n',
          words="exporter.otlp.endpoint: endpoint 'http://***@localhost:4317': credentials"),
     Case("password in an HTTP endpoint", 'exporter:\n  otlp:\n    protocol: http/protobuf\n'
-         f'    metrics_endpoint: "https://user:{SECRET}@collector/v1/metrics"\n', words="exporter.otlp.metrics_endpoint"),
+         f'    metrics_endpoint: "https://user:{SECRET}@collector/v1/metrics"\n',
+         words="exporter.otlp.metrics_endpoint"),
     Case("password in a bad endpoint", f'exporter:\n  otlp:\n    endpoint: "http://user:{SECRET}@localhost:99999"\n',
          words="exporter.otlp.endpoint"),
     Case("password in an endpoint without a port",
          f'exporter:\n  otlp:\n    endpoints: ["http://user:{SECRET}@collector"]\n', words="exporter.otlp.endpoints"),
-    Case("token in the environment endpoint", "", env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"https://{SECRET}@localhost:4317"},
+    Case("token in the environment endpoint", "",
+         env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"https://{SECRET}@localhost:4317"},
          words="exporter.otlp.endpoint"),
-    Case("password with @ and / in an endpoint", f'exporter:\n  otlp:\n    endpoint: "http://u:{SECRET}@a/b@localhost:99999"\n',
+    Case("password with @ and / in an endpoint",
+         f'exporter:\n  otlp:\n    endpoint: "http://u:{SECRET}@a/b@localhost:99999"\n',
          words="exporter.otlp.endpoint"),
-    Case("password with / in an endpoint", 'exporter:\n  otlp:\n    endpoint: "http://u:SUPER/SECRET42@localhost:4317"\n',
+    Case("password with / in an endpoint",
+         'exporter:\n  otlp:\n    endpoint: "http://u:SUPER/SECRET42@localhost:4317"\n',
          words="exporter.otlp.endpoint"),
 ]
 
@@ -305,7 +311,8 @@ def typed(tp):
     if tp is config.Duration or config.Duration in typing.get_args(tp):
         return st.builds(lambda n, unit: f"{n}{unit}", number, st.sampled_from(["ms", "s", "m", "h", "", " s"]))
     if tp is config.Size or config.Size in typing.get_args(tp):
-        return number | st.builds(lambda n, unit: f"{n}{unit}", st.integers(0, 10**40), st.sampled_from(["KiB", "TiB", "GB"]))
+        return number | st.builds(lambda n, unit: f"{n}{unit}", st.integers(0, 10**40),
+                                  st.sampled_from(["KiB", "TiB", "GB"]))
     if tp in (int, float) or int in typing.get_args(tp):
         return number
     if typing.get_origin(tp) is typing.Literal:
