@@ -420,6 +420,19 @@ def test_every_numeric_key_has_a_documented_range():
         assert math.isfinite(high)
 
 
+def test_input_bounds_are_documented():
+    from agent.runtime import HealthServer
+    doc = open(os.path.join(ROOT, "docs", "configuration.md")).read()
+    for text in ("regular file (not a FIFO, a device or a directory) of at most "
+                 f"`{config.Size(config.MAX_FILE_BYTES)}`",
+                 f"at most {config.MAX_VALUES} values with every alias", f"nested at most {config.MAX_DEPTH} levels",
+                 f"one line of at most {config.MAX_MESSAGE} characters",
+                 f"at most {HealthServer.MAX_CONNECTIONS} connections are open",
+                 f"each has {HealthServer.TIMEOUT:g} s to send a request of at most "
+                 f"{config.Size(HealthServer.MAX_REQUEST)}"):
+        assert text in " ".join(doc.split()), text
+
+
 def beyond(value, direction):
     """A value of the same type one step past `value` (up: twice it, or 1; down: half of it, or one less)."""
     if isinstance(value, config.Duration):
