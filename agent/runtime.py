@@ -130,7 +130,7 @@ class HealthServer:
                         return
                     if key.fileobj is self.sock:
                         self._accept(sel, conns)
-                    else:
+                    elif key.fileobj in conns:  # not evicted by an accept of this same round
                         self._read(sel, conns, key.fileobj)
                 now = time.monotonic()
                 for conn in [c for c, (deadline, _) in conns.items() if deadline <= now]:
