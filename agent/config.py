@@ -350,6 +350,9 @@ class TlsConfig:
 # which would split the request or be refused by the HTTP and gRPC libraries at every send)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# gRPC metadata is narrower (grpcio refuses anything else at every call): lower case once sent,
+# and a -bin name would need a binary value
+_GRPC_METADATA_NAME = re.compile(r"[0-9a-z_.-]+(?<!-bin)")
 
 
 def check_header(name: str, value: str, key: str, where: str) -> None:
@@ -440,8 +443,15 @@ class OtlpExporterConfig:
             if not low <= self.compression_level <= high:
                 raise ConfigError(f"{key}.compression_level",
                                   f"{self.compression} levels go from {low} to {high}, got {self.compression_level}")
+        headers = dict(self.headers)
         if self.headers_file:
-            read_headers_file(self.headers_file, f"{key}.headers_file")
+            headers.update(read_headers_file(self.headers_file, f"{key}.headers_file"))
+        if self.protocol == "grpc":
+            for i, name in enumerate(headers, 1):
+                if not _GRPC_METADATA_NAME.fullmatch(name.lower()):
+                    raise ConfigError(f"{key}.headers", f"header {i} (of headers, headers_file and "
+                                      "OTEL_EXPORTER_OTLP_HEADERS): a gRPC metadata name is letters, digits, "
+                                      "-, _ and ., not ending in -bin; the name is not shown")
 
     def all_headers(self) -> dict:
         """`headers` with the entries of `headers_file` on top."""
