@@ -11,20 +11,32 @@ import collections.abc
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
 import yaml
 
 
+MAX_MESSAGE = 1000  # characters of an error message: a hostile key or value is cut, never printed whole
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable line of at most MAX_MESSAGE characters (control characters,
+    line separators and lone surrogates escaped)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:2 * MAX_MESSAGE])
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
 class ConfigError(Exception):
     def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}" if key else message)
+        super().__init__(_one_line(f"{key}: {message}" if key else message))
         self.key = key
 
 
@@ -37,12 +49,18 @@ class Duration(float):
     @classmethod
     def parse(cls, value: Any, key: str) -> "Duration":
         if isinstance(value, str):
-            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value)
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", value, re.ASCII)
             if m:
-                return cls(float(m.group(1)) * cls.UNITS[m.group(2)])
+                seconds = float(m.group(1)) * cls.UNITS[m.group(2)]
+                if not math.isfinite(seconds):
+                    raise ConfigError(key, f"expected a duration like 10s, 500ms or 5m, got {value.strip()[:20]}... "
+                                           "(too large)")
+                return cls(seconds)
         raise ConfigError(key, f"expected a duration like 10s, 500ms or 5m, got {value!r}")
 
     def __str__(self) -> str:
+        if self == 0:
+            return "0s"
         for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
             if self >= scale and (self / scale).is_integer():
                 return f"{int(self / scale)}{unit}"
@@ -51,21 +69,21 @@ class Duration(float):
 
 class Size(int):
     """Bytes, written as "256MiB", "1GB", "64KiB" or a plain integer."""
-    UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
     @classmethod
     def parse(cls, value: Any, key: str) -> "Size":
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return cls(value)
         if isinstance(value, str):
-            m = re.fullmatch(r"\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*", value)
+            m = re.fullmatch(r"\s*(\d{1,30})\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*", value, re.ASCII)
             if m:
                 return cls(int(m.group(1)) * cls.UNITS[m.group(2) or ""])
         raise ConfigError(key, f"expected a size like 256MiB, 64KiB or a number of bytes, got {value!r}")
 
     def __str__(self) -> str:
-        for unit in ("GiB", "MiB", "KiB"):
+        for unit in ("TiB", "GiB", "MiB", "KiB"):
             if self and self % self.UNITS[unit] == 0:
                 return f"{self // self.UNITS[unit]}{unit}"
         return f"{int(self)}B"
@@ -112,6 +130,25 @@ def compile_pattern(pattern: Any):
     except re2.error as e:
         reason = e.args[0] if e.args else ""
         raise ValueError(reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)) from None
+
+
+def show_number(value) -> str:
+    """A number as config and docs write it: durations and sizes with their unit."""
+    if isinstance(value, (Duration, Size)):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if abs(value) < 10**18 else "a number of more than 18 digits"
+
+
+def _check_ranges(obj, key: str) -> None:
+    """Every key of obj.RANGES lies between its bounds (inclusive); an unset optional key passes.
+    Each config class owns the ranges of its numeric keys; docs/configuration.md shows them."""
+    for name, (low, high) in obj.RANGES.items():
+        value = getattr(obj, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{key}.{name}" if key else name, f"must be at least {show_number(low)} and at "
+                              f"most {show_number(high)}, got {show_number(value)}")
 
 
 def _check_patterns(patterns, key: str) -> None:
@@ -252,10 +289,11 @@ class EnrichmentConfig:
     cache_l1_size: int = 256
     cache_l2_size: int = 4096
 
+    # an L2 entry takes up to 2 KiB: at most 512 MiB
+    RANGES: ClassVar[dict] = {"cache_l1_size": (1, 65536), "cache_l2_size": (1, 262144)}
+
     def validate(self, key: str) -> None:
-        for name in ("cache_l1_size", "cache_l2_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}", "must be at least 1")
+        _check_ranges(self, key)
 
 
 @dataclass(frozen=True)
@@ -275,12 +313,11 @@ class BatchConfig:
     # (the queue in front of the exporter is exporter.queue)
     queue_size: int = 64
 
+    RANGES: ClassVar[dict] = {"max_size": (1, 1_000_000), "timeout": (Duration(0.001), Duration(600.0)),
+                              "queue_size": (1, 10_000)}
+
     def validate(self, key: str) -> None:
-        for name in ("max_size", "queue_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}", "must be at least 1")
-        if self.timeout <= 0:
-            raise ConfigError(f"{key}.timeout", "must be greater than 0s")
+        _check_ranges(self, key)
 
 
 @dataclass(frozen=True)
@@ -291,15 +328,17 @@ class FileExporterConfig:
     max_size: Size = Size(100 * 2**20)
     max_backups: int = 3
 
+    RANGES: ClassVar[dict] = {"max_size": (Size(4 * 2**10), Size(2**40)), "max_backups": (0, 1000)}
+
     def check_paths(self, key: str) -> None:
         for name in ("path", "logs_path"):
             _check_writable(getattr(self, name), f"{key}.{name}")
 
     def validate(self, key: str) -> None:
-        if self.max_size < 4096:
-            raise ConfigError(f"{key}.max_size", "must be at least 4KiB")
-        if self.max_backups < 0:
-            raise ConfigError(f"{key}.max_backups", "must be 0 or more")
+        _check_ranges(self, key)
+        for name in ("path", "logs_path"):
+            if not getattr(self, name):
+                raise ConfigError(f"{key}.{name}", "must be a file path, got ''")
 
 
 DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
@@ -310,12 +349,25 @@ COMPRESSION_LEVELS = {"gzip": (1, 9), "zlib": (1, 9), "deflate": (1, 9), "zstd":
 GRPC_COMPRESSIONS = ("gzip", "deflate", "none")
 
 
-def _check_readable(path: str, key: str) -> None:
+MAX_FILE_BYTES = 2**20  # a config file, headers file or PEM file
+
+
+def read_regular_file(path: str, key: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes. Anything else (a FIFO, a device,
+    a directory, a bigger file) is a ConfigError naming `key`: reading never blocks, and never takes
+    more than `limit` bytes of memory."""
     try:
-        with open(path, "rb"):
-            pass
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a FIFO or device has effects
+            raise ConfigError(key, f"{path} is not a regular file")
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(key, f"{path} is not a regular file")
+            data = f.read(limit + 1)
     except OSError as e:
         raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(key, f"{path} is larger than {Size(limit)}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -332,7 +384,7 @@ class TlsConfig:
         import ssl
         for name in ("ca_file", "cert_file", "key_file"):
             if getattr(self, name):
-                _check_readable(getattr(self, name), f"{key}.{name}")
+                read_regular_file(getattr(self, name), f"{key}.{name}")
         if bool(self.cert_file) != bool(self.key_file):
             missing = "key_file" if self.cert_file else "cert_file"
             raise ConfigError(f"{key}.{missing}", "cert_file and key_file go together (mTLS); set both or neither")
@@ -350,25 +402,49 @@ class TlsConfig:
                                   f"certificate and matching private key ({e})") from None
 
 
+# RFC 7230: a header name is a token; a value is printable ASCII, spaces and tabs (no CR, LF or NUL,
+# which would split the request or be refused by the HTTP and gRPC libraries at every send)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# gRPC metadata is narrower (grpcio refuses anything else at every call): lower case once sent,
+# and a -bin name would need a binary value
+_GRPC_METADATA_NAME = re.compile(r"[0-9a-z_.-]+(?<!-bin)")
+
+
+def check_header(name: str, value: str, key: str, where: str) -> None:
+    """One header; `where` says which one without showing it (a value is never shown)."""
+    if not _HEADER_NAME.fullmatch(name):
+        raise ConfigError(key, f"{where}: a header name is letters, digits and !#$%&'*+-.^_`|~ "
+                               "(no spaces, no colon); the name is not shown")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ConfigError(key, f"{where} {name!r}: a header value is printable ASCII, without CR, LF, NUL or other "
+                               "control characters (a YAML block scalar `|` ends with a newline); "
+                               "the value is not shown")
+
+
+def check_headers(headers: Mapping[str, str], key: str) -> None:
+    for i, (name, value) in enumerate(headers.items(), 1):
+        check_header(name, value, key, f"header {i}")
+
+
 def read_headers_file(path: str, key: str = "exporter.otlp.headers_file") -> dict:
     """`name: value` or `name=value` lines; blank lines and lines starting with # are skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+        lines = read_regular_file(path, key).decode("utf-8").split("\n")
     except UnicodeDecodeError:
         raise ConfigError(key, f"{path} is not UTF-8 text") from None
     out = {}
     for n, line in enumerate(lines, 1):
-        line = line.strip()
+        line = line.strip(" \t\r")
         if not line or line.startswith("#"):
             continue
         sep = min((i for i in (line.find(":"), line.find("=")) if i > 0), default=-1)
         if sep < 0 or not line[:sep].strip():
             # never echo the line: it may hold a secret
             raise ConfigError(key, f"{path} line {n}: expected `name: value` or `name=value`")
-        out[line[:sep].strip()] = line[sep + 1:].strip()
+        name, value = line[:sep].strip(" \t"), line[sep + 1:].strip(" \t")
+        check_header(name, value, key, f"{path} line {n}")
+        out[name] = value
     return out
 
 
@@ -383,7 +459,8 @@ class OtlpExporterConfig:
     # full URLs used as they are (HTTP) or host:port (gRPC); override `endpoint` per signal
     metrics_endpoint: str = ""
     logs_endpoint: str = ""
-    headers: Mapping[str, str] = _frozen_dict()
+    # `secret`: an error converting it never shows the value
+    headers: Mapping[str, str] = field(default_factory=dict, metadata={"secret": "a mapping of names to strings"})
     # a file of `name: value` lines added to `headers` (and winning over them), read at start and reload
     headers_file: str = ""
     compression: Literal["gzip", "none", "zstd", "lz4", "zlib", "deflate"] = "gzip"
@@ -396,17 +473,19 @@ class OtlpExporterConfig:
     # requests in flight at once, each over its own connection (per endpoint)
     connections: int = 2
 
+    # compression_level: each codec's own range on top (COMPRESSION_LEVELS)
+    RANGES: ClassVar[dict] = {"timeout": (Duration(0.001), Duration(600.0)), "connections": (1, 64),
+                              "compression_level": (0, 22)}
+
     def validate(self, key: str) -> None:
+        _check_ranges(self, key)
         for name in ("endpoint", "metrics_endpoint", "logs_endpoint"):
             value = getattr(self, name)
             if value:
-                parse_endpoint(value, self.protocol, f"{key}.{name}")
+                parse_endpoint(value, self.protocol, f"{key}.{name}", self.insecure)
         for i, value in enumerate(self.endpoints):
-            parse_endpoint(value, self.protocol, f"{key}.endpoints[{i}]")
-        if self.timeout <= 0:
-            raise ConfigError(f"{key}.timeout", "must be greater than 0s")
-        if not 1 <= self.connections <= 64:
-            raise ConfigError(f"{key}.connections", "must be between 1 and 64")
+            parse_endpoint(value, self.protocol, f"{key}.endpoints[{i}]", self.insecure)
+        check_headers(self.headers, f"{key}.headers")
         if self.protocol == "grpc" and self.compression not in GRPC_COMPRESSIONS:
             raise ConfigError(f"{key}.compression", f"{self.compression} needs protocol http/protobuf; "
                                                     f"gRPC supports {', '.join(GRPC_COMPRESSIONS)}")
@@ -420,8 +499,15 @@ class OtlpExporterConfig:
             if not low <= self.compression_level <= high:
                 raise ConfigError(f"{key}.compression_level",
                                   f"{self.compression} levels go from {low} to {high}, got {self.compression_level}")
+        headers = dict(self.headers)
         if self.headers_file:
-            read_headers_file(self.headers_file, f"{key}.headers_file")
+            headers.update(read_headers_file(self.headers_file, f"{key}.headers_file"))
+        if self.protocol == "grpc":
+            for i, name in enumerate(headers, 1):
+                if not _GRPC_METADATA_NAME.fullmatch(name.lower()):
+                    raise ConfigError(f"{key}.headers", f"header {i} (of headers, headers_file and "
+                                      "OTEL_EXPORTER_OTLP_HEADERS): a gRPC metadata name is letters, digits, "
+                                      "-, _ and ., not ending in -bin; the name is not shown")
 
     def all_headers(self) -> dict:
         """`headers` with the entries of `headers_file` on top."""
@@ -434,10 +520,10 @@ class OtlpExporterConfig:
         """Every URL (HTTP) or scheme://host:port (gRPC) one signal is sent to, in config order."""
         specific = self.metrics_endpoint if signal == "metrics" else self.logs_endpoint
         if specific:
-            return [parse_endpoint(specific, self.protocol, "").geturl()]
+            return [parse_endpoint(specific, self.protocol, "", self.insecure).geturl()]
         out = []
         for value in self.endpoints or (self.endpoint or DEFAULT_ENDPOINTS[self.protocol],):
-            base = parse_endpoint(value, self.protocol, "")
+            base = parse_endpoint(value, self.protocol, "", self.insecure)
             out.append(base.geturl() if self.protocol == "grpc" else base.geturl().rstrip("/") + f"/v1/{signal}")
         return out
 
@@ -446,10 +532,8 @@ class OtlpExporterConfig:
         return self.signal_urls(signal)[0]
 
     def is_insecure(self, url: str) -> bool:
-        """gRPC: plaintext? `insecure` when set, else the scheme (an endpoint given without one
-        is http:// for loopback hosts, https:// otherwise: see parse_endpoint)."""
-        if self.insecure is not None:
-            return self.insecure
+        """gRPC: plaintext? The scheme of `url` decides: parse_endpoint gave one to an endpoint
+        written without, from `insecure`."""
         return urlsplit(url).scheme == "http"
 
 
@@ -464,13 +548,14 @@ class RetryConfig:
     # unset: forever with a persistent queue, 5m with a memory queue
     max_elapsed_time: Optional[Duration] = None
 
+    RANGES: ClassVar[dict] = {"initial_interval": (Duration(0.001), Duration(3600.0)),
+                              "max_interval": (Duration(0.001), Duration(3600.0)), "multiplier": (1.0, 10.0),
+                              "max_elapsed_time": (Duration(0.0), Duration(365 * 86400.0))}
+
     def validate(self, key: str) -> None:
-        if self.initial_interval <= 0:
-            raise ConfigError(f"{key}.initial_interval", "must be greater than 0s")
+        _check_ranges(self, key)
         if self.max_interval < self.initial_interval:
             raise ConfigError(f"{key}.max_interval", "must be at least initial_interval")
-        if self.multiplier < 1:
-            raise ConfigError(f"{key}.multiplier", "must be at least 1")
 
     def give_up_after(self, persistent: bool) -> float:
         """Seconds after which a payload is dropped; 0 for never."""
@@ -499,15 +584,12 @@ class QueueConfig:
     fsync: Literal["record", "interval"] = "interval"
     fsync_interval: Duration = Duration(1.0)
 
+    RANGES: ClassVar[dict] = {"max_size": (Size(2**20), Size(2**40)), "max_items": (0, 10**9),
+                              "segment_size": (Size(64 * 2**10), Size(2**30)),
+                              "fsync_interval": (Duration(0.001), Duration(3600.0))}
+
     def validate(self, key: str) -> None:
-        if self.max_size is not None and self.max_size < 2**20:
-            raise ConfigError(f"{key}.max_size", "must be at least 1MiB")
-        if self.max_items < 0:
-            raise ConfigError(f"{key}.max_items", "must be 0 (no bound) or more")
-        if self.segment_size < 64 * 2**10:
-            raise ConfigError(f"{key}.segment_size", "must be at least 64KiB")
-        if self.fsync_interval <= 0:
-            raise ConfigError(f"{key}.fsync_interval", "must be greater than 0s")
+        _check_ranges(self, key)
 
 
 @dataclass(frozen=True)
@@ -532,9 +614,17 @@ class HealthConfig:
     endpoint: str = "127.0.0.1:13134"
 
     def validate(self, key: str) -> None:
-        host, _, port = self.endpoint.rpartition(":")
-        if not port.isdigit() or int(port) > 65535 or not host:
-            raise ConfigError(f"{key}.endpoint", f"expected host:port, got {self.endpoint!r}")
+        self.address(f"{key}.endpoint")
+
+    def address(self, key: str = "health.endpoint") -> tuple:
+        """(host, port) of `endpoint`: a loopback address (127.0.0.0/8, [::1] or localhost) and a port."""
+        m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]*)):([0-9]{1,5})", self.endpoint)
+        if not m or int(m.group(3)) > 65535:
+            raise ConfigError(key, f"expected host:port (IPv6 as [::1]:port), got {self.endpoint!r}")
+        host = m.group(1) if m.group(1) is not None else m.group(2)
+        if not _is_loopback(host):
+            raise ConfigError(key, f"must be a loopback address (127.0.0.1, [::1] or localhost), got {host!r}")
+        return host, int(m.group(3))
 
 
 @dataclass(frozen=True)
@@ -562,13 +652,12 @@ class Config:
     health: HealthConfig = HealthConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    RANGES: ClassVar[dict] = {"collection_interval": (Duration(0.1), Duration(86400.0)),
+                              "shutdown_timeout": (Duration(0.01), Duration(3600.0)),
+                              "cardinality_limit": (1, 1_000_000)}
+
     def validate(self, key: str) -> None:
-        if self.collection_interval < 0.1:
-            raise ConfigError("collection_interval", "must be at least 100ms")
-        if self.shutdown_timeout <= 0:
-            raise ConfigError("shutdown_timeout", "must be greater than 0s")
-        if self.cardinality_limit < 1:
-            raise ConfigError("cardinality_limit", "must be at least 1")
+        _check_ranges(self, key)
         if not os.path.isabs(self.state_dir):
             raise ConfigError("state_dir", f"must be an absolute path, got {self.state_dir!r}")
         queue = self.exporter.queue
@@ -591,24 +680,50 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def parse_endpoint(value: str, protocol: str, key: str):
-    """Validate an endpoint and return it as a SplitResult with a scheme."""
-    text = value if "://" in value else ("http://" if protocol == "grpc" and _is_loopback(
-        value.rsplit(":", 1)[0].strip("[]")) else "https://") + value
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?.*@", re.S)  # to the last @: a password may hold a /
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", re.ASCII)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its userinfo (user:password@, token@) replaced by ***@, for every message that
+    shows an endpoint (a valid config has none: see parse_endpoint)."""
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)
+
+
+def parse_endpoint(value: str, protocol: str, key: str, insecure: Optional[bool] = None):
+    """Validate an endpoint and return it as a SplitResult with a scheme. A scheme given wins; a gRPC
+    endpoint without one is http:// when `insecure` (unset: for a loopback host), https:// otherwise,
+    as the OpenTelemetry specification applies OTEL_EXPORTER_OTLP_INSECURE to those only."""
+    shown = redact_url(value)
+    if "://" in value:
+        text = value
+    else:
+        plain = _is_loopback(value.rsplit(":", 1)[0].strip("[]")) if insecure is None else insecure
+        text = ("http://" if protocol == "grpc" and plain else "https://") + value
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as e:
-        raise ConfigError(key, f"malformed endpoint {value!r}: {e}") from None
+        detail = "" if "@" in value else f": {e}"  # the error may quote a piece of a password
+        raise ConfigError(key, f"malformed endpoint {shown!r}{detail}") from None
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(key, f"endpoint {value!r} must use http:// or https://")
+        raise ConfigError(key, f"endpoint {shown!r} must use http:// or https://")
     if not parts.hostname:
-        raise ConfigError(key, f"endpoint {value!r} has no host")
+        raise ConfigError(key, f"endpoint {shown!r} has no host")
+    if "@" in parts.netloc:  # neither grpcio nor urllib3 would send them: they would only be logged
+        raise ConfigError(key, f"endpoint {shown!r}: credentials in an endpoint are never sent; put them in "
+                               "exporter.otlp.headers (e.g. authorization: Basic ...)")
+    if not _HOSTNAME.fullmatch(parts.hostname):
+        try:
+            ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            raise ConfigError(key, f"endpoint {shown!r}: {parts.hostname!r} is not a host name or an IP "
+                                   "address") from None
     if protocol == "grpc":
         if port is None:
-            raise ConfigError(key, f"gRPC endpoint {value!r} needs a port, e.g. {parts.hostname}:4317")
+            raise ConfigError(key, f"gRPC endpoint {shown!r} needs a port, e.g. {parts.hostname}:4317")
         if parts.path not in ("", "/"):
-            raise ConfigError(key, f"gRPC endpoint {value!r} must not have a path")
+            raise ConfigError(key, f"gRPC endpoint {shown!r} must not have a path")
     return parts
 
 
@@ -664,12 +779,13 @@ def _convert(tp, value, key: str):
     if tp is tuple or origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(key, f"expected a list of strings, got {value!r}")
-        return tuple(value)
+        return tuple(_text(v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (collections.abc.Mapping, dict):
         vtype = typing.get_args(tp)[1]
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return types.MappingProxyType({str(k): _convert(vtype, v, f"{key}.{k}") for k, v in value.items()})
+        return types.MappingProxyType({_text(str(k), f"{key}.{k}"): _convert(vtype, v, f"{key}.{k}")
+                                       for k, v in value.items()})
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -681,16 +797,39 @@ def _convert(tp, value, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if isinstance(value, int) and abs(value) > 10**18 or not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number of at most 18 digits, got {show_number(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(key, f"expected a string, got {value!r}")
-        return str(value)
+        return _text(str(value), key)
     raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _text(value: str, key: str) -> str:
+    """A config string: Unicode text (no lone surrogates, e.g. from non-UTF-8 environment bytes)
+    without NUL, which no path, name or header can hold."""
+    if "\0" in value:
+        raise ConfigError(key, "must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(key, "must be valid Unicode text (the value holds bytes that are not UTF-8)") from None
+    return value
 
 
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls, globalns=globals())
+
+
+def _convert_field(f: dataclasses.Field, tp, value, key: str):
+    try:
+        return _convert(tp, value, key)
+    except ConfigError as e:
+        if "secret" not in f.metadata:
+            raise
+        raise ConfigError(e.key, f"expected {f.metadata['secret']}; the value is not shown") from None
 
 
 def build(cls, raw: Any, key: str = ""):
@@ -705,11 +844,18 @@ def build(cls, raw: Any, key: str = ""):
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
             raise ConfigError(where, "unknown key" + _did_you_mean(str(name), fields))
-    values = {name: _convert(hints[name], raw[name], f"{key}.{name}" if key else name)
+    values = {name: _convert_field(fields[name], hints[name], raw[name], f"{key}.{name}" if key else name)
               for name in raw}
     obj = cls(**values)
     if hasattr(obj, "validate"):
-        obj.validate(key)
+        try:
+            obj.validate(key)
+        except ConfigError:
+            raise
+        except Exception as e:
+            # a check that fails on a hostile value (a regex engine's limits, an OS call) is still the
+            # user's error: one line naming the section, never a traceback
+            raise ConfigError(key or "config", f"invalid value ({type(e).__name__}: {e})") from None
     return obj
 
 
@@ -730,32 +876,108 @@ def schema_keys(cls=None, prefix: str = ""):
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-
-def _substitute(node, key: str = ""):
-    """Replace ${env:VAR} and ${env:VAR:-default} in every string of the YAML tree."""
-    if isinstance(node, dict):
-        return {k: _substitute(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_substitute(v, key) for v in node]
-    if isinstance(node, str):
-        def repl(m):
-            value = os.environ.get(m.group(1), m.group(2))
-            if value is None:
-                raise ConfigError(key, f"environment variable {m.group(1)} is not set "
-                                       f"(use ${{env:{m.group(1)}:-default}} for a fallback)")
-            return value
-        whole = _ENV_REF.fullmatch(node)
-        if whole:  # a whole-value reference keeps YAML typing: "${env:PORT}" -> 4317
-            return yaml.safe_load(repl(whole)) if repl(whole) != "" else ""
-        return _ENV_REF.sub(repl, node)
-    return node
+# bounds of a YAML document, the file's or an environment variable's: values after every alias is
+# expanded (a billion-laughs document stays small on disk) and nesting depth; a real config has
+# a few hundred values nested 6 deep
+MAX_VALUES = 10_000
+MAX_DEPTH = 32
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _parse_kv_list(text: str, var: str) -> dict:
+def _count_values(text: str, key: str, origin: str) -> int:
+    """The values of the YAML `text` with aliases expanded, checked against MAX_VALUES and
+    MAX_DEPTH from the parser's events alone (nothing is built); a recursive alias is an error."""
+    loader = _Loader(text)
+    try:
+        open_nodes: list = []  # (anchor, count at its start) of each collection being read
+        sizes: dict = {}       # anchor -> values it stands for
+        count = 0
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                count += 1
+                open_nodes.append((event.anchor, count))
+                if len(open_nodes) > MAX_DEPTH:
+                    raise ConfigError(key, f"{origin}: nested deeper than {MAX_DEPTH} levels")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                anchor, start = open_nodes.pop()
+                if anchor is not None:
+                    sizes[anchor] = count - start + 1
+            elif isinstance(event, yaml.ScalarEvent):
+                count += 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.AliasEvent):
+                if any(anchor == event.anchor for anchor, _ in open_nodes):
+                    raise ConfigError(key, f"{origin}: the alias *{event.anchor} is inside its own anchor")
+                count += sizes.get(event.anchor, 1)  # an undefined alias: the loader says so
+            if count > MAX_VALUES:
+                raise ConfigError(key, f"{origin}: more than {MAX_VALUES} values with aliases expanded")
+        return count
+    finally:
+        loader.dispose()
+
+
+def _parse_yaml(text: str, key: str, origin: str):
+    """(value, number of values) of the YAML `text`, bounded (see _count_values); any failure is a
+    ConfigError naming `key` and `origin` (a file, an environment variable)."""
+    try:
+        count = _count_values(text, key, origin)
+        return yaml.load(text, Loader=_Loader), count
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(key, f"{origin}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except (ValueError, OverflowError, UnicodeError) as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(key, f"{origin}: invalid value: {str(e).split(';')[0]}") from None
+
+
+def _substitute(tree, environ: Mapping[str, str]):
+    """Replace ${env:VAR} and ${env:VAR:-default} in every string of the YAML tree. What the
+    variables add is bounded like the file: MAX_VALUES values and MAX_FILE_BYTES characters."""
+    budget = {"values": MAX_VALUES, "chars": MAX_FILE_BYTES}
+
+    def spend(key: str, values: int = 0, chars: int = 0) -> None:
+        budget["values"] -= values
+        budget["chars"] -= chars
+        if budget["values"] < 0 or budget["chars"] < 0:
+            raise ConfigError(key, f"environment variables expand the config past {MAX_VALUES} values "
+                                   f"or {Size(MAX_FILE_BYTES)}")
+
+    def lookup(m, key: str) -> str:
+        value = environ.get(m.group(1), m.group(2))
+        if value is None:
+            raise ConfigError(key, f"environment variable {m.group(1)} is not set "
+                                   f"(use ${{env:{m.group(1)}:-default}} for a fallback)")
+        spend(key, chars=len(value))
+        return value
+
+    def walk(node, key: str):
+        if isinstance(node, dict):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if isinstance(node, str):
+            whole = _ENV_REF.fullmatch(node)
+            if whole:  # a whole-value reference keeps YAML typing: "${env:PORT}" -> 4317
+                text = lookup(whole, key)
+                if text == "":
+                    return ""
+                value, count = _parse_yaml(text, key, f"environment variable {whole.group(1)}")
+                spend(key, values=count)
+                return value
+            return _ENV_REF.sub(lambda m: lookup(m, key), node)
+        return node
+
+    return walk(tree, "")
+
+
+def _parse_kv_list(text: str, var: str, secret: bool = False) -> dict:
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for i, item in enumerate(filter(None, (s.strip() for s in text.split(","))), 1):
         if "=" not in item:
-            raise ConfigError(var, f"expected key=value pairs separated by commas, got {item!r}")
+            shown = f"item {i} (not shown)" if secret else repr(item)
+            raise ConfigError(var, f"expected key=value pairs separated by commas, got {shown}")
         k, v = item.split("=", 1)
         out[unquote(k.strip())] = unquote(v.strip())
     return out
@@ -765,8 +987,10 @@ def _env_millis(var: str, value: str) -> str:
     try:
         ms = float(value)
     except ValueError:
-        raise ConfigError(var, f"expected milliseconds, got {value!r}") from None
-    return f"{ms:g}ms"
+        ms = math.nan
+    if not 0 <= ms < 1e15:
+        raise ConfigError(var, f"expected milliseconds, got {value!r}")
+    return f"{ms:f}ms"
 
 
 def env_layer(environ: Mapping[str, str]) -> dict:
@@ -784,7 +1008,8 @@ def env_layer(environ: Mapping[str, str]) -> dict:
         if get(var):
             otlp[name] = get(var)
     if get("OTEL_EXPORTER_OTLP_HEADERS"):
-        otlp["headers"] = _parse_kv_list(get("OTEL_EXPORTER_OTLP_HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS")
+        otlp["headers"] = _parse_kv_list(get("OTEL_EXPORTER_OTLP_HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS", secret=True)
+        check_headers(otlp["headers"], "OTEL_EXPORTER_OTLP_HEADERS")
     if get("OTEL_EXPORTER_OTLP_COMPRESSION"):
         otlp["compression"] = get("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
     if get("OTEL_EXPORTER_OTLP_INSECURE"):
@@ -827,20 +1052,17 @@ def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None
     environ = os.environ if environ is None else environ
     file_raw: Any = {}
     if path is not None:
+        data = read_regular_file(path, "config file")
         try:
-            with open(path, encoding="utf-8") as f:
-                file_raw = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError("", f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("config file", f"{path} is not UTF-8 text (byte {e.start})") from None
+        file_raw, _ = _parse_yaml(text, "", path)
         if file_raw is None:
             file_raw = {}
         if not isinstance(file_raw, dict):
             raise ConfigError("", f"{path}: the top level must be a mapping of keys")
-        file_raw = _substitute(file_raw)
+        file_raw = _substitute(file_raw, environ)
     return build(Config, _merge(env_layer(environ), file_raw))
 
 

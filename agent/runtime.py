@@ -9,10 +9,10 @@ one replaces sources and pipeline, and undelivered payloads move to the new pipe
 from __future__ import annotations
 
 import ctypes
-import http.server
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -83,32 +83,140 @@ def sd_notify(state: str) -> None:
 
 
 class HealthServer:
-    """GET / -> 200 {"status": "ok"} while `healthy()` holds, else 503."""
+    """GET / -> 200 {"status": "ok"} while `healthy()` holds, else 503.
 
-    def __init__(self, endpoint: str, healthy):
-        host, _, port = endpoint.rpartition(":")
+    One thread serves every connection (a selector), so no client can make threads: at most
+    MAX_CONNECTIONS are open (the oldest is closed for a new one, so a health check always gets
+    in), each has TIMEOUT to send a request of at most MAX_REQUEST bytes. A client that resets,
+    stalls or sends too much is counted, and only the first such error is logged."""
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                ok = healthy()
-                body = json.dumps({"status": "ok" if ok else "unhealthy", "version": __version__}).encode()
-                self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    MAX_CONNECTIONS = 32
+    TIMEOUT = 5.0
+    MAX_REQUEST = 8192
 
-            def log_message(self, *args):
-                pass
+    def __init__(self, host: str, port: int, healthy):
+        self.healthy = healthy
+        self.errors = SELF.counter("hostagent.health.connection_errors", "{connections}",
+                                   "Health endpoint connections closed without an answer, or answered "
+                                   "503 because the check raised, by reason (reset, timeout, too_large, "
+                                   "evicted, accept_failed, check_failed).")
+        self._logged = False
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        bound = self.sock.getsockname()
+        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="health", daemon=True)
+        self._thread.start()
 
-        self.server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
-        self.server.daemon_threads = True
-        self.address = "%s:%d" % self.server.server_address[:2]
-        threading.Thread(target=self.server.serve_forever, name="health", daemon=True).start()
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        conns: dict = {}  # socket -> [deadline, request bytes]; insertion order: oldest first
+        try:
+            while True:
+                now = time.monotonic()
+                wait = min((c[0] for c in conns.values()), default=now + 60) - now
+                for key, _ in sel.select(max(wait, 0)):
+                    if key.fileobj is self._wake_r:
+                        return
+                    if key.fileobj is self.sock:
+                        self._accept(sel, conns)
+                    elif key.fileobj in conns:  # not evicted by an accept of this same round
+                        self._read(sel, conns, key.fileobj)
+                now = time.monotonic()
+                for conn in [c for c, (deadline, _) in conns.items() if deadline <= now]:
+                    self._drop(sel, conns, conn, "timeout")
+        finally:
+            for conn in list(conns):
+                self._drop(sel, conns, conn, None)
+            sel.close()
+
+    def _accept(self, sel, conns: dict) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors: free one, or let the client wait in the backlog
+                self._error("accept_failed", e)
+                if conns:
+                    self._drop(sel, conns, next(iter(conns)), "evicted")
+                else:
+                    time.sleep(0.1)  # rather than spin on a listening socket that stays readable
+                return
+            if len(conns) >= self.MAX_CONNECTIONS:
+                self._drop(sel, conns, next(iter(conns)), "evicted")
+            conn.setblocking(False)
+            conns[conn] = [time.monotonic() + self.TIMEOUT, b""]
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _read(self, sel, conns: dict, conn) -> None:
+        try:
+            data = conn.recv(self.MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(sel, conns, conn, "reset", e)
+            return
+        if not data:  # closed before asking: a port check
+            self._drop(sel, conns, conn, None)
+            return
+        request = conns[conn][1] = conns[conn][1] + data
+        if b"\n\r\n" not in request and b"\n\n" not in request:
+            if len(request) > self.MAX_REQUEST:
+                self._drop(sel, conns, conn, "too_large")
+            return
+        try:
+            conn.send(self._answer((request.split(None, 1) or [b""])[0]))
+        except OSError as e:
+            self._drop(sel, conns, conn, "reset", e)
+            return
+        self._drop(sel, conns, conn, None)
+
+    def _answer(self, method: bytes) -> bytes:
+        if method not in (b"GET", b"HEAD"):
+            status, body = "405 Method Not Allowed", b""
+        else:
+            try:
+                ok = bool(self.healthy())
+            except Exception as e:  # an answer all the same: unhealthy
+                self._error("check_failed", e)
+                ok = False
+            status = "200 OK" if ok else "503 Service Unavailable"
+            body = json.dumps({"status": "ok" if ok else "unhealthy", "version": __version__}).encode()
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        return head + (body if method == b"GET" else b"")
+
+    def _drop(self, sel, conns: dict, conn, reason, error=None) -> None:
+        """Close `conn`; a `reason` counts it as an error."""
+        sel.unregister(conn)
+        del conns[conn]
+        conn.close()
+        if reason:
+            self._error(reason, error)
+
+    def _error(self, reason: str, error=None) -> None:
+        self.errors.add(1, (("reason", reason),))
+        if not self._logged:
+            self._logged = True
+            log.warning("health_client_error reason=%s error=%r (further ones are only counted in "
+                        "hostagent.health.connection_errors)", reason, str(error or reason))
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._wake_w.send(b"x")
+        self._thread.join(5)
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
 
 
 class Agent:
@@ -119,6 +227,8 @@ class Agent:
         self._sources_lock = threading.Lock()
         self.collect_errors = SELF.counter("hostagent.source.errors", "{errors}",
                                            "Collections of a source that raised, by source.")
+        self.reloads = SELF.counter("hostagent.config.reloads", "{reloads}",
+                                    "Reloads on SIGHUP, by result (applied, rejected).")
 
     def start(self, backlog=()) -> None:
         from agent.resource import detect
@@ -197,20 +307,28 @@ class Agent:
         log.info("stopped clean=%s", clean)
         return clean
 
-    def reload(self, cfg: Config) -> None:
+    def reload_rejected(self, error: BaseException) -> None:
+        """Count and log (one line) a new config that could not be read, validated or started."""
+        self.reloads.add(1, (("result", "rejected"),))
+        message = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+        log.error("reload_rejected error=%r keeping=running_config", message)
+
+    def reload(self, cfg: Config) -> bool:
         """Restart sources and pipeline on `cfg`, carrying over everything not yet delivered.
-        If `cfg` cannot start (an exporter or queue it describes fails to open), the running
-        config starts again instead."""
+        If `cfg` cannot start (an exporter or queue it describes fails to open, or anything else),
+        the running config starts again instead and False is returned."""
         old = self.cfg
         self._stop_sources()
         backlog = self.pipeline.handover()
         try:
             self._restart(cfg, backlog)
-        except (ConfigError, OSError, ValueError) as e:
-            log.error("reload_failed error=%r keeping=running_config", str(e))
+        except Exception as e:
+            self.reload_rejected(e)
             self._restart(old, backlog)
-            return
+            return False
+        self.reloads.add(1, (("result", "applied"),))
         log.info("reloaded carried_over_payloads=%d", len(backlog))
+        return True
 
     def _restart(self, cfg: Config, backlog) -> None:
         self.cfg = cfg
@@ -257,15 +375,15 @@ def run(config_path: Optional[str], cfg: Config) -> int:
                 sd_notify("RELOADING=1")
                 try:
                     new_cfg = load(config_path)
-                except ConfigError as e:
-                    log.error("reload_rejected error=%r keeping=running_config", str(e))
+                except Exception as e:  # whatever a new file holds, the running config stays
+                    agent.reload_rejected(e)
                 else:
-                    agent.reload(new_cfg)
-                    if health is None or new_cfg.health != cfg.health:
-                        if health:
-                            health.close()
-                        health = _start_health(new_cfg, agent)
-                    cfg = new_cfg
+                    if agent.reload(new_cfg):
+                        if health is None or new_cfg.health != cfg.health:
+                            if health:
+                                health.close()
+                            health = _start_health(new_cfg, agent)
+                        cfg = new_cfg
                 sd_notify("READY=1")
                 continue
             log.info("signal_received signal=%s draining_for=%s", signal.Signals(signum).name, cfg.shutdown_timeout)
@@ -287,7 +405,7 @@ def _start_health(cfg: Config, agent: Agent) -> Optional[HealthServer]:
     if not cfg.health.enabled:
         return None
     try:
-        server = HealthServer(cfg.health.endpoint, agent.healthy)
+        server = HealthServer(*cfg.health.address(), agent.healthy)
     except OSError as e:
         log.error("health_endpoint_failed endpoint=%s error=%r", cfg.health.endpoint, e.strerror)
         return None

@@ -40,6 +40,14 @@ BROKEN = [
     ({"logging": {"level": "verbose"}}, "logging.level", "one of debug"),
     ({"resource": {"attributes": "team=sre"}}, "resource.attributes", "mapping"),
     (["not", "a", "mapping"], "", "mapping"),
+    # configs that parse but could not run: every number has a range, NaN and infinity are errors
+    ({"collection_interval": "9" * 400 + "s"}, "collection_interval", "duration"),
+    ({"shutdown_timeout": "9999999999999h"}, "shutdown_timeout", "at most 1h"),
+    ({"exporter": {"file": {"path": ""}}}, "exporter.file.path", "file path"),
+    ({"exporter": {"file": {"path": "/tmp/a\0b"}}}, "exporter.file.path", "NUL"),
+    ({"exporter": {"file": {"max_size": "4KiB", "max_backups": 10**12}}}, "exporter.file.max_backups",
+     "at most 1000"),
+    ({"exporter": {"retry": {"multiplier": float("nan")}}}, "exporter.retry.multiplier", "finite"),
 ]
 
 
