@@ -52,8 +52,10 @@ pytestmark = [
 ]
 
 
-def report(msg: str) -> None:
-    print(f"\nsystemd container: {msg}")
+def report(request, msg: str) -> None:
+    """A measurement, shown in the test output even with -q."""
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nsystemd container: {msg}")
 
 
 def run(*cmd, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
@@ -173,13 +175,13 @@ class Container:
             entries = [e for e in entries if invocation in (e.get("INVOCATION_ID"), e.get("_SYSTEMD_INVOCATION_ID"))]
         return entries
 
-    def wait_journal(self, pattern: str, invocation: str, timeout: float = 60) -> re.Match:
+    def wait_journal(self, pattern: str, invocation: str, timeout: float = 60, count: int = 1) -> re.Match:
+        """The count-th line of the invocation matching pattern, once there."""
         deadline = time.monotonic() + timeout
         while True:
-            for e in self.journal(invocation):
-                m = re.search(pattern, e["MESSAGE"])
-                if m:
-                    return m
+            found = [m for m in (re.search(pattern, e["MESSAGE"]) for e in self.journal(invocation)) if m]
+            if len(found) >= count:
+                return found[count - 1]
             if time.monotonic() > deadline:
                 lines = "\n".join(e["MESSAGE"] for e in self.journal(invocation))
                 raise AssertionError(f"no journal line matching {pattern!r} within {timeout}s:\n{lines}")
@@ -196,6 +198,43 @@ class Container:
                 self.proc.wait()
         for cg in self.cgroups:
             remove_cgroup(cg)
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def in_network_namespace(pid: int, make):
+    """make(), run in a thread that has joined the network namespace of pid: the sockets it opens
+    (a receiver's listening socket) belong to that namespace."""
+    result = {}
+
+    def target():
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                result["error"] = OSError(ctypes.get_errno(), "setns")
+                return
+        finally:
+            os.close(fd)
+        try:
+            result["value"] = make()
+        except BaseException as e:  # re-raised in the caller
+            result["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def items_received(receiver, generation: str) -> int:
+    """Data points and log records of one config generation, as the queue counts its items."""
+    points = sum(len(getattr(m, m.WhichOneof("data")).data_points) for res, _, m in receiver.all_metrics()
+                 if res.get("test.generation") == generation)
+    return points + sum(1 for res, _, _ in receiver.all_logs() if res.get("test.generation") == generation)
 
 
 def poll(predicate, timeout: float, what: str):
@@ -218,18 +257,19 @@ def agent_config(generation: str, **overrides) -> str:
 
 
 @pytest.fixture(scope="module")
-def container(hostagent_deb, tmp_path_factory):
+def container(hostagent_deb, tmp_path_factory, request):
     for tool, package in (("systemd-nspawn", "systemd-container"), ("debootstrap", "debootstrap"),
                           ("nsenter", "util-linux")):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: install.sh --dev must install the {package} package")
     started = time.monotonic()
     root = run(os.path.join(ROOT, ".ci", "systemd-root.sh"), timeout=1200).stdout.strip().splitlines()[-1]
-    report(f"root {root} ready in {time.monotonic() - started:.0f}s")
+    report(request, f"root {root} ready in {time.monotonic() - started:.0f}s")
     c = Container(root, str(tmp_path_factory.mktemp("container")))
     try:
         booted = c.boot()
-        report(f"booted to {c.sh('systemctl', 'is-system-running', check=False).stdout.strip()} in {booted:.1f}s")
+        state = c.sh("systemctl", "is-system-running", check=False).stdout.strip()
+        report(request, f"booted to {state} in {booted:.1f}s")
         shutil.copy(hostagent_deb, c.path("/root/"))
         c.deb = "/root/" + os.path.basename(hostagent_deb)
         yield c
@@ -283,7 +323,7 @@ def probe_states(rows) -> dict:
     return {p["name"]: p["state"] for p in rows}
 
 
-def test_probes_load_under_the_unit_sandbox(container):
+def test_probes_load_under_the_unit_sandbox(container, request):
     # unconfined, in the container: what this kernel and the container allow
     everything = probe_states(json.loads(container.sh("hostagent", "probes", "--json").stdout))
     expected = {name for name, state in everything.items() if state == "on"}
@@ -304,7 +344,7 @@ def test_probes_load_under_the_unit_sandbox(container):
                 scopes |= {sm["scope"]["name"] for sm in rm.get("scopeMetrics", []) if "ebpf" in sm["scope"]["name"]}
         return scopes
     scopes = poll(ebpf_scopes, 60, "eBPF metrics in the file exporter output")
-    report(f"probes on under the unit: {sorted(expected)}; exported: {sorted(scopes)}")
+    report(request, f"probes on under the unit: {sorted(expected)}; exported: {sorted(scopes)}")
 
 
 def test_reload_applies_a_new_config(container):
@@ -339,10 +379,11 @@ def test_watchdog_restarts_a_stopped_agent(container):
     try:
         container.systemctl("log-level", "debug")
         container.systemctl("restart", UNIT)
-        pid, invocation, restarts = container.show("MainPID"), container.show("InvocationID"), container.show("NRestarts")
-        # the agent keeps the watchdog fed while it runs ...
-        for _ in range(2):
-            container.wait_journal(rf"notification message from PID {pid} \(.*WATCHDOG=1", invocation)
+        pid, invocation = container.show("MainPID"), container.show("InvocationID")
+        restarts = container.show("NRestarts")
+        # the agent keeps the watchdog fed while it runs (it pings every second: five pings outlast
+        # the 3s limit) ...
+        container.wait_journal(rf"notification message from PID {pid} \(.*WATCHDOG=1", invocation, count=5)
         # ... and when it stops responding, systemd kills it and starts a new one
         container.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", UNIT)
         container.wait_journal(r"Watchdog timeout", invocation)
@@ -365,9 +406,54 @@ def test_journal_has_the_agent_lines(container):
     assert re.search(rf"hostagent\[{pid}\]: .*logger=hostagent\.runtime started version=", text), text[-2000:]
 
 
-def test_systemd_analyze_security_of_the_installed_unit(container):
+def test_systemd_analyze_security_of_the_installed_unit(container, request):
     out = container.sh("systemd-analyze", "security", "--no-pager", UNIT).stdout
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
     assert m, out
-    report(f"systemd-analyze security {UNIT} (installed, running): exposure {m.group(1)} (at most {MAX_EXPOSURE})")
+    report(request, f"systemd-analyze security {UNIT}: exposure {m.group(1)} (at most {MAX_EXPOSURE})")
     assert float(m.group(1)) <= MAX_EXPOSURE, out
+
+
+def test_stop_keeps_the_queue(container, request):
+    otlp = {"type": "otlp", "otlp": {"protocol": "http/protobuf", "endpoint": f"http://127.0.0.1:{RECEIVER_PORT}",
+                                     "compression": "none"},
+            "queue": {"type": "persistent"}, "retry": {"initial_interval": "200ms", "max_interval": "1s"}}
+    # the backend is down: batches wait in the persistent queue under the state directory
+    container.write(CONFIG, agent_config("queued", exporter=otlp))
+    container.systemctl("restart", UNIT)
+    invocation = container.show("InvocationID")
+    container.wait_journal(r"export_queue type=persistent directory=" + QUEUE_DIR, invocation)
+    container.wait_journal(r"export_retry ", invocation)
+    container.systemctl("stop", UNIT)
+    queued = int(container.wait_journal(r"shutdown_queued items=(\d+)", invocation).group(1))
+    assert queued > 0 and os.listdir(container.path(QUEUE_DIR))
+
+    # the next start finds every item on disk and delivers it once the backend is up
+    receiver = in_network_namespace(container.leader, lambda: HttpReceiver(RECEIVER_PORT).start())
+    try:
+        container.write(CONFIG, agent_config("after", exporter=otlp))
+        container.systemctl("start", UNIT)
+        invocation = container.show("InvocationID")
+        found = int(container.wait_journal(r"export_queue type=persistent .* items=(\d+)", invocation).group(1))
+        assert found == queued
+        assert receiver.wait_for(lambda r: items_received(r, "queued") >= queued, 60), \
+            f"{items_received(receiver, 'queued')} of {queued} queued items delivered"
+        assert receiver.wait_for(lambda r: items_received(r, "after") > 0, 30)
+        delivered = items_received(receiver, "queued")
+        report(request, f"stop/start: {queued} queued items kept on disk, {delivered} delivered")
+    finally:
+        receiver.stop()
+    container.write(CONFIG, agent_config("1"))
+    container.systemctl("restart", UNIT)
+
+
+def test_apt_remove_keeps_state_and_purge_removes_it(container):
+    container.sh("apt-get", "remove", "--yes", "hostagent", timeout=300)
+    assert container.systemctl("is-active", UNIT, check=False).stdout.strip() == "inactive"
+    assert os.path.isdir(container.path(QUEUE_DIR)) and os.path.exists(container.path(CONFIG))
+    container.sh("apt-get", "purge", "--yes", "hostagent", timeout=300)
+    for path in (STATE, "/etc/hostagent", "/opt/hostagent", "/usr/bin/hostagent", "/lib/systemd/system/" + UNIT,
+                 "/etc/systemd/system/multi-user.target.wants/" + UNIT):
+        assert not os.path.lexists(container.path(path)), f"{path} left after apt purge"
+    assert container.sh("dpkg-query", "-W", "hostagent", check=False).returncode != 0
+    assert container.systemctl("list-unit-files", UNIT, check=False).stdout.count(UNIT) == 0
