@@ -117,9 +117,10 @@ class Container:
         for cg in self.cgroups:
             os.mkdir(cg)
         # join the cgroups first, then become systemd-nspawn
-        enter = "; ".join(f"echo $$ > {shlex.quote(cg)}/cgroup.procs" for cg in self.cgroups)
-        self.proc = subprocess.Popen(["sh", "-c", f'{enter}; exec "$@"', "sh", *nspawn], stdin=subprocess.DEVNULL,
-                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=ENV)
+        enter = "".join(f"echo $$ > {shlex.quote(cg)}/cgroup.procs; " for cg in self.cgroups)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(["sh", "-ec", f'{enter}exec "$@"', "sh", *nspawn], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, env=ENV)
         deadline = time.monotonic() + timeout
         while self.leader is None:
             assert self.proc.poll() is None, f"systemd-nspawn exited {self.proc.returncode}:\n{self.nspawn_log()}"
@@ -171,6 +172,7 @@ class Container:
         for e in entries:
             if isinstance(e.get("MESSAGE"), list):  # not UTF-8: bytes
                 e["MESSAGE"] = bytes(e["MESSAGE"]).decode(errors="replace")
+            e.setdefault("MESSAGE", "")
         if invocation:
             entries = [e for e in entries if invocation in (e.get("INVOCATION_ID"), e.get("_SYSTEMD_INVOCATION_ID"))]
         return entries
@@ -249,7 +251,7 @@ def poll(predicate, timeout: float, what: str):
 
 
 def agent_config(generation: str, **overrides) -> str:
-    """The shipped agent.yaml (all comments) with the test's settings appended."""
+    """/etc/hostagent/agent.yaml for the tests: fast intervals, a marker resource attribute."""
     settings = {"collection_interval": "1s", "shutdown_timeout": "2s", "batch": {"timeout": "200ms"},
                 "resource": {"attributes": {"test.generation": generation}}}
     settings.update(overrides)
@@ -453,7 +455,7 @@ def test_apt_remove_keeps_state_and_purge_removes_it(container):
     assert os.path.isdir(container.path(QUEUE_DIR)) and os.path.exists(container.path(CONFIG))
     container.sh("apt-get", "purge", "--yes", "hostagent", timeout=300)
     for path in (STATE, "/etc/hostagent", "/opt/hostagent", "/usr/bin/hostagent", "/lib/systemd/system/" + UNIT,
-                 "/etc/systemd/system/multi-user.target.wants/" + UNIT):
+                 "/etc/systemd/system/multi-user.target.wants/" + UNIT, "/etc/systemd/system/" + UNIT):
         assert not os.path.lexists(container.path(path)), f"{path} left after apt purge"
     assert container.sh("dpkg-query", "-W", "hostagent", check=False).returncode != 0
     assert container.systemctl("list-unit-files", UNIT, check=False).stdout.count(UNIT) == 0
