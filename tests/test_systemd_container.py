@@ -373,6 +373,22 @@ def test_reload_applies_a_new_config(container):
     container.systemctl("reload", UNIT)
 
 
+def test_a_config_error_fails_the_start_without_restarts(container):
+    container.write(CONFIG, agent_config("1") + "collection_interval: often\n")
+    try:
+        assert container.systemctl("restart", UNIT, check=False).returncode != 0
+        # exit status 2 (a config error) is final: the unit fails instead of restarting every RestartSec
+        state = poll(lambda: container.show("SubState") in ("failed", "auto-restart") and container.show("SubState"),
+                     60, "the start fails")
+        assert (state, container.show("ExecMainStatus")) == ("failed", "2")
+        invocation = container.show("InvocationID")
+        container.wait_journal(r"collection_interval", invocation)
+    finally:
+        container.write(CONFIG, agent_config("1"))
+        container.systemctl("reset-failed", UNIT, check=False)
+        container.systemctl("restart", UNIT)
+
+
 def test_watchdog_restarts_a_stopped_agent(container):
     # hostagent.service's WatchdogSec (60s) made short so that the test is quick, and the stopped
     # process aborted quickly too (TimeoutAbortSec: SIGKILL after the watchdog's SIGABRT)
