@@ -291,6 +291,9 @@ def test_apt_installs_the_deb_offline_and_starts_the_service(container):
     assert container.sh("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "hostagent").stdout.startswith("ii")
     assert container.systemctl("is-enabled", UNIT, check=False).stdout.strip() == "enabled"
     poll(lambda: container.show("ActiveState") == "active", 60, "the service is active after the install")
+    # this systemd knows every setting of the unit
+    verify = container.sh("systemd-analyze", "verify", UNIT, check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
     # every program the unit runs comes from the package or one it depends on
     depends = container.sh("dpkg-query", "-W", "-f", "${Depends}", "hostagent").stdout
     needed = {re.sub(r"[ (].*", "", d.strip()) for d in depends.split(",")} | {"hostagent"}
