@@ -32,7 +32,7 @@ Installs the distro's bcc (python3-bpfcc), python3-venv and kernel headers, link
 where bcc looks for them, mounts tracefs, and installs hostagent into <checkout>/.venv.
 
   --dev    also install the test dependencies (pytest, bpfcc-tools, nftables, iproute2, python3-seccomp,
-           e2fsprogs, rpm, systemd, a C compiler, ...) and a VictoriaMetrics binary at
+           e2fsprogs, rpm, systemd, systemd-container, debootstrap, a C compiler, ...) and a VictoriaMetrics binary at
            .cache/bin/victoria-metrics (Debian: from trixie, added as an apt source pinned low)
 EOF
 }
@@ -397,7 +397,8 @@ main() {
 
     local pkgs=(python3-bpfcc python3-venv ca-certificates)
     if [[ $dev == 1 ]]; then
-        pkgs+=(bpfcc-tools nftables iproute2 e2fsprogs util-linux procps gcc libc6-dev curl rpm systemd python3-seccomp prometheus-node-exporter)
+        pkgs+=(bpfcc-tools nftables iproute2 e2fsprogs util-linux procps gcc libc6-dev curl rpm systemd python3-seccomp prometheus-node-exporter
+              systemd-container debootstrap)
     fi
     # Fresh hosts (containers, minimal images) have no package lists at all.
     compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update

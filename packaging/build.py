@@ -322,7 +322,8 @@ def build_deb(args) -> str:
     root, facts = stage(args, "/lib/systemd/system")
     try:
         major, minor = map(int, facts["python"].split("."))
-        depends = [f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})", "python3-bpfcc"]
+        # procps: /bin/kill, the unit's ExecReload (not Essential: minimal images lack it)
+        depends = [f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})", "python3-bpfcc", "procps"]
         # Kernel headers for bcc must match the running kernel, which no static dependency can
         # name: the distro's meta package (Ubuntu: linux-headers-generic, Debian:
         # linux-headers-<arch>) tracks the current kernel. Recommended, not required: without

@@ -40,7 +40,7 @@ EMULATED = {"CapabilityBoundingSet", "NoNewPrivileges", "ProtectSystem", "ReadWr
             "AmbientCapabilities", "PrivateMounts", "ExecStart"}
 # not confinement: how systemd starts, stops and supervises the service
 LIFECYCLE = {"Type", "NotifyAccess", "WatchdogSec", "EnvironmentFile", "Environment", "ExecReload", "Restart",
-             "RestartSec", "TimeoutStopSec", "TimeoutStartSec"}
+             "RestartSec", "RestartPreventExitStatus", "TimeoutStopSec", "TimeoutStartSec"}
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_SLAVE = 4096, 16384, 1 << 19

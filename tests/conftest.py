@@ -24,6 +24,16 @@ def hostagent(*args, env=None, timeout=60, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, **kw)
 
 
+@pytest.fixture(scope="session")
+def hostagent_deb(tmp_path_factory) -> str:
+    """The checkout's .deb (packaging/build-deb.sh), built once for every test that installs it."""
+    out = tmp_path_factory.mktemp("deb")
+    p = subprocess.run([os.path.join(ROOT, "packaging", "build-deb.sh"), "--out", str(out)], capture_output=True,
+                       text=True, timeout=600, stdin=subprocess.DEVNULL, env=clean_env())
+    assert p.returncode == 0, f"packaging/build-deb.sh exited {p.returncode}:\n{p.stderr}"
+    return p.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def grpc_receiver():
     rec = GrpcReceiver().start()
