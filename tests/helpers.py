@@ -1,5 +1,7 @@
 """Code shared by several test modules."""
+import os
 import threading
+import time
 
 # How long a call may run before a test calls it hung. Tests never assert how long something took:
 # they make the wrong behaviour take far longer than this (an hour's wait, a server that never
@@ -24,6 +26,20 @@ def finishes(fn, *args, **kwargs):
     if error:
         raise error[0]
     return result[0]
+
+
+def remove_cgroups(*paths) -> None:
+    """Remove cgroup directories in the order given (innermost first). A cgroup stays busy until its
+    last process is reaped, so each removal is tried again for up to 5 s; one already gone is fine."""
+    for path in paths:
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 class RecordingEvent(threading.Event):

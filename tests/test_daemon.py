@@ -1,15 +1,18 @@
 """Daemon behaviour: systemd notify, health endpoint, SIGHUP reload (a bad config keeps the old one,
 a good one takes effect without losing queued data), structured logs."""
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
 import yaml
 
-from tests.conftest import agent_log, base_config, clean_env
+from tests.conftest import ROOT, agent_log, base_config, clean_env
 
 
 def notify_socket(tmp_path):
@@ -105,3 +108,28 @@ def test_reload_keeps_undelivered_data(tmp_path, start_agent, http_receiver):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert "export_dropped" not in agent_log(proc)
+
+
+LOG_A_WARNING = """
+import logging
+from agent.runtime import setup_logging
+setup_logging("info")
+logging.getLogger("hostagent.test").warning("disk_slow device=vda")
+logging.getLogger("hostagent.test").info("started")
+"""
+
+
+def test_log_lines_carry_their_priority_to_the_journal(tmp_path):
+    """Under systemd (JOURNAL_STREAM names stderr) each line starts with its syslog priority,
+    which journald turns into the entry's PRIORITY; elsewhere the lines are plain."""
+    err = tmp_path / "stderr"
+    for journal in (True, False):
+        with open(err, "w") as f:
+            st = os.fstat(f.fileno())
+            env = clean_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}" if journal else "1:1")
+            subprocess.run([sys.executable, "-c", LOG_A_WARNING], cwd=ROOT, env=env, stderr=f, check=True,
+                           timeout=60)
+        warning, info = err.read_text().splitlines()
+        assert re.fullmatch(r"<4>ts=\S+ level=warning logger=hostagent\.test disk_slow device=vda", warning) \
+            if journal else warning.startswith("ts=") and "level=warning" in warning, warning
+        assert info.startswith("<6>ts=" if journal else "ts="), info

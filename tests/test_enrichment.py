@@ -22,6 +22,7 @@ from agent.selfmetrics import SELF
 from agent.sources.ebpf.process import iso8601
 from agent.sources.identity import CLOCK_TICK_NS, boot_to_wall_ns, container_id, proc_cgroup, proc_stat, systemd_unit
 from tests.conftest import HOSTAGENT, ROOT, base_config, clean_env
+from tests.helpers import remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs, writes cgroups and sysctls")
@@ -340,16 +341,11 @@ def cgroup_dir(path: str):
     try:
         yield path
     finally:
-        for _ in range(50):                       # empty once its process is reaped
-            try:
-                while path.count("/") > 4:
-                    os.rmdir(path)
-                    path = os.path.dirname(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.1)
+        chain = []
+        while path.count("/") > 4:                # up to the one below the hierarchy's root
+            chain.append(path)
+            path = os.path.dirname(path)
+        remove_cgroups(*chain)
 
 
 def _cgroup_root(kind: str) -> str:

@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import time
 
@@ -345,6 +346,18 @@ def hostile_agent_config(tmp_path, endpoint, **over):
         "type": "otlp", "otlp": {"protocol": "http/protobuf", "endpoint": endpoint, "timeout": "2s"}}, **over)
 
 
+def terminate(proc) -> tuple:
+    """SIGTERM `proc`: (its exit status, or None if it still runs 30 s past its 2 s shutdown_timeout;
+    the seconds it took), for the report."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(2 + 30)
+    except subprocess.TimeoutExpired:
+        code = None
+    return code, time.monotonic() - started
+
+
 def rss_kib(pid: int, field: str = "VmHWM") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -361,13 +374,7 @@ def test_agent_against_a_hostile_http_server_stays_small_and_stops_on_sigterm(tm
         assert poll(lambda: server.requests >= 2 or proc.poll() is not None, timeout=60), agent_log(proc)
         assert proc.poll() is None, agent_log(proc)
         peak = rss_kib(proc.pid)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(2 + 30)
-        except Exception:
-            code = None
-        took = time.monotonic() - started
+        code, took = terminate(proc)
         print(f"{mode}: peak RSS {peak / 1024:.0f} MiB, exit {code} after {took:.1f}s, answers {server.answers[:4]}")
         assert code == 0, agent_log(proc)
         assert "stopped clean=" in agent_log(proc)
@@ -403,13 +410,8 @@ def test_agent_stops_on_sigterm_while_a_grpc_server_holds_its_requests(tmp_path,
             "type": "otlp", "otlp": {"endpoint": server.endpoint, "timeout": "120s"}})
         proc = start_agent(cfg)
         assert poll(lambda: len(server.calls) >= 2 or proc.poll() is not None, timeout=60), agent_log(proc)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(2 + 30)
-        except Exception:
-            code = None
-        print(f"grpc stall: exit {code} after {time.monotonic() - started:.1f}s")
+        code, took = terminate(proc)
+        print(f"grpc stall: exit {code} after {took:.1f}s")
         assert code == 0, agent_log(proc)
         assert "shutdown_queued" in agent_log(proc)  # kept for the next start
     finally:

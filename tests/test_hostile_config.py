@@ -283,22 +283,17 @@ def test_hostile_config(tmp_path, case):
 
 # --- in process: generated configs and environments -------------------------------------------------------
 
-def _leaf_types():
-    """dotted key -> type of every leaf of the schema."""
-    out = {}
-
-    def walk(cls, prefix):
-        for f in dataclasses.fields(cls):
-            tp = config._hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = tp
-    walk(config.Config, "")
-    return out
+def leaves(cls=config.Config, prefix=""):
+    """(dotted key, its config class, field name, type) of every leaf of the schema."""
+    for f in dataclasses.fields(cls):
+        tp = config._hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", cls, f.name, tp
 
 
-LEAVES = _leaf_types()
+LEAVES = {key: tp for key, _, _, tp in leaves()}
 
 text = st.text(st.characters(codec="utf-8"), max_size=30) | st.sampled_from(
     ["", "10s", "0s", "1ms", "9" * 400 + "s", "1e309", "nan", "-1", "64KiB", "1TiB", "[::1]:0", "127.0.0.1:0",
@@ -402,16 +397,10 @@ def _numeric(tp) -> bool:
 def ranged_keys():
     """dotted key -> (low, high) of every numeric key, from its class's RANGES."""
     out = {}
-
-    def walk(cls, prefix):
-        for f in dataclasses.fields(cls):
-            tp = config._hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            elif _numeric(tp):
-                assert f.name in getattr(cls, "RANGES", {}), f"{prefix}{f.name} has no range in {cls.__name__}.RANGES"
-                out[f"{prefix}{f.name}"] = cls.RANGES[f.name]
-    walk(config.Config, "")
+    for key, cls, name, tp in leaves():
+        if _numeric(tp):
+            assert name in getattr(cls, "RANGES", {}), f"{key} has no range in {cls.__name__}.RANGES"
+            out[key] = cls.RANGES[name]
     return out
 
 

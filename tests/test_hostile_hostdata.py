@@ -20,6 +20,7 @@ from agent.export.encoding import MAX_DEPTH, encode
 from agent.model import Batch, LogGroup, LogRecord, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.selfmetrics import SELF
 from tests.conftest import HOSTAGENT, ROOT, base_config, clean_env
+from tests.helpers import remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -149,13 +150,7 @@ def test_a_v1_cgroup_named_with_invalid_bytes_is_read_with_replacement():
             p.kill()
             p.wait()
     finally:
-        for path in (cgroup, os.path.dirname(cgroup), top):
-            for _ in range(50):
-                try:
-                    os.rmdir(path)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        remove_cgroups(cgroup, os.path.dirname(cgroup), top)
     assert attrs.get("container.id") == cid, attrs
     assert attrs["process.linux.cgroup"].endswith(f"/bad\ufffd\ufffdcg/{cid}"), attrs
 
@@ -223,13 +218,7 @@ def test_a_cgroup_and_a_binary_named_with_invalid_bytes_cost_no_other_data(tmp_p
         agent.wait(30)
         log.close()
         receiver.stop()
-        for path in (cgroup, os.path.dirname(cgroup)):
-            for _ in range(50):
-                try:
-                    os.rmdir(path)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        remove_cgroups(cgroup, os.path.dirname(cgroup))
     text = open(tmp_path / "agent.log").read()
     assert "encode_failed" not in text, text[-3000:]
     execs = [attributes(r) for _, _, r in receiver.all_logs()

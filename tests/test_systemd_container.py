@@ -430,6 +430,8 @@ def test_journal_has_the_agent_lines(container):
     container.wait_journal(r"logger=hostagent\.runtime started version=", invocation)
     agent = [e for e in container.journal(invocation) if e.get("_PID") == pid]
     assert agent and all(e.get("SYSLOG_IDENTIFIER") == "hostagent" for e in agent), agent[:3]
+    info = [e for e in agent if " level=info " in e["MESSAGE"]]
+    assert info and all(e.get("PRIORITY") == "6" and e["MESSAGE"].startswith("ts=") for e in info), info[:3]
     text = container.sh("journalctl", "--unit", UNIT, "--no-pager").stdout
     assert re.search(rf"hostagent\[{pid}\]: .*logger=hostagent\.runtime started version=", text), text[-2000:]
 
@@ -452,6 +454,9 @@ def test_stop_keeps_the_queue(container, request):
     invocation = container.show("InvocationID")
     container.wait_journal(r"export_queue type=persistent directory=" + QUEUE_DIR, invocation)
     container.wait_journal(r"export_retry ", invocation)
+    # a line's level is its journal priority: `journalctl -p warning` shows the retries
+    warnings = [e for e in container.journal(invocation) if " level=warning " in e["MESSAGE"]]
+    assert warnings and all(e.get("PRIORITY") == "4" for e in warnings), warnings[:3]
     container.systemctl("stop", UNIT)
     queued = int(container.wait_journal(r"shutdown_queued items=(\d+)", invocation).group(1))
     assert queued > 0 and os.listdir(container.path(QUEUE_DIR))
