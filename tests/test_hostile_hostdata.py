@@ -177,12 +177,14 @@ def test_a_cgroup_and_a_binary_named_with_invalid_bytes_cost_no_other_data(tmp_p
     import yaml
     receiver = HttpReceiver().start()
     cgroup = os.path.join(os.fsencode(_cgroup_v2_root()), b"hostagent-test-" + uuid.uuid4().hex[:8].encode(), BAD)
-    binary = os.path.join(os.fsencode(str(tmp_path)), BAD)
+    tag = uuid.uuid4().hex[:4]          # this run's binary alone (the name stays within comm's 15 bytes)
+    shown = "bad\ufffd\ufffdcg-" + tag
+    binary = os.path.join(os.fsencode(str(tmp_path)), BAD + b"-" + tag.encode())
     shutil.copy("/bin/sleep", binary)
     cfg = base_config(tmp_path, ebpf={"enabled": True, "probes": {
         name: {"enabled": name == "process"} for name in ("runqlat", "biolatency", "syscalls", "tcp", "process",
                                                           "oom", "signals")}},
-        scrapers={"process": {"enabled": True, "include": ["bad.*"]}},
+        scrapers={"process": {"enabled": True, "include": [f"bad.*-{tag}"]}},
         exporter={"type": "otlp", "otlp": {"endpoint": receiver.endpoint, "protocol": "http/protobuf"}})
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))
     log = open(tmp_path / "agent.log", "w+")
@@ -224,10 +226,10 @@ def test_a_cgroup_and_a_binary_named_with_invalid_bytes_cost_no_other_data(tmp_p
     execs = [attributes(r) for _, _, r in receiver.all_logs()
              if r.event_name == "process.exec" and attributes(r)["process.pid"] == sleeper.pid]
     assert execs and execs[0]["process.linux.cgroup"].endswith("/bad\ufffd\ufffdcg"), execs
-    assert execs[0]["process.executable.path"].endswith("/bad\ufffd\ufffdcg"), execs
+    assert execs[0]["process.executable.path"].endswith("/" + shown), execs
     resources = [res for res, _, _ in receiver.all_metrics()]
     mine = [a for a in resources if a.get("process.pid") == sleeper.pid]
-    assert mine and all(a["process.executable.name"] == "bad\ufffd\ufffdcg" for a in mine), mine
+    assert mine and all(a["process.executable.name"] == shown for a in mine), mine
     assert all(a["process.linux.cgroup"].endswith("/bad\ufffd\ufffdcg") for a in mine), mine
-    assert all(a["process.command_line"].endswith("bad\ufffd\ufffdcg 600") for a in mine), mine
+    assert all(a["process.command_line"].endswith(shown + " 600") for a in mine), mine
     assert "\ufffd" not in repr([a for a in resources if a.get("process.pid") != sleeper.pid])
