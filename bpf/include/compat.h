@@ -51,6 +51,9 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define HA_TRACEPOINT(cat, event, record) \
     SEC("tp/" #cat "/" #event) int cat##__##event(struct trace_event_raw_##record *args)
+/* the syscalls:sys_enter_* tracepoints have no record type of their own in BTF: their record is
+ * struct syscall_trace_enter, the arguments in args[] (HA_TRACEPOINT(..., syscall_trace_enter)) */
+#define trace_event_raw_syscall_trace_enter syscall_trace_enter
 #define HA_RAW_TRACEPOINT(event) \
     SEC("raw_tp/" #event) int raw_tp__##event(struct bpf_raw_tracepoint_args *ctx)
 
