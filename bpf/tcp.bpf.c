@@ -110,18 +110,12 @@ HA_HASH(tcp_connections, u64, struct tcp_connection, TCP_MAX_CONNECTIONS);
 EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, 2 * EXP2_SLOTS);
 
 #ifndef HA_CORE
-static __always_inline u64 *tcp_events_lookup(u32 *event) { return tcp_events.lookup(event); }
-static __always_inline struct tcp_connection *tcp_connections_lookup(u64 *sk)
-{
-    return tcp_connections.lookup(sk);
-}
-static __always_inline int tcp_connections_update(u64 *sk, struct tcp_connection *c)
-{
-    return tcp_connections.update(sk, c);
-}
-static __always_inline int tcp_connections_delete(u64 *sk) { return tcp_connections.delete(sk); }
-static __always_inline struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *key,
-                                                                           struct exp2_bucket *zero)
+HA_MAP_FN u64 *tcp_events_lookup(u32 *event) { return tcp_events.lookup(event); }
+HA_MAP_FN struct tcp_connection *tcp_connections_lookup(u64 *sk) { return tcp_connections.lookup(sk); }
+HA_MAP_FN int tcp_connections_update(u64 *sk, struct tcp_connection *c) { return tcp_connections.update(sk, c); }
+HA_MAP_FN int tcp_connections_delete(u64 *sk) { return tcp_connections.delete(sk); }
+HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *key,
+                                                              struct exp2_bucket *zero)
 {
     return tcp_lifetime.lookup_or_try_init(key, zero);
 }
