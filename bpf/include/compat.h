@@ -16,7 +16,9 @@
  *
  * Tracepoint record fields
  *   HA_TP_STR(dst, field)   copy the __data_loc string `field` (bcc: data_loc_<field>,
- *                           vmlinux.h: __data_loc_<field>) into the char array dst.
+ *                           vmlinux.h: __data_loc_<field>) into the char array dst,
+ *                           NUL-terminated and truncated to sizeof(dst); the low 16 bits of a
+ *                           data_loc are the string's offset from the start of the record.
  *   HA_TP_HAS(field)        CO-RE: whether this kernel's record has `field`
  *                           (bpf_core_field_exists); bcc: 1, the probe tests its -D flag first.
  *
