@@ -116,3 +116,20 @@ def test_every_exporter_and_queue_has_its_doc_row():
         named = _backquoted(keys[key][1])
         for name in _table(table):
             assert name in named, f"docs/configuration.md: the meaning of {key} does not name `{name}`"
+
+
+def test_test_modules_share_code_through_helpers_only():
+    """A test module imports shared code from tests/helpers.py (fixtures come from conftest.py
+    without an import), never from conftest or from another test module."""
+    wrong = []
+    for path in sorted(pathlib.Path(ROOT, "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "tests" else [node.module]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                last = name.rpartition(".")[2]
+                if name.startswith("tests.") and (last == "conftest" or last.startswith("test_")):
+                    wrong.append(f"tests/{path.name}:{node.lineno}: imports {name}")
+    assert not wrong, "\n".join(wrong)
