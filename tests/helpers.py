@@ -68,6 +68,12 @@ def _merge(low: dict, high: dict) -> dict:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def agent_log(proc) -> str:
     proc.log_file.seek(0)
     return proc.log_file.read()
@@ -96,12 +102,6 @@ def doc_rows() -> dict:
 # --- end-to-end delivery: what the receivers got ---------------------------------------------------
 
 CPU_SCOPE = "hostagent/scrapers/cpu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def delivery_config(tmp_path, endpoint, exporter=None, **over) -> dict:
@@ -344,14 +344,15 @@ class Pki:
         return str(self.path / name)
 
 
-def read(path):
-    return open(path, "rb").read()
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def grpc_tls_receiver(pki, which="server", mtls=False) -> tuple:
     rec = GrpcReceiver()
     cert, key = getattr(pki, which)
-    creds = grpc.ssl_server_credentials([(read(key), read(cert))], root_certificates=read(pki.ca) if mtls else None,
+    creds = grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=_read(pki.ca) if mtls else None,
                                         require_client_auth=mtls)
     port = rec.server.add_secure_port("127.0.0.1:0", creds)
     return rec.start(), f"https://127.0.0.1:{port}"
@@ -371,6 +372,7 @@ def https_receiver(pki, which="server", mtls=False) -> tuple:
 
 
 def payload() -> Payload:
+    """A metrics payload of one gauge point."""
     m = Metric("tls.test", "", "1", MetricKind.GAUGE, [NumberPoint((), 1, 1, 2)])
     return Payload("metrics", encode_metrics([MetricGroup(Resource((("host.name", "t"),)), Scope("t"), [m])]), 1)
 
