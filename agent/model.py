@@ -90,9 +90,6 @@ class ExponentialHistogramPoint:
     max: Union[float, None] = None
 
 
-Point = Union[NumberPoint, HistogramPoint, ExponentialHistogramPoint]
-
-
 @dataclass(slots=True)
 class Metric:
     name: str

@@ -1,27 +1,12 @@
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import yaml
 
+from tests.helpers import HOSTAGENT, ROOT, Pki, clean_env
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOSTAGENT = [sys.executable, "-m", "agent"]
-
-
-def clean_env(**extra) -> dict:
-    """The test process's environment without OTEL_* variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(extra)
-    return env
-
-
-def hostagent(*args, env=None, timeout=60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*HOSTAGENT, *args], cwd=ROOT, env=env or clean_env(), capture_output=True,
-                          text=True, timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -48,26 +33,9 @@ def http_receiver():
     rec.stop()
 
 
-def base_config(tmp_path, **overrides) -> dict:
-    """A config writing only under tmp_path, without eBPF (its tests enable it themselves)."""
-    cfg = {
-        "collection_interval": "1s",
-        "state_dir": str(tmp_path / "state"),  # the persistent export queue lives under it
-        "ebpf": {"enabled": False},
-        "health": {"endpoint": "127.0.0.1:0"},
-        "batch": {"timeout": "200ms"},
-        "exporter": {"file": {"path": str(tmp_path / "out" / "metrics.jsonl"),
-                              "logs_path": str(tmp_path / "out" / "logs.jsonl")},
-                     "retry": {"initial_interval": "200ms", "max_interval": "1s"}},
-    }
-    return _merge(cfg, overrides)
-
-
-def _merge(low: dict, high: dict) -> dict:
-    out = dict(low)
-    for k, v in high.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -95,6 +63,3 @@ def start_agent(tmp_path):
         proc.log_file.close()
 
 
-def agent_log(proc) -> str:
-    proc.log_file.seek(0)
-    return proc.log_file.read()

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 RUN_PY = os.path.join(ROOT, "bench", "run.py")
 BASELINE = os.path.join(ROOT, "bench", "baseline.json")
 

@@ -2,13 +2,13 @@
 names its baseline and has a positive ratio. Each runs in its own process (some start a receiver
 process and threads of their own)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 # module name in bench/ == its CATEGORY
 MODULES = ("aggregation", "batching", "encoding", "memory", "network", "redaction")
 

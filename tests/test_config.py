@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from agent import config
-from tests.conftest import ROOT, clean_env, hostagent
+from tests.helpers import ROOT, clean_env, hostagent
 
 BROKEN = [
     # (config, key the message must name, words it must contain)

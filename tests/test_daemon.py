@@ -12,7 +12,7 @@ import urllib.request
 
 import yaml
 
-from tests.conftest import ROOT, agent_log, base_config, clean_env
+from tests.helpers import ROOT, agent_log, base_config, clean_env
 
 
 def notify_socket(tmp_path):

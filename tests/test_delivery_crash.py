@@ -16,10 +16,9 @@ import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from agent.export.wal import HEADER, parse_header, read_pending, segment_files
-from tests.conftest import agent_log
+from tests.helpers import (agent_log, check_complete, check_exact, cpu_points, delivery_config, free_port,
+                           self_metric, wait_until)
 from tests.otlp_receiver import GrpcReceiver, attributes
-from tests.test_delivery_outage import (check_complete, check_exact, cpu_points, delivery_config, free_port,
-                                        self_metric, wait_until)
 
 
 def point_keys(bodies) -> set:

@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from tests.conftest import agent_log
+from tests.helpers import agent_log, cpu_points, delivery_config, free_port, self_metric, wait_until
 from tests.otlp_receiver import GrpcReceiver
-from tests.test_delivery_outage import cpu_points, delivery_config, free_port, self_metric, wait_until
 
 
 @pytest.fixture

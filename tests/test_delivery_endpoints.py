@@ -18,9 +18,8 @@ from agent.export.encoding import Payload, encode_metrics
 from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-from tests.conftest import agent_log
+from tests.helpers import agent_log, check_complete, cpu_points, delivery_config, free_port, wait_until
 from tests.otlp_receiver import GrpcReceiver
-from tests.test_delivery_outage import check_complete, cpu_points, delivery_config, free_port, wait_until
 
 
 def payload(tag: str, n: int = 50) -> Payload:

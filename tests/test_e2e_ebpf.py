@@ -9,17 +9,10 @@ import sys
 import tempfile
 import time
 
-from tests.conftest import ROOT, agent_log, base_config, clean_env
+from tests.helpers import ROOT, agent_log, base_config, clean_env, wait_for_log
 from tests.otlp_receiver import attributes
 
 N = 20
-
-
-def wait_for_log(proc, text, timeout=60):
-    deadline = time.monotonic() + timeout
-    while text not in agent_log(proc):
-        assert proc.poll() is None and time.monotonic() < deadline, agent_log(proc)
-        time.sleep(0.1)
 
 
 def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_receiver):

@@ -12,7 +12,7 @@ import yaml
 
 from agent import __version__
 from tests import hostmetrics_spec as spec
-from tests.conftest import HOSTAGENT, ROOT, agent_log, base_config, clean_env
+from tests.helpers import HOSTAGENT, ROOT, agent_log, base_config, clean_env
 from tests.otlp_receiver import GrpcReceiver, attributes
 
 HOST_SCRAPERS = ("cpu", "disk", "filesystem", "load", "memory", "network", "paging", "processes", "system")

@@ -11,15 +11,9 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, agent_log, base_config
+from tests.helpers import ROOT, agent_log, base_config, free_port
 
 VM_BIN = os.environ.get("HOSTAGENT_VM_BIN") or os.path.join(ROOT, ".cache", "bin", "victoria-metrics")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str):

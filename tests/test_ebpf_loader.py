@@ -21,9 +21,8 @@ from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tra
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.registry import PROBES
-from tests.helpers import finishes
+from tests.helpers import ROOT, finishes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 
 GOOD_PROGRAM = b"""

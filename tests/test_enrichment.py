@@ -21,8 +21,7 @@ from agent.runtime import build_exporter
 from agent.selfmetrics import SELF
 from agent.sources.ebpf.process import iso8601
 from agent.sources.identity import CLOCK_TICK_NS, boot_to_wall_ns, container_id, proc_cgroup, proc_stat, systemd_unit
-from tests.conftest import HOSTAGENT, ROOT, base_config, clean_env
-from tests.helpers import remove_cgroups
+from tests.helpers import HOSTAGENT, ROOT, Events, base_config, clean_env, remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs, writes cgroups and sysctls")
@@ -547,7 +546,6 @@ def test_process_scraper_resources_carry_the_container_of_their_cgroup():
 def test_command_lines_can_be_switched_off_entirely():
     from agent.sources.ebpf import EbpfSource
     from agent.sources.ebpf.registry import PROBES
-    from tests.test_probe_process import Events
     off = config.EnrichmentConfig(command_line=False)
     only_process = config.EbpfConfig(probes={name: config.ProbeConfig(enabled=name == "process") for name in PROBES})
     src = EbpfSource(only_process, Resource(()), enrichment=off)

@@ -11,7 +11,7 @@ from agent.config import FileExporterConfig, Size
 from agent.export.encoding import Payload, encode_metrics
 from agent.export.file import FileExporter
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-from tests.conftest import agent_log, base_config
+from tests.helpers import agent_log, base_config
 
 
 def wait_for_lines(path, n, timeout=30):

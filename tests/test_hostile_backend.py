@@ -30,9 +30,8 @@ from agent.export.wal import HEADER, PersistentQueue, segment_files
 from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.pipeline import Pipeline
 from agent.selfmetrics import SELF
-from tests.conftest import agent_log, base_config
+from tests.helpers import RecordingEvent, ScriptedGrpcServer, agent_log, base_config, point_ids
 from tests.otlp_receiver import HttpReceiver
-from tests.test_retry import RecordingEvent, ScriptedGrpcServer, point_ids
 
 RES = Resource((("host.name", "hostile-test"),))
 TINY = RetryConfig(initial_interval=Duration(0.0001), max_interval=Duration(0.0001))

@@ -26,10 +26,8 @@ from hypothesis import strategies as st
 from agent import config
 from agent.export import RetryableError
 from agent.export.otlp_grpc import GrpcExporter
-from tests.conftest import HOSTAGENT, ROOT, agent_log, base_config, clean_env
+from tests.helpers import HOSTAGENT, ROOT, agent_log, base_config, clean_env, grpc_tls_receiver, payload, self_metric, wait_for_log
 from tests.otlp_receiver import GrpcReceiver
-from tests.test_delivery_outage import self_metric
-from tests.test_tls import grpc_tls_receiver, payload, pki  # noqa: F401 - pki is a fixture
 
 MAX_RSS_MIB = 150  # generous: the goal is 100 MB; check-config peaks near 65 MiB here
 
@@ -446,12 +444,6 @@ def test_range_bounds_are_enforced():
 
 
 # --- reload: whatever the new file holds, the running config stays ---------------------------------------
-
-def wait_for_log(proc, text, count=1, timeout=30):
-    deadline = time.monotonic() + timeout
-    while agent_log(proc).count(text) < count and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert agent_log(proc).count(text) >= count, agent_log(proc)[-3000:]
 
 
 def test_reload_rejects_any_config_that_cannot_load(tmp_path, start_agent, http_receiver):

@@ -19,8 +19,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from agent.export.encoding import MAX_DEPTH, encode
 from agent.model import Batch, LogGroup, LogRecord, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.selfmetrics import SELF
-from tests.conftest import HOSTAGENT, ROOT, base_config, clean_env
-from tests.helpers import remove_cgroups
+from tests.helpers import HOSTAGENT, ROOT, base_config, clean_env, remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
 INT64 = (-(1 << 63), (1 << 63) - 1)

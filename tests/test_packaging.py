@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.conftest import ROOT, clean_env
+from tests.helpers import ROOT, clean_env, free_port
 
 PACKAGING = os.path.join(ROOT, "packaging")
 UNIT_NAME = "hostagent.service"
@@ -300,12 +300,6 @@ def sandboxed(unit_path: str, *command) -> list:
     """A command (default: the unit's ExecStart) confined as the unit's settings confine it."""
     return ["/usr/bin/python3", os.path.join(PACKAGING, "unit-sandbox.py"), unit_path,
             *(("--", *command) if command else ())]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # What the package owns or purges; anything already there (a checkout's agent writing its default

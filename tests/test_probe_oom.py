@@ -16,10 +16,8 @@ from agent.model import Resource, Severity
 from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.oom import OOM_EVENT, OomProbe
 from agent.sources.ebpf.process import ProcessProbe
-from tests.test_probe_process import Events
-from tests.test_ringbuf import assert_c_layout
+from tests.helpers import ROOT, Events, assert_c_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs and creates cgroups")
 LIMIT = 32 * 2**20
 

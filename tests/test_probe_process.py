@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -15,9 +14,8 @@ from agent.config import EbpfConfig
 from agent.model import Resource, Severity
 from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.process import EXEC_EVENT, EXIT_EVENT, ProcessProbe, ProcInfo, exit_status
-from tests.test_ringbuf import assert_c_layout
+from tests.helpers import ROOT, Events, assert_c_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "bpf", "process.bpf.c")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 
@@ -33,34 +31,6 @@ def test_exit_status_decoding():
     assert exit_status(3 << 8) == ("failure", 3, 0, False)
     assert exit_status(9) == ("signal", 137, 9, False)
     assert exit_status(11 | 0x80) == ("signal", 139, 11, True)
-
-
-class Events:
-    """Collects what the source emits; waits for records about given pids."""
-
-    def __init__(self):
-        self.records = []
-        self.cond = threading.Condition()
-
-    def emit(self, batch):
-        with self.cond:
-            for group in batch.logs:
-                self.records.extend(group.records)
-            self.cond.notify_all()
-
-    def of(self, event_name: str, pids) -> list:
-        pids = set(pids)
-        with self.cond:
-            return [r for r in self.records
-                    if r.event_name == event_name and dict(r.attributes).get("process.pid") in pids]
-
-    def wait_for(self, event_name: str, pids, count: int, timeout: float = 10.0) -> list:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.of(event_name, pids)) < count and time.monotonic() < deadline:
-                self.cond.wait(0.1)
-        time.sleep(0.5)               # anything extra would have arrived by now (polls <= 0.2 s apart)
-        return self.of(event_name, pids)
 
 
 @pytest.fixture

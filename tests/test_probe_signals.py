@@ -14,7 +14,7 @@ from agent.model import Resource
 from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.signals import FATAL_SIGNALS, SignalsProbe, signal_mask, signal_name
-from tests.test_probe_process import Events
+from tests.helpers import Events
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 

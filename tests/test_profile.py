@@ -5,7 +5,7 @@ import pstats
 import signal
 import time
 
-from tests.conftest import ROOT, agent_log, base_config, clean_env, hostagent
+from tests.helpers import ROOT, agent_log, base_config, clean_env, hostagent
 
 
 def wait_for_lines(path, n, timeout=30.0) -> bool:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent import config
 from agent.sources.identity import CMDLINE_MAX, TRUNCATED_MARK, Redactor
-from tests.conftest import HOSTAGENT, ROOT, base_config, clean_env, hostagent
+from tests.helpers import HOSTAGENT, ROOT, base_config, clean_env, hostagent
 from tests.otlp_receiver import HttpReceiver
 
 REDACT = Redactor(config.RedactionConfig())

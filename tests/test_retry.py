@@ -7,11 +7,7 @@ import time
 
 import grpc
 import pytest
-from concurrent import futures
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (ExportMetricsServiceRequest,
-                                                                          ExportMetricsServiceResponse)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
 from agent.config import Duration, OtlpExporterConfig, RetryConfig
 from agent.export import RetryableError
@@ -20,7 +16,7 @@ from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter, parse_retry_after
 from agent.export.retry import DROPPED, SENT, RetryingSender
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-from tests.helpers import RecordingEvent, finishes
+from tests.helpers import RecordingEvent, ScriptedGrpcServer, finishes, point_ids
 from tests.otlp_receiver import HttpReceiver
 
 RES = Resource((("host.name", "retry-test"),))
@@ -34,51 +30,6 @@ def payload(n: int, tag: str = "", pad: int = 0) -> Payload:
     points = [NumberPoint((("i", i), ("tag", tag + "x" * pad)), i, 1, 2) for i in range(n)]
     groups = [MetricGroup(RES, Scope("t"), [Metric("t.count", "", "1", MetricKind.SUM, points, True)])]
     return Payload("metrics", encode_metrics(groups), n)
-
-
-def point_ids(requests) -> list:
-    return sorted(p.as_int for req in requests for rm in req.resource_metrics for sm in rm.scope_metrics
-                  for m in sm.metrics for p in m.sum.data_points)
-
-
-class ScriptedGrpcServer:
-    """An OTLP metrics service answering from `script`: each call takes the next answer
-    (code, details, retry delay or None, partial-success response or None); OK once it is empty."""
-
-    def __init__(self, max_receive: int = -1):
-        self.script: list = []
-        self.calls: list = []  # (monotonic time, ExportMetricsServiceRequest or None)
-        self.lock = threading.Lock()
-        handler = grpc.method_handlers_generic_handler(
-            "opentelemetry.proto.collector.metrics.v1.MetricsService",
-            {"Export": grpc.unary_unary_rpc_method_handler(self._export, request_deserializer=None,
-                                                           response_serializer=None)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler],
-                                  options=[("grpc.max_receive_message_length", max_receive)])
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server.start()
-
-    def _export(self, body: bytes, context):
-        with self.lock:
-            self.calls.append((time.monotonic(), ExportMetricsServiceRequest.FromString(body)))
-            answer = self.script.pop(0) if self.script else None
-        if answer is None:
-            return b""
-        code, details, delay, response = answer
-        if code is None:
-            return response.SerializeToString()
-        if delay is not None:
-            info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-                seconds=int(delay), nanos=int((delay % 1) * 1e9)))
-            detail = any_pb2.Any()
-            detail.Pack(info)
-            status = status_pb2.Status(code=code.value[0], message=details, details=[detail])
-            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-        context.abort(code, details)
-
-    def stop(self):
-        self.server.stop(None)
 
 
 @pytest.fixture(scope="module")

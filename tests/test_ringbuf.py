@@ -7,10 +7,8 @@ import ctypes
 import mmap
 import select
 import os
-import subprocess
 import tempfile
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,40 +16,12 @@ import pytest
 from agent.sources.ebpf.loader import INCLUDE_DIR
 from agent.sources.ebpf.ringbuf import (BUSY_BIT, DISCARD_BIT, PAGE_SIZE, Poller, PollSchedule, RingBuffer, cstr,
                                         framed_dtype, read_drops, record_stride)
-from tests.helpers import HANG_LIMIT
+from tests.helpers import HANG_LIMIT, assert_c_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 
 
 # --- record layouts: C struct vs numpy dtype / ctypes, compiled on the host -------------------
-
-def c_layout(source: str, struct: str, members) -> tuple[int, dict]:
-    """(sizeof, {member: offsetof}) of `struct struct` in `source`, compiled with cc in
-    HA_LAYOUT_ONLY mode (bpf/include/hostagent.h)."""
-    prog = [f'#include "{source}"', "#include <stddef.h>", "#include <stdio.h>", "int main(void) {",
-            f'    printf("%zu\\n", sizeof(struct {struct}));']
-    prog += [f'    printf("%zu\\n", offsetof(struct {struct}, {m}));' for m in members]
-    prog += ["    return 0;", "}"]
-    with tempfile.TemporaryDirectory() as tmp:
-        c, exe = os.path.join(tmp, "layout.c"), os.path.join(tmp, "layout")
-        with open(c, "w") as f:
-            f.write("\n".join(prog) + "\n")
-        subprocess.run(["cc", "-DHA_LAYOUT_ONLY", f"-I{INCLUDE_DIR}", "-o", exe, c], check=True)
-        out = [int(x) for x in subprocess.run([exe], check=True, capture_output=True).stdout.split()]
-    return out[0], dict(zip(members, out[1:]))
-
-
-def assert_c_layout(source: str, struct: str, layout) -> None:
-    """`layout` (a numpy structured dtype or a ctypes.Structure) matches the C struct."""
-    if isinstance(layout, np.dtype):
-        members = list(layout.names)
-        size, offsets = layout.itemsize, {n: layout.fields[n][1] for n in members}
-    else:
-        members = [f[0] for f in layout._fields_]
-        size, offsets = ctypes.sizeof(layout), {n: getattr(layout, n).offset for n in members}
-    c_size, c_offsets = c_layout(source, struct, members)
-    assert (c_size, c_offsets) == (size, offsets)
 
 
 def test_record_stride_and_framing():

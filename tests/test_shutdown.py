@@ -3,21 +3,11 @@ import signal
 import socket
 import time
 
-from tests.conftest import agent_log, base_config
+from tests.helpers import agent_log, base_config, wait_for_log
 
 
 def grpc_config(tmp_path, endpoint, **over):
     return base_config(tmp_path, exporter={"type": "otlp", "otlp": {"endpoint": endpoint}}, **over)
-
-
-def wait_for_log(proc, text, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in agent_log(proc):
-            return
-        assert proc.poll() is None, agent_log(proc)
-        time.sleep(0.1)
-    raise AssertionError(f"no {text!r} in log:\n{agent_log(proc)}")
 
 
 def test_sigterm_flushes_buffered_data_and_exits_0(tmp_path, start_agent, grpc_receiver):

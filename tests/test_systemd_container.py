@@ -32,7 +32,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.otlp_receiver import HttpReceiver
 
 UNIT = "hostagent.service"

@@ -2,112 +2,20 @@
 given CA, mTLS, the server name override, a bad certificate reported as one clear log line,
 unreadable or mismatched certificate files as config errors, and headers (from config, environment
 and a headers file) sent but never logged or printed."""
-import datetime
-import ipaddress
 import re
 import signal
-import ssl
 import time
 
-import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import Duration, OtlpExporterConfig, TlsConfig
 from agent.export import RetryableError
-from agent.export.encoding import Payload, encode_metrics
 from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter
-from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-from tests.conftest import agent_log, base_config, clean_env, hostagent
-from tests.otlp_receiver import GrpcReceiver, HttpReceiver
+from tests.helpers import agent_log, base_config, clean_env, grpc_tls_receiver, hostagent, https_receiver, payload
 
 
 # --- certificates -----------------------------------------------------------------------------------
-
-def _name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject, issuer, key, signer, ca=False, names=(), ips=(), client=False):
-    now = datetime.datetime.utcnow()
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    san = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    if san:
-        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return b.sign(signer, hashes.SHA256())
-
-
-class Pki:
-    """A CA with a server certificate for 127.0.0.1/localhost, one for collector.test only, and a
-    client certificate; plus an unrelated CA. Files under `path`."""
-
-    def __init__(self, path):
-        self.path = path
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        self.ca = self._write("ca.pem", _cert("test ca", "test ca", ca_key, ca_key, ca=True))
-        other_key = ec.generate_private_key(ec.SECP256R1())
-        self.other_ca = self._write("other-ca.pem", _cert("other ca", "other ca", other_key, other_key, ca=True))
-        for name, kw in (("server", dict(names=["localhost"], ips=["127.0.0.1"])),
-                         ("named", dict(names=["collector.test"])),
-                         ("client", dict(client=True))):
-            key = ec.generate_private_key(ec.SECP256R1())
-            setattr(self, name, (self._write(f"{name}.pem", _cert(name, "test ca", key, ca_key, **kw)),
-                                 self._write(f"{name}.key", key)))
-
-    def _write(self, name, obj):
-        if isinstance(obj, x509.Certificate):
-            data = obj.public_bytes(serialization.Encoding.PEM)
-        else:
-            data = obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())
-        (self.path / name).write_bytes(data)
-        return str(self.path / name)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
-def read(path):
-    return open(path, "rb").read()
-
-
-def grpc_tls_receiver(pki, which="server", mtls=False) -> tuple:
-    rec = GrpcReceiver()
-    cert, key = getattr(pki, which)
-    creds = grpc.ssl_server_credentials([(read(key), read(cert))], root_certificates=read(pki.ca) if mtls else None,
-                                        require_client_auth=mtls)
-    port = rec.server.add_secure_port("127.0.0.1:0", creds)
-    return rec.start(), f"https://127.0.0.1:{port}"
-
-
-def https_receiver(pki, which="server", mtls=False) -> tuple:
-    rec = HttpReceiver()
-    cert, key = getattr(pki, which)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    if mtls:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(pki.ca)
-    rec.server.socket = ctx.wrap_socket(rec.server.socket, server_side=True, do_handshake_on_connect=False)
-    rec.server.handle_error = lambda request, address: None  # failed handshakes are the point here
-    return rec.start(), f"https://127.0.0.1:{rec.port}"
-
-
-def payload() -> Payload:
-    m = Metric("tls.test", "", "1", MetricKind.GAUGE, [NumberPoint((), 1, 1, 2)])
-    return Payload("metrics", encode_metrics([MetricGroup(Resource((("host.name", "t"),)), Scope("t"), [m])]), 1)
 
 
 def exporter(protocol, endpoint, **tls):
