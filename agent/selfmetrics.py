@@ -1,8 +1,9 @@
 """The agent's own metrics (hostagent.*): drops, queue sizes, export results, probe health.
 
-Components create their instruments once at construction (`SELF.counter(...)`) and add to them;
-hot paths add once per batch, not per item. The registry is itself a pull source, so these
-metrics travel the same pipeline as everything else.
+The runtime creates one SelfMetrics and hands it to every component (`telemetry`); components
+create their instruments from it once at construction (`telemetry.counter(...)`, one instrument
+per name) and add to them; hot paths add once per batch, not per item. The registry is itself a
+pull source, so these metrics travel the same pipeline as everything else.
 """
 from __future__ import annotations
 
@@ -124,5 +125,5 @@ class SelfMetrics(Source):
         return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
 
 
-# One registry per process: components anywhere record into it, the runtime exports it.
+# The exporters' registry until they are handed `telemetry` too; the runtime passes it to the rest.
 SELF = SelfMetrics()

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from agent import config
+from agent.components import Config
 from tests.conftest import ROOT, clean_env, hostagent
 
 BROKEN = [
@@ -120,7 +121,7 @@ def test_otel_environment_variables():
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=prod,team=sre",
         "OTEL_SERVICE_NAME": "edge-agent",
     }
-    cfg = config.load(None, env)
+    cfg = config.load(None, env, schema=Config)
     otlp = cfg.exporter.otlp
     assert cfg.exporter.type == "otlp" and otlp.protocol == "http/protobuf"
     assert otlp.signal_url("metrics") == "https://collector.example:4318/v1/metrics"
@@ -132,7 +133,7 @@ def test_otel_environment_variables():
     assert cfg.resource.service_name == "edge-agent"
     # the metrics-specific variable wins over the base endpoint, and is used as is
     cfg = config.load(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m.example:9999/ingest"})
+                             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m.example:9999/ingest"}, schema=Config)
     assert cfg.exporter.otlp.signal_url("metrics") == "http://m.example:9999/ingest"
 
 
@@ -142,7 +143,7 @@ def test_config_file_wins_over_environment(tmp_path):
                     f"    path: {tmp_path}/m.jsonl\n    logs_path: {tmp_path}/l.jsonl\n"
                     "  otlp:\n    endpoint: http://file.example:4317\n")
     cfg = config.load(str(path), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env.example:4317",
-                                  "OTEL_METRIC_EXPORT_INTERVAL": "5000"})
+                                  "OTEL_METRIC_EXPORT_INTERVAL": "5000"}, schema=Config)
     assert cfg.collection_interval == 20.0
     assert cfg.exporter.type == "file"
     assert cfg.exporter.otlp.endpoint == "http://file.example:4317"
@@ -150,17 +151,17 @@ def test_config_file_wins_over_environment(tmp_path):
 
 def test_bad_environment_variable_is_named():
     with pytest.raises(config.ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
-        config.load(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+        config.load(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, schema=Config)
     with pytest.raises(config.ConfigError, match="OTEL_METRIC_EXPORT_INTERVAL"):
-        config.load(None, {"OTEL_METRIC_EXPORT_INTERVAL": "ten"})
+        config.load(None, {"OTEL_METRIC_EXPORT_INTERVAL": "ten"}, schema=Config)
 
 
 def test_tls_by_default_except_loopback_and_http():
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector.example:4317"}).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector.example:4317"}, schema=Config).exporter.otlp
     assert not otlp.is_insecure(otlp.signal_url("metrics"))
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4317"}).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4317"}, schema=Config).exporter.otlp
     assert otlp.is_insecure(otlp.signal_url("metrics"))
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}, schema=Config).exporter.otlp
     assert otlp.is_insecure(otlp.signal_url("metrics"))
 
 
@@ -174,7 +175,7 @@ def test_durations_and_sizes_round_trip():
 def test_documentation_covers_every_key_and_default():
     doc = open(os.path.join(ROOT, "docs", "configuration.md")).read()
     rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| ([^|]*) \|", doc, re.M)}
-    keys = dict(config.schema_keys())
+    keys = dict(config.schema_keys(Config))
     assert set(rows) == set(keys), f"undocumented: {set(keys) - set(rows)}; not in schema: {set(rows) - set(keys)}"
     for key, default in keys.items():
         shown = yaml.safe_dump(config.to_plain(default), default_flow_style=True, width=10**6).strip()

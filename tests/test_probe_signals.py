@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from agent.config import EbpfConfig
+from agent.selfmetrics import SelfMetrics
+from agent.sources.ebpf.config import EbpfConfig
 from agent.model import Resource
 from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.process import ProcessProbe
@@ -47,7 +48,7 @@ def fatal(src) -> dict:
 
 @needs_root
 def test_counts_delivered_fatal_signals_exactly():
-    src = EbpfSource(EbpfConfig(), Resource(()), probes={"signals": SignalsProbe, "process": ProcessProbe})
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()), probes={"signals": SignalsProbe, "process": ProcessProbe})
     events = Events()
     child = None
     try:

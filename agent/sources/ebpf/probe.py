@@ -20,6 +20,12 @@ class Probe:
     tracepoints: tuple = ()
     default_enabled: bool = True
 
+    @classmethod
+    def create(cls, telemetry, enrichment) -> "Probe":
+        """The probe as the ebpf factory builds it, from the agent's own metrics (`telemetry`) and
+        the enrichment settings (EnrichmentConfig); a probe that needs neither takes its defaults."""
+        return cls()
+
     @property
     def source_file(self) -> str:
         return os.path.join(BPF_DIR, f"{self.name}.bpf.c")

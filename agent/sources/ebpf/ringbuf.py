@@ -47,7 +47,7 @@ import numpy as np
 
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint
 from agent.sources.ebpf.probe import Probe
-from agent.sources.identity import boot_to_wall_ns
+from agent.procfs.identity import boot_to_wall_ns
 
 log = logging.getLogger("hostagent.ebpf")
 
