@@ -1,4 +1,4 @@
-"""The process metadata cache (agent/pipeline/cache.py, a two-level segmented LRU) against what one
+"""The process metadata cache (agent/procfs/cache.py, a two-level segmented LRU) against what one
 would otherwise use: a plain dict and functools.lru_cache.
 
 Lookup cost, one thread, ns per lookup (best of several runs over 200k lookups of 512 keys):
@@ -61,7 +61,8 @@ def lookup_costs(quick: bool) -> dict:
     lru = functools.lru_cache(maxsize=2 * keys)(lambda k: k)
     for k in range(keys):
         lru(k)
-    l2_only = TwoLevelCache("bench", l1_size=1, l2_size=keys, telemetry=SelfMetrics(), promote_hits=n + 1)   # never promotes
+    l2_only = TwoLevelCache("bench", l1_size=1, l2_size=keys, telemetry=SelfMetrics(),
+                            promote_hits=n + 1)   # never promotes
     for k in range(keys):
         l2_only.put(k, k)
 

@@ -1,5 +1,7 @@
 """Config: broken configs fail with exit 2 and one line naming the key; env vars and
 ${env:...} apply with the documented precedence; docs/configuration.md matches the schema."""
+import ast
+import dataclasses
 import os
 import re
 
@@ -7,7 +9,7 @@ import pytest
 import yaml
 
 from agent import config
-from agent.components import Config
+from agent.components import SCRAPERS, Config, ScrapersConfig
 from tests.conftest import ROOT, clean_env, hostagent
 
 BROKEN = [
@@ -161,7 +163,8 @@ def test_tls_by_default_except_loopback_and_http():
     assert not otlp.is_insecure(otlp.signal_url("metrics"))
     otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4317"}, schema=Config).exporter.otlp
     assert otlp.is_insecure(otlp.signal_url("metrics"))
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}, schema=Config).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"},
+                       schema=Config).exporter.otlp
     assert otlp.is_insecure(otlp.signal_url("metrics"))
 
 
@@ -181,3 +184,27 @@ def test_documentation_covers_every_key_and_default():
         shown = yaml.safe_dump(config.to_plain(default), default_flow_style=True, width=10**6).strip()
         shown = shown.removesuffix("\n...").removesuffix(" ...").strip()
         assert rows[key] == f"`{shown}`", f"{key}: documented default {rows[key]} but the code has `{shown}`"
+
+
+def test_config_sits_at_the_bottom_of_the_imports():
+    """config.py is the generic machinery every component builds its config with: it imports no
+    agent module but the bottom layer, and nothing inside a function (where a cycle would hide)."""
+    tree = ast.parse(open(os.path.join(ROOT, "agent", "config.py")).read())
+    top = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            assert id(node) in top, f"agent/config.py line {node.lineno}: an import inside a function"
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for name in names:
+                if name == "agent" or name.startswith("agent."):
+                    assert name in ("agent.model", "agent.component"), f"agent/config.py imports {name}"
+
+
+def test_the_scrapers_section_is_the_scraper_table():
+    """A scraper is its module and one line in SCRAPERS: the section, its defaults and the metric
+    names its switches are checked against all follow from that line."""
+    assert [f.name for f in dataclasses.fields(ScrapersConfig)] == list(SCRAPERS)
+    for name, factory in SCRAPERS.items():
+        assert type(getattr(ScrapersConfig(), name)) is factory.config
+        with pytest.raises(config.ConfigError, match=rf"^scrapers.{name}.metrics.no.such: unknown metric"):
+            config.build(Config, {"scrapers": {name: {"metrics": {"no.such": {"enabled": True}}}}})

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.model import Resource
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
+from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
 from agent.sources.ebpf.probe import Probe

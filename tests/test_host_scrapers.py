@@ -240,7 +240,7 @@ def test_config_validation_knows_every_metric():
         config.build(ScrapersConfig, {"cpu": {"metrics": {"system.cpu.utilisation": on}}})
 
 
-def test_build_host_sources_follows_config():
+def test_build_scrapers_follows_config():
     names = [s.name for s in build_scrapers(ScrapersConfig(), SelfMetrics(), RESOURCE)]
     assert names == list(HOST_SCRAPERS)  # process is opt-in
     cfg = ScrapersConfig(process=ProcessScraperConfig(enabled=True), cpu=ScraperConfig(enabled=False))

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf.config import EbpfConfig
 from agent.model import Resource, Severity
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.oom import OOM_EVENT, OomProbe
 from agent.sources.ebpf.process import ProcessProbe
 from tests.test_probe_process import Events

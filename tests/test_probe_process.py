@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf.config import EbpfConfig
 from agent.model import Resource, Severity
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.process import EXEC_EVENT, EXIT_EVENT, ProcessProbe, ProcInfo, exit_status
 from tests.test_ringbuf import assert_c_layout
 

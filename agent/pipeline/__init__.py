@@ -34,10 +34,10 @@ class Pipeline:
     def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, telemetry, backlog=(),
                  queue: Optional[ExportQueue] = None, senders: int = 1, give_up_after: Optional[float] = None,
                  stages=()):
-        """`telemetry`: the agent's own metrics; `backlog`: encoded payloads an earlier pipeline left (sent first); `queue`: the export
-        queue (default: in memory); `senders`: requests in flight at once; `give_up_after`:
-        seconds of retries before a payload is dropped (0: never; default from `retry`);
-        `stages`: callables that change each incoming batch in place, in order."""
+        """`telemetry`: the agent's own metrics; `backlog`: encoded payloads an earlier pipeline
+        left (sent first); `queue`: the export queue (default: in memory); `senders`: requests in
+        flight at once; `give_up_after`: seconds of retries before a payload is dropped (0: never;
+        default from `retry`); `stages`: callables that change each incoming batch in place, in order."""
         self.exporter = exporter
         self.incoming = telemetry.counter("hostagent.pipeline.incoming_items", "{items}",
                                           "Data points and log records handed to the pipeline, by scope.")
@@ -139,8 +139,9 @@ class Pipeline:
 
 
 def build_pipeline(cfg, exporter: Exporter, telemetry, backlog=()) -> Pipeline:
-    """The pipeline `cfg` (the root Config) describes, recording into `telemetry`. `backlog` is what `handover()` of the pipeline it replaces
-    returned (its export queue, kept or emptied into the new one), or a list of payloads."""
+    """The pipeline `cfg` (the root Config) describes, recording into `telemetry`. `backlog` is
+    what `handover()` of the pipeline it replaces returned (its export queue, kept or emptied into
+    the new one), or a list of payloads."""
     reuse = backlog if isinstance(backlog, ExportQueue) else None
     try:
         queue = open_queue(cfg, reuse=reuse)
