@@ -47,7 +47,7 @@ SOURCES = {f.type: f for f in (
 
 ScrapersConfig = dataclasses.make_dataclass(
     "ScrapersConfig", [(name, f.config, f.config()) for name, f in SCRAPERS.items()], frozen=True,
-    namespace={"validate": lambda self, key: host.check_scrapers(self, key), "__module__": __name__})
+    namespace={"validate": host.check_scrapers, "__module__": __name__})
 
 
 def build_scrapers(cfg, telemetry, resource, enrichment: EnrichmentConfig = EnrichmentConfig()) -> list:
