@@ -19,6 +19,7 @@ from agent.procfs.identity import EnrichmentConfig
 from agent.sources import Emit, Source
 from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, recursion_misses, unload
 from agent.sources.ebpf.registry import PROBES
+from agent.sources.ebpf.ringbuf import Poller, PollSchedule, read_drops
 
 __all__ = ["EbpfSource", "ProbeStatus", "check", "format_table", "SCOPE"]
 
@@ -60,7 +61,6 @@ class EbpfSource(Source):
     # --- push: log records -----------------------------------------------------------------
 
     def start(self, emit: Emit) -> None:
-        from agent.sources.ebpf.ringbuf import Poller
         with self._lock:
             if self._thread is not None or self._closed:
                 return
@@ -73,7 +73,6 @@ class EbpfSource(Source):
             self._thread.start()
 
     def _read(self, emit: Emit, readers: list) -> None:
-        from agent.sources.ebpf.ringbuf import PollSchedule
         poller = self._poller
         rings = [ring for lp in readers for ring in lp.rings]
         schedule = PollSchedule(self.poll_interval)
@@ -98,7 +97,6 @@ class EbpfSource(Source):
     # --- pull: metrics ---------------------------------------------------------------------
 
     def collect(self) -> list[MetricGroup]:
-        from agent.sources.ebpf.ringbuf import read_drops
         if self._closed:
             return []
         now = now_ns()

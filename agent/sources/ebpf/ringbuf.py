@@ -46,8 +46,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint
-from agent.sources.ebpf.probe import Probe
 from agent.procfs.identity import boot_to_wall_ns
+from agent.sources.ebpf.probe import Probe
 
 log = logging.getLogger("hostagent.ebpf")
 
