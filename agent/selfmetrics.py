@@ -13,7 +13,6 @@ from typing import Callable
 
 from agent.model import (Attributes, HistogramPoint, Metric, MetricGroup, MetricKind, NumberPoint, Resource,
                          Scope, now_ns)
-from agent.sources import Source
 
 SCOPE = Scope("hostagent/self")
 
@@ -91,7 +90,9 @@ class Histogram:
         return Metric(self.name, self.description, self.unit, MetricKind.HISTOGRAM, points)
 
 
-class SelfMetrics(Source):
+class SelfMetrics:
+    """The registry, and a pull source for the runtime (name, collect(), close(), as
+    agent.sources.Source has them; every source records into it, so it sits below them)."""
     name = "self"
 
     def __init__(self) -> None:
@@ -123,6 +124,9 @@ class SelfMetrics(Source):
             instruments = list(self._instruments.values())
         metrics = [m for m in (i._metric(self.start_ns, now) for i in instruments) if m.points]
         return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
+
+    def close(self) -> None:
+        pass
 
 
 # The exporters' registry until they are handed `telemetry` too; the runtime passes it to the rest.
