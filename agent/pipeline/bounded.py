@@ -9,7 +9,6 @@ import threading
 from typing import Callable, Optional
 
 
-
 class BoundedQueue:
     def __init__(self, name: str, capacity: int, telemetry, items_of: Callable[[object], int] = lambda _: 1):
         """`capacity` entries (batches); `items_of(entry)` counts the data points and log records in one."""
@@ -23,7 +22,7 @@ class BoundedQueue:
         telemetry.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.").observe(
             (("queue", name),), lambda: self._items)
         telemetry.gauge("hostagent.queue.capacity_batches", "{batches}",
-                   "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
+                        "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
 
     def put(self, item) -> None:
         n = self.items_of(item)

@@ -28,11 +28,12 @@ class TwoLevelCache:
             raise ValueError("cache sizes and promote_hits must be at least 1")
         self._lookups = telemetry.counter("hostagent.cache.lookups", "{lookup}",
                                           "Cache lookups by result: l1_hit, l2_hit or miss.")
-        self._moves = tuple(telemetry.counter(name_, "{entry}", description) for name_, description in (
-            ("hostagent.cache.promotions", "Entries moved from L2 to L1 on repeated hits."),
-            ("hostagent.cache.demotions", "Entries moved from a full L1 back to L2."),
-            ("hostagent.cache.evictions", "Entries dropped from a full L2."),
-            ("hostagent.cache.invalidations", "Entries removed because what they describe ended (a process exited).")))
+        self._moves = (  # in the order publish() counts them
+            telemetry.counter("hostagent.cache.promotions", "{entry}", "Entries moved from L2 to L1 on repeated hits."),
+            telemetry.counter("hostagent.cache.demotions", "{entry}", "Entries moved from a full L1 back to L2."),
+            telemetry.counter("hostagent.cache.evictions", "{entry}", "Entries dropped from a full L2."),
+            telemetry.counter("hostagent.cache.invalidations", "{entry}",
+                              "Entries removed because what they describe ended (a process exited)."))
         entries = telemetry.gauge("hostagent.cache.entries", "{entry}", "Entries held, by cache and level.")
         self.name, self.l1_size, self.l2_size, self.promote_hits = name, l1_size, l2_size, promote_hits
         self._l1: OrderedDict = OrderedDict()   # key -> value, least recently used first
