@@ -43,7 +43,7 @@ class EbpfSource(Source):
         """`telemetry`: the agent's own metrics; `probes` overrides the registry ({name: Probe class
         or instance}); `enrichment` says whether and how the process probe records command lines."""
         if probes is None:
-            probes = {name: cls.create(telemetry, enrichment) for name, cls in PROBES.items()}
+            probes = {name: cls.create(cfg.probes.get(name), telemetry, enrichment) for name, cls in PROBES.items()}
         self.resource = resource
         self.poll_interval = poll_interval
         self.start_ns = now_ns()

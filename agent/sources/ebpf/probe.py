@@ -21,9 +21,10 @@ class Probe:
     default_enabled: bool = True
 
     @classmethod
-    def create(cls, telemetry, enrichment) -> "Probe":
-        """The probe as the ebpf factory builds it, from the agent's own metrics (`telemetry`) and
-        the enrichment settings (EnrichmentConfig); a probe that needs neither takes its defaults."""
+    def create(cls, options, telemetry=None, enrichment=None) -> "Probe":
+        """The probe as configured: `options` is its ebpf.probes.<name> section (ProbeConfig), None
+        when the config does not list it; `telemetry` (the agent's own metrics) and `enrichment`
+        (EnrichmentConfig) for the probes that need them, None for a probe only described."""
         return cls()
 
     @property

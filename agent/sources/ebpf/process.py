@@ -119,8 +119,8 @@ class ProcessProbe(RingProbe):
         self.cgroups: Optional[CgroupPaths] = None
 
     @classmethod
-    def create(cls, telemetry, enrichment) -> "ProcessProbe":
-        return cls(enrichment=enrichment)
+    def create(cls, options, telemetry=None, enrichment=None) -> "ProcessProbe":
+        return cls() if enrichment is None else cls(enrichment=enrichment)
 
     def select_tracepoints(self, available) -> Optional[tuple]:
         """The argv tracepoints are optional: without them (or with command lines off) exec

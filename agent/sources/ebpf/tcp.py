@@ -66,7 +66,7 @@ class TcpProbe(Probe):
         }
 
     @classmethod
-    def create(cls, telemetry, enrichment) -> "TcpProbe":
+    def create(cls, options, telemetry=None, enrichment=None) -> "TcpProbe":
         return cls(telemetry=telemetry)
 
     def cflags(self, tracepoints: tuple) -> list:
