@@ -8,8 +8,12 @@ import argparse
 import json
 import sys
 
-from agent import __version__
+from agent import __version__, profiling
+from agent.components import Config
 from agent.config import ConfigError, dump, load
+from agent.logs import setup_logging
+from agent.runtime import run
+from agent.sources.ebpf import check, format_table
 
 USAGE_ERROR = 2
 
@@ -25,15 +29,13 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args) -> int:
-    from agent import profiling
-    from agent.runtime import run, setup_logging
     profile = profiling.profile_path(args.profile)
     if profile:
         try:
             profile = profiling.check_path(profile)
         except profiling.ProfileError as e:
             return _fail(f"{'--profile' if args.profile else profiling.ENV}: {e}")
-    cfg = load(args.config)
+    cfg = load(args.config, None, Config)
     setup_logging(cfg.logging.level)
     if not profile:
         return run(args.config, cfg)
@@ -42,14 +44,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    cfg = load(args.file)
+    cfg = load(args.file, None, Config)
     sys.stdout.write(dump(cfg))
     return 0
 
 
 def cmd_probes(args) -> int:
-    from agent.sources.ebpf import check, format_table
-    cfg = load(args.config)
+    cfg = load(args.config, None, Config)
     statuses = check(cfg.ebpf)
     if args.json:
         print(json.dumps([s.as_dict() for s in statuses], indent=2))

@@ -1,7 +1,9 @@
-"""YAML -> typed, validated, frozen config.
+"""YAML -> typed, validated, frozen config: the generic machinery, at the bottom of the imports.
 
-The schema is the dataclasses below; one generic builder walks them, so a new key is a new
-field with a default and a line in docs/configuration.md (a test checks the two agree).
+The schema is dataclasses: each component's config sits beside its code, the root `Config` and
+the tables of components in agent/components.py, and load()/build() are handed the root class.
+One generic builder walks them, so a new key is a new field with a default and a line in
+docs/configuration.md (a test checks the two agree).
 Layers, lowest first: defaults, the standard OTEL_* environment variables, the config file.
 Every error names the key and the fix, and is raised as ConfigError (exit status 2 in the CLI).
 """
@@ -14,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import stat
 import types
 import typing
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
+import re2
 import yaml
 
 
@@ -101,7 +105,6 @@ _REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 def compile_pattern(pattern: Any):
     """`pattern` compiled with RE2 (google-re2); ValueError saying why if it is not a string, is
     longer, more nested or repeats more than the bounds above, or RE2 rejects it."""
-    import re2
     if not isinstance(pattern, str):
         raise ValueError(f"expected a regular expression as a string, got {type(pattern).__name__}")
     if len(pattern) > PATTERN_MAX_LENGTH:
@@ -141,7 +144,7 @@ def show_number(value) -> str:
     return str(value) if abs(value) < 10**18 else "a number of more than 18 digits"
 
 
-def _check_ranges(obj, key: str) -> None:
+def check_ranges(obj, key: str) -> None:
     """Every key of obj.RANGES lies between its bounds (inclusive); an unset optional key passes.
     Each config class owns the ranges of its numeric keys; docs/configuration.md shows them."""
     for name, (low, high) in obj.RANGES.items():
@@ -151,7 +154,7 @@ def _check_ranges(obj, key: str) -> None:
                               f"most {show_number(high)}, got {show_number(value)}")
 
 
-def _check_patterns(patterns, key: str) -> None:
+def check_patterns(patterns, key: str) -> None:
     """Each of `patterns` is one compile_pattern() takes; the error names `key[i]`."""
     if isinstance(patterns, (str, bytes)) or not isinstance(patterns, collections.abc.Iterable):
         raise ConfigError(key, f"expected a list of regular expressions, got {type(patterns).__name__}")
@@ -164,160 +167,8 @@ def _check_patterns(patterns, key: str) -> None:
 
 # --- schema ------------------------------------------------------------------------------------
 
-def _frozen_dict(**kw) -> Any:
+def frozen_dict(**kw) -> Any:
     return field(default_factory=lambda: dict(kw))
-
-
-@dataclass(frozen=True)
-class MetricSwitch:
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class ScraperConfig:
-    enabled: bool = True
-    # per-metric switches, e.g. {"system.cpu.utilization": {"enabled": true}}
-    metrics: Mapping[str, MetricSwitch] = _frozen_dict()
-
-
-@dataclass(frozen=True)
-class FilteredScraperConfig(ScraperConfig):
-    # regular expressions matched in full against the scraper's subject: the device for disk and
-    # network, the mount point for filesystem, the executable name for process
-    include: tuple = ()
-    exclude: tuple = ()
-
-
-PSEUDO_FILESYSTEMS = ("autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs",
-                      "devpts", "devtmpfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay",
-                      "proc", "procfs", "pstore", "rpc_pipefs", "securityfs", "selinuxfs",
-                      "squashfs", "sysfs", "tracefs")
-
-
-@dataclass(frozen=True)
-class FilesystemScraperConfig(FilteredScraperConfig):
-    exclude_fs_types: tuple = PSEUDO_FILESYSTEMS
-
-
-@dataclass(frozen=True)
-class ProcessScraperConfig(FilteredScraperConfig):
-    enabled: bool = False
-
-
-@dataclass(frozen=True)
-class ScrapersConfig:
-    cpu: ScraperConfig = ScraperConfig()
-    disk: FilteredScraperConfig = FilteredScraperConfig()
-    filesystem: FilesystemScraperConfig = FilesystemScraperConfig()
-    load: ScraperConfig = ScraperConfig()
-    memory: ScraperConfig = ScraperConfig()
-    network: FilteredScraperConfig = FilteredScraperConfig()
-    paging: ScraperConfig = ScraperConfig()
-    processes: ScraperConfig = ScraperConfig()
-    process: ProcessScraperConfig = ProcessScraperConfig()
-    system: ScraperConfig = ScraperConfig()
-
-    def validate(self, key: str) -> None:
-        from agent.sources.host import METRICS
-        for f in dataclasses.fields(self):
-            known = METRICS[f.name]
-            for metric in getattr(self, f.name).metrics:
-                if metric not in known:
-                    raise ConfigError(f"{key}.{f.name}.metrics.{metric}",
-                                      "unknown metric" + _did_you_mean(metric, known))
-            for pattern_key in ("include", "exclude"):
-                _check_patterns(getattr(getattr(self, f.name), pattern_key, ()), f"{key}.{f.name}.{pattern_key}")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class EbpfConfig:
-    enabled: bool = True
-    # per-probe switches; a probe not listed keeps its default (see docs/probes.md)
-    probes: Mapping[str, ProbeConfig] = _frozen_dict()
-
-    def validate(self, key: str) -> None:
-        from agent.sources.ebpf.registry import PROBES
-        for name in self.probes:
-            if name not in PROBES:
-                raise ConfigError(f"{key}.probes.{name}", "unknown probe" + _did_you_mean(name, PROBES))
-
-
-@dataclass(frozen=True)
-class RedactionConfig:
-    # an option, variable, key or header whose name contains one of these (case-insensitive) has a secret
-    # value: --password x, --db-pass=x, AWS_SECRET_ACCESS_KEY=x, ?token=x, ;password=x, Authorization: x
-    secret_names: tuple = ("pass", "pwd", "secret", "token", "auth", "cred", "cookie")
-    # ... or has one of these at the end of one of its words: API_KEY=x, --secretKey=x, X-Api-Key: x
-    # (not --keyboard)
-    secret_suffixes: tuple = ("key", "keys")
-    # a command (glob on a word's base name, wherever it appears: `timeout 5 mysql -px`) -> options whose
-    # value is a password, glued (-psecret, --user=x) or next; several separated by spaces
-    password_options: Mapping[str, str] = _frozen_dict(**{
-        "mysql*": "-p", "mariadb*": "-p", "mongo*": "-p", "sshpass": "-p", "redis-cli": "-a",
-        "valkey-cli": "-a", "curl": "-u --user --proxy-user", "login": "-p", "ssh-keygen": "-N -P",
-        "sqlcmd": "-P", "ldap*": "-w", "zip": "-P", "unzip": "-P", "7z*": "-p", "smbclient": "-U"})
-    # regular expressions (RE2 syntax) searched in the redacted command line; the group named `secret`
-    # (else the match) is hidden
-    patterns: tuple = ()
-
-    def validate(self, key: str) -> None:
-        _check_patterns(self.patterns, f"{key}.patterns")
-        for name in ("secret_names", "secret_suffixes"):
-            for i, word in enumerate(getattr(self, name)):
-                if not isinstance(word, str) or not word.strip():
-                    raise ConfigError(f"{key}.{name}[{i}]", f"expected a non-empty name part, got {word!r}")
-        for command, options in self.password_options.items():
-            if not isinstance(options, str) or not options.split() or not all(
-                    o.startswith("-") and len(o) >= 2 for o in options.split()):
-                raise ConfigError(f"{key}.password_options.{command}",
-                                  f"expected options like -p or \"-u --user\", got {options!r}")
-
-
-@dataclass(frozen=True)
-class EnrichmentConfig:
-    # add who a process is (executable, command line, owner, container, unit) to records with process.pid
-    enabled: bool = True
-    # read and export command lines at all (false: process.command_line is never produced)
-    command_line: bool = True
-    redaction: RedactionConfig = RedactionConfig()
-    # process metadata cache: hot entries (L1) and the rest (L2), each bounded by entry count
-    cache_l1_size: int = 256
-    cache_l2_size: int = 4096
-
-    # an L2 entry takes up to 2 KiB: at most 512 MiB
-    RANGES: ClassVar[dict] = {"cache_l1_size": (1, 65536), "cache_l2_size": (1, 262144)}
-
-    def validate(self, key: str) -> None:
-        _check_ranges(self, key)
-
-
-@dataclass(frozen=True)
-class ResourceConfig:
-    service_name: str = "hostagent"
-    # extra resource attributes; these win over detected ones
-    attributes: Mapping[str, str] = _frozen_dict()
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    # flush when this many data points and log records are buffered ...
-    max_size: int = 8192
-    # ... or when the oldest buffered item is this old
-    timeout: Duration = Duration(1.0)
-    # collected batches waiting for the batcher; when full the oldest is dropped and counted
-    # (the queue in front of the exporter is exporter.queue)
-    queue_size: int = 64
-
-    RANGES: ClassVar[dict] = {"max_size": (1, 1_000_000), "timeout": (Duration(0.001), Duration(600.0)),
-                              "queue_size": (1, 10_000)}
-
-    def validate(self, key: str) -> None:
-        _check_ranges(self, key)
 
 
 @dataclass(frozen=True)
@@ -335,7 +186,7 @@ class FileExporterConfig:
             _check_writable(getattr(self, name), f"{key}.{name}")
 
     def validate(self, key: str) -> None:
-        _check_ranges(self, key)
+        check_ranges(self, key)
         for name in ("path", "logs_path"):
             if not getattr(self, name):
                 raise ConfigError(f"{key}.{name}", "must be a file path, got ''")
@@ -381,7 +232,6 @@ class TlsConfig:
     server_name_override: str = ""
 
     def validate(self, key: str) -> None:
-        import ssl
         for name in ("ca_file", "cert_file", "key_file"):
             if getattr(self, name):
                 read_regular_file(getattr(self, name), f"{key}.{name}")
@@ -478,7 +328,7 @@ class OtlpExporterConfig:
                               "compression_level": (0, 22)}
 
     def validate(self, key: str) -> None:
-        _check_ranges(self, key)
+        check_ranges(self, key)
         for name in ("endpoint", "metrics_endpoint", "logs_endpoint"):
             value = getattr(self, name)
             if value:
@@ -553,7 +403,7 @@ class RetryConfig:
                               "max_elapsed_time": (Duration(0.0), Duration(365 * 86400.0))}
 
     def validate(self, key: str) -> None:
-        _check_ranges(self, key)
+        check_ranges(self, key)
         if self.max_interval < self.initial_interval:
             raise ConfigError(f"{key}.max_interval", "must be at least initial_interval")
 
@@ -589,7 +439,7 @@ class QueueConfig:
                               "fsync_interval": (Duration(0.001), Duration(3600.0))}
 
     def validate(self, key: str) -> None:
-        _check_ranges(self, key)
+        check_ranges(self, key)
 
 
 @dataclass(frozen=True)
@@ -607,71 +457,9 @@ class ExporterConfig:
             self.file.check_paths(f"{key}.file")
 
 
-@dataclass(frozen=True)
-class HealthConfig:
-    enabled: bool = True
-    # loopback host:port answering GET / with 200 while the pipeline runs, 503 otherwise
-    endpoint: str = "127.0.0.1:13134"
-
-    def validate(self, key: str) -> None:
-        self.address(f"{key}.endpoint")
-
-    def address(self, key: str = "health.endpoint") -> tuple:
-        """(host, port) of `endpoint`: a loopback address (127.0.0.0/8, [::1] or localhost) and a port."""
-        m = re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]*)):([0-9]{1,5})", self.endpoint)
-        if not m or int(m.group(3)) > 65535:
-            raise ConfigError(key, f"expected host:port (IPv6 as [::1]:port), got {self.endpoint!r}")
-        host = m.group(1) if m.group(1) is not None else m.group(2)
-        if not _is_loopback(host):
-            raise ConfigError(key, f"must be a loopback address (127.0.0.1, [::1] or localhost), got {host!r}")
-        return host, int(m.group(3))
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-@dataclass(frozen=True)
-class Config:
-    # how often scrapers and in-kernel aggregates are read
-    collection_interval: Duration = Duration(10.0)
-    # on SIGTERM/SIGINT, time allowed to flush buffered data before exiting
-    shutdown_timeout: Duration = Duration(10.0)
-    # the agent's own state: the persistent export queue lives under <state_dir>/queue
-    state_dir: str = "/var/lib/hostagent"
-    resource: ResourceConfig = ResourceConfig()
-    scrapers: ScrapersConfig = ScrapersConfig()
-    ebpf: EbpfConfig = EbpfConfig()
-    enrichment: EnrichmentConfig = EnrichmentConfig()
-    # per metric and resource, the attribute sets kept per collection; the rest are merged into one
-    # series with otel.metric.overflow=true and counted in hostagent.pipeline.cardinality_overflow
-    cardinality_limit: int = 2000
-    batch: BatchConfig = BatchConfig()
-    exporter: ExporterConfig = ExporterConfig()
-    health: HealthConfig = HealthConfig()
-    logging: LoggingConfig = LoggingConfig()
-
-    RANGES: ClassVar[dict] = {"collection_interval": (Duration(0.1), Duration(86400.0)),
-                              "shutdown_timeout": (Duration(0.01), Duration(3600.0)),
-                              "cardinality_limit": (1, 1_000_000)}
-
-    def validate(self, key: str) -> None:
-        _check_ranges(self, key)
-        if not os.path.isabs(self.state_dir):
-            raise ConfigError("state_dir", f"must be an absolute path, got {self.state_dir!r}")
-        queue = self.exporter.queue
-        if queue.directory and not os.path.isabs(queue.directory):
-            raise ConfigError("exporter.queue.directory", f"must be an absolute path, got {queue.directory!r}")
-        if queue.type == "persistent":
-            key = "exporter.queue.directory" if queue.directory else "state_dir"
-            _check_writable_dir(queue_directory(self), key)
-
-
-
 # --- endpoints ---------------------------------------------------------------------------------
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -698,7 +486,7 @@ def parse_endpoint(value: str, protocol: str, key: str, insecure: Optional[bool]
     if "://" in value:
         text = value
     else:
-        plain = _is_loopback(value.rsplit(":", 1)[0].strip("[]")) if insecure is None else insecure
+        plain = is_loopback(value.rsplit(":", 1)[0].strip("[]")) if insecure is None else insecure
         text = ("http://" if protocol == "grpc" and plain else "https://") + value
     try:
         parts = urlsplit(text)
@@ -732,7 +520,7 @@ def queue_directory(cfg: "Config") -> str:
     return cfg.exporter.queue.directory or os.path.join(cfg.state_dir, "queue", "otlp")
 
 
-def _check_writable_dir(path: str, key: str) -> None:
+def check_writable_dir(path: str, key: str) -> None:
     probe = path
     while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
         probe = os.path.dirname(probe)
@@ -756,7 +544,7 @@ def _check_writable(path: str, key: str) -> None:
 
 # --- the generic builder --------------------------------------------------------------------
 
-def _did_you_mean(name: str, choices) -> str:
+def did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -770,7 +558,7 @@ def _convert(tp, value, key: str):
         choices = typing.get_args(tp)
         if value not in choices:
             raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}"
-                              + (_did_you_mean(str(value), choices) if isinstance(value, str) else ""))
+                              + (did_you_mean(str(value), choices) if isinstance(value, str) else ""))
         return value
     if tp in (Duration, Size):
         return tp.parse(value, key)
@@ -820,7 +608,7 @@ def _text(value: str, key: str) -> str:
 
 
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls, globalns=globals())
+    return typing.get_type_hints(cls)  # resolved in the module that defines cls
 
 
 def _convert_field(f: dataclasses.Field, tp, value, key: str):
@@ -843,7 +631,7 @@ def build(cls, raw: Any, key: str = ""):
     for name in raw:
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
-            raise ConfigError(where, "unknown key" + _did_you_mean(str(name), fields))
+            raise ConfigError(where, "unknown key" + did_you_mean(str(name), fields))
     values = {name: _convert_field(fields[name], hints[name], raw[name], f"{key}.{name}" if key else name)
               for name in raw}
     obj = cls(**values)
@@ -859,9 +647,9 @@ def build(cls, raw: Any, key: str = ""):
     return obj
 
 
-def schema_keys(cls=None, prefix: str = ""):
-    """(dotted key, default) for every leaf key of the schema, for the docs check."""
-    cls = cls or Config
+def schema_keys(cls, prefix: str = ""):
+    """(dotted key, default) for every leaf key of the schema `cls` (the root config class), for the
+    docs check."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], f"{prefix}{f.name}"
@@ -1047,8 +835,9 @@ def _merge(low: dict, high: dict) -> dict:
     return out
 
 
-def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> Config:
-    """The effective config: defaults < OTEL_* environment < the file at `path`."""
+def load(path: Optional[str], environ: Optional[Mapping[str, str]], schema: type):
+    """The effective config, an instance of the root class `schema`: defaults < OTEL_* environment
+    < the file at `path`."""
     environ = os.environ if environ is None else environ
     file_raw: Any = {}
     if path is not None:
@@ -1063,13 +852,15 @@ def load(path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None
         if not isinstance(file_raw, dict):
             raise ConfigError("", f"{path}: the top level must be a mapping of keys")
         file_raw = _substitute(file_raw, environ)
-    return build(Config, _merge(env_layer(environ), file_raw))
+    return build(schema, _merge(env_layer(environ), file_raw))
 
 
 def to_plain(obj) -> Any:
-    """The config as plain YAML-able values (durations and sizes as their strings)."""
+    """The config as plain YAML-able values (durations and sizes as their strings); the value of a
+    field marked `secret` is never shown (a mapping keeps its keys)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _hidden(getattr(obj, f.name)) if "secret" in f.metadata else to_plain(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
         return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
@@ -1079,8 +870,9 @@ def to_plain(obj) -> Any:
     return obj
 
 
-def dump(cfg: Config) -> str:
-    plain = to_plain(cfg)
-    headers = plain["exporter"]["otlp"]["headers"]
-    plain["exporter"]["otlp"]["headers"] = {k: "<redacted>" for k in headers}  # never print secrets
-    return yaml.safe_dump(plain, sort_keys=False)
+def _hidden(value) -> Any:
+    return {k: "<redacted>" for k in value} if isinstance(value, Mapping) else "<redacted>"
+
+
+def dump(cfg) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)

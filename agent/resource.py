@@ -13,15 +13,24 @@ import os
 import platform
 import socket
 import uuid
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
 from agent import __version__
+from agent.config import frozen_dict
 from agent.model import Resource
 
 log = logging.getLogger("hostagent.resource")
 
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 OS_RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release")
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    service_name: str = "hostagent"
+    # extra resource attributes; these win over detected ones
+    attributes: Mapping[str, str] = frozen_dict()
+
 
 # namespace for service.instance.id = uuid5(INSTANCE_NAMESPACE, "<machine-id>/<service.name>")
 INSTANCE_NAMESPACE = uuid.UUID("6f1c1f0e-5f5e-4c44-9d57-1f3c3b0d7a21")

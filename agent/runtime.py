@@ -9,66 +9,27 @@ one replaces sources and pipeline, and undelivered payloads move to the new pipe
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
-import selectors
 import signal
 import socket
-import sys
 import threading
 import time
 from typing import Optional
 
 from agent import __version__
-from agent.config import Config, ConfigError, load
+from agent.components import SOURCES, Config, build_scrapers
+from agent.config import ConfigError, load
 from agent.export import Exporter
+from agent.health import HealthServer
+from agent.logs import setup_logging
 from agent.model import Batch
 from agent.pipeline import build_pipeline
-from agent.selfmetrics import SELF
+from agent.resource import detect
+from agent.selfmetrics import SELF, SelfMetrics
 from agent.sources import Source
 
 log = logging.getLogger("hostagent.runtime")
-
-
-# syslog priorities, which journald reads from a "<N>" prefix on each line of a service's stderr
-JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class KeyValueFormatter(logging.Formatter):
-    """One line per event: ts=... level=... logger=... <message>, messages being `event k=v ...`.
-    With `journal`, each line starts with its syslog priority, so `journalctl -p warning` works."""
-
-    def __init__(self, journal: bool = False):
-        super().__init__()
-        self.journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
-        if record.exc_info:
-            line += " exception=" + repr(self.formatException(record.exc_info))
-        if self.journal:
-            line = f"<{JOURNAL_PRIORITY.get(record.levelno, 6)}>{line}"
-        return line
-
-
-def stderr_is_journal() -> bool:
-    """Is stderr the journal's stream? systemd says so in JOURNAL_STREAM ("device:inode")."""
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter(journal=stderr_is_journal()))
-    root = logging.getLogger("hostagent")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
 
 
 def build_exporter(cfg: Config) -> Exporter:
@@ -102,179 +63,43 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify_failed state=%s error=%r", state, str(e))
 
 
-class HealthServer:
-    """GET / -> 200 {"status": "ok"} while `healthy()` holds, else 503.
-
-    One thread serves every connection (a selector), so no client can make threads: at most
-    MAX_CONNECTIONS are open (the oldest is closed for a new one, so a health check always gets
-    in), each has TIMEOUT to send a request of at most MAX_REQUEST bytes. A client that resets,
-    stalls or sends too much is counted, and only the first such error is logged."""
-
-    MAX_CONNECTIONS = 32
-    TIMEOUT = 5.0
-    MAX_REQUEST = 8192
-
-    def __init__(self, host: str, port: int, healthy):
-        self.healthy = healthy
-        self.errors = SELF.counter("hostagent.health.connection_errors", "{connections}",
-                                   "Health endpoint connections closed without an answer, or answered "
-                                   "503 because the check raised, by reason (reset, timeout, too_large, "
-                                   "evicted, accept_failed, check_failed).")
-        self._logged = False
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((host, port))
-            self.sock.listen(64)
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.setblocking(False)
-        bound = self.sock.getsockname()
-        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._thread = threading.Thread(target=self._serve, name="health", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
-        conns: dict = {}  # socket -> [deadline, request bytes]; insertion order: oldest first
-        try:
-            while True:
-                now = time.monotonic()
-                wait = min((c[0] for c in conns.values()), default=now + 60) - now
-                for key, _ in sel.select(max(wait, 0)):
-                    if key.fileobj is self._wake_r:
-                        return
-                    if key.fileobj is self.sock:
-                        self._accept(sel, conns)
-                    elif key.fileobj in conns:  # not evicted by an accept of this same round
-                        self._read(sel, conns, key.fileobj)
-                now = time.monotonic()
-                for conn in [c for c, (deadline, _) in conns.items() if deadline <= now]:
-                    self._drop(sel, conns, conn, "timeout")
-        finally:
-            for conn in list(conns):
-                self._drop(sel, conns, conn, None)
-            sel.close()
-
-    def _accept(self, sel, conns: dict) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # out of file descriptors: free one, or let the client wait in the backlog
-                self._error("accept_failed", e)
-                if conns:
-                    self._drop(sel, conns, next(iter(conns)), "evicted")
-                else:
-                    time.sleep(0.1)  # rather than spin on a listening socket that stays readable
-                return
-            if len(conns) >= self.MAX_CONNECTIONS:
-                self._drop(sel, conns, next(iter(conns)), "evicted")
-            conn.setblocking(False)
-            conns[conn] = [time.monotonic() + self.TIMEOUT, b""]
-            sel.register(conn, selectors.EVENT_READ)
-
-    def _read(self, sel, conns: dict, conn) -> None:
-        try:
-            data = conn.recv(self.MAX_REQUEST)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._drop(sel, conns, conn, "reset", e)
-            return
-        if not data:  # closed before asking: a port check
-            self._drop(sel, conns, conn, None)
-            return
-        request = conns[conn][1] = conns[conn][1] + data
-        if b"\n\r\n" not in request and b"\n\n" not in request:
-            if len(request) > self.MAX_REQUEST:
-                self._drop(sel, conns, conn, "too_large")
-            return
-        try:
-            conn.send(self._answer((request.split(None, 1) or [b""])[0]))
-        except OSError as e:
-            self._drop(sel, conns, conn, "reset", e)
-            return
-        self._drop(sel, conns, conn, None)
-
-    def _answer(self, method: bytes) -> bytes:
-        if method not in (b"GET", b"HEAD"):
-            status, body = "405 Method Not Allowed", b""
-        else:
-            try:
-                ok = bool(self.healthy())
-            except Exception as e:  # an answer all the same: unhealthy
-                self._error("check_failed", e)
-                ok = False
-            status = "200 OK" if ok else "503 Service Unavailable"
-            body = json.dumps({"status": "ok" if ok else "unhealthy", "version": __version__}).encode()
-        head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n").encode()
-        return head + (body if method == b"GET" else b"")
-
-    def _drop(self, sel, conns: dict, conn, reason, error=None) -> None:
-        """Close `conn`; a `reason` counts it as an error."""
-        sel.unregister(conn)
-        del conns[conn]
-        conn.close()
-        if reason:
-            self._error(reason, error)
-
-    def _error(self, reason: str, error=None) -> None:
-        self.errors.add(1, (("reason", reason),))
-        if not self._logged:
-            self._logged = True
-            log.warning("health_client_error reason=%s error=%r (further ones are only counted in "
-                        "hostagent.health.connection_errors)", reason, str(error or reason))
-
-    def close(self) -> None:
-        self._wake_w.send(b"x")
-        self._thread.join(5)
-        for sock in (self.sock, self._wake_r, self._wake_w):
-            sock.close()
-
-
 class Agent:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, telemetry: Optional[SelfMetrics] = None):
+        """`telemetry`: the agent's own metrics, handed to every component and kept across reloads
+        (default: a new registry)."""
         self.cfg = cfg
+        self.telemetry = telemetry if telemetry is not None else SelfMetrics()
         self.stopping = threading.Event()
         self.sources: list[Source] = []
         self._sources_lock = threading.Lock()
-        self.collect_errors = SELF.counter("hostagent.source.errors", "{errors}",
-                                           "Collections of a source that raised, by source.")
-        self.reloads = SELF.counter("hostagent.config.reloads", "{reloads}",
-                                    "Reloads on SIGHUP, by result (applied, rejected).")
+        self.collect_errors = self.telemetry.counter("hostagent.source.errors", "{errors}",
+                                                     "Collections of a source that raised, by source.")
+        self.reloads = self.telemetry.counter("hostagent.config.reloads", "{reloads}",
+                                              "Reloads on SIGHUP, by result (applied, rejected).")
 
     def start(self, backlog=()) -> None:
-        from agent.resource import detect
-        from agent.sources.host import build_host_sources
-
-        cfg = self.cfg
+        cfg, telemetry = self.cfg, self.telemetry
         self.stopping.clear()
-        self.resource = detect(cfg.resource)
-        SELF.resource = self.resource
-        self.pipeline = build_pipeline(cfg, build_exporter(cfg), backlog)
+        self.resource = telemetry.resource = detect(cfg.resource)
+        self.pipeline = build_pipeline(cfg, build_exporter(cfg), telemetry, backlog)
         self.pipeline.start()
-        self.sources = [*build_host_sources(cfg.scrapers, self.resource, cfg.enrichment), SELF]
+        self.sources = [*build_scrapers(cfg.scrapers, telemetry, self.resource, cfg.enrichment), telemetry]
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self._scheduler.start()
-        if cfg.ebpf.enabled:
-            threading.Thread(target=self._start_ebpf, name="ebpf-loader", daemon=True).start()
+        for name, factory in SOURCES.items():  # loading may take seconds (bcc compiles): off the schedule
+            if getattr(cfg, name).enabled:
+                threading.Thread(target=self._start_source, args=(name, factory), name=f"{name}-loader",
+                                 daemon=True).start()
         log.info("started version=%s interval=%s exporter=%r", __version__, cfg.collection_interval,
                  describe_destination(cfg))
 
-    def _start_ebpf(self) -> None:
+    def _start_source(self, name: str, factory) -> None:
         try:
-            from agent.sources.ebpf import EbpfSource
-            source = EbpfSource(self.cfg.ebpf, self.resource, enrichment=self.cfg.enrichment)
+            source = factory.create(getattr(self.cfg, name), self.telemetry, resource=self.resource,
+                                    enrichment=self.cfg.enrichment)
             source.start(self.pipeline.emit)
         except Exception:
-            log.exception("ebpf_unavailable")
+            log.exception("%s_unavailable", name)
             return
         with self._sources_lock:
             if self.stopping.is_set():
@@ -381,7 +206,7 @@ def run(config_path: Optional[str], cfg: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    agent = Agent(cfg)
+    agent = Agent(cfg, SELF)  # the exporters still record into the process-wide SELF: one registry for all
     agent.start()
     health = _start_health(cfg, agent)
     sd_notify("READY=1")
@@ -394,7 +219,7 @@ def run(config_path: Optional[str], cfg: Config) -> int:
             if signum == signal.SIGHUP:
                 sd_notify("RELOADING=1")
                 try:
-                    new_cfg = load(config_path)
+                    new_cfg = load(config_path, None, Config)
                 except Exception as e:  # whatever a new file holds, the running config stays
                     agent.reload_rejected(e)
                 else:
@@ -425,7 +250,7 @@ def _start_health(cfg: Config, agent: Agent) -> Optional[HealthServer]:
     if not cfg.health.enabled:
         return None
     try:
-        server = HealthServer(*cfg.health.address(), agent.healthy)
+        server = HealthServer(*cfg.health.address(), agent.healthy, agent.telemetry)
     except OSError as e:
         log.error("health_endpoint_failed endpoint=%s error=%r", cfg.health.endpoint, e.strerror)
         return None

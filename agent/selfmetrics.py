@@ -1,8 +1,9 @@
 """The agent's own metrics (hostagent.*): drops, queue sizes, export results, probe health.
 
-Components create their instruments once at construction (`SELF.counter(...)`) and add to them;
-hot paths add once per batch, not per item. The registry is itself a pull source, so these
-metrics travel the same pipeline as everything else.
+The runtime creates one SelfMetrics and hands it to every component (`telemetry`); components
+create their instruments from it once at construction (`telemetry.counter(...)`, one instrument
+per name) and add to them; hot paths add once per batch, not per item. The registry is itself a
+pull source, so these metrics travel the same pipeline as everything else.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Callable
 
 from agent.model import (Attributes, HistogramPoint, Metric, MetricGroup, MetricKind, NumberPoint, Resource,
                          Scope, now_ns)
-from agent.sources import Source
 
 SCOPE = Scope("hostagent/self")
 
@@ -90,7 +90,9 @@ class Histogram:
         return Metric(self.name, self.description, self.unit, MetricKind.HISTOGRAM, points)
 
 
-class SelfMetrics(Source):
+class SelfMetrics:
+    """The registry, and a pull source for the runtime (name, collect(), close(), as
+    agent.sources.Source has them; every source records into it, so it sits below them)."""
     name = "self"
 
     def __init__(self) -> None:
@@ -123,6 +125,9 @@ class SelfMetrics(Source):
         metrics = [m for m in (i._metric(self.start_ns, now) for i in instruments) if m.points]
         return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
 
+    def close(self) -> None:
+        pass
 
-# One registry per process: components anywhere record into it, the runtime exports it.
+
+# The exporters' registry until they are handed `telemetry` too; the runtime passes it to the rest.
 SELF = SelfMetrics()

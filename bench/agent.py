@@ -303,7 +303,7 @@ def node_exporter_version() -> str:
 
 def measure(minutes: float, quick: bool, log=print) -> dict:
     """Starts everything, waits for steady state, measures one window, stops everything."""
-    from agent.config import Config
+    from agent.components import Config
     from agent.sources.ebpf.registry import PROBES
 
     interval = float(Config().collection_interval)

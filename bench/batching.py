@@ -42,10 +42,10 @@ LOG_RECORDS_PER_DRAIN = 16
 
 def scrape_batches(n: int) -> list:
     """`n` real scrapes of this host's default hostmetrics scrapers, each a list of MetricGroups."""
-    from agent import config
-    from agent.resource import detect
-    from agent.sources.host import build_host_sources
-    sources = build_host_sources(config.ScrapersConfig(), detect(config.ResourceConfig()))
+    from agent.components import ScrapersConfig, build_scrapers
+    from agent.resource import ResourceConfig, detect
+    from agent.selfmetrics import SelfMetrics
+    sources = build_scrapers(ScrapersConfig(), SelfMetrics(), detect(ResourceConfig()))
     out = []
     for _ in range(n):
         out.append([g for s in sources for g in s.collect()])

@@ -1,4 +1,4 @@
-"""The process metadata cache (agent/pipeline/cache.py, a two-level segmented LRU) against what one
+"""The process metadata cache (agent/procfs/cache.py, a two-level segmented LRU) against what one
 would otherwise use: a plain dict and functools.lru_cache.
 
 Lookup cost, one thread, ns per lookup (best of several runs over 200k lookups of 512 keys):
@@ -46,12 +46,13 @@ def _best_ns_per_op(fn, ops: int, repeats: int) -> float:
 
 
 def lookup_costs(quick: bool) -> dict:
-    from agent.pipeline.cache import TwoLevelCache
+    from agent.procfs.cache import TwoLevelCache
+    from agent.selfmetrics import SelfMetrics
     n, keys = (50_000, 512) if quick else (200_000, 512)
     repeats = 3 if quick else 7
     seq = [random.Random(1).randrange(keys) for _ in range(n)]
 
-    ours = TwoLevelCache("bench", l1_size=keys, l2_size=keys)
+    ours = TwoLevelCache("bench", l1_size=keys, l2_size=keys, telemetry=SelfMetrics())
     for k in range(keys):
         ours.put(k, k)
         ours.get(k)                              # promote_hits=2: two hits put it in L1
@@ -60,7 +61,8 @@ def lookup_costs(quick: bool) -> dict:
     lru = functools.lru_cache(maxsize=2 * keys)(lambda k: k)
     for k in range(keys):
         lru(k)
-    l2_only = TwoLevelCache("bench", l1_size=1, l2_size=keys, promote_hits=n + 1)   # never promotes
+    l2_only = TwoLevelCache("bench", l1_size=1, l2_size=keys, telemetry=SelfMetrics(),
+                            promote_hits=n + 1)   # never promotes
     for k in range(keys):
         l2_only.put(k, k)
 
@@ -92,7 +94,7 @@ def lookup_costs(quick: bool) -> dict:
            (("ours_l1", run_ours), ("ours_l2", run_l2), ("dict", run_dict), ("lru_cache", run_lru))}
 
     fresh = list(range(10**6, 10**6 + n))        # every lookup a miss
-    small = TwoLevelCache("bench", l1_size=L1, l2_size=L2)
+    small = TwoLevelCache("bench", l1_size=L1, l2_size=L2, telemetry=SelfMetrics())
     lru_small = functools.lru_cache(maxsize=L1 + L2)(lambda k: k)
 
     def miss_ours():
@@ -150,8 +152,9 @@ def trace(quick: bool, seed: int = 7) -> list:
 
 
 def hit_rates(events: list) -> dict:
-    from agent.pipeline.cache import TwoLevelCache
-    ours = TwoLevelCache("bench", l1_size=L1, l2_size=L2)
+    from agent.procfs.cache import TwoLevelCache
+    from agent.selfmetrics import SelfMetrics
+    ours = TwoLevelCache("bench", l1_size=L1, l2_size=L2, telemetry=SelfMetrics())
     current: dict = {}                            # pid -> generation: what a lookup should answer
     lru = functools.lru_cache(maxsize=L1 + L2)(lambda pid: (pid, current[pid]))
     plain: dict = {}

@@ -32,10 +32,10 @@ COMMANDS = ["/usr/bin/bash", "/usr/bin/python3.11", "/usr/sbin/sshd", "/usr/bin/
 
 
 def metric_batches(n: int) -> list:
-    from agent import config
-    from agent.resource import detect
-    from agent.sources.host import build_host_sources
-    sources = build_host_sources(config.ScrapersConfig(), detect(config.ResourceConfig()))
+    from agent.components import ScrapersConfig, build_scrapers
+    from agent.resource import ResourceConfig, detect
+    from agent.selfmetrics import SelfMetrics
+    sources = build_scrapers(ScrapersConfig(), SelfMetrics(), detect(ResourceConfig()))
     out, groups, points = [], [], 0
     while len(out) < n:
         for s in sources:
@@ -50,10 +50,9 @@ def metric_batches(n: int) -> list:
 
 
 def log_batches(n: int, per: int = 4096) -> list:
-    from agent import config
     from agent.model import LogGroup, LogRecord, Scope, Severity
-    from agent.resource import detect
-    resource = detect(config.ResourceConfig())
+    from agent.resource import ResourceConfig, detect
+    resource = detect(ResourceConfig())
     scope = Scope("hostagent/probes/process", "0.1.0")
     rng = random.Random(1)
     out = []

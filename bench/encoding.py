@@ -78,11 +78,10 @@ def merged(groups: list) -> list:
 
 def histogram_batches(n: int, collections: int = 8, seed: int = 1) -> list:
     """Requests of `collections` collections of the latency histograms the eBPF probes export."""
-    from agent import config
     from agent.model import Metric, MetricGroup, MetricKind, Scope
-    from agent.resource import detect
+    from agent.resource import ResourceConfig, detect
     from agent.sources.ebpf.histogram import exp2_point
-    resource = detect(config.ResourceConfig())
+    resource = detect(ResourceConfig())
     scope = Scope("hostagent/probes", "0.1.0")
     rng = random.Random(seed)
 

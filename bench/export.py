@@ -54,11 +54,11 @@ def serve(port_file: str) -> None:
 
 def host_batches(n_batches: int) -> list:
     """Batches of about BATCH_POINTS points from repeated real scrapes of this host."""
-    from agent import config
-    from agent.resource import detect
-    from agent.sources.host import build_host_sources
-    resource = detect(config.ResourceConfig())
-    sources = build_host_sources(config.ScrapersConfig(), resource)
+    from agent.components import ScrapersConfig, build_scrapers
+    from agent.resource import ResourceConfig, detect
+    from agent.selfmetrics import SelfMetrics
+    resource = detect(ResourceConfig())
+    sources = build_scrapers(ScrapersConfig(), SelfMetrics(), resource)
     batches, groups, points = [], [], 0
     while len(batches) < n_batches:
         for s in sources:

@@ -75,11 +75,13 @@ class NullExporter:
 def prepare(variant: str, batches: list, tmp: str):
     """What the variant starts from, built before measuring; returns run()."""
     if variant in ("memory-queue", "persistent-queue"):
-        from agent.config import BatchConfig, Duration, RetryConfig
+        from agent.config import Duration, RetryConfig
         from agent.export.queue import MemoryQueue, QueueSettings
         from agent.model import Batch
         from agent.export.wal import PersistentQueue
         from agent.pipeline import Pipeline
+        from agent.pipeline.batcher import BatchConfig
+        from agent.selfmetrics import SelfMetrics
         inputs = [Batch(metrics=list(groups)) for groups in batches]
         total = sum(len(b) for b in inputs)
 
@@ -90,7 +92,7 @@ def prepare(variant: str, batches: list, tmp: str):
                 queue = MemoryQueue()
             exporter = NullExporter(total)
             pipe = Pipeline(BatchConfig(max_size=8192, timeout=Duration(1.0), queue_size=len(inputs) + 1),
-                            RetryConfig(), exporter, queue=queue, senders=1)
+                            RetryConfig(), exporter, SelfMetrics(), queue=queue, senders=1)
             pipe.start()
             for b in inputs:
                 pipe.emit(b)

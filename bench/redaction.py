@@ -1,4 +1,4 @@
-"""Command-line redaction (agent/sources/identity.Redactor, the default rules) against the input's size.
+"""Command-line redaction (agent/procfs/identity.Redactor, the default rules) against the input's size.
 
 Redaction runs on every command line the agent exports, and a command line is whatever a local
 user makes it. Its cost must grow with the size of the input and no faster, whatever the input.
@@ -98,8 +98,7 @@ def best_ns_per_kib(fn, argv, repeats: int, budget: int = 256 * KIB) -> float:
 
 
 def run(quick: bool = False) -> list[dict]:
-    from agent.config import RedactionConfig
-    from agent.sources.identity import Redactor
+    from agent.procfs.identity import RedactionConfig, Redactor
     redact = Redactor(RedactionConfig())
     repeats = 3 if quick else 7
     sizes = [s for s in SIZES if not quick or s in QUICK_SIZES]

@@ -1,5 +1,7 @@
 """Config: broken configs fail with exit 2 and one line naming the key; env vars and
 ${env:...} apply with the documented precedence; docs/configuration.md matches the schema."""
+import ast
+import dataclasses
 import os
 import re
 
@@ -7,6 +9,7 @@ import pytest
 import yaml
 
 from agent import config
+from agent.components import SCRAPERS, Config, ScrapersConfig
 from tests.helpers import ROOT, clean_env, hostagent
 
 BROKEN = [
@@ -120,7 +123,7 @@ def test_otel_environment_variables():
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=prod,team=sre",
         "OTEL_SERVICE_NAME": "edge-agent",
     }
-    cfg = config.load(None, env)
+    cfg = config.load(None, env, schema=Config)
     otlp = cfg.exporter.otlp
     assert cfg.exporter.type == "otlp" and otlp.protocol == "http/protobuf"
     assert otlp.signal_url("metrics") == "https://collector.example:4318/v1/metrics"
@@ -132,7 +135,7 @@ def test_otel_environment_variables():
     assert cfg.resource.service_name == "edge-agent"
     # the metrics-specific variable wins over the base endpoint, and is used as is
     cfg = config.load(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m.example:9999/ingest"})
+                             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m.example:9999/ingest"}, schema=Config)
     assert cfg.exporter.otlp.signal_url("metrics") == "http://m.example:9999/ingest"
 
 
@@ -142,7 +145,7 @@ def test_config_file_wins_over_environment(tmp_path):
                     f"    path: {tmp_path}/m.jsonl\n    logs_path: {tmp_path}/l.jsonl\n"
                     "  otlp:\n    endpoint: http://file.example:4317\n")
     cfg = config.load(str(path), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env.example:4317",
-                                  "OTEL_METRIC_EXPORT_INTERVAL": "5000"})
+                                  "OTEL_METRIC_EXPORT_INTERVAL": "5000"}, schema=Config)
     assert cfg.collection_interval == 20.0
     assert cfg.exporter.type == "file"
     assert cfg.exporter.otlp.endpoint == "http://file.example:4317"
@@ -150,17 +153,18 @@ def test_config_file_wins_over_environment(tmp_path):
 
 def test_bad_environment_variable_is_named():
     with pytest.raises(config.ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
-        config.load(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+        config.load(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, schema=Config)
     with pytest.raises(config.ConfigError, match="OTEL_METRIC_EXPORT_INTERVAL"):
-        config.load(None, {"OTEL_METRIC_EXPORT_INTERVAL": "ten"})
+        config.load(None, {"OTEL_METRIC_EXPORT_INTERVAL": "ten"}, schema=Config)
 
 
 def test_tls_by_default_except_loopback_and_http():
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector.example:4317"}).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector.example:4317"}, schema=Config).exporter.otlp
     assert not otlp.is_insecure(otlp.signal_url("metrics"))
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4317"}).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4317"}, schema=Config).exporter.otlp
     assert otlp.is_insecure(otlp.signal_url("metrics"))
-    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"}).exporter.otlp
+    otlp = config.load(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317"},
+                       schema=Config).exporter.otlp
     assert otlp.is_insecure(otlp.signal_url("metrics"))
 
 
@@ -174,9 +178,33 @@ def test_durations_and_sizes_round_trip():
 def test_documentation_covers_every_key_and_default():
     doc = open(os.path.join(ROOT, "docs", "configuration.md")).read()
     rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| ([^|]*) \|", doc, re.M)}
-    keys = dict(config.schema_keys())
+    keys = dict(config.schema_keys(Config))
     assert set(rows) == set(keys), f"undocumented: {set(keys) - set(rows)}; not in schema: {set(rows) - set(keys)}"
     for key, default in keys.items():
         shown = yaml.safe_dump(config.to_plain(default), default_flow_style=True, width=10**6).strip()
         shown = shown.removesuffix("\n...").removesuffix(" ...").strip()
         assert rows[key] == f"`{shown}`", f"{key}: documented default {rows[key]} but the code has `{shown}`"
+
+
+def test_config_sits_at_the_bottom_of_the_imports():
+    """config.py is the generic machinery every component builds its config with: it imports no
+    agent module but the bottom layer, and nothing inside a function (where a cycle would hide)."""
+    tree = ast.parse(open(os.path.join(ROOT, "agent", "config.py")).read())
+    top = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            assert id(node) in top, f"agent/config.py line {node.lineno}: an import inside a function"
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for name in names:
+                if name == "agent" or name.startswith("agent."):
+                    assert name in ("agent.model", "agent.component"), f"agent/config.py imports {name}"
+
+
+def test_the_scrapers_section_is_the_scraper_table():
+    """A scraper is its module and one line in SCRAPERS: the section, its defaults and the metric
+    names its switches are checked against all follow from that line."""
+    assert [f.name for f in dataclasses.fields(ScrapersConfig)] == list(SCRAPERS)
+    for name, factory in SCRAPERS.items():
+        assert type(getattr(ScrapersConfig(), name)) is factory.config
+        with pytest.raises(config.ConfigError, match=rf"^scrapers.{name}.metrics.no.such: unknown metric"):
+            config.build(Config, {"scrapers": {name: {"metrics": {"no.such": {"enabled": True}}}}})

@@ -112,7 +112,7 @@ def test_reload_keeps_undelivered_data(tmp_path, start_agent, http_receiver):
 
 LOG_A_WARNING = """
 import logging
-from agent.runtime import setup_logging
+from agent.logs import setup_logging
 setup_logging("info")
 logging.getLogger("hostagent.test").warning("disk_slow device=vda")
 logging.getLogger("hostagent.test").info("started")

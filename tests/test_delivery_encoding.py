@@ -181,10 +181,11 @@ def test_logs_bytes_equal_the_official_serializer():
 
 
 def test_real_host_scrapes_encode_identically():
-    from agent.resource import detect
-    from agent.sources.host import build_host_sources
-    resource = detect(config.ResourceConfig())
-    sources = build_host_sources(config.ScrapersConfig(), resource)
+    from agent.components import ScrapersConfig, build_scrapers
+    from agent.resource import ResourceConfig, detect
+    from agent.selfmetrics import SelfMetrics
+    resource = detect(ResourceConfig())
+    sources = build_scrapers(ScrapersConfig(), SelfMetrics(), resource)
     groups = []
     for _ in range(2):
         for s in sources:

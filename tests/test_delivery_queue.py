@@ -11,6 +11,7 @@ import pytest
 from agent.export.encoding import Payload
 from agent.export.queue import MemoryQueue, QueueError, QueueSettings
 from agent.export.wal import HEADER, MAGIC, PersistentQueue, read_pending, segment_files
+from agent.selfmetrics import SelfMetrics
 
 REASON = lambda r: (("queue", "export"), ("reason", r))  # noqa: E731
 
@@ -293,8 +294,8 @@ def test_segment_numbers_never_go_back(tmp_path):
 
 def cfg(tmp_path, **queue):
     from agent import config
-    return config.build(config.Config, {"state_dir": str(tmp_path / "state"),
-                                        "exporter": {"type": "otlp", "queue": queue}})
+    from agent.components import Config
+    return config.build(Config, {"state_dir": str(tmp_path / "state"), "exporter": {"type": "otlp", "queue": queue}})
 
 
 def test_auto_is_persistent_for_otlp_and_falls_back_to_memory_when_locked(tmp_path, caplog):
@@ -312,7 +313,7 @@ def test_auto_is_persistent_for_otlp_and_falls_back_to_memory_when_locked(tmp_pa
     from agent.config import ConfigError
     from agent.pipeline import build_pipeline
     with pytest.raises(ConfigError, match=r"^exporter.queue.directory: .* is in use by another process"):
-        build_pipeline(cfg(tmp_path, type="persistent"), None)
+        build_pipeline(cfg(tmp_path, type="persistent"), None, SelfMetrics())
     q.close()
 
 
@@ -331,18 +332,19 @@ def test_reload_keeps_the_queue_or_moves_its_content(tmp_path):
 
 
 def test_retries_never_give_up_with_a_persistent_queue_by_default(tmp_path):
+    from agent import config
+    from agent.components import Config
     from agent.export.file import FileExporter
     from agent.pipeline import build_pipeline
-    from agent import config
     c = cfg(tmp_path)
     files = config.FileExporterConfig(path=str(tmp_path / "m"), logs_path=str(tmp_path / "l"))
-    p = build_pipeline(c, FileExporter(files))
+    p = build_pipeline(c, FileExporter(files), SelfMetrics())
     assert p.queue.kind == "persistent" and p.sender.give_up_after == 0 and len(p._workers) == 2
     p.queue.close()
-    p = build_pipeline(cfg(tmp_path, type="memory"), p.exporter)
+    p = build_pipeline(cfg(tmp_path, type="memory"), p.exporter, SelfMetrics())
     assert p.sender.give_up_after == 300
-    c = config.build(config.Config, {"state_dir": str(tmp_path / "s2"),
-                                     "exporter": {"type": "otlp", "retry": {"max_elapsed_time": "1m"}}})
-    p = build_pipeline(c, p.exporter)
+    c = config.build(Config, {"state_dir": str(tmp_path / "s2"),
+                              "exporter": {"type": "otlp", "retry": {"max_elapsed_time": "1m"}}})
+    p = build_pipeline(c, p.exporter, SelfMetrics())
     assert p.sender.give_up_after == 60
     p.queue.close()

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from agent.config import EbpfConfig, ProbeConfig
 from agent.model import Resource
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
+from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
 from agent.sources.ebpf.probe import Probe
@@ -113,7 +114,7 @@ def test_a_failing_probe_never_stops_the_others(caplog):
     failing = FileProbe("failing", GOOD_PROGRAM, fail_setup=True)
     good = FileProbe("good", GOOD_PROGRAM)
     caplog.set_level(logging.INFO, logger="hostagent.ebpf")
-    src = EbpfSource(EbpfConfig(), Resource(()),
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()),
                      probes={"broken": broken, "unattached": unattached, "failing": failing, "good": good})
     try:
         s = by_name(src.statuses)
@@ -201,7 +202,7 @@ def test_btf_offsets_read_the_running_kernels_task_struct():
 
 @needs_root
 def test_close_wakes_the_reader_at_once():
-    src = EbpfSource(EbpfConfig(), Resource(()), probes={"process": ProcessProbe}, poll_interval=3600.0)
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()), probes={"process": ProcessProbe}, poll_interval=3600.0)
     src.start(lambda batch: None)
     thread = src._thread
     time.sleep(0.1)
@@ -213,11 +214,12 @@ def test_close_wakes_the_reader_at_once():
 
 UNPRIVILEGED = """
 import json
-from agent.config import EbpfConfig
 from agent.model import Resource
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource, check, format_table
+from agent.sources.ebpf.config import EbpfConfig
 statuses = check(EbpfConfig())
-src = EbpfSource(EbpfConfig(), Resource(()))
+src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()))
 src.start(lambda batch: None)
 groups = src.collect()
 src.close()
@@ -271,7 +273,7 @@ def test_loading_gives_back_the_compilers_code_pages():
     """Compiling touches ~80 MB of LLVM/clang code the agent never runs again until a reload;
     after loading, none of it stays resident in the agent."""
     only_signals = EbpfConfig(probes={name: ProbeConfig(enabled=name == "signals") for name in PROBES})
-    src = EbpfSource(only_signals, Resource(()))
+    src = EbpfSource(only_signals, SelfMetrics(), Resource(()))
     try:
         assert [s.name for s in src.statuses if s.on] == ["signals"]
         assert _compiler_code_rss_kib() < 1024

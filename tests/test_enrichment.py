@@ -12,15 +12,19 @@ import uuid
 import pytest
 
 from agent import config
+from agent.components import Config
 from agent.model import (Batch, ExponentialHistogramPoint, LogGroup, LogRecord, Metric, MetricGroup, MetricKind,
                          NumberPoint, Resource, Scope)
 from agent.pipeline import build_pipeline
-from agent.pipeline.cache import TwoLevelCache
 from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher, merge
+from agent.procfs.cache import TwoLevelCache
+from agent.procfs.identity import (CLOCK_TICK_NS, EnrichmentConfig, boot_to_wall_ns, container_id, proc_cgroup,
+                                   proc_stat, systemd_unit)
 from agent.runtime import build_exporter
-from agent.selfmetrics import SELF
+from agent.selfmetrics import SelfMetrics
+from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.process import iso8601
-from agent.sources.identity import CLOCK_TICK_NS, boot_to_wall_ns, container_id, proc_cgroup, proc_stat, systemd_unit
+from agent.sources.process import ProcessScraperConfig
 from tests.helpers import HOSTAGENT, ROOT, Events, base_config, clean_env, remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
@@ -30,7 +34,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs, w
 # --- the two-level cache -------------------------------------------------------------------------
 
 def test_cache_promotes_on_repeated_hits_and_demotes_to_l2():
-    c = TwoLevelCache("t", l1_size=2, l2_size=3, promote_hits=2)
+    c = TwoLevelCache("t", l1_size=2, l2_size=3, telemetry=SelfMetrics(), promote_hits=2)
     for k in "abc":
         c.put(k, k.upper())
     assert c.keys(1) == [] and c.keys(2) == ["a", "b", "c"]
@@ -49,7 +53,7 @@ def test_cache_promotes_on_repeated_hits_and_demotes_to_l2():
 
 
 def test_cache_evicts_l2_least_recent_first_and_keeps_l1_through_a_scan():
-    c = TwoLevelCache("t", l1_size=2, l2_size=3)
+    c = TwoLevelCache("t", l1_size=2, l2_size=3, telemetry=SelfMetrics())
     c.put("hot", 1)
     c.get("hot"), c.get("hot")
     for i in range(10):                          # a burst of one-off keys
@@ -65,7 +69,7 @@ def test_cache_evicts_l2_least_recent_first_and_keeps_l1_through_a_scan():
 
 
 def test_cache_invalidation_and_replacement():
-    c = TwoLevelCache("t", l1_size=2, l2_size=2)
+    c = TwoLevelCache("t", l1_size=2, l2_size=2, telemetry=SelfMetrics())
     c.put(1, "old")
     c.get(1), c.get(1)
     c.put(1, "new")                              # replaced in place, stays in L1
@@ -77,20 +81,21 @@ def test_cache_invalidation_and_replacement():
 
 
 def test_cache_counts_reach_self_metrics():
-    c = TwoLevelCache("published", l1_size=1, l2_size=1)
+    telemetry = SelfMetrics()
+    c = TwoLevelCache("published", l1_size=1, l2_size=1, telemetry=telemetry)
     c.put(1, 1)
     c.get(1), c.get(1), c.get(2)
     c.put(2, 2)                                  # evicts nothing: 1 is in L1
     c.put(3, 3)                                  # evicts 2
     c.invalidate(1)
     c.publish()
-    lookups = SELF.counter("hostagent.cache.lookups", "", "")
+    lookups = telemetry.counter("hostagent.cache.lookups", "", "")
     cache = ("cache", "published")
     assert lookups.value((cache, ("result", "l2_hit"))) == 2
     assert lookups.value((cache, ("result", "miss"))) == 1
-    assert SELF.counter("hostagent.cache.evictions", "", "").value((cache,)) == 1
-    assert SELF.counter("hostagent.cache.invalidations", "", "").value((cache,)) == 1
-    assert SELF.counter("hostagent.cache.promotions", "", "").value((cache,)) == 1
+    assert telemetry.counter("hostagent.cache.evictions", "", "").value((cache,)) == 1
+    assert telemetry.counter("hostagent.cache.invalidations", "", "").value((cache,)) == 1
+    assert telemetry.counter("hostagent.cache.promotions", "", "").value((cache,)) == 1
 
 
 # --- the enricher, record by record --------------------------------------------------------------
@@ -107,7 +112,7 @@ def _enrich(enricher, *records):
 
 
 def _enricher():
-    return ProcessEnricher(config.EnrichmentConfig(cache_l1_size=4, cache_l2_size=16))
+    return ProcessEnricher(EnrichmentConfig(cache_l1_size=4, cache_l2_size=16), SelfMetrics())
 
 
 def test_exit_takes_the_identity_of_its_exec_and_removes_it():
@@ -179,14 +184,14 @@ def test_proc_cgroup_prefers_the_line_that_names_a_container():
 # --- cardinality ---------------------------------------------------------------------------------
 
 def test_ten_thousand_attribute_sets_become_the_limit_plus_one_overflow_series(tmp_path, grpc_receiver):
-    cfg = config.build(config.Config, base_config(tmp_path, exporter={
+    cfg = config.build(Config, base_config(tmp_path, exporter={
         "type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint, "insecure": True},
         "queue": {"type": "memory"}}))
     assert cfg.cardinality_limit == 2000
-    overflow = SELF.counter("hostagent.pipeline.cardinality_overflow", "", "")
+    telemetry = SelfMetrics()
+    overflow = telemetry.counter("hostagent.pipeline.cardinality_overflow", "", "")
     attrs = (("metric", "test.cardinality"),)
-    before = overflow.value(attrs)
-    pipeline = build_pipeline(cfg, build_exporter(cfg))
+    pipeline = build_pipeline(cfg, build_exporter(cfg), telemetry)
     pipeline.start()
     now = time.time_ns()
     points = [NumberPoint((("user", f"u{i}"),), 1, now, now) for i in range(10_000)]
@@ -198,7 +203,7 @@ def test_ten_thousand_attribute_sets_become_the_limit_plus_one_overflow_series(t
     assert len(received) == len(series) == 2001
     over = series[(("otel.metric.overflow", True),)]
     assert over.as_int == 8000
-    assert overflow.value(attrs) - before == 8000
+    assert overflow.value(attrs) == 8000
 
 
 def test_overflow_merges_every_kind_of_point():
@@ -209,7 +214,7 @@ def test_overflow_merges_every_kind_of_point():
     e2 = ExponentialHistogramPoint((), 0, 1, 2, 20.0, 0, 0, 4, [2])
     m = merge(MetricKind.EXPONENTIAL_HISTOGRAM, [e1, e2])
     assert (m.count, m.sum, m.zero_count, m.positive_offset, m.positive_counts) == (5, 50.0, 1, 2, [1, 1, 2])
-    limiter = CardinalityLimiter(2)
+    limiter = CardinalityLimiter(2, SelfMetrics())
     metric = Metric("x", "", "1", MetricKind.SUM, list(n))
     limiter(Batch(metrics=[MetricGroup(Resource(()), Scope("t"), [metric])]))
     assert [p.attributes for p in metric.points] == [(("k", 0),), (("k", 1),), (("otel.metric.overflow", True),)]
@@ -523,11 +528,11 @@ def test_process_scraper_resources_carry_the_container_of_their_cgroup():
     from agent.sources.process import ProcessScraper
     cid = uuid.uuid4().hex + uuid.uuid4().hex
     path = os.path.join(_cgroup_root("v2"), f"hostagent-test-{uuid.uuid4().hex[:8]}.slice/docker-{cid}.scope")
-    cfg = config.ProcessScraperConfig(enabled=True, include=("sleep",))
+    cfg = ProcessScraperConfig(enabled=True, include=("sleep",))
     with cgroup_dir(path):
         p = subprocess.Popen(["sleep", "30"], preexec_fn=_in_cgroup(path))
         try:
-            scraper = ProcessScraper(cfg, Resource((("host.name", "t"),)), config.EnrichmentConfig())
+            scraper = ProcessScraper(cfg, SelfMetrics(), Resource((("host.name", "t"),)), EnrichmentConfig())
             mine = [dict(g.resource.attributes) for g in scraper.collect()
                     if dict(g.resource.attributes)["process.pid"] == p.pid]
             again = [dict(g.resource.attributes) for g in scraper.collect()   # from its cache
@@ -546,9 +551,9 @@ def test_process_scraper_resources_carry_the_container_of_their_cgroup():
 def test_command_lines_can_be_switched_off_entirely():
     from agent.sources.ebpf import EbpfSource
     from agent.sources.ebpf.registry import PROBES
-    off = config.EnrichmentConfig(command_line=False)
-    only_process = config.EbpfConfig(probes={name: config.ProbeConfig(enabled=name == "process") for name in PROBES})
-    src = EbpfSource(only_process, Resource(()), enrichment=off)
+    off = EnrichmentConfig(command_line=False)
+    only_process = EbpfConfig(probes={name: ProbeConfig(enabled=name == "process") for name in PROBES})
+    src = EbpfSource(only_process, SelfMetrics(), Resource(()), enrichment=off)
     try:
         process = [s for s in src.statuses if s.name == "process"][0]
         assert process.on and not any(tp.startswith("syscalls:") for tp in process.tracepoints)
@@ -561,7 +566,7 @@ def test_command_lines_can_be_switched_off_entirely():
     finally:
         src.close()
     assert len(records) == 2
-    enricher = ProcessEnricher(off)
+    enricher = ProcessEnricher(off, SelfMetrics())
     out = _enrich(enricher, *records)
     assert not any("process.command_line" in a for a in out)
     assert marker not in repr(out)

@@ -28,13 +28,14 @@ import pytest
 
 import agent
 from agent import config
+from agent.components import ScrapersConfig, build_scrapers
 from agent.model import Resource, Temporality
-from agent.resource import detect, host_arch, os_description
-from agent.selfmetrics import SELF
+from agent.procfs.identity import RedactionConfig, Redactor
+from agent.resource import ResourceConfig, detect, host_arch, os_description
+from agent.selfmetrics import SelfMetrics
 from agent.sources import host
-from agent.sources.host import METRICS, TABLE, build_host_sources
-from agent.sources.identity import Redactor
-from agent.sources.process import ProcessScraper
+from agent.sources.host import METRICS, PSEUDO_FILESYSTEMS, TABLE, MetricSwitch, ScraperConfig
+from agent.sources.process import ProcessScraper, ProcessScraperConfig
 from tests import hostmetrics_spec as spec
 from tests.helpers import finishes
 
@@ -144,18 +145,19 @@ def within(value, before, after, slack=0) -> bool:
 # --- building and collecting ------------------------------------------------------------------
 
 def scraper_config(name: str, metrics=None, all_metrics=False, **fields):
-    default = getattr(config.ScrapersConfig(), name)
-    switches = {m: config.MetricSwitch(True) for m in METRICS[name]} if all_metrics else {}
-    switches.update({m: config.MetricSwitch(on) for m, on in (metrics or {}).items()})
+    default = getattr(ScrapersConfig(), name)
+    switches = {m: MetricSwitch(True) for m in METRICS[name]} if all_metrics else {}
+    switches.update({m: MetricSwitch(on) for m, on in (metrics or {}).items()})
     return dataclasses.replace(default, enabled=True, metrics=switches, **fields)
 
 
-def build(name: str, metrics=None, all_metrics=False, **fields):
-    """One scraper through the public constructor, every other scraper disabled."""
-    others = {f.name: dataclasses.replace(getattr(config.ScrapersConfig(), f.name), enabled=False)
-              for f in dataclasses.fields(config.ScrapersConfig)}
+def build(name: str, metrics=None, all_metrics=False, telemetry=None, **fields):
+    """One scraper through the public constructor, every other scraper disabled; it records into
+    `telemetry` (default: a registry of its own)."""
+    others = {f.name: dataclasses.replace(getattr(ScrapersConfig(), f.name), enabled=False)
+              for f in dataclasses.fields(ScrapersConfig)}
     others[name] = scraper_config(name, metrics, all_metrics, **fields)
-    [source] = build_host_sources(config.ScrapersConfig(**others), RESOURCE)
+    [source] = build_scrapers(ScrapersConfig(**others), telemetry or SelfMetrics(), RESOURCE)
     return source
 
 
@@ -231,21 +233,20 @@ def test_metric_table_is_the_collectors():
 
 def test_config_validation_knows_every_metric():
     on = {"enabled": True}
-    cfg = config.build(config.ScrapersConfig, {"cpu": {"metrics": {"system.cpu.utilization": on}},
+    cfg = config.build(ScrapersConfig, {"cpu": {"metrics": {"system.cpu.utilization": on}},
                                                "process": {"metrics": {"process.threads": on}}})
     assert cfg.cpu.metrics["system.cpu.utilization"].enabled
     with pytest.raises(config.ConfigError, match="system.cpu.utilisation"):
-        config.build(config.ScrapersConfig, {"cpu": {"metrics": {"system.cpu.utilisation": on}}})
+        config.build(ScrapersConfig, {"cpu": {"metrics": {"system.cpu.utilisation": on}}})
 
 
-def test_build_host_sources_follows_config():
-    names = [s.name for s in build_host_sources(config.ScrapersConfig(), RESOURCE)]
+def test_build_scrapers_follows_config():
+    names = [s.name for s in build_scrapers(ScrapersConfig(), SelfMetrics(), RESOURCE)]
     assert names == list(HOST_SCRAPERS)  # process is opt-in
-    cfg = config.ScrapersConfig(process=config.ProcessScraperConfig(enabled=True),
-                                cpu=config.ScraperConfig(enabled=False))
-    names = [s.name for s in build_host_sources(cfg, RESOURCE)]
+    cfg = ScrapersConfig(process=ProcessScraperConfig(enabled=True), cpu=ScraperConfig(enabled=False))
+    names = [s.name for s in build_scrapers(cfg, SelfMetrics(), RESOURCE)]
     assert "process" in names and "cpu" not in names
-    assert isinstance(build_host_sources(cfg, RESOURCE)[names.index("process")], ProcessScraper)
+    assert isinstance(build_scrapers(cfg, SelfMetrics(), RESOURCE)[names.index("process")], ProcessScraper)
 
 
 # --- shape: default and optional metrics --------------------------------------------------------
@@ -446,7 +447,7 @@ def test_filesystem_is_statvfs():
     assert attrs["mode"] == ("rw" if "rw" in opts.split(",") else "ro")
     # pseudo filesystems are left out, each mount point appears once
     types = {dict(p.attributes)["type"] for p in m["system.filesystem.usage"].points}
-    assert not types & set(config.PSEUDO_FILESYSTEMS)
+    assert not types & set(PSEUDO_FILESYSTEMS)
     usage_points = m["system.filesystem.usage"].points
     per_mount = collections.Counter(dict(p.attributes)["mountpoint"] for p in usage_points)
     assert set(per_mount.values()) == {3}
@@ -742,7 +743,7 @@ def test_filesystem_include_exclude():
     assert {dict(p.attributes)["mountpoint"] for p in by_name(groups)["system.filesystem.usage"]} == {"/"}
     groups = build("filesystem", exclude=("/.*",)).collect()
     assert groups == []
-    groups = build("filesystem", exclude_fs_types=config.PSEUDO_FILESYSTEMS + ("ext4", "tmpfs"))
+    groups = build("filesystem", exclude_fs_types=PSEUDO_FILESYSTEMS + ("ext4", "tmpfs"))
     types = {dict(p.attributes)["type"] for p in by_name(groups.collect()).get("system.filesystem.usage", [])}
     assert not types & {"ext4", "tmpfs"}
 
@@ -758,8 +759,9 @@ def test_unreadable_proc_files_are_logged_once_and_skipped(monkeypatch, caplog):
         raise FileNotFoundError(2, "No such file or directory", "/proc/net/dev")
 
     monkeypatch.setattr(psutil, "net_io_counters", gone)
-    sources = [build(name, all_metrics=True) for name in HOST_SCRAPERS]
-    errors = SELF.counter("hostagent.scraper.errors", "{error}", "")
+    telemetry = SelfMetrics()
+    sources = [build(name, all_metrics=True, telemetry=telemetry) for name in HOST_SCRAPERS]
+    errors = telemetry.counter("hostagent.scraper.errors", "{error}", "")
     before = errors.total()
     with caplog.at_level(logging.DEBUG, logger="hostagent.sources.host"):
         for s in sources:
@@ -791,7 +793,7 @@ def test_a_missing_proc_file_skips_only_that_part(monkeypatch):
 # --- performance ---------------------------------------------------------------------------------
 
 def test_full_default_scrape_is_fast():
-    sources = build_host_sources(config.ScrapersConfig(), RESOURCE)
+    sources = build_scrapers(ScrapersConfig(), SelfMetrics(), RESOURCE)
     for s in sources:
         s.collect()
     times = []
@@ -856,7 +858,7 @@ def test_process_resource_is_the_process():
     assert attrs["process.executable.path"] == os.readlink(f"/proc/{os.getpid()}/exe")
     assert attrs["process.executable.name"].startswith(read(f"/proc/{os.getpid()}/comm").strip())
     assert attrs["process.command"] == argv[0]
-    assert attrs["process.command_line"] == Redactor(config.RedactionConfig())(argv)
+    assert attrs["process.command_line"] == Redactor(RedactionConfig())(argv)
     assert attrs["process.owner"] == pwd.getpwuid(os.getuid()).pw_name
     for key, (value_type, enabled) in spec.PROCESS_RESOURCE_ATTRIBUTES.items():
         assert (key in attrs) is enabled, key
@@ -974,9 +976,10 @@ def test_process_vanishing_or_denied_fields(monkeypatch):
         FakeProcess(104, "zombie", {"cmdline": psutil.ZombieProcess(104)}),
         FakeProcess(105, "fine"),
     ]
-    source = build("process")
+    telemetry = SelfMetrics()
+    source = build("process", telemetry=telemetry)
     monkeypatch.setattr(source, "processes", lambda: iter(procs))
-    vanished = SELF.counter("hostagent.scraper.process.vanished", "{process}", "")
+    vanished = telemetry.counter("hostagent.scraper.process.vanished", "{process}", "")
     before = vanished.total()
     groups = {dict(g.resource.attributes)["process.pid"]: g for g in source.collect()}
     assert set(groups) == {102, 105}
@@ -1024,13 +1027,13 @@ REDACTION_CASES = [
 
 @pytest.mark.parametrize("argv, expected", REDACTION_CASES)
 def test_redact_command_line(argv, expected):
-    assert Redactor(config.RedactionConfig())(argv) == expected
+    assert Redactor(RedactionConfig())(argv) == expected
 
 
 # --- resource detection --------------------------------------------------------------------------
 
 def test_resource_detection():
-    cfg = config.ResourceConfig(service_name="svc", attributes={"host.name": "override", "team": "a"})
+    cfg = ResourceConfig(service_name="svc", attributes={"host.name": "override", "team": "a"})
     first = dict(detect(cfg).attributes)
     assert first == dict(detect(cfg).attributes)  # stable, service.instance.id included
     assert first["service.name"] == "svc" and first["service.version"] == agent.__version__
@@ -1040,7 +1043,7 @@ def test_resource_detection():
         assert first["host.id"] == mid
     import uuid
     assert uuid.UUID(first["service.instance.id"]).version == 5
-    assert dict(detect(config.ResourceConfig()).attributes)["host.name"] == socket.gethostname()
+    assert dict(detect(ResourceConfig()).attributes)["host.name"] == socket.gethostname()
     assert first["os.type"] == "linux"
     assert first["host.arch"] == host_arch(os.uname().machine)
     assert os.uname().release in first["os.description"]
@@ -1084,13 +1087,13 @@ def test_filesystem_scraper_reports_the_hosts_mounts_from_a_private_namespace(tm
 import json, subprocess
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", {str(private)!r}], check=True)
 subprocess.run(["mount", "-o", "remount,bind,ro", "/"], check=True)
-from agent.config import FilesystemScraperConfig
 from agent.model import Resource
+from agent.selfmetrics import SelfMetrics
 from agent.sources import host
-from agent.sources.host import FilesystemScraper
+from agent.sources.host import FilesystemScraper, FilesystemScraperConfig
 host.HOST_PID = {host_process.pid}
 out = {{}}
-for g in FilesystemScraper(FilesystemScraperConfig(exclude_fs_types=()), Resource(())).collect():
+for g in FilesystemScraper(FilesystemScraperConfig(exclude_fs_types=()), SelfMetrics(), Resource(())).collect():
     for m in g.metrics:
         for p in m.points:
             a = dict(p.attributes)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from agent.config import BatchConfig, Duration, FileExporterConfig, OtlpExporterConfig, RetryConfig
+from agent.config import Duration, FileExporterConfig, OtlpExporterConfig, RetryConfig
 from agent.export.encoding import Payload, encode_metrics
 from agent.export.file import FileExporter
 from agent.export.otlp_grpc import GrpcExporter
@@ -29,6 +29,7 @@ from agent.export.retry import SENT, RetryingSender
 from agent.export.wal import HEADER, PersistentQueue, segment_files
 from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.pipeline import Pipeline
+from agent.pipeline.batcher import BatchConfig
 from agent.selfmetrics import SELF
 from tests.helpers import RecordingEvent, ScriptedGrpcServer, agent_log, base_config, point_ids
 from tests.otlp_receiver import HttpReceiver
@@ -92,7 +93,7 @@ def test_ten_thousand_failures_then_every_queued_item_is_delivered(tmp_path):
     queue = PersistentQueue(QueueSettings("persistent", str(tmp_path / "q"), max_bytes=1 << 26))
     for k in range(20):
         queue.put(payload(50, first=50 * k))
-    pipe = Pipeline(BatchConfig(), TINY, exporter, queue=queue, senders=2, give_up_after=0)
+    pipe = Pipeline(BatchConfig(), TINY, exporter, SELF, queue=queue, senders=2, give_up_after=0)
     dropped = dropped_total(pipe.sender)
     ep = exporter.pool.all()[0]
     receiver = None
@@ -144,7 +145,7 @@ class Buggy:
 
 def test_an_unexpected_exception_keeps_the_payload_queued_and_retries_it(caplog):
     exporter = Buggy(3)
-    pipe = Pipeline(BatchConfig(max_size=5), TINY, exporter, senders=1)
+    pipe = Pipeline(BatchConfig(max_size=5), TINY, exporter, SELF, senders=1)
     errors = counted(INTERNAL, (("exporter", "buggy"), ("signal", "metrics")))
     dropped = dropped_total(pipe.sender)
     group = MetricGroup(RES, Scope("t"), [Metric("m", "", "1", MetricKind.GAUGE,
@@ -474,7 +475,7 @@ def test_an_invalid_header_value_is_never_logged_and_drops_nothing(protocol, cap
     cfg = OtlpExporterConfig(protocol=protocol, endpoint=endpoint, timeout=Duration(2), connections=1,
                              headers={"authorization": f"Bearer {SECRET}\n"})
     exporter = (GrpcExporter if protocol == "grpc" else HttpExporter)(cfg)
-    pipe = Pipeline(BatchConfig(), TINY, exporter, senders=1, give_up_after=0)
+    pipe = Pipeline(BatchConfig(), TINY, exporter, SELF, senders=1, give_up_after=0)
     pipe.queue.put(payload(7))
     attrs = (("exporter", exporter.name), ("signal", "metrics"))
     errors, dropped = counted(INTERNAL, attrs), dropped_total(pipe.sender)

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config
+from agent.components import Config
 from agent.export import RetryableError
 from agent.export.otlp_grpc import GrpcExporter
 from tests.helpers import HOSTAGENT, ROOT, agent_log, base_config, clean_env, grpc_tls_receiver, payload, self_metric, wait_for_log
@@ -281,7 +282,7 @@ def test_hostile_config(tmp_path, case):
 
 # --- in process: generated configs and environments -------------------------------------------------------
 
-def leaves(cls=config.Config, prefix=""):
+def leaves(cls=Config, prefix=""):
     """(dotted key, its config class, field name, type) of every leaf of the schema."""
     for f in dataclasses.fields(cls):
         tp = config._hints(cls)[f.name]
@@ -345,7 +346,7 @@ def tree(flat: dict) -> dict:
 def holds_the_goal(path, environ) -> None:
     """load() gives a config that check-config can print, or one ConfigError of one line."""
     try:
-        cfg = config.load(str(path), environ)
+        cfg = config.load(str(path), environ, schema=Config)
     except config.ConfigError as e:
         message = str(e)
         assert "\n" not in message and "\r" not in message and len(message) <= 1100, message
@@ -414,7 +415,7 @@ def test_every_numeric_key_has_a_documented_range():
 
 
 def test_input_bounds_are_documented():
-    from agent.runtime import HealthServer
+    from agent.health import HealthServer
     doc = open(os.path.join(ROOT, "docs", "configuration.md")).read()
     for text in ("regular file (not a FIFO, a device or a directory) of at most "
                  f"`{config.Size(config.MAX_FILE_BYTES)}`",
@@ -440,7 +441,7 @@ def test_range_bounds_are_enforced():
     for key, (low, high) in ranged_keys().items():
         for bad in [beyond(high, 1)] + ([beyond(low, -1)] if low > 0 else []):
             with pytest.raises(config.ConfigError, match=re.escape(key)):
-                config.build(config.Config, tree({key: config.to_plain(bad)}))
+                config.build(Config, tree({key: config.to_plain(bad)}))
 
 
 # --- reload: whatever the new file holds, the running config stays ---------------------------------------
@@ -548,7 +549,7 @@ def test_health_on_ipv6_loopback(tmp_path, start_agent):
 # --- plaintext over https: the scheme wins over OTEL_EXPORTER_OTLP_INSECURE ----------------------------------
 
 def grpc_exporter(environ):
-    return GrpcExporter(config.load(None, environ).exporter.otlp)
+    return GrpcExporter(config.load(None, environ, schema=Config).exporter.otlp)
 
 
 def test_https_endpoint_is_tls_even_when_insecure_is_set(pki):

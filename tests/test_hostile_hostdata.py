@@ -130,7 +130,7 @@ def test_a_v1_cgroup_named_with_invalid_bytes_is_read_with_replacement():
     """On cgroup v1 (and hybrid) hosts a process's cgroup is read from /proc/<pid>/cgroup: a v1
     path with invalid bytes (here above a container's directory, so it is the line reported)
     arrives with U+FFFD instead of being lost."""
-    from agent.sources.identity import proc_cgroup_attributes
+    from agent.procfs.identity import proc_cgroup_attributes
     root = b"/sys/fs/cgroup/pids"
     if not os.path.isdir(root):
         pytest.skip("no cgroup v1 pids hierarchy")

@@ -3,14 +3,16 @@ that count what they drop, retry decisions taken from the server's answers."""
 import threading
 import time
 
-from agent.config import BatchConfig, Duration, OtlpExporterConfig, RetryConfig
+from agent.config import Duration, OtlpExporterConfig, RetryConfig
 from agent.export import PermanentError, RetryableError
 from agent.export.encoding import Payload, encode_metrics
 from agent.export.otlp_http import HttpExporter
 from agent.export.retry import DROPPED, SENT, RetryingSender
 from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.pipeline import Pipeline
-from agent.pipeline.queue import BoundedQueue
+from agent.pipeline.batcher import BatchConfig
+from agent.pipeline.bounded import BoundedQueue
+from agent.selfmetrics import SelfMetrics
 from tests.helpers import RecordingEvent, finishes
 
 RES = Resource((("host.name", "test"),))
@@ -35,12 +37,11 @@ def points_received(receiver) -> int:
 
 
 def test_bounded_queue_drops_oldest_and_counts():
-    q = BoundedQueue("t-drop", 3)
-    before = q.dropped.value((("queue", "t-drop"), ("reason", "full")))
+    q = BoundedQueue("t-drop", 3, SelfMetrics())
     for i in range(5):
         q.put(i)
     assert q.drain() == [2, 3, 4]
-    assert q.dropped.value((("queue", "t-drop"), ("reason", "full"))) - before == 2
+    assert q.dropped.value((("queue", "t-drop"), ("reason", "full"))) == 2
 
 
 def sizes(receiver) -> list:
@@ -50,7 +51,8 @@ def sizes(receiver) -> list:
 def test_batches_flush_on_size(http_receiver):
     exporter = http_exporter(http_receiver)
     # an hour's timeout: only the size can send these
-    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(3600), queue_size=16), RetryConfig(), exporter)
+    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(3600), queue_size=16), RetryConfig(), exporter,
+                    SelfMetrics())
     pipe.start()
     try:
         for _ in range(4):
@@ -67,7 +69,8 @@ def test_batches_flush_on_size(http_receiver):
 
 def test_batches_flush_on_time(http_receiver):
     exporter = http_exporter(http_receiver)
-    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(0.5), queue_size=16), RetryConfig(), exporter)
+    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(0.5), queue_size=16), RetryConfig(), exporter,
+                    SelfMetrics())
     pipe.start()
     try:
         started = time.monotonic()

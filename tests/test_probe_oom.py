@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from agent.config import EbpfConfig
 from agent.model import Resource, Severity
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.oom import OOM_EVENT, OomProbe
 from agent.sources.ebpf.process import ProcessProbe
 from tests.helpers import ROOT, Events, assert_c_layout
@@ -79,7 +80,7 @@ def oom_kills(src) -> int:
 
 @needs_root
 def test_oom_kill_in_a_memory_cgroup_gives_one_record():
-    src = EbpfSource(EbpfConfig(), Resource(()), probes={"oom": OomProbe, "process": ProcessProbe})
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()), probes={"oom": OomProbe, "process": ProcessProbe})
     events = Events()
     hog = None
     try:

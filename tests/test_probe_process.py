@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from agent.config import EbpfConfig
 from agent.model import Resource, Severity
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.process import EXEC_EVENT, EXIT_EVENT, ProcessProbe, ProcInfo, exit_status
 from tests.helpers import ROOT, Events, assert_c_layout
 
@@ -35,7 +36,7 @@ def test_exit_status_decoding():
 
 @pytest.fixture
 def source():
-    src = EbpfSource(EbpfConfig(), Resource((("host.name", "test"),)), probes={"process": ProcessProbe})
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource((("host.name", "test"),)), probes={"process": ProcessProbe})
     events = Events()
     try:
         assert [s.state for s in src.statuses] == ["on"], src.statuses
@@ -134,7 +135,7 @@ def test_process_older_than_the_probe_has_parent_and_start():
     """Processes that existed before loading are known from /proc (the probe seeds its map)."""
     p = subprocess.Popen(["/bin/sh", "-c", "read line; exec /bin/true"], stdin=subprocess.PIPE)
     time.sleep(0.2)
-    src = EbpfSource(EbpfConfig(), Resource(()), probes={"process": ProcessProbe})
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()), probes={"process": ProcessProbe})
     events = Events()
     try:
         src.start(events.emit)

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from agent.config import EbpfConfig
 from agent.model import Resource
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.signals import FATAL_SIGNALS, SignalsProbe, signal_mask, signal_name
 from tests.helpers import Events
@@ -47,7 +48,8 @@ def fatal(src) -> dict:
 
 @needs_root
 def test_counts_delivered_fatal_signals_exactly():
-    src = EbpfSource(EbpfConfig(), Resource(()), probes={"signals": SignalsProbe, "process": ProcessProbe})
+    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()),
+                     probes={"signals": SignalsProbe, "process": ProcessProbe})
     events = Events()
     child = None
     try:

@@ -17,12 +17,11 @@ import yaml
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from agent import config
-from agent.sources.identity import CMDLINE_MAX, TRUNCATED_MARK, Redactor
+from agent.procfs.identity import CMDLINE_MAX, TRUNCATED_MARK, RedactionConfig, Redactor
 from tests.helpers import HOSTAGENT, ROOT, base_config, clean_env, hostagent
 from tests.otlp_receiver import HttpReceiver
 
-REDACT = Redactor(config.RedactionConfig())
+REDACT = Redactor(RedactionConfig())
 
 # how a secret S is given on a command line, in each family the rules cover
 PLANTED = [
@@ -69,8 +68,8 @@ def test_any_input_is_redacted_without_error_and_its_duration_is_reported(parts,
 def test_a_pattern_that_backtracks_in_python_re_runs_in_linear_time():
     """`(a+)+$` on "aaa...a!" never finishes in Python's re; on RE2 it is a scan. Run in a child
     process so that a hang is a failure (at a deadline far above the expected milliseconds)."""
-    code = ("from agent import config; from agent.sources.identity import Redactor; "
-            "r = Redactor(config.RedactionConfig(patterns=('(?P<secret>(a+)+)!x', '(a+)+$'))); "
+    code = ("from agent.procfs.identity import RedactionConfig, Redactor; "
+            "r = Redactor(RedactionConfig(patterns=('(?P<secret>(a+)+)!x', '(a+)+$'))); "
             "print(r(['app', 'a' * 100000 + '!', 'b' + 'a' * 40 + '!x']))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

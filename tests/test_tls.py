@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from agent.components import Config
 from agent.config import Duration, OtlpExporterConfig, TlsConfig
 from agent.export import RetryableError
 from agent.export.otlp_grpc import GrpcExporter
@@ -144,6 +145,6 @@ def test_standard_environment_variables_set_the_tls_files(pki):
     from agent import config
     cfg = config.load(None, {"OTEL_EXPORTER_OTLP_CERTIFICATE": pki.ca,
                              "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": pki.client[0],
-                             "OTEL_EXPORTER_OTLP_CLIENT_KEY": pki.client[1]})
+                             "OTEL_EXPORTER_OTLP_CLIENT_KEY": pki.client[1]}, schema=Config)
     tls = cfg.exporter.otlp.tls
     assert (tls.ca_file, tls.cert_file, tls.key_file) == (pki.ca, pki.client[0], pki.client[1])

@@ -14,15 +14,14 @@ import threading
 import time
 from typing import Optional
 
-from agent.config import BatchConfig, ConfigError, RetryConfig
+from agent.config import ConfigError, RetryConfig
 from agent.export import Exporter
 from agent.export.queue import ExportQueue, MemoryQueue, QueueError, open_queue
 from agent.export.retry import ABORTED, RetryingSender, internal_error
 from agent.model import Batch
-from agent.pipeline.batcher import Batcher
+from agent.pipeline.batcher import BatchConfig, Batcher
+from agent.pipeline.bounded import BoundedQueue
 from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher
-from agent.pipeline.queue import BoundedQueue
-from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.pipeline")
 
@@ -32,17 +31,17 @@ SENDER_IDLE_WAIT = 2.0
 
 
 class Pipeline:
-    def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, backlog=(),
+    def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, telemetry, backlog=(),
                  queue: Optional[ExportQueue] = None, senders: int = 1, give_up_after: Optional[float] = None,
                  stages=()):
-        """`backlog`: encoded payloads an earlier pipeline left (sent first); `queue`: the export
-        queue (default: in memory); `senders`: requests in flight at once; `give_up_after`:
-        seconds of retries before a payload is dropped (0: never; default from `retry`);
-        `stages`: callables that change each incoming batch in place, in order."""
+        """`telemetry`: the agent's own metrics; `backlog`: encoded payloads an earlier pipeline
+        left (sent first); `queue`: the export queue (default: in memory); `senders`: requests in
+        flight at once; `give_up_after`: seconds of retries before a payload is dropped (0: never;
+        default from `retry`); `stages`: callables that change each incoming batch in place, in order."""
         self.exporter = exporter
-        self.incoming = SELF.counter("hostagent.pipeline.incoming_items", "{items}",
-                                     "Data points and log records handed to the pipeline, by scope.")
-        self.inq = BoundedQueue("input", batch.queue_size, len)
+        self.incoming = telemetry.counter("hostagent.pipeline.incoming_items", "{items}",
+                                          "Data points and log records handed to the pipeline, by scope.")
+        self.inq = BoundedQueue("input", batch.queue_size, telemetry, len)
         self.queue = queue if queue is not None else MemoryQueue()
         for payload in backlog:
             self.queue.put(payload)
@@ -117,7 +116,7 @@ class Pipeline:
 
     def handover(self) -> ExportQueue:
         """Stop without losing anything: the export queue, with everything not yet delivered,
-        goes to the next pipeline (`build_pipeline(cfg, exporter, backlog=<this>)`)."""
+        goes to the next pipeline (`build_pipeline(cfg, exporter, telemetry, backlog=<this>)`)."""
         self._stop(0.0, cut=False)  # requests in flight end (within their timeout): nothing sent twice
         return self.queue
 
@@ -139,9 +138,10 @@ class Pipeline:
         return not left
 
 
-def build_pipeline(cfg, exporter: Exporter, backlog=()) -> Pipeline:
-    """The pipeline `cfg` describes. `backlog` is what `handover()` of the pipeline it replaces
-    returned (its export queue, kept or emptied into the new one), or a list of payloads."""
+def build_pipeline(cfg, exporter: Exporter, telemetry, backlog=()) -> Pipeline:
+    """The pipeline `cfg` (the root Config) describes, recording into `telemetry`. `backlog` is
+    what `handover()` of the pipeline it replaces returned (its export queue, kept or emptied into
+    the new one), or a list of payloads."""
     reuse = backlog if isinstance(backlog, ExportQueue) else None
     try:
         queue = open_queue(cfg, reuse=reuse)
@@ -151,8 +151,8 @@ def build_pipeline(cfg, exporter: Exporter, backlog=()) -> Pipeline:
     log.info("export_queue type=%s%s items=%d max_size=%d", queue.kind,
              f" directory={queue.settings.directory}" if queue.kind == "persistent" else "",
              queue.items, queue.settings.max_bytes)
-    stages = [CardinalityLimiter(cfg.cardinality_limit)]
+    stages = [CardinalityLimiter(cfg.cardinality_limit, telemetry)]
     if cfg.enrichment.enabled:
-        stages.insert(0, ProcessEnricher(cfg.enrichment))
-    return Pipeline(cfg.batch, cfg.exporter.retry, exporter, () if reuse is not None else backlog,
+        stages.insert(0, ProcessEnricher(cfg.enrichment, telemetry))
+    return Pipeline(cfg.batch, cfg.exporter.retry, exporter, telemetry, () if reuse is not None else backlog,
                     queue=queue, senders=senders, stages=stages)

@@ -4,13 +4,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Sequence
 
+from agent.config import Duration, check_ranges
 from agent.export.encoding import encode
 from agent.model import Batch
-from agent.pipeline.queue import BoundedQueue
+from agent.pipeline.bounded import BoundedQueue
 
 log = logging.getLogger("hostagent.pipeline")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    # flush when this many data points and log records are buffered ...
+    max_size: int = 8192
+    # ... or when the oldest buffered item is this old
+    timeout: Duration = Duration(1.0)
+    # collected batches waiting for the batcher; when full the oldest is dropped and counted
+    # (the queue in front of the exporter is exporter.queue)
+    queue_size: int = 64
+
+    RANGES: ClassVar[dict] = {"max_size": (1, 1_000_000), "timeout": (Duration(0.001), Duration(600.0)),
+                              "queue_size": (1, 10_000)}
+
+    def validate(self, key: str) -> None:
+        check_ranges(self, key)
 
 
 class Batcher(threading.Thread):

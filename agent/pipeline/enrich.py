@@ -4,7 +4,7 @@ ProcessEnricher: a kernel event says "pid 4711"; this adds who that is -- execut
 line, owner, parent, cgroup, container.id, systemd unit -- to every log record that carries
 process.pid. Identities come from the process probe's exec records (read in the kernel at exec,
 so even a process that lived a millisecond is known) and, for processes that exec'd before the
-agent started, from /proc. They are kept in a two-level cache (cache.py) keyed by pid:
+agent started, from /proc. They are kept in a two-level cache (agent/procfs/cache.py) keyed by pid:
 - an exec record stores its identity (replacing whatever the pid had);
 - an exit record takes the identity and removes it at once, so a recycled pid can never be given
   a dead process's identity;
@@ -24,10 +24,9 @@ from typing import Optional
 
 from agent.model import (Batch, ExponentialHistogramPoint, HistogramPoint, LogRecord, Metric, MetricKind,
                          NumberPoint)
-from agent.pipeline.cache import TwoLevelCache
-from agent.selfmetrics import SELF
-from agent.sources.identity import (CLOCK_TICK_NS, Redactor, boot_to_wall_ns, proc_cgroup_attributes,
-                                    proc_stat, read_process)
+from agent.procfs.cache import TwoLevelCache
+from agent.procfs.identity import (CLOCK_TICK_NS, Redactor, boot_to_wall_ns, proc_cgroup_attributes, proc_stat,
+                                   read_process)
 
 # what an identity holds: the attributes a record gains when it has only the pid
 IDENTITY_KEYS = ("process.parent_pid", "process.executable.name", "process.executable.path",
@@ -44,11 +43,11 @@ def _iso_to_ns(text: str) -> int:
 
 
 class ProcessEnricher:
-    def __init__(self, cfg):
-        """`cfg`: EnrichmentConfig."""
-        self.cache = TwoLevelCache("process", cfg.cache_l1_size, cfg.cache_l2_size)
+    def __init__(self, cfg, telemetry):
+        """`cfg`: EnrichmentConfig; `telemetry`: the agent's own metrics."""
+        self.cache = TwoLevelCache("process", cfg.cache_l1_size, cfg.cache_l2_size, telemetry)
         self.redact = Redactor(cfg.redaction) if cfg.command_line else None
-        self._results = SELF.counter(
+        self._results = telemetry.counter(
             "hostagent.enrichment.records", "{record}",
             "Records with a process.pid, by where their process's identity came from: cache, procfs, "
             "or none (the process was gone and unknown).")
@@ -148,9 +147,9 @@ OVERFLOW_ATTRIBUTES = (("otel.metric.overflow", True),)
 
 
 class CardinalityLimiter:
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, telemetry):
         self.limit = limit
-        self._overflow = SELF.counter(
+        self._overflow = telemetry.counter(
             "hostagent.pipeline.cardinality_overflow", "{point}",
             "Data points merged into the otel.metric.overflow=true series of their metric because it "
             "had more attribute sets in one collection than cardinality_limit.")

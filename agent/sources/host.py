@@ -4,7 +4,8 @@ One scraper per Collector scraper (cpu, disk, filesystem, load, memory, network,
 system; the per-process `process` scraper lives in process.py). Every metric is defined once, in
 TABLE below: name, description, unit, instrument, monotonicity, value type and whether it is on by
 default. Emit sites only name the metric; the table decides the rest, and METRICS (used by config
-validation) is derived from it.
+validation) is derived from it. The scrapers' configs are here too; agent/components.py lists the
+scrapers (SCRAPERS) and makes the `scrapers` config section from that table.
 
 As in the Collector, sums are cumulative and start at the host's boot time; a metric with no data
 points on this host (no swap device, no conntrack module) is left out. The scrapers read /proc and
@@ -23,15 +24,15 @@ import socket
 import struct
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import psutil
 
 from agent import __version__
-from agent.config import compile_pattern
+from agent.config import ConfigError, check_patterns, compile_pattern, did_you_mean, frozen_dict
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
-from agent.selfmetrics import SELF
 from agent.sources import Source
 
 log = logging.getLogger("hostagent.sources.host")
@@ -192,6 +193,51 @@ def enabled_metrics(scraper: str, switches: Mapping) -> frozenset:
     return frozenset(name for name, on in enabled.items() if on)
 
 
+# --- config ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricSwitch:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ScraperConfig:
+    enabled: bool = True
+    # per-metric switches, e.g. {"system.cpu.utilization": {"enabled": true}}
+    metrics: Mapping[str, MetricSwitch] = frozen_dict()
+
+
+@dataclass(frozen=True)
+class FilteredScraperConfig(ScraperConfig):
+    # regular expressions matched in full against the scraper's subject: the device for disk and
+    # network, the mount point for filesystem, the executable name for process
+    include: tuple = ()
+    exclude: tuple = ()
+
+
+PSEUDO_FILESYSTEMS = ("autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs",
+                      "devpts", "devtmpfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay",
+                      "proc", "procfs", "pstore", "rpc_pipefs", "securityfs", "selinuxfs",
+                      "squashfs", "sysfs", "tracefs")
+
+
+@dataclass(frozen=True)
+class FilesystemScraperConfig(FilteredScraperConfig):
+    exclude_fs_types: tuple = PSEUDO_FILESYSTEMS
+
+
+def check_scrapers(scrapers, key: str) -> None:
+    """The `scrapers` section (one field per scraper): each metric switch names a metric of its
+    scraper (METRICS), each include/exclude filter compiles."""
+    for f in dataclasses.fields(scrapers):
+        known = METRICS[f.name]
+        for metric in getattr(scrapers, f.name).metrics:
+            if metric not in known:
+                raise ConfigError(f"{key}.{f.name}.metrics.{metric}", "unknown metric" + did_you_mean(metric, known))
+        for pattern_key in ("include", "exclude"):
+            check_patterns(getattr(getattr(scrapers, f.name), pattern_key, ()), f"{key}.{f.name}.{pattern_key}")
+
+
 class Points:
     """The data points of one scrape (or one process), kept per metric in table order.
 
@@ -277,7 +323,9 @@ class HostScraper(Source):
 
     name = ""
 
-    def __init__(self, cfg, resource: Resource):
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        """`telemetry`: the agent's own metrics (SelfMetrics); `enrichment` (EnrichmentConfig): how
+        scrapers that read command lines (process) redact and cache them; the others ignore it."""
         self.resource = resource
         self.scope = Scope(SCOPE_PREFIX + self.name, __version__)
         self.definitions = {d.name: d for d in TABLE[self.name]}
@@ -287,9 +335,9 @@ class HostScraper(Source):
         self._include = tuple(compile_pattern(p) for p in getattr(cfg, "include", ()))
         self._exclude = tuple(compile_pattern(p) for p in getattr(cfg, "exclude", ()))
         self.start_ns = _boot_time_s() * 1_000_000_000
-        self._errors = SELF.counter("hostagent.scraper.errors", "{error}",
-                                    "Host read failures in scrapers; the affected part of the scrape "
-                                    "was skipped.")
+        self._errors = telemetry.counter("hostagent.scraper.errors", "{error}",
+                                         "Host read failures in scrapers; the affected part of the scrape "
+                                         "was skipped.")
         self._reported: set = set()
 
     def selected(self, subject: str) -> bool:
@@ -354,8 +402,8 @@ def _per_cpu_ticks(stat: str) -> list:
 class CpuScraper(HostScraper):
     name = "cpu"
 
-    def __init__(self, cfg, resource: Resource):
-        super().__init__(cfg, resource)
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        super().__init__(cfg, telemetry, resource)
         self._hz = os.sysconf("SC_CLK_TCK")
         self._previous: dict = {}  # cpu -> ticks of the last scrape, for utilization
 
@@ -483,8 +531,8 @@ def mount_mode(opts: str) -> str:
 class FilesystemScraper(HostScraper):
     name = "filesystem"
 
-    def __init__(self, cfg, resource: Resource):
-        super().__init__(cfg, resource)
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        super().__init__(cfg, telemetry, resource)
         self._exclude_types = frozenset(cfg.exclude_fs_types)
         self._blocked: dict = {}  # mount point -> thread still stuck in statvfs
 
@@ -683,8 +731,8 @@ def tcp_state_counts(by_number: Mapping) -> dict:
 class NetworkScraper(HostScraper):
     name = "network"
 
-    def __init__(self, cfg, resource: Resource):
-        super().__init__(cfg, resource)
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        super().__init__(cfg, telemetry, resource)
         self._netlink = True  # until the kernel or a seccomp policy says otherwise
 
     def scrape(self, p: Points) -> None:
@@ -817,26 +865,3 @@ class SystemScraper(HostScraper):
     def scrape(self, p: Points) -> None:
         with self.guard("/proc/uptime"):
             p.add("system.uptime", float(_read("/proc/uptime").split()[0]))
-
-
-# --- construction --------------------------------------------------------------------------------
-
-HOST_SCRAPERS = {cls.name: cls for cls in (CpuScraper, DiskScraper, FilesystemScraper, LoadScraper,
-                                           MemoryScraper, NetworkScraper, PagingScraper,
-                                           ProcessesScraper, SystemScraper)}
-
-
-def build_host_sources(cfg, resource: Resource, enrichment=None) -> list:
-    """The enabled scrapers of a ScrapersConfig, in config order, the process scraper included
-    (with `enrichment`, an EnrichmentConfig, for its command lines and cache)."""
-    from agent.sources.process import ProcessScraper
-    classes = dict(HOST_SCRAPERS, process=ProcessScraper)
-    sources = []
-    for name in METRICS:
-        scraper_cfg = getattr(cfg, name)
-        if scraper_cfg.enabled:
-            if name == "process" and enrichment is not None:
-                sources.append(ProcessScraper(scraper_cfg, resource, enrichment))
-            else:
-                sources.append(classes[name](scraper_cfg, resource))
-    return sources

@@ -16,30 +16,35 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import psutil
 
-from agent.config import EnrichmentConfig
 from agent.model import MetricGroup, Resource
-from agent.pipeline.cache import TwoLevelCache
-from agent.selfmetrics import SELF
-from agent.sources.host import HostScraper, Points
-from agent.sources.identity import Redactor, cmdline_argv, decoded, proc_cgroup_attributes
+from agent.procfs.cache import TwoLevelCache
+from agent.procfs.identity import EnrichmentConfig, Redactor, cmdline_argv, decoded, proc_cgroup_attributes
+from agent.sources.host import FilteredScraperConfig, HostScraper, Points
 
 # psutil's errors are handled by kind (vanished, zombie, access denied); the rest is logged once
 FILE_ERRORS = (OSError, ValueError, IndexError, KeyError)
 KTHREADD = 2  # the kernel's thread daemon: parent of every kernel thread
 
 
+@dataclass(frozen=True)
+class ProcessScraperConfig(FilteredScraperConfig):
+    enabled: bool = False
+
+
 class ProcessScraper(HostScraper):
     name = "process"
 
-    def __init__(self, cfg, resource: Resource, enrichment: EnrichmentConfig = EnrichmentConfig()):
-        super().__init__(cfg, resource)
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment: EnrichmentConfig = EnrichmentConfig()):
+        super().__init__(cfg, telemetry, resource)
         self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
-        self._static = TwoLevelCache("process_scraper", enrichment.cache_l1_size, enrichment.cache_l2_size)
-        self._vanished = SELF.counter("hostagent.scraper.process.vanished", "{process}",
-                                      "Processes that exited while being scraped and were skipped.")
+        self._static = TwoLevelCache("process_scraper", enrichment.cache_l1_size, enrichment.cache_l2_size,
+                                     telemetry)
+        self._vanished = telemetry.counter("hostagent.scraper.process.vanished", "{process}",
+                                           "Processes that exited while being scraped and were skipped.")
         self._cpus = psutil.cpu_count() or 1
         self._previous: dict = {}  # (pid, create time) -> (monotonic s, cpu times), for utilization
         self._now_s = 0.0  # monotonic time of the current scrape

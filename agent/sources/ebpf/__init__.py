@@ -3,7 +3,7 @@ buffer reader (ringbuf.py), one module per probe, registered in registry.py.
 
     check(cfg) -> list[ProbeStatus]        what would load here, and why not (loads nothing)
     format_table(statuses) -> str          the `hostagent probes` table
-    EbpfSource(cfg, resource)              loads the probes; collect() for their metrics,
+    EbpfSource(cfg, telemetry, resource)   loads the probes; collect() for their metrics,
                                            start(emit) for their log records, close()
 
 Importing this package does not import bcc; loading does.
@@ -15,8 +15,11 @@ import threading
 from typing import Optional
 
 from agent.model import Batch, LogGroup, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
+from agent.procfs.identity import EnrichmentConfig
 from agent.sources import Emit, Source
 from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, recursion_misses, unload
+from agent.sources.ebpf.registry import PROBES
+from agent.sources.ebpf.ringbuf import Poller, PollSchedule, read_drops
 
 __all__ = ["EbpfSource", "ProbeStatus", "check", "format_table", "SCOPE"]
 
@@ -35,14 +38,12 @@ class EbpfSource(Source):
     and why the rest is off. One reader thread (start()) drains every ring buffer."""
     name = "ebpf"
 
-    def __init__(self, cfg, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL,
-                 enrichment=None):
-        """`probes` overrides the registry ({name: Probe class or instance}); `enrichment`
-        (EnrichmentConfig) says whether and how the process probe records command lines."""
-        if probes is None and enrichment is not None:
-            from agent.sources.ebpf.process import ProcessProbe
-            from agent.sources.ebpf.registry import PROBES
-            probes = dict(PROBES, process=ProcessProbe(enrichment=enrichment))
+    def __init__(self, cfg, telemetry, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL,
+                 enrichment: EnrichmentConfig = EnrichmentConfig()):
+        """`telemetry`: the agent's own metrics; `probes` overrides the registry ({name: Probe class
+        or instance}); `enrichment` says whether and how the process probe records command lines."""
+        if probes is None:
+            probes = {name: cls.create(cfg.probes.get(name), telemetry, enrichment) for name, cls in PROBES.items()}
         self.resource = resource
         self.poll_interval = poll_interval
         self.start_ns = now_ns()
@@ -60,7 +61,6 @@ class EbpfSource(Source):
     # --- push: log records -----------------------------------------------------------------
 
     def start(self, emit: Emit) -> None:
-        from agent.sources.ebpf.ringbuf import Poller
         with self._lock:
             if self._thread is not None or self._closed:
                 return
@@ -73,7 +73,6 @@ class EbpfSource(Source):
             self._thread.start()
 
     def _read(self, emit: Emit, readers: list) -> None:
-        from agent.sources.ebpf.ringbuf import PollSchedule
         poller = self._poller
         rings = [ring for lp in readers for ring in lp.rings]
         schedule = PollSchedule(self.poll_interval)
@@ -98,7 +97,6 @@ class EbpfSource(Source):
     # --- pull: metrics ---------------------------------------------------------------------
 
     def collect(self) -> list[MetricGroup]:
-        from agent.sources.ebpf.ringbuf import read_drops
         if self._closed:
             return []
         now = now_ns()

@@ -20,6 +20,13 @@ class Probe:
     tracepoints: tuple = ()
     default_enabled: bool = True
 
+    @classmethod
+    def create(cls, options, telemetry=None, enrichment=None) -> "Probe":
+        """The probe as configured: `options` is its ebpf.probes.<name> section (ProbeConfig), None
+        when the config does not list it; `telemetry` (the agent's own metrics) and `enrichment`
+        (EnrichmentConfig) for the probes that need them, None for a probe only described."""
+        return cls()
+
     @property
     def source_file(self) -> str:
         return os.path.join(BPF_DIR, f"{self.name}.bpf.c")

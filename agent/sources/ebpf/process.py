@@ -34,9 +34,9 @@ from typing import Optional
 
 import numpy as np
 
-from agent.config import EnrichmentConfig
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
-from agent.sources.identity import CLOCK_TICK_NS, CgroupPaths, Redactor, proc_stat, split_argv, user_name
+from agent.procfs.identity import (CLOCK_TICK_NS, CgroupPaths, EnrichmentConfig, Redactor, proc_stat, split_argv,
+                                   user_name)
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
 from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
 from agent.sources.ebpf.signals import signal_name
@@ -117,6 +117,10 @@ class ProcessProbe(RingProbe):
         self.exit_codes = False
         self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
         self.cgroups: Optional[CgroupPaths] = None
+
+    @classmethod
+    def create(cls, options, telemetry=None, enrichment=None) -> "ProcessProbe":
+        return cls() if enrichment is None else cls(enrichment=enrichment)
 
     def select_tracepoints(self, available) -> Optional[tuple]:
         """The argv tracepoints are optional: without them (or with command lines off) exec

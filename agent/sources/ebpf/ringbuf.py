@@ -46,8 +46,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint
+from agent.procfs.identity import boot_to_wall_ns
 from agent.sources.ebpf.probe import Probe
-from agent.sources.identity import boot_to_wall_ns
 
 log = logging.getLogger("hostagent.ebpf")
 

@@ -7,7 +7,7 @@ import logging
 from typing import Optional
 
 from agent.model import Metric, MetricKind, NumberPoint
-from agent.selfmetrics import SELF
+from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.loader import btf_facts, tracepoint_fields
 from agent.sources.ebpf.probe import Probe
@@ -49,18 +49,25 @@ class TcpProbe(Probe):
     OPENED = "system.linux.tcp.connections.opened"
     DURATION = "system.linux.tcp.connection.duration"
 
-    def __init__(self, target_port: Optional[int] = None):
+    def __init__(self, target_port: Optional[int] = None, telemetry: Optional[SelfMetrics] = None):
+        """`telemetry`: where the probe counts what it could not measure; unset (a probe built only
+        to be described, by `hostagent probes`), counted apart."""
         self.target_port = target_port
         self._seen = {UNTRACKED: 0, UNSIZED: 0}
+        telemetry = telemetry if telemetry is not None else SelfMetrics()
         self._self_metrics = {
-            UNTRACKED: SELF.counter(
+            UNTRACKED: telemetry.counter(
                 "hostagent.ebpf.tcp.untracked_connections", "{connection}",
                 "TCP connections whose lifetime was not measured because the probe's table was full."),
-            UNSIZED: SELF.counter(
+            UNSIZED: telemetry.counter(
                 "hostagent.ebpf.tcp.unsized_retransmits", "{skb}",
                 "Retransmitted TCP skbs whose segment count could not be read (no BTF), "
                 "each counted as one segment."),
         }
+
+    @classmethod
+    def create(cls, options, telemetry=None, enrichment=None) -> "TcpProbe":
+        return cls(telemetry=telemetry)
 
     def cflags(self, tracepoints: tuple) -> list:
         flags = []

@@ -1,6 +1,8 @@
 """Who a process is: its executable, command line (secrets hidden), owner, parent, cgroup,
 container and systemd unit -- as OpenTelemetry attributes.
 
+- `EnrichmentConfig` (the `enrichment` section: the process probe, the process scraper and the
+  pipeline's enrichment read it) and `RedactionConfig`.
 - `Redactor`: a command line as one string with secret values replaced by ***
   (enrichment.redaction in the config).
 - `cgroup_attributes(path)`: process.linux.cgroup, container.id (docker, containerd, cri-o,
@@ -24,7 +26,10 @@ import os
 import pwd
 import re
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Optional
+
+from agent.config import ConfigError, check_patterns, check_ranges, compile_pattern, frozen_dict
 
 REDACTED = "***"
 CLOCK_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -67,6 +72,55 @@ def split_argv(raw: bytes, cut: bool) -> list:
     return argv
 
 
+@dataclass(frozen=True)
+class RedactionConfig:
+    # an option, variable, key or header whose name contains one of these (case-insensitive) has a secret
+    # value: --password x, --db-pass=x, AWS_SECRET_ACCESS_KEY=x, ?token=x, ;password=x, Authorization: x
+    secret_names: tuple = ("pass", "pwd", "secret", "token", "auth", "cred", "cookie")
+    # ... or has one of these at the end of one of its words: API_KEY=x, --secretKey=x, X-Api-Key: x
+    # (not --keyboard)
+    secret_suffixes: tuple = ("key", "keys")
+    # a command (glob on a word's base name, wherever it appears: `timeout 5 mysql -px`) -> options whose
+    # value is a password, glued (-psecret, --user=x) or next; several separated by spaces
+    password_options: Mapping[str, str] = frozen_dict(**{
+        "mysql*": "-p", "mariadb*": "-p", "mongo*": "-p", "sshpass": "-p", "redis-cli": "-a",
+        "valkey-cli": "-a", "curl": "-u --user --proxy-user", "login": "-p", "ssh-keygen": "-N -P",
+        "sqlcmd": "-P", "ldap*": "-w", "zip": "-P", "unzip": "-P", "7z*": "-p", "smbclient": "-U"})
+    # regular expressions (RE2 syntax) searched in the redacted command line; the group named `secret`
+    # (else the match) is hidden
+    patterns: tuple = ()
+
+    def validate(self, key: str) -> None:
+        check_patterns(self.patterns, f"{key}.patterns")
+        for name in ("secret_names", "secret_suffixes"):
+            for i, word in enumerate(getattr(self, name)):
+                if not isinstance(word, str) or not word.strip():
+                    raise ConfigError(f"{key}.{name}[{i}]", f"expected a non-empty name part, got {word!r}")
+        for command, options in self.password_options.items():
+            if not isinstance(options, str) or not options.split() or not all(
+                    o.startswith("-") and len(o) >= 2 for o in options.split()):
+                raise ConfigError(f"{key}.password_options.{command}",
+                                  f"expected options like -p or \"-u --user\", got {options!r}")
+
+
+@dataclass(frozen=True)
+class EnrichmentConfig:
+    # add who a process is (executable, command line, owner, container, unit) to records with process.pid
+    enabled: bool = True
+    # read and export command lines at all (false: process.command_line is never produced)
+    command_line: bool = True
+    redaction: RedactionConfig = RedactionConfig()
+    # process metadata cache: hot entries (L1) and the rest (L2), each bounded by entry count
+    cache_l1_size: int = 256
+    cache_l2_size: int = 4096
+
+    # an L2 entry takes up to 2 KiB: at most 512 MiB
+    RANGES: ClassVar[dict] = {"cache_l1_size": (1, 65536), "cache_l2_size": (1, 262144)}
+
+    def validate(self, key: str) -> None:
+        check_ranges(self, key)
+
+
 class Redactor:
     """`redactor(argv)` -> the command line as one string, secret values replaced by ***.
 
@@ -85,7 +139,6 @@ class Redactor:
     - what the patterns mark (the group named `secret`, else the whole match)."""
 
     def __init__(self, cfg):
-        from agent.config import compile_pattern
         self.names = tuple(n.lower() for n in cfg.secret_names)
         self.suffixes = tuple(n.lower() for n in cfg.secret_suffixes)
         self.options = tuple((glob, tuple(options.split())) for glob, options in cfg.password_options.items())

@@ -11,39 +11,38 @@ This is a segmented LRU (Karedla et al., 1994).
 process exits, so a recycled pid never finds the dead process's entry.
 
 One thread owns a cache (no locks). Counts are plain integers; `publish()` adds what changed
-since the last call to the agent's own metrics (hostagent.cache.*), once per batch.
+since the last call to the agent's own metrics (hostagent.cache.*, in the `telemetry` it is
+given), once per batch.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any, Hashable
 
-from agent.selfmetrics import SELF
-
 _MISSING = object()
-
-_LOOKUPS = SELF.counter("hostagent.cache.lookups", "{lookup}",
-                        "Cache lookups by result: l1_hit, l2_hit or miss.")
-_PROMOTIONS = SELF.counter("hostagent.cache.promotions", "{entry}", "Entries moved from L2 to L1 on repeated hits.")
-_DEMOTIONS = SELF.counter("hostagent.cache.demotions", "{entry}", "Entries moved from a full L1 back to L2.")
-_EVICTIONS = SELF.counter("hostagent.cache.evictions", "{entry}", "Entries dropped from a full L2.")
-_INVALIDATIONS = SELF.counter("hostagent.cache.invalidations", "{entry}",
-                              "Entries removed because what they describe ended (a process exited).")
-_ENTRIES = SELF.gauge("hostagent.cache.entries", "{entry}", "Entries held, by cache and level.")
 
 
 class TwoLevelCache:
-    def __init__(self, name: str, l1_size: int, l2_size: int, promote_hits: int = 2):
+    def __init__(self, name: str, l1_size: int, l2_size: int, telemetry, promote_hits: int = 2):
         if l1_size < 1 or l2_size < 1 or promote_hits < 1:
             raise ValueError("cache sizes and promote_hits must be at least 1")
+        self._lookups = telemetry.counter("hostagent.cache.lookups", "{lookup}",
+                                          "Cache lookups by result: l1_hit, l2_hit or miss.")
+        self._moves = (  # in the order publish() counts them
+            telemetry.counter("hostagent.cache.promotions", "{entry}", "Entries moved from L2 to L1 on repeated hits."),
+            telemetry.counter("hostagent.cache.demotions", "{entry}", "Entries moved from a full L1 back to L2."),
+            telemetry.counter("hostagent.cache.evictions", "{entry}", "Entries dropped from a full L2."),
+            telemetry.counter("hostagent.cache.invalidations", "{entry}",
+                              "Entries removed because what they describe ended (a process exited)."))
+        entries = telemetry.gauge("hostagent.cache.entries", "{entry}", "Entries held, by cache and level.")
         self.name, self.l1_size, self.l2_size, self.promote_hits = name, l1_size, l2_size, promote_hits
         self._l1: OrderedDict = OrderedDict()   # key -> value, least recently used first
         self._l2: OrderedDict = OrderedDict()   # key -> [value, hits in L2]
         self.l1_hits = self.l2_hits = self.misses = 0
         self.promotions = self.demotions = self.evictions = self.invalidations = 0
         self._published = (0,) * 7
-        _ENTRIES.observe((("cache", name), ("level", "l1")), lambda: len(self._l1))
-        _ENTRIES.observe((("cache", name), ("level", "l2")), lambda: len(self._l2))
+        entries.observe((("cache", name), ("level", "l1")), lambda: len(self._l1))
+        entries.observe((("cache", name), ("level", "l2")), lambda: len(self._l2))
 
     def __len__(self) -> int:
         return len(self._l1) + len(self._l2)
@@ -115,8 +114,8 @@ class TwoLevelCache:
         cache = ("cache", self.name)
         for result, n in zip(("l1_hit", "l2_hit", "miss"), delta[:3]):
             if n:
-                _LOOKUPS.add(n, (cache, ("result", result)))
-        for counter, n in zip((_PROMOTIONS, _DEMOTIONS, _EVICTIONS, _INVALIDATIONS), delta[3:]):
+                self._lookups.add(n, (cache, ("result", result)))
+        for counter, n in zip(self._moves, delta[3:]):
             if n:
                 counter.add(n, (cache,))
 

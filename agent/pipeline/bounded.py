@@ -1,27 +1,28 @@
 """A bounded FIFO between two stages. put() never blocks the producer: when the queue is full
-the oldest item is dropped and counted, so memory stays bounded and nothing is lost silently."""
+the oldest item is dropped and counted, so memory stays bounded and nothing is lost silently.
+It records into the same instruments as the export queue (hostagent.queue.*, with queue=<name>):
+instruments are one per name in the agent's telemetry."""
 from __future__ import annotations
 
 import collections
 import threading
 from typing import Callable, Optional
 
-from agent.export.queue import QueueMetrics
-from agent.selfmetrics import SELF
-
 
 class BoundedQueue:
-    def __init__(self, name: str, capacity: int, items_of: Callable[[object], int] = lambda _: 1):
+    def __init__(self, name: str, capacity: int, telemetry, items_of: Callable[[object], int] = lambda _: 1):
         """`capacity` entries (batches); `items_of(entry)` counts the data points and log records in one."""
         self.name, self.capacity, self.items_of = name, capacity, items_of
         self._dq: collections.deque = collections.deque()
         self._items = 0
         self._cond = threading.Condition()
-        metrics = QueueMetrics()  # the same instruments as the export queue's, with queue=<name>
-        self.dropped = metrics.dropped
-        metrics.size.observe((("queue", name),), lambda: self._items)
-        SELF.gauge("hostagent.queue.capacity_batches", "{batches}",
-                   "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
+        self.dropped = telemetry.counter("hostagent.queue.dropped", "{items}",
+                                         "Items dropped from a queue, by reason: full (oldest first), "
+                                         "corrupt (a damaged record of the persistent queue), shutdown.")
+        telemetry.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.").observe(
+            (("queue", name),), lambda: self._items)
+        telemetry.gauge("hostagent.queue.capacity_batches", "{batches}",
+                        "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
 
     def put(self, item) -> None:
         n = self.items_of(item)
