@@ -22,7 +22,7 @@ from typing import Optional
 
 from agent import __version__
 from agent.config import Config, ConfigError, load
-from agent.export import Exporter
+from agent.export.factory import build_exporter
 from agent.model import Batch
 from agent.pipeline import build_pipeline
 from agent.selfmetrics import SELF
@@ -69,17 +69,6 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-
-
-def build_exporter(cfg: Config) -> Exporter:
-    if cfg.exporter.type == "file":
-        from agent.export.file import FileExporter
-        return FileExporter(cfg.exporter.file)
-    if cfg.exporter.otlp.protocol == "grpc":
-        from agent.export.otlp_grpc import GrpcExporter
-        return GrpcExporter(cfg.exporter.otlp)
-    from agent.export.otlp_http import HttpExporter
-    return HttpExporter(cfg.exporter.otlp)
 
 
 def describe_destination(cfg: Config) -> str:
@@ -258,7 +247,7 @@ class Agent:
         self.stopping.clear()
         self.resource = detect(cfg.resource)
         SELF.resource = self.resource
-        self.pipeline = build_pipeline(cfg, build_exporter(cfg), backlog)
+        self.pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, SELF), SELF, backlog)
         self.pipeline.start()
         self.sources = [*build_host_sources(cfg.scrapers, self.resource, cfg.enrichment), SELF]
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)

@@ -12,12 +12,14 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.config import Duration, OtlpExporterConfig
+from agent.config import Duration
 from agent.export.compression import decompress
 from agent.export.encoding import Payload, encode_metrics
 from agent.export.otlp_grpc import GrpcExporter
+from agent.export.otlp import OtlpExporterConfig
 from agent.export.otlp_http import HttpExporter
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
+from agent.selfmetrics import SelfMetrics
 from tests.conftest import agent_log
 from tests.otlp_receiver import GrpcReceiver
 from tests.test_delivery_outage import check_complete, cpu_points, delivery_config, free_port, wait_until
@@ -84,8 +86,9 @@ class CountingGrpcServer:
 
 def test_grpc_connections_are_concurrent_and_pooled():
     server = CountingGrpcServer(delay=0.2)
+    telemetry = SelfMetrics()
     exporter = GrpcExporter(OtlpExporterConfig(endpoint=f"127.0.0.1:{server.port}", connections=3,
-                                               timeout=Duration(5)))
+                                               timeout=Duration(5)), telemetry)
     try:
         threads = [threading.Thread(target=lambda i=i: [exporter.send(payload(f"{i}-{k}")) for k in range(4)])
                    for i in range(3)]
@@ -102,8 +105,7 @@ def test_grpc_connections_are_concurrent_and_pooled():
         assert stats.bytes.value(ep.attrs) == 12 * len(payload("0-0").body)
         assert stats.duration.count(ep.attrs) == 12
         # exported like any other metric: the duration as a histogram per endpoint
-        from agent.selfmetrics import SELF
-        req = ExportMetricsServiceRequest.FromString(encode_metrics(SELF.collect()))
+        req = ExportMetricsServiceRequest.FromString(encode_metrics(telemetry.collect()))
         durations = [p for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
                      if m.name == "hostagent.exporter.request.duration" for p in m.histogram.data_points
                      if {kv.key: kv.value.string_value for kv in p.attributes}.get("endpoint") == ep.url]
@@ -165,7 +167,7 @@ def http_server():
 def test_http_compression_codecs(http_server, codec, header):
     http_server.requests.clear()
     exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=http_server.endpoint,
-                                               compression=codec, connections=1))
+                                               compression=codec, connections=1), SelfMetrics())
     try:
         p = payload(codec, 500)
         ep, stats = exporter.pool.endpoints["metrics"][0], exporter.pool.stats
@@ -187,7 +189,7 @@ def test_compression_level_changes_the_output(http_server):
     for level in (1, 19):
         http_server.requests.clear()
         exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=http_server.endpoint,
-                                                   compression="zstd", compression_level=level))
+                                                   compression="zstd", compression_level=level), SelfMetrics())
         exporter.send(payload("level", 2000))
         exporter.close()
         sizes[level] = http_server.requests[0][3]
@@ -196,7 +198,7 @@ def test_compression_level_changes_the_output(http_server):
 
 def test_grpc_deflate_and_gzip(grpc_receiver):
     for codec in ("gzip", "deflate", "none"):
-        exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_receiver.endpoint, compression=codec))
+        exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_receiver.endpoint, compression=codec), SelfMetrics())
         exporter.send(payload(codec, 5))
         exporter.close()
     assert len(grpc_receiver.metrics) == 3
@@ -204,7 +206,7 @@ def test_grpc_deflate_and_gzip(grpc_receiver):
 
 def test_http_keep_alive_connections_are_concurrent_and_reused():
     server = DecodingHttpServer(delay=0.2)
-    exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=server.endpoint, connections=3))
+    exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=server.endpoint, connections=3), SelfMetrics())
     try:
         threads = [threading.Thread(target=lambda i=i: [exporter.send(payload(f"{i}-{k}")) for k in range(4)])
                    for i in range(3)]
@@ -226,7 +228,7 @@ def test_down_endpoint_is_skipped_then_checked_back(monkeypatch):
     monkeypatch.setattr(pool, "HEALTH_BACKOFF_INITIAL", 0.2)
     up = GrpcReceiver().start()
     port = free_port()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoints=(f"127.0.0.1:{port}", up.endpoint), timeout=Duration(3)))
+    exporter = GrpcExporter(OtlpExporterConfig(endpoints=(f"127.0.0.1:{port}", up.endpoint), timeout=Duration(3)), SelfMetrics())
     down_ep, up_ep = exporter.pool.endpoints["metrics"]
     back = None
     try:
@@ -254,7 +256,7 @@ def test_grpc_reconnect_after_the_receiver_comes_back_is_counted_once():
     port = free_port()
     receiver = GrpcReceiver(port).start()
     exporter = GrpcExporter(OtlpExporterConfig(endpoint=f"http://127.0.0.1:{port}", connections=1,
-                                               timeout=Duration(2)))
+                                               timeout=Duration(2)), SelfMetrics())
     ep = exporter.pool.endpoints["metrics"][0]
     try:
         exporter.send(payload("before"))

@@ -14,10 +14,10 @@ import pytest
 from agent import config
 from agent.model import (Batch, ExponentialHistogramPoint, LogGroup, LogRecord, Metric, MetricGroup, MetricKind,
                          NumberPoint, Resource, Scope)
+from agent.export.factory import build_exporter
 from agent.pipeline import build_pipeline
 from agent.pipeline.cache import TwoLevelCache
 from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher, merge
-from agent.runtime import build_exporter
 from agent.selfmetrics import SELF
 from agent.sources.ebpf.process import iso8601
 from agent.sources.identity import CLOCK_TICK_NS, boot_to_wall_ns, container_id, proc_cgroup, proc_stat, systemd_unit
@@ -187,7 +187,7 @@ def test_ten_thousand_attribute_sets_become_the_limit_plus_one_overflow_series(t
     overflow = SELF.counter("hostagent.pipeline.cardinality_overflow", "", "")
     attrs = (("metric", "test.cardinality"),)
     before = overflow.value(attrs)
-    pipeline = build_pipeline(cfg, build_exporter(cfg))
+    pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, SELF), SELF)
     pipeline.start()
     now = time.time_ns()
     points = [NumberPoint((("user", f"u{i}"),), 1, now, now) for i in range(10_000)]

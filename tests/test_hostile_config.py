@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from agent import config
 from agent.export import RetryableError
 from agent.export.otlp_grpc import GrpcExporter
+from agent.selfmetrics import SelfMetrics
 from tests.conftest import HOSTAGENT, ROOT, agent_log, base_config, clean_env
 from tests.otlp_receiver import GrpcReceiver
 from tests.test_delivery_outage import self_metric
@@ -556,7 +557,7 @@ def test_health_on_ipv6_loopback(tmp_path, start_agent):
 # --- plaintext over https: the scheme wins over OTEL_EXPORTER_OTLP_INSECURE ----------------------------------
 
 def grpc_exporter(environ):
-    return GrpcExporter(config.load(None, environ).exporter.otlp)
+    return GrpcExporter(config.load(None, environ).exporter.otlp, SelfMetrics())
 
 
 def test_https_endpoint_is_tls_even_when_insecure_is_set(pki):

@@ -16,12 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import Duration, OtlpExporterConfig, TlsConfig
+from agent.config import Duration
 from agent.export import RetryableError
 from agent.export.encoding import Payload, encode_metrics
-from agent.export.otlp_grpc import GrpcExporter
-from agent.export.otlp_http import HttpExporter
+from agent.export.factory import EXPORTERS
+from agent.export.otlp import OtlpExporterConfig, TlsConfig
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
+from agent.selfmetrics import SelfMetrics
 from tests.conftest import agent_log, base_config, clean_env, hostagent
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver
 
@@ -113,7 +114,7 @@ def payload() -> Payload:
 def exporter(protocol, endpoint, **tls):
     cfg = OtlpExporterConfig(protocol=protocol, endpoint=endpoint, timeout=Duration(3), connections=1,
                              tls=TlsConfig(**tls))
-    return (GrpcExporter if protocol == "grpc" else HttpExporter)(cfg)
+    return EXPORTERS["otlp"].create(cfg, SelfMetrics())
 
 
 RECEIVERS = {"grpc": grpc_tls_receiver, "http/protobuf": https_receiver}

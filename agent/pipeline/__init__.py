@@ -14,15 +14,15 @@ import threading
 import time
 from typing import Optional
 
-from agent.config import BatchConfig, ConfigError, RetryConfig
+from agent.config import BatchConfig, ConfigError
 from agent.export import Exporter
-from agent.export.queue import ExportQueue, MemoryQueue, QueueError, open_queue
-from agent.export.retry import ABORTED, RetryingSender, internal_error
+from agent.export.factory import open_queue
+from agent.export.queue import ExportQueue, MemoryQueue, QueueError, QueueSettings
+from agent.export.retry import ABORTED, RetryConfig, RetryingSender, internal_error
 from agent.model import Batch
 from agent.pipeline.batcher import Batcher
 from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher
 from agent.pipeline.queue import BoundedQueue
-from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.pipeline")
 
@@ -32,25 +32,26 @@ SENDER_IDLE_WAIT = 2.0
 
 
 class Pipeline:
-    def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, backlog=(),
+    def __init__(self, batch: BatchConfig, retry: RetryConfig, exporter: Exporter, telemetry, backlog=(),
                  queue: Optional[ExportQueue] = None, senders: int = 1, give_up_after: Optional[float] = None,
                  stages=()):
         """`backlog`: encoded payloads an earlier pipeline left (sent first); `queue`: the export
         queue (default: in memory); `senders`: requests in flight at once; `give_up_after`:
         seconds of retries before a payload is dropped (0: never; default from `retry`);
-        `stages`: callables that change each incoming batch in place, in order."""
+        `stages`: callables that change each incoming batch in place, in order; `telemetry`: the
+        agent's own metrics, which every stage records into."""
         self.exporter = exporter
-        self.incoming = SELF.counter("hostagent.pipeline.incoming_items", "{items}",
-                                     "Data points and log records handed to the pipeline, by scope.")
-        self.inq = BoundedQueue("input", batch.queue_size, len)
-        self.queue = queue if queue is not None else MemoryQueue()
+        self.incoming = telemetry.counter("hostagent.pipeline.incoming_items", "{items}",
+                                          "Data points and log records handed to the pipeline, by scope.")
+        self.inq = BoundedQueue("input", batch.queue_size, telemetry, len)
+        self.queue = queue if queue is not None else MemoryQueue(QueueSettings("memory"), telemetry)
         for payload in backlog:
             self.queue.put(payload)
         self.batcher = Batcher(self.inq, self.queue, batch.max_size, float(batch.timeout), stages)
         self.abort = threading.Event()
         if give_up_after is None:
             give_up_after = retry.give_up_after(persistent=self.queue.kind == "persistent")
-        self.sender = RetryingSender(exporter, retry, self.abort, give_up_after)
+        self.sender = RetryingSender(exporter, retry, telemetry, self.abort, give_up_after)
         self.retry_pause = float(retry.max_interval)
         self._draining = threading.Event()
         self._workers = [threading.Thread(target=self._send_loop, name=f"exporter-{i}", daemon=True)
@@ -117,7 +118,7 @@ class Pipeline:
 
     def handover(self) -> ExportQueue:
         """Stop without losing anything: the export queue, with everything not yet delivered,
-        goes to the next pipeline (`build_pipeline(cfg, exporter, backlog=<this>)`)."""
+        goes to the next pipeline (`build_pipeline(cfg, exporter, telemetry, backlog=<this>)`)."""
         self._stop(0.0, cut=False)  # requests in flight end (within their timeout): nothing sent twice
         return self.queue
 
@@ -139,20 +140,19 @@ class Pipeline:
         return not left
 
 
-def build_pipeline(cfg, exporter: Exporter, backlog=()) -> Pipeline:
+def build_pipeline(cfg, exporter: Exporter, telemetry, backlog=()) -> Pipeline:
     """The pipeline `cfg` describes. `backlog` is what `handover()` of the pipeline it replaces
     returned (its export queue, kept or emptied into the new one), or a list of payloads."""
     reuse = backlog if isinstance(backlog, ExportQueue) else None
     try:
-        queue = open_queue(cfg, reuse=reuse)
+        queue = open_queue(cfg.exporter, cfg.state_dir, telemetry, reuse=reuse)
     except QueueError as e:
         raise ConfigError("exporter.queue.directory", str(e)) from None
-    senders = cfg.exporter.otlp.connections if cfg.exporter.type == "otlp" else 1
     log.info("export_queue type=%s%s items=%d max_size=%d", queue.kind,
              f" directory={queue.settings.directory}" if queue.kind == "persistent" else "",
              queue.items, queue.settings.max_bytes)
     stages = [CardinalityLimiter(cfg.cardinality_limit)]
     if cfg.enrichment.enabled:
         stages.insert(0, ProcessEnricher(cfg.enrichment))
-    return Pipeline(cfg.batch, cfg.exporter.retry, exporter, () if reuse is not None else backlog,
-                    queue=queue, senders=senders, stages=stages)
+    return Pipeline(cfg.batch, cfg.exporter.retry, exporter, telemetry, () if reuse is not None else backlog,
+                    queue=queue, senders=cfg.exporter.senders(), stages=stages)

@@ -7,21 +7,20 @@ import threading
 from typing import Callable, Optional
 
 from agent.export.queue import QueueMetrics
-from agent.selfmetrics import SELF
 
 
 class BoundedQueue:
-    def __init__(self, name: str, capacity: int, items_of: Callable[[object], int] = lambda _: 1):
+    def __init__(self, name: str, capacity: int, telemetry, items_of: Callable[[object], int] = lambda _: 1):
         """`capacity` entries (batches); `items_of(entry)` counts the data points and log records in one."""
         self.name, self.capacity, self.items_of = name, capacity, items_of
         self._dq: collections.deque = collections.deque()
         self._items = 0
         self._cond = threading.Condition()
-        metrics = QueueMetrics()  # the same instruments as the export queue's, with queue=<name>
+        metrics = QueueMetrics(telemetry)  # the same instruments as the export queue's, with queue=<name>
         self.dropped = metrics.dropped
         metrics.size.observe((("queue", name),), lambda: self._items)
-        SELF.gauge("hostagent.queue.capacity_batches", "{batches}",
-                   "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
+        telemetry.gauge("hostagent.queue.capacity_batches", "{batches}",
+                        "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
 
     def put(self, item) -> None:
         n = self.items_of(item)
