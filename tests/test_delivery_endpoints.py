@@ -3,7 +3,10 @@ down, with no loss, and the first gets traffic again once a health check finds i
 spread over `connections` concurrent connections; each compression arrives with the Content-Encoding
 the Collector accepts and decodes to the same request; per-endpoint statistics are recorded."""
 import http.server
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -12,15 +15,17 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.config import Duration
+from agent.config import Duration, build
 from agent.export.compression import decompress
 from agent.export.encoding import Payload, encode_metrics
-from agent.export.otlp_grpc import GrpcExporter
+from agent.export.factory import ExporterConfig, build_exporter
 from agent.export.otlp import OtlpExporterConfig
+from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter
+from agent.export.retry import SENT, RetryingSender
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.selfmetrics import SelfMetrics
-from tests.conftest import agent_log
+from tests.conftest import ROOT, agent_log
 from tests.otlp_receiver import GrpcReceiver
 from tests.test_delivery_outage import check_complete, cpu_points, delivery_config, free_port, wait_until
 
@@ -206,7 +211,8 @@ def test_grpc_deflate_and_gzip(grpc_receiver):
 
 def test_http_keep_alive_connections_are_concurrent_and_reused():
     server = DecodingHttpServer(delay=0.2)
-    exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=server.endpoint, connections=3), SelfMetrics())
+    exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=server.endpoint, connections=3),
+                            SelfMetrics())
     try:
         threads = [threading.Thread(target=lambda i=i: [exporter.send(payload(f"{i}-{k}")) for k in range(4)])
                    for i in range(3)]
@@ -228,7 +234,8 @@ def test_down_endpoint_is_skipped_then_checked_back(monkeypatch):
     monkeypatch.setattr(pool, "HEALTH_BACKOFF_INITIAL", 0.2)
     up = GrpcReceiver().start()
     port = free_port()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoints=(f"127.0.0.1:{port}", up.endpoint), timeout=Duration(3)), SelfMetrics())
+    exporter = GrpcExporter(OtlpExporterConfig(endpoints=(f"127.0.0.1:{port}", up.endpoint), timeout=Duration(3)),
+                            SelfMetrics())
     down_ep, up_ep = exporter.pool.endpoints["metrics"]
     back = None
     try:
@@ -279,3 +286,47 @@ def _sends(exporter, p) -> bool:
         return True
     except ExportError:
         return False
+
+
+# --- built from the exporter table, recording into the telemetry they are given -------------------
+
+def test_each_exporter_records_into_the_telemetry_it_is_given(grpc_receiver):
+    """Two agents' worth of parts in one process: what one sends is counted in its own metrics
+    only (no process-wide registry mixes them)."""
+    cfg = build(ExporterConfig, {"type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint}}, "exporter")
+    mine, other = SelfMetrics(), SelfMetrics()
+    exporter, idle = build_exporter(cfg, mine), build_exporter(cfg, other)
+    try:
+        assert isinstance(exporter, GrpcExporter)
+        assert RetryingSender(exporter, cfg.retry, mine, threading.Event()).send(payload("t")) == SENT
+        ep = exporter.pool.all()[0]
+        assert mine.counter("hostagent.exporter.sent", "", "").value(
+            (("exporter", "otlp_grpc"), ("signal", "metrics"))) == 50
+        assert mine.counter("hostagent.exporter.requests", "", "").value(ep.attrs + (("outcome", "success"),)) == 1
+        assert other.counter("hostagent.exporter.requests", "", "").total() == 0
+        assert other.counter("hostagent.exporter.sent", "", "").total() == 0
+    finally:
+        exporter.close()
+        idle.close()
+
+
+@pytest.mark.parametrize("exporter, loaded, not_loaded", [
+    ({"type": "file"}, "agent.export.file", ("grpc", "urllib3")),
+    ({"type": "otlp", "otlp": {"protocol": "http/protobuf"}}, "urllib3", ("grpc",)),
+    ({"type": "otlp"}, "grpc", ()),
+])
+def test_an_exporter_loads_only_its_own_transport(tmp_path, exporter, loaded, not_loaded):
+    """grpcio costs an agent about 16 MB of RSS: an agent exporting to a file or over HTTP never
+    loads it."""
+    exporter.setdefault("file", {"path": str(tmp_path / "m.jsonl"), "logs_path": str(tmp_path / "l.jsonl")})
+    code = ("import json, sys\n"
+            "from agent import config, runtime\n"
+            "from agent.export.factory import build_exporter\n"
+            "from agent.selfmetrics import SelfMetrics\n"
+            f"cfg = config.build(config.Config, {{'exporter': json.loads({json.dumps(json.dumps(exporter))})}})\n"
+            "build_exporter(cfg.exporter, SelfMetrics()).close()\n"
+            "print(json.dumps(sorted(m for m in sys.modules if '.' not in m or m.startswith('agent.'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    modules = set(json.loads(out.stdout))
+    assert loaded in modules and not modules & set(not_loaded), sorted(modules)

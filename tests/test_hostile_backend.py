@@ -49,7 +49,8 @@ def payload(n: int, first: int = 0, pad: int = 0) -> Payload:
 
 def http_exporter(endpoint: str, **kw) -> HttpExporter:
     kw.setdefault("timeout", Duration(5))
-    return HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=endpoint, connections=1, **kw), SelfMetrics())
+    return HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=endpoint, connections=1, **kw),
+                        SelfMetrics())
 
 
 def poll(predicate, timeout: float = 60.0) -> bool:
@@ -186,7 +187,8 @@ def test_parse_retry_after_never_raises():
 @pytest.mark.parametrize("delay", [1e15, 9.2e18])
 def test_grpc_retry_info_is_capped_at_max_interval(delay):
     server = ScriptedGrpcServer()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1), SelfMetrics())
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1),
+                            SelfMetrics())
     wait = RecordingEvent()
     try:
         server.script[:] = [(grpc.StatusCode.UNAVAILABLE, "slow down", delay, None)]
@@ -417,7 +419,8 @@ class HugeAnswerServer(ScriptedGrpcServer):
 
 def test_grpc_oversized_answer_is_not_a_reason_to_split():
     server = HugeAnswerServer()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1), SelfMetrics())
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1),
+                            SelfMetrics())
     try:
         sender = RetryingSender(exporter, TINY, SelfMetrics(), threading.Event())
         attrs = (("exporter", "otlp_grpc"), ("signal", "metrics"))

@@ -52,7 +52,8 @@ def sizes(receiver) -> list:
 def test_batches_flush_on_size(http_receiver):
     exporter = http_exporter(http_receiver)
     # an hour's timeout: only the size can send these
-    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(3600), queue_size=16), RetryConfig(), exporter, SelfMetrics())
+    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(3600), queue_size=16), RetryConfig(), exporter,
+                    SelfMetrics())
     pipe.start()
     try:
         for _ in range(4):
@@ -69,7 +70,8 @@ def test_batches_flush_on_size(http_receiver):
 
 def test_batches_flush_on_time(http_receiver):
     exporter = http_exporter(http_receiver)
-    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(0.5), queue_size=16), RetryConfig(), exporter, SelfMetrics())
+    pipe = Pipeline(BatchConfig(max_size=100, timeout=Duration(0.5), queue_size=16), RetryConfig(), exporter,
+                    SelfMetrics())
     pipe.start()
     try:
         started = time.monotonic()
@@ -119,7 +121,8 @@ def test_retry_honors_server_delay_then_delivers(http_receiver):
     answers = iter([(503, {"Retry-After": "1"}, b""), (200, {}, b"")])
     http_receiver.respond = lambda path: next(answers)
     abort = RecordingEvent()
-    sender = RetryingSender(http_exporter(http_receiver), RetryConfig(initial_interval=Duration(0.01)), SelfMetrics(), abort)
+    sender = RetryingSender(http_exporter(http_receiver), RetryConfig(initial_interval=Duration(0.01)), SelfMetrics(),
+                            abort)
     assert sender.send(payload(5)) == SENT
     assert abort.waits == [1.0]  # the server's delay, not the 10 ms backoff
     assert points_received(http_receiver) == 5

@@ -92,7 +92,8 @@ def grpc_server():
 
 @pytest.fixture(scope="module")
 def grpc_exporter(grpc_server):
-    exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_server.endpoint, timeout=Duration(5), connections=1), SelfMetrics())
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_server.endpoint, timeout=Duration(5), connections=1),
+                            SelfMetrics())
     yield exporter
     exporter.close()
 
@@ -296,17 +297,18 @@ def test_backoff_is_exponential_with_jitter_and_capped():
 
 def test_max_elapsed_zero_retries_forever_and_elapsed_time_gives_up():
     abort = RecordingEvent()
-    sender = RetryingSender(Flaky(200), RetryConfig(initial_interval=Duration(1)), SelfMetrics(), abort, give_up_after=0)
+    sender = RetryingSender(Flaky(200), RetryConfig(initial_interval=Duration(1)), SelfMetrics(), abort,
+                            give_up_after=0)
     assert sender.send(payload(1)) == SENT and len(abort.waits) == 200
     # with a limit: the retries stop once the next wait would pass it
-    sender = RetryingSender(Flaky(10**6), RetryConfig(initial_interval=Duration(0.01), max_interval=Duration(0.02)), SelfMetrics(),
-                            threading.Event(), give_up_after=0.3)
+    sender = RetryingSender(Flaky(10**6), RetryConfig(initial_interval=Duration(0.01), max_interval=Duration(0.02)),
+                            SelfMetrics(), threading.Event(), give_up_after=0.3)
     assert finishes(sender.send, payload(1)) == DROPPED  # fails forever: given up on
 
 
 def test_abort_cuts_a_retry_wait_short():
     abort = threading.Event()
-    sender = RetryingSender(Flaky(10**6), RetryConfig(initial_interval=Duration(3600), max_interval=Duration(3600)), SelfMetrics(),
-                            abort, give_up_after=0)
+    sender = RetryingSender(Flaky(10**6), RetryConfig(initial_interval=Duration(3600), max_interval=Duration(3600)),
+                            SelfMetrics(), abort, give_up_after=0)
     threading.Timer(0.3, abort.set).start()
     assert finishes(sender.send, payload(1)) == "aborted"  # not after the hour's wait

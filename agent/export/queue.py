@@ -276,5 +276,6 @@ def settings(cfg: QueueConfig, kind: str, directory: str) -> QueueSettings:
     default_max = PERSISTENT_DEFAULT_MAX_SIZE if kind == "persistent" else MEMORY_DEFAULT_MAX_SIZE
     max_bytes = int(cfg.max_size) if cfg.max_size is not None else default_max
     return QueueSettings(kind=kind, directory=directory, max_bytes=max_bytes, max_items=cfg.max_items,
-                         policy=cfg.full_policy, segment_size=max(64 * 2**10, min(int(cfg.segment_size), max_bytes // 8)),
+                         policy=cfg.full_policy,
+                         segment_size=max(64 * 2**10, min(int(cfg.segment_size), max_bytes // 8)),
                          fsync=cfg.fsync, fsync_interval=float(cfg.fsync_interval))

@@ -47,7 +47,7 @@ class Pipeline:
         self.queue = queue if queue is not None else MemoryQueue(QueueSettings("memory"), telemetry)
         for payload in backlog:
             self.queue.put(payload)
-        self.batcher = Batcher(self.inq, self.queue, batch.max_size, float(batch.timeout), stages)
+        self.batcher = Batcher(self.inq, self.queue, batch.max_size, float(batch.timeout), telemetry, stages)
         self.abort = threading.Event()
         if give_up_after is None:
             give_up_after = retry.give_up_after(persistent=self.queue.kind == "persistent")
