@@ -11,12 +11,12 @@ Payloads, so what is queued does not depend on the exporter.
                        (memory) or on disk for the next start (persistent)
 
 Every drop is counted in the agent's own metrics (hostagent.queue.dropped by reason,
-hostagent.exporter.enqueue_failed) and the size and capacity are exported as gauges.
+hostagent.exporter.enqueue_failed) and the size and capacity are exported as gauges. Which kind a
+config asks for, and opening it, is agent/export/factory.py's (QUEUES, open_queue).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import threading
@@ -85,7 +85,7 @@ class QueueError(Exception):
     """The persistent queue cannot be used (directory unusable, or in use by another process)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class QueueSettings:
     kind: str  # "memory" | "persistent"
     directory: str = ""
@@ -97,7 +97,7 @@ class QueueSettings:
     fsync_interval: float = 1.0
 
 
-@dataclasses.dataclass(eq=False)
+@dataclass(eq=False)
 class Entry:
     payload: Payload
     token: object = None  # the queue's own bookkeeping (the record's place on disk)
