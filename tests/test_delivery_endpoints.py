@@ -311,22 +311,25 @@ def test_each_exporter_records_into_the_telemetry_it_is_given(grpc_receiver):
 
 
 @pytest.mark.parametrize("exporter, loaded, not_loaded", [
-    ({"type": "file"}, "agent.export.file", ("grpc", "urllib3")),
-    ({"type": "otlp", "otlp": {"protocol": "http/protobuf"}}, "urllib3", ("grpc",)),
-    ({"type": "otlp"}, "grpc", ()),
+    ({"type": "file"}, ("agent.export.file",), ("grpc", "urllib3", "agent.export.wal")),
+    ({"type": "otlp", "otlp": {"protocol": "http/protobuf"}}, ("urllib3", "agent.export.wal"), ("grpc",)),
+    ({"type": "otlp", "queue": {"type": "memory"}}, ("grpc",), ("agent.export.wal",)),
 ])
-def test_an_exporter_loads_only_its_own_transport(tmp_path, exporter, loaded, not_loaded):
-    """grpcio costs an agent about 16 MB of RSS: an agent exporting to a file or over HTTP never
-    loads it."""
+def test_an_exporter_and_its_queue_load_only_their_own_libraries(tmp_path, exporter, loaded, not_loaded):
+    """grpcio costs an agent about 16 MB of RSS, the persistent queue's checksum and compression
+    libraries about 5 MB: an agent exporting to a file or over HTTP never loads grpcio, one with a
+    memory queue never loads the persistent queue."""
     exporter.setdefault("file", {"path": str(tmp_path / "m.jsonl"), "logs_path": str(tmp_path / "l.jsonl")})
+    raw = {"state_dir": str(tmp_path / "state"), "exporter": exporter}
     code = ("import json, sys\n"
             "from agent import config, runtime\n"
-            "from agent.export.factory import build_exporter\n"
+            "from agent.export.factory import build_exporter, open_queue\n"
             "from agent.selfmetrics import SelfMetrics\n"
-            f"cfg = config.build(config.Config, {{'exporter': json.loads({json.dumps(json.dumps(exporter))})}})\n"
+            f"cfg = config.build(config.Config, json.loads({json.dumps(json.dumps(raw))}))\n"
             "build_exporter(cfg.exporter, SelfMetrics()).close()\n"
+            "open_queue(cfg.exporter, cfg.state_dir, SelfMetrics()).close()\n"
             "print(json.dumps(sorted(m for m in sys.modules if '.' not in m or m.startswith('agent.'))))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     modules = set(json.loads(out.stdout))
-    assert loaded in modules and not modules & set(not_loaded), sorted(modules)
+    assert set(loaded) <= modules and not modules & set(not_loaded), sorted(modules)

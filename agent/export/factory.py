@@ -13,7 +13,6 @@ from agent.export.file import FileExporter, FileExporterConfig
 from agent.export.otlp import OtlpExporterConfig, otlp_env_layer
 from agent.export.queue import ExportQueue, MemoryQueue, QueueConfig, QueueError, settings
 from agent.export.retry import RetryConfig
-from agent.export.wal import PersistentQueue
 
 log = logging.getLogger("hostagent.export.queue")
 
@@ -27,6 +26,13 @@ def _create_otlp(cfg: OtlpExporterConfig, telemetry) -> Exporter:
     return HttpExporter(cfg, telemetry)
 
 
+def _create_persistent(cfg: QueueConfig, telemetry, directory: str = "") -> ExportQueue:
+    # loaded when used, as the transports are: its checksum and compression libraries cost about
+    # 5 MB of RSS that an agent with a memory queue never needs
+    from agent.export.wal import PersistentQueue
+    return PersistentQueue(settings(cfg, "persistent", directory), telemetry)
+
+
 EXPORTERS = {
     "file": Factory("file", FileExporterConfig, lambda cfg, telemetry: FileExporter(cfg)),
     "otlp": Factory("otlp", OtlpExporterConfig, _create_otlp),
@@ -35,8 +41,7 @@ EXPORTERS = {
 QUEUES = {
     "memory": Factory("memory", QueueConfig, lambda cfg, telemetry, directory="": MemoryQueue(
         settings(cfg, "memory", directory), telemetry)),
-    "persistent": Factory("persistent", QueueConfig, lambda cfg, telemetry, directory="": PersistentQueue(
-        settings(cfg, "persistent", directory), telemetry)),
+    "persistent": Factory("persistent", QueueConfig, _create_persistent),
 }
 
 

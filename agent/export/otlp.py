@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import ssl
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Mapping, Optional
 from urllib.parse import urlsplit
@@ -42,6 +41,7 @@ class TlsConfig:
     server_name_override: str = ""
 
     def validate(self, key: str) -> None:
+        import ssl  # loaded when TLS is configured: it costs a few MB of RSS a file-exporting agent never needs
         for name in ("ca_file", "cert_file", "key_file"):
             if getattr(self, name):
                 read_regular_file(getattr(self, name), f"{key}.{name}")
