@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from agent.component import Factory
-from agent.config import (ConfigError, Duration, ExporterConfig, check_ranges, check_writable_dir,
-                          queue_directory)
+from agent import config
+from agent.config import ConfigError, Duration, check_ranges
+from agent.export.factory import ExporterConfig
+from agent.export.factory import env_layer as exporter_env_layer
 from agent.health import HealthConfig
 from agent.logs import LoggingConfig
 from agent.pipeline.batcher import BatchConfig
@@ -85,9 +87,9 @@ class Config:
         check_ranges(self, key)
         if not os.path.isabs(self.state_dir):
             raise ConfigError("state_dir", f"must be an absolute path, got {self.state_dir!r}")
-        queue = self.exporter.queue
-        if queue.directory and not os.path.isabs(queue.directory):
-            raise ConfigError("exporter.queue.directory", f"must be an absolute path, got {queue.directory!r}")
-        if queue.type == "persistent":
-            key = "exporter.queue.directory" if queue.directory else "state_dir"
-            check_writable_dir(queue_directory(self), key)
+        self.exporter.check_state_dir(self.state_dir)
+
+    @staticmethod
+    def env_layer(environ) -> dict:
+        """The standard OTEL_* environment variables as a raw config tree, section by section."""
+        return config.merge(config.env_layer(environ), exporter_env_layer(environ))

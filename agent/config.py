@@ -12,17 +12,15 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
-import ipaddress
 import math
 import os
 import re
-import ssl
 import stat
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, Optional
-from urllib.parse import unquote, urlsplit
+from dataclasses import field
+from typing import Any, Literal, Mapping, Optional
+from urllib.parse import unquote
 
 import re2
 import yaml
@@ -171,35 +169,6 @@ def frozen_dict(**kw) -> Any:
     return field(default_factory=lambda: dict(kw))
 
 
-@dataclass(frozen=True)
-class FileExporterConfig:
-    path: str = "/var/lib/hostagent/otlp/metrics.jsonl"
-    logs_path: str = "/var/lib/hostagent/otlp/logs.jsonl"
-    # a file is rotated to <path>.1 when it reaches max_size; max_backups rotated files are kept
-    max_size: Size = Size(100 * 2**20)
-    max_backups: int = 3
-
-    RANGES: ClassVar[dict] = {"max_size": (Size(4 * 2**10), Size(2**40)), "max_backups": (0, 1000)}
-
-    def check_paths(self, key: str) -> None:
-        for name in ("path", "logs_path"):
-            _check_writable(getattr(self, name), f"{key}.{name}")
-
-    def validate(self, key: str) -> None:
-        check_ranges(self, key)
-        for name in ("path", "logs_path"):
-            if not getattr(self, name):
-                raise ConfigError(f"{key}.{name}", "must be a file path, got ''")
-
-
-DEFAULT_ENDPOINTS = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
-
-# Content-Encoding names as the Collector's confighttp accepts them; gRPC (grpcio) compresses with
-# gzip or deflate only. The level ranges are those of zlib, zstd and lz4 frames.
-COMPRESSION_LEVELS = {"gzip": (1, 9), "zlib": (1, 9), "deflate": (1, 9), "zstd": (1, 22), "lz4": (0, 16)}
-GRPC_COMPRESSIONS = ("gzip", "deflate", "none")
-
-
 MAX_FILE_BYTES = 2**20  # a config file, headers file or PEM file
 
 
@@ -221,305 +190,6 @@ def read_regular_file(path: str, key: str, limit: int = MAX_FILE_BYTES) -> bytes
     return data
 
 
-@dataclass(frozen=True)
-class TlsConfig:
-    # PEM file of the CAs that sign the server's certificate; empty: the system's CAs
-    ca_file: str = ""
-    # mTLS: the client's PEM certificate (chain) and its private key, both or neither
-    cert_file: str = ""
-    key_file: str = ""
-    # the name checked against the server's certificate (and sent as SNI) instead of the host
-    server_name_override: str = ""
-
-    def validate(self, key: str) -> None:
-        for name in ("ca_file", "cert_file", "key_file"):
-            if getattr(self, name):
-                read_regular_file(getattr(self, name), f"{key}.{name}")
-        if bool(self.cert_file) != bool(self.key_file):
-            missing = "key_file" if self.cert_file else "cert_file"
-            raise ConfigError(f"{key}.{missing}", "cert_file and key_file go together (mTLS); set both or neither")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        if self.ca_file:
-            try:
-                ctx.load_verify_locations(cafile=self.ca_file)
-            except (ssl.SSLError, ValueError) as e:
-                raise ConfigError(f"{key}.ca_file", f"{self.ca_file} holds no PEM certificate ({e})") from None
-        if self.cert_file:
-            try:
-                ctx.load_cert_chain(self.cert_file, self.key_file)
-            except (ssl.SSLError, ValueError) as e:
-                raise ConfigError(f"{key}.cert_file", f"{self.cert_file} with {self.key_file}: not a PEM "
-                                  f"certificate and matching private key ({e})") from None
-
-
-# RFC 7230: a header name is a token; a value is printable ASCII, spaces and tabs (no CR, LF or NUL,
-# which would split the request or be refused by the HTTP and gRPC libraries at every send)
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
-# gRPC metadata is narrower (grpcio refuses anything else at every call): lower case once sent,
-# and a -bin name would need a binary value
-_GRPC_METADATA_NAME = re.compile(r"[0-9a-z_.-]+(?<!-bin)")
-
-
-def check_header(name: str, value: str, key: str, where: str) -> None:
-    """One header; `where` says which one without showing it (a value is never shown)."""
-    if not _HEADER_NAME.fullmatch(name):
-        raise ConfigError(key, f"{where}: a header name is letters, digits and !#$%&'*+-.^_`|~ "
-                               "(no spaces, no colon); the name is not shown")
-    if not _HEADER_VALUE.fullmatch(value):
-        raise ConfigError(key, f"{where} {name!r}: a header value is printable ASCII, without CR, LF, NUL or other "
-                               "control characters (a YAML block scalar `|` ends with a newline); "
-                               "the value is not shown")
-
-
-def check_headers(headers: Mapping[str, str], key: str) -> None:
-    for i, (name, value) in enumerate(headers.items(), 1):
-        check_header(name, value, key, f"header {i}")
-
-
-def read_headers_file(path: str, key: str = "exporter.otlp.headers_file") -> dict:
-    """`name: value` or `name=value` lines; blank lines and lines starting with # are skipped."""
-    try:
-        lines = read_regular_file(path, key).decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise ConfigError(key, f"{path} is not UTF-8 text") from None
-    out = {}
-    for n, line in enumerate(lines, 1):
-        line = line.strip(" \t\r")
-        if not line or line.startswith("#"):
-            continue
-        sep = min((i for i in (line.find(":"), line.find("=")) if i > 0), default=-1)
-        if sep < 0 or not line[:sep].strip():
-            # never echo the line: it may hold a secret
-            raise ConfigError(key, f"{path} line {n}: expected `name: value` or `name=value`")
-        name, value = line[:sep].strip(" \t"), line[sep + 1:].strip(" \t")
-        check_header(name, value, key, f"{path} line {n}")
-        out[name] = value
-    return out
-
-
-@dataclass(frozen=True)
-class OtlpExporterConfig:
-    protocol: Literal["grpc", "http/protobuf"] = "grpc"
-    # gRPC: host:port or http(s)://host:port; HTTP: base URL, /v1/metrics and /v1/logs are appended
-    endpoint: str = ""
-    # several receivers taking turns (round robin; one that fails is skipped until it is back);
-    # replaces `endpoint` when set
-    endpoints: tuple = ()
-    # full URLs used as they are (HTTP) or host:port (gRPC); override `endpoint` per signal
-    metrics_endpoint: str = ""
-    logs_endpoint: str = ""
-    # `secret`: an error converting it never shows the value
-    headers: Mapping[str, str] = field(default_factory=dict, metadata={"secret": "a mapping of names to strings"})
-    # a file of `name: value` lines added to `headers` (and winning over them), read at start and reload
-    headers_file: str = ""
-    compression: Literal["gzip", "none", "zstd", "lz4", "zlib", "deflate"] = "gzip"
-    # unset: the codec's default (gzip/zlib 6, zstd 3, lz4 0)
-    compression_level: Optional[int] = None
-    # unset: plaintext for http:// endpoints and loopback hosts, TLS otherwise
-    insecure: Optional[bool] = None
-    tls: TlsConfig = TlsConfig()
-    timeout: Duration = Duration(10.0)
-    # requests in flight at once, each over its own connection (per endpoint)
-    connections: int = 2
-
-    # compression_level: each codec's own range on top (COMPRESSION_LEVELS)
-    RANGES: ClassVar[dict] = {"timeout": (Duration(0.001), Duration(600.0)), "connections": (1, 64),
-                              "compression_level": (0, 22)}
-
-    def validate(self, key: str) -> None:
-        check_ranges(self, key)
-        for name in ("endpoint", "metrics_endpoint", "logs_endpoint"):
-            value = getattr(self, name)
-            if value:
-                parse_endpoint(value, self.protocol, f"{key}.{name}", self.insecure)
-        for i, value in enumerate(self.endpoints):
-            parse_endpoint(value, self.protocol, f"{key}.endpoints[{i}]", self.insecure)
-        check_headers(self.headers, f"{key}.headers")
-        if self.protocol == "grpc" and self.compression not in GRPC_COMPRESSIONS:
-            raise ConfigError(f"{key}.compression", f"{self.compression} needs protocol http/protobuf; "
-                                                    f"gRPC supports {', '.join(GRPC_COMPRESSIONS)}")
-        if self.compression_level is not None:
-            if self.protocol == "grpc":
-                raise ConfigError(f"{key}.compression_level", "applies to http/protobuf only "
-                                                              "(gRPC compresses at zlib's default level)")
-            if self.compression == "none":
-                raise ConfigError(f"{key}.compression_level", "needs a compression other than none")
-            low, high = COMPRESSION_LEVELS[self.compression]
-            if not low <= self.compression_level <= high:
-                raise ConfigError(f"{key}.compression_level",
-                                  f"{self.compression} levels go from {low} to {high}, got {self.compression_level}")
-        headers = dict(self.headers)
-        if self.headers_file:
-            headers.update(read_headers_file(self.headers_file, f"{key}.headers_file"))
-        if self.protocol == "grpc":
-            for i, name in enumerate(headers, 1):
-                if not _GRPC_METADATA_NAME.fullmatch(name.lower()):
-                    raise ConfigError(f"{key}.headers", f"header {i} (of headers, headers_file and "
-                                      "OTEL_EXPORTER_OTLP_HEADERS): a gRPC metadata name is letters, digits, "
-                                      "-, _ and ., not ending in -bin; the name is not shown")
-
-    def all_headers(self) -> dict:
-        """`headers` with the entries of `headers_file` on top."""
-        out = dict(self.headers)
-        if self.headers_file:
-            out.update(read_headers_file(self.headers_file))
-        return out
-
-    def signal_urls(self, signal: Literal["metrics", "logs"]) -> list:
-        """Every URL (HTTP) or scheme://host:port (gRPC) one signal is sent to, in config order."""
-        specific = self.metrics_endpoint if signal == "metrics" else self.logs_endpoint
-        if specific:
-            return [parse_endpoint(specific, self.protocol, "", self.insecure).geturl()]
-        out = []
-        for value in self.endpoints or (self.endpoint or DEFAULT_ENDPOINTS[self.protocol],):
-            base = parse_endpoint(value, self.protocol, "", self.insecure)
-            out.append(base.geturl() if self.protocol == "grpc" else base.geturl().rstrip("/") + f"/v1/{signal}")
-        return out
-
-    def signal_url(self, signal: Literal["metrics", "logs"]) -> str:
-        """The (first) full URL (HTTP) or scheme://host:port (gRPC) one signal is sent to."""
-        return self.signal_urls(signal)[0]
-
-    def is_insecure(self, url: str) -> bool:
-        """gRPC: plaintext? The scheme of `url` decides: parse_endpoint gave one to an endpoint
-        written without, from `insecure`."""
-        return urlsplit(url).scheme == "http"
-
-
-@dataclass(frozen=True)
-class RetryConfig:
-    enabled: bool = True
-    # exponential backoff with +-50% jitter; a server's RetryInfo / Retry-After overrides it
-    initial_interval: Duration = Duration(5.0)
-    max_interval: Duration = Duration(30.0)
-    multiplier: float = 1.5
-    # give up on a payload (drop and count it) after this long; 0s retries forever;
-    # unset: forever with a persistent queue, 5m with a memory queue
-    max_elapsed_time: Optional[Duration] = None
-
-    RANGES: ClassVar[dict] = {"initial_interval": (Duration(0.001), Duration(3600.0)),
-                              "max_interval": (Duration(0.001), Duration(3600.0)), "multiplier": (1.0, 10.0),
-                              "max_elapsed_time": (Duration(0.0), Duration(365 * 86400.0))}
-
-    def validate(self, key: str) -> None:
-        check_ranges(self, key)
-        if self.max_interval < self.initial_interval:
-            raise ConfigError(f"{key}.max_interval", "must be at least initial_interval")
-
-    def give_up_after(self, persistent: bool) -> float:
-        """Seconds after which a payload is dropped; 0 for never."""
-        if self.max_elapsed_time is not None:
-            return float(self.max_elapsed_time)
-        return 0.0 if persistent else 300.0
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    # persistent: an append-only log on disk that survives restarts and outages; memory: lost on
-    # exit; auto: persistent for the otlp exporter when the directory is usable, memory otherwise
-    type: Literal["auto", "memory", "persistent"] = "auto"
-    # empty: <state_dir>/queue/otlp
-    directory: str = ""
-    # bytes on disk (persistent) or of encoded payloads in memory; unset: 1GiB on disk, 64MiB in memory
-    max_size: Optional[Size] = None
-    # memory queue: also bound the number of data points and log records; 0: no bound by count
-    max_items: int = 0
-    # when full: drop the oldest data (and count it) or refuse the new (and count it)
-    full_policy: Literal["drop_oldest", "refuse_new"] = "drop_oldest"
-    # persistent: the log is cut into files of this size (at most max_size/8); space is
-    # reclaimed, and the oldest data dropped, a whole file at a time
-    segment_size: Size = Size(16 * 2**20)
-    # persistent: fsync every record (and every read-pointer move), or every fsync_interval
-    fsync: Literal["record", "interval"] = "interval"
-    fsync_interval: Duration = Duration(1.0)
-
-    RANGES: ClassVar[dict] = {"max_size": (Size(2**20), Size(2**40)), "max_items": (0, 10**9),
-                              "segment_size": (Size(64 * 2**10), Size(2**30)),
-                              "fsync_interval": (Duration(0.001), Duration(3600.0))}
-
-    def validate(self, key: str) -> None:
-        check_ranges(self, key)
-
-
-@dataclass(frozen=True)
-class ExporterConfig:
-    # file: OTLP-JSON lines on local disk (no backend needed); otlp: an OTLP gRPC/HTTP receiver
-    type: Literal["file", "otlp"] = "file"
-    file: FileExporterConfig = FileExporterConfig()
-    otlp: OtlpExporterConfig = OtlpExporterConfig()
-    queue: QueueConfig = QueueConfig()
-    retry: RetryConfig = RetryConfig()
-
-    def validate(self, key: str) -> None:
-        # only the selected exporter's paths must be writable
-        if self.type == "file":
-            self.file.check_paths(f"{key}.file")
-
-
-# --- endpoints ---------------------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?.*@", re.S)  # to the last @: a password may hold a /
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", re.ASCII)
-
-
-def redact_url(url: str) -> str:
-    """`url` with its userinfo (user:password@, token@) replaced by ***@, for every message that
-    shows an endpoint (a valid config has none: see parse_endpoint)."""
-    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url, count=1)
-
-
-def parse_endpoint(value: str, protocol: str, key: str, insecure: Optional[bool] = None):
-    """Validate an endpoint and return it as a SplitResult with a scheme. A scheme given wins; a gRPC
-    endpoint without one is http:// when `insecure` (unset: for a loopback host), https:// otherwise,
-    as the OpenTelemetry specification applies OTEL_EXPORTER_OTLP_INSECURE to those only."""
-    shown = redact_url(value)
-    if "://" in value:
-        text = value
-    else:
-        plain = is_loopback(value.rsplit(":", 1)[0].strip("[]")) if insecure is None else insecure
-        text = ("http://" if protocol == "grpc" and plain else "https://") + value
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        detail = "" if "@" in value else f": {e}"  # the error may quote a piece of a password
-        raise ConfigError(key, f"malformed endpoint {shown!r}{detail}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ConfigError(key, f"endpoint {shown!r} must use http:// or https://")
-    if not parts.hostname:
-        raise ConfigError(key, f"endpoint {shown!r} has no host")
-    if "@" in parts.netloc:  # neither grpcio nor urllib3 would send them: they would only be logged
-        raise ConfigError(key, f"endpoint {shown!r}: credentials in an endpoint are never sent; put them in "
-                               "exporter.otlp.headers (e.g. authorization: Basic ...)")
-    if not _HOSTNAME.fullmatch(parts.hostname):
-        try:
-            ipaddress.ip_address(parts.hostname)
-        except ValueError:
-            raise ConfigError(key, f"endpoint {shown!r}: {parts.hostname!r} is not a host name or an IP "
-                                   "address") from None
-    if protocol == "grpc":
-        if port is None:
-            raise ConfigError(key, f"gRPC endpoint {shown!r} needs a port, e.g. {parts.hostname}:4317")
-        if parts.path not in ("", "/"):
-            raise ConfigError(key, f"gRPC endpoint {shown!r} must not have a path")
-    return parts
-
-
-def queue_directory(cfg: "Config") -> str:
-    """Where the persistent export queue keeps its log."""
-    return cfg.exporter.queue.directory or os.path.join(cfg.state_dir, "queue", "otlp")
-
-
 def check_writable_dir(path: str, key: str) -> None:
     probe = path
     while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
@@ -527,19 +197,6 @@ def check_writable_dir(path: str, key: str) -> None:
     if (not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK)
             or os.statvfs(probe).f_flag & os.ST_RDONLY):
         raise ConfigError(key, f"{path} is not a writable directory")
-
-
-def _check_writable(path: str, key: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    probe = directory
-    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
-        probe = os.path.dirname(probe)
-    if os.path.isdir(path):
-        raise ConfigError(key, f"{path} is a directory, expected a file path")
-    target = path if os.path.exists(path) else probe
-    if (not os.path.isdir(probe) or not os.access(target, os.W_OK)
-            or os.statvfs(probe).f_flag & os.ST_RDONLY):
-        raise ConfigError(key, f"{path} is not writable")
 
 
 # --- the generic builder --------------------------------------------------------------------
@@ -760,7 +417,7 @@ def _substitute(tree, environ: Mapping[str, str]):
     return walk(tree, "")
 
 
-def _parse_kv_list(text: str, var: str, secret: bool = False) -> dict:
+def parse_kv_list(text: str, var: str, secret: bool = False) -> dict:
     out = {}
     for i, item in enumerate(filter(None, (s.strip() for s in text.split(","))), 1):
         if "=" not in item:
@@ -771,7 +428,7 @@ def _parse_kv_list(text: str, var: str, secret: bool = False) -> dict:
     return out
 
 
-def _env_millis(var: str, value: str) -> str:
+def env_millis(var: str, value: str) -> str:
     try:
         ms = float(value)
     except ValueError:
@@ -782,45 +439,15 @@ def _env_millis(var: str, value: str) -> str:
 
 
 def env_layer(environ: Mapping[str, str]) -> dict:
-    """The standard OpenTelemetry environment variables, as a raw config tree."""
-    otlp: dict = {}
+    """The standard OpenTelemetry environment variables of the agent as a whole (interval and
+    resource), as a raw config tree; each section adds its own (the root class's `env_layer`)."""
     raw: dict = {}
     get = lambda name: (environ.get(name) or "").strip()  # noqa: E731 - empty means unset, per spec
-    if get("OTEL_EXPORTER_OTLP_PROTOCOL"):
-        otlp["protocol"] = get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        if otlp["protocol"] not in DEFAULT_ENDPOINTS:
-            raise ConfigError("OTEL_EXPORTER_OTLP_PROTOCOL", f"must be grpc or http/protobuf, got {otlp['protocol']!r}")
-    for var, name in (("OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint"),
-                      ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "metrics_endpoint"),
-                      ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "logs_endpoint")):
-        if get(var):
-            otlp[name] = get(var)
-    if get("OTEL_EXPORTER_OTLP_HEADERS"):
-        otlp["headers"] = _parse_kv_list(get("OTEL_EXPORTER_OTLP_HEADERS"), "OTEL_EXPORTER_OTLP_HEADERS", secret=True)
-        check_headers(otlp["headers"], "OTEL_EXPORTER_OTLP_HEADERS")
-    if get("OTEL_EXPORTER_OTLP_COMPRESSION"):
-        otlp["compression"] = get("OTEL_EXPORTER_OTLP_COMPRESSION").lower()
-    if get("OTEL_EXPORTER_OTLP_INSECURE"):
-        value = get("OTEL_EXPORTER_OTLP_INSECURE").lower()
-        if value not in ("true", "false"):
-            raise ConfigError("OTEL_EXPORTER_OTLP_INSECURE", f"must be true or false, got {value!r}")
-        otlp["insecure"] = value == "true"
-    tls = {name: get(var) for var, name in (("OTEL_EXPORTER_OTLP_CERTIFICATE", "ca_file"),
-                                            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "cert_file"),
-                                            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "key_file")) if get(var)}
-    if tls:
-        otlp["tls"] = tls
-    if get("OTEL_EXPORTER_OTLP_TIMEOUT"):
-        otlp["timeout"] = _env_millis("OTEL_EXPORTER_OTLP_TIMEOUT", get("OTEL_EXPORTER_OTLP_TIMEOUT"))
-    if otlp:
-        raw["exporter"] = {"otlp": otlp}
-        if any(k.endswith("endpoint") for k in otlp):
-            raw["exporter"]["type"] = "otlp"
     if get("OTEL_METRIC_EXPORT_INTERVAL"):
-        raw["collection_interval"] = _env_millis("OTEL_METRIC_EXPORT_INTERVAL", get("OTEL_METRIC_EXPORT_INTERVAL"))
+        raw["collection_interval"] = env_millis("OTEL_METRIC_EXPORT_INTERVAL", get("OTEL_METRIC_EXPORT_INTERVAL"))
     resource: dict = {}
     if get("OTEL_RESOURCE_ATTRIBUTES"):
-        resource["attributes"] = _parse_kv_list(get("OTEL_RESOURCE_ATTRIBUTES"), "OTEL_RESOURCE_ATTRIBUTES")
+        resource["attributes"] = parse_kv_list(get("OTEL_RESOURCE_ATTRIBUTES"), "OTEL_RESOURCE_ATTRIBUTES")
     if get("OTEL_SERVICE_NAME"):
         resource["service_name"] = get("OTEL_SERVICE_NAME")
     if resource:
@@ -828,16 +455,16 @@ def env_layer(environ: Mapping[str, str]) -> dict:
     return raw
 
 
-def _merge(low: dict, high: dict) -> dict:
+def merge(low: dict, high: dict) -> dict:
     out = dict(low)
     for k, v in high.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def load(path: Optional[str], environ: Optional[Mapping[str, str]], schema: type):
     """The effective config, an instance of the root class `schema`: defaults < OTEL_* environment
-    < the file at `path`."""
+    (`schema.env_layer(environ)`) < the file at `path`."""
     environ = os.environ if environ is None else environ
     file_raw: Any = {}
     if path is not None:
@@ -852,7 +479,7 @@ def load(path: Optional[str], environ: Optional[Mapping[str, str]], schema: type
         if not isinstance(file_raw, dict):
             raise ConfigError("", f"{path}: the top level must be a mapping of keys")
         file_raw = _substitute(file_raw, environ)
-    return build(schema, _merge(env_layer(environ), file_raw))
+    return build(schema, merge(schema.env_layer(environ), file_raw))
 
 
 def to_plain(obj) -> Any:

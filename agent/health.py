@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 from agent import __version__
-from agent.config import ConfigError, is_loopback
+from agent.config import ConfigError
+from agent.urls import is_loopback
 
 log = logging.getLogger("hostagent.runtime")
 

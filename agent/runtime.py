@@ -20,27 +20,18 @@ from typing import Optional
 from agent import __version__
 from agent.components import SOURCES, Config, build_scrapers
 from agent.config import ConfigError, load
-from agent.export import Exporter
+from agent.export.factory import build_exporter
 from agent.health import HealthServer
 from agent.logs import setup_logging
 from agent.model import Batch
 from agent.pipeline import build_pipeline
 from agent.resource import detect
-from agent.selfmetrics import SELF, SelfMetrics
+from agent.selfmetrics import SelfMetrics
 from agent.sources import Source
 
 log = logging.getLogger("hostagent.runtime")
 
 
-def build_exporter(cfg: Config) -> Exporter:
-    if cfg.exporter.type == "file":
-        from agent.export.file import FileExporter
-        return FileExporter(cfg.exporter.file)
-    if cfg.exporter.otlp.protocol == "grpc":
-        from agent.export.otlp_grpc import GrpcExporter
-        return GrpcExporter(cfg.exporter.otlp)
-    from agent.export.otlp_http import HttpExporter
-    return HttpExporter(cfg.exporter.otlp)
 
 
 def describe_destination(cfg: Config) -> str:
@@ -81,7 +72,7 @@ class Agent:
         cfg, telemetry = self.cfg, self.telemetry
         self.stopping.clear()
         self.resource = telemetry.resource = detect(cfg.resource)
-        self.pipeline = build_pipeline(cfg, build_exporter(cfg), telemetry, backlog)
+        self.pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, telemetry), telemetry, backlog)
         self.pipeline.start()
         self.sources = [*build_scrapers(cfg.scrapers, telemetry, self.resource, cfg.enrichment), telemetry]
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
@@ -206,7 +197,7 @@ def run(config_path: Optional[str], cfg: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    agent = Agent(cfg, SELF)  # the exporters still record into the process-wide SELF: one registry for all
+    agent = Agent(cfg)
     agent.start()
     health = _start_health(cfg, agent)
     sd_notify("READY=1")

@@ -128,6 +128,3 @@ class SelfMetrics:
     def close(self) -> None:
         pass
 
-
-# The exporters' registry until they are handed `telemetry` too; the runtime passes it to the rest.
-SELF = SelfMetrics()

@@ -119,11 +119,13 @@ def measure(rounds: int, n_batches: int, log=print) -> dict:
     import grpc
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import MetricExportResult
-    from agent.config import Duration, OtlpExporterConfig
+    from agent.config import Duration
     from agent.export.encoding import Payload, encode_metrics
+    from agent.export.otlp import OtlpExporterConfig
     from agent.export.otlp_grpc import GrpcExporter
     from agent.export.queue import QueueSettings
     from agent.export.wal import PersistentQueue
+    from agent.selfmetrics import SelfMetrics
 
     with tempfile.TemporaryDirectory() as tmp:
         port_file = os.path.join(tmp, "port")
@@ -140,11 +142,13 @@ def measure(rounds: int, n_batches: int, log=print) -> dict:
             sdk_batches = [to_sdk(b) for b in batches]
             reference = pb_encoder()
 
+            telemetry = SelfMetrics()
             ours = GrpcExporter(OtlpExporterConfig(endpoint=endpoint, compression="gzip", timeout=Duration(30),
-                                                   connections=1))
+                                                   connections=1), telemetry)
             theirs = OTLPMetricExporter(endpoint=endpoint, insecure=True, compression=grpc.Compression.Gzip,
                                         timeout=30)
-            queue = PersistentQueue(QueueSettings("persistent", os.path.join(tmp, "queue"), max_bytes=2**30))
+            queue = PersistentQueue(QueueSettings("persistent", os.path.join(tmp, "queue"), max_bytes=2**30),
+                                    telemetry)
             try:
                 def run_hostagent():
                     for groups in batches:

@@ -75,8 +75,9 @@ class NullExporter:
 def prepare(variant: str, batches: list, tmp: str):
     """What the variant starts from, built before measuring; returns run()."""
     if variant in ("memory-queue", "persistent-queue"):
-        from agent.config import Duration, RetryConfig
+        from agent.config import Duration
         from agent.export.queue import MemoryQueue, QueueSettings
+        from agent.export.retry import RetryConfig
         from agent.model import Batch
         from agent.export.wal import PersistentQueue
         from agent.pipeline import Pipeline
@@ -86,13 +87,15 @@ def prepare(variant: str, batches: list, tmp: str):
         total = sum(len(b) for b in inputs)
 
         def run():
+            telemetry = SelfMetrics()
             if variant == "persistent-queue":
-                queue = PersistentQueue(QueueSettings("persistent", os.path.join(tmp, "queue"), max_bytes=2**30))
+                queue = PersistentQueue(QueueSettings("persistent", os.path.join(tmp, "queue"), max_bytes=2**30),
+                                        telemetry)
             else:
-                queue = MemoryQueue()
+                queue = MemoryQueue(QueueSettings("memory"), telemetry)
             exporter = NullExporter(total)
             pipe = Pipeline(BatchConfig(max_size=8192, timeout=Duration(1.0), queue_size=len(inputs) + 1),
-                            RetryConfig(), exporter, SelfMetrics(), queue=queue, senders=1)
+                            RetryConfig(), exporter, telemetry, queue=queue, senders=1)
             pipe.start()
             for b in inputs:
                 pipe.emit(b)

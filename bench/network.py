@@ -137,7 +137,8 @@ class Receiver:
 # --- the senders -----------------------------------------------------------------------------------
 
 def exporter_config(endpoint: str, connections: int):
-    from agent.config import Duration, OtlpExporterConfig
+    from agent.config import Duration
+    from agent.export.otlp import OtlpExporterConfig
     return OtlpExporterConfig(endpoint=endpoint, compression="gzip", timeout=Duration(60), connections=connections)
 
 
@@ -171,15 +172,17 @@ def through_pipeline(endpoint: str, batches: list, connections: int, signal_name
     """Hand every batch (a list of groups) to a Pipeline with `connections` senders and channels;
     wall and CPU seconds from the first batch handed over until the receiver has answered for the
     last item, and the items sent."""
-    from agent.config import Duration, RetryConfig
+    from agent.config import Duration
     from agent.export.encoding import encode
     from agent.export.otlp_grpc import GrpcExporter
+    from agent.export.retry import RetryConfig
     from agent.model import Batch
     from agent.pipeline import Pipeline
     from agent.pipeline.batcher import BatchConfig
     from agent.selfmetrics import SelfMetrics
     make = (lambda g: Batch(metrics=g)) if signal_name == "metrics" else (lambda g: Batch(logs=g))
-    grpc_exporter = GrpcExporter(exporter_config(endpoint, connections))
+    telemetry = SelfMetrics()
+    grpc_exporter = GrpcExporter(exporter_config(endpoint, connections), telemetry)
     warm = 0
     for _ in range(connections):   # connect every channel before timing (calls go round robin)
         for payload in encode(make(batches[0])):
@@ -189,7 +192,7 @@ def through_pipeline(endpoint: str, batches: list, connections: int, signal_name
     items = sum(len(b) for b in inputs)
     exporter = CountingExporter(grpc_exporter, items)
     pipe = Pipeline(BatchConfig(max_size=max_size, timeout=Duration(1.0), queue_size=len(batches) + 1),
-                    RetryConfig(), exporter, SelfMetrics(), senders=connections)
+                    RetryConfig(), exporter, telemetry, senders=connections)
     pipe.start()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for b in inputs:

@@ -25,6 +25,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
+from agent.config import merge
 from agent.export.encoding import Payload, encode_metrics
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, attributes
@@ -58,14 +59,7 @@ def base_config(tmp_path, **overrides) -> dict:
                               "logs_path": str(tmp_path / "out" / "logs.jsonl")},
                      "retry": {"initial_interval": "200ms", "max_interval": "1s"}},
     }
-    return _merge(cfg, overrides)
-
-
-def _merge(low: dict, high: dict) -> dict:
-    out = dict(low)
-    for k, v in high.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return merge(cfg, overrides)
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from agent import config
 from agent.export import encoding
 from agent.export.encoding import Payload, count_items, encode, encode_logs, encode_metrics, split
 from agent.model import (Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, LogRecord, Metric,

@@ -3,7 +3,10 @@ down, with no loss, and the first gets traffic again once a health check finds i
 spread over `connections` concurrent connections; each compression arrives with the Content-Encoding
 the Collector accepts and decodes to the same request; per-endpoint statistics are recorded."""
 import http.server
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -12,13 +15,17 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.config import Duration, OtlpExporterConfig
+from agent.config import Duration, build
 from agent.export.compression import decompress
 from agent.export.encoding import Payload, encode_metrics
+from agent.export.factory import ExporterConfig, build_exporter
+from agent.export.otlp import OtlpExporterConfig
 from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter
+from agent.export.retry import SENT, RetryingSender
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-from tests.helpers import agent_log, check_complete, cpu_points, delivery_config, free_port, wait_until
+from agent.selfmetrics import SelfMetrics
+from tests.helpers import ROOT, agent_log, check_complete, cpu_points, delivery_config, free_port, wait_until
 from tests.otlp_receiver import GrpcReceiver
 
 
@@ -83,8 +90,9 @@ class CountingGrpcServer:
 
 def test_grpc_connections_are_concurrent_and_pooled():
     server = CountingGrpcServer(delay=0.2)
+    telemetry = SelfMetrics()
     exporter = GrpcExporter(OtlpExporterConfig(endpoint=f"127.0.0.1:{server.port}", connections=3,
-                                               timeout=Duration(5)))
+                                               timeout=Duration(5)), telemetry)
     try:
         threads = [threading.Thread(target=lambda i=i: [exporter.send(payload(f"{i}-{k}")) for k in range(4)])
                    for i in range(3)]
@@ -101,8 +109,7 @@ def test_grpc_connections_are_concurrent_and_pooled():
         assert stats.bytes.value(ep.attrs) == 12 * len(payload("0-0").body)
         assert stats.duration.count(ep.attrs) == 12
         # exported like any other metric: the duration as a histogram per endpoint
-        from agent.selfmetrics import SELF
-        req = ExportMetricsServiceRequest.FromString(encode_metrics(SELF.collect()))
+        req = ExportMetricsServiceRequest.FromString(encode_metrics(telemetry.collect()))
         durations = [p for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
                      if m.name == "hostagent.exporter.request.duration" for p in m.histogram.data_points
                      if {kv.key: kv.value.string_value for kv in p.attributes}.get("endpoint") == ep.url]
@@ -164,7 +171,7 @@ def http_server():
 def test_http_compression_codecs(http_server, codec, header):
     http_server.requests.clear()
     exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=http_server.endpoint,
-                                               compression=codec, connections=1))
+                                               compression=codec, connections=1), SelfMetrics())
     try:
         p = payload(codec, 500)
         ep, stats = exporter.pool.endpoints["metrics"][0], exporter.pool.stats
@@ -186,7 +193,7 @@ def test_compression_level_changes_the_output(http_server):
     for level in (1, 19):
         http_server.requests.clear()
         exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=http_server.endpoint,
-                                                   compression="zstd", compression_level=level))
+                                                   compression="zstd", compression_level=level), SelfMetrics())
         exporter.send(payload("level", 2000))
         exporter.close()
         sizes[level] = http_server.requests[0][3]
@@ -195,7 +202,7 @@ def test_compression_level_changes_the_output(http_server):
 
 def test_grpc_deflate_and_gzip(grpc_receiver):
     for codec in ("gzip", "deflate", "none"):
-        exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_receiver.endpoint, compression=codec))
+        exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_receiver.endpoint, compression=codec), SelfMetrics())
         exporter.send(payload(codec, 5))
         exporter.close()
     assert len(grpc_receiver.metrics) == 3
@@ -203,7 +210,8 @@ def test_grpc_deflate_and_gzip(grpc_receiver):
 
 def test_http_keep_alive_connections_are_concurrent_and_reused():
     server = DecodingHttpServer(delay=0.2)
-    exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=server.endpoint, connections=3))
+    exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=server.endpoint, connections=3),
+                            SelfMetrics())
     try:
         threads = [threading.Thread(target=lambda i=i: [exporter.send(payload(f"{i}-{k}")) for k in range(4)])
                    for i in range(3)]
@@ -225,7 +233,8 @@ def test_down_endpoint_is_skipped_then_checked_back(monkeypatch):
     monkeypatch.setattr(pool, "HEALTH_BACKOFF_INITIAL", 0.2)
     up = GrpcReceiver().start()
     port = free_port()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoints=(f"127.0.0.1:{port}", up.endpoint), timeout=Duration(3)))
+    exporter = GrpcExporter(OtlpExporterConfig(endpoints=(f"127.0.0.1:{port}", up.endpoint), timeout=Duration(3)),
+                            SelfMetrics())
     down_ep, up_ep = exporter.pool.endpoints["metrics"]
     back = None
     try:
@@ -253,7 +262,7 @@ def test_grpc_reconnect_after_the_receiver_comes_back_is_counted_once():
     port = free_port()
     receiver = GrpcReceiver(port).start()
     exporter = GrpcExporter(OtlpExporterConfig(endpoint=f"http://127.0.0.1:{port}", connections=1,
-                                               timeout=Duration(2)))
+                                               timeout=Duration(2)), SelfMetrics())
     ep = exporter.pool.endpoints["metrics"][0]
     try:
         exporter.send(payload("before"))
@@ -276,3 +285,50 @@ def _sends(exporter, p) -> bool:
         return True
     except ExportError:
         return False
+
+
+# --- built from the exporter table, recording into the telemetry they are given -------------------
+
+def test_each_exporter_records_into_the_telemetry_it_is_given(grpc_receiver):
+    """Two agents' worth of parts in one process: what one sends is counted in its own metrics
+    only (no process-wide registry mixes them)."""
+    cfg = build(ExporterConfig, {"type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint}}, "exporter")
+    mine, other = SelfMetrics(), SelfMetrics()
+    exporter, idle = build_exporter(cfg, mine), build_exporter(cfg, other)
+    try:
+        assert isinstance(exporter, GrpcExporter)
+        assert RetryingSender(exporter, cfg.retry, mine, threading.Event()).send(payload("t")) == SENT
+        ep = exporter.pool.all()[0]
+        assert mine.counter("hostagent.exporter.sent", "", "").value(
+            (("exporter", "otlp_grpc"), ("signal", "metrics"))) == 50
+        assert mine.counter("hostagent.exporter.requests", "", "").value(ep.attrs + (("outcome", "success"),)) == 1
+        assert other.counter("hostagent.exporter.requests", "", "").total() == 0
+        assert other.counter("hostagent.exporter.sent", "", "").total() == 0
+    finally:
+        exporter.close()
+        idle.close()
+
+
+@pytest.mark.parametrize("exporter, loaded, not_loaded", [
+    ({"type": "file"}, ("agent.export.file",), ("grpc", "urllib3", "agent.export.wal")),
+    ({"type": "otlp", "otlp": {"protocol": "http/protobuf"}}, ("urllib3", "agent.export.wal"), ("grpc",)),
+    ({"type": "otlp", "queue": {"type": "memory"}}, ("grpc",), ("agent.export.wal",)),
+])
+def test_an_exporter_and_its_queue_load_only_their_own_libraries(tmp_path, exporter, loaded, not_loaded):
+    """grpcio costs an agent about 16 MB of RSS, the persistent queue's checksum and compression
+    libraries about 5 MB: an agent exporting to a file or over HTTP never loads grpcio, one with a
+    memory queue never loads the persistent queue."""
+    exporter.setdefault("file", {"path": str(tmp_path / "m.jsonl"), "logs_path": str(tmp_path / "l.jsonl")})
+    raw = {"state_dir": str(tmp_path / "state"), "exporter": exporter}
+    code = ("import json, sys\n"
+            "from agent import config, runtime\n"
+            "from agent.export.factory import build_exporter, open_queue\n"
+            "from agent.selfmetrics import SelfMetrics\n"
+            f"cfg = config.build(config.Config, json.loads({json.dumps(json.dumps(raw))}))\n"
+            "build_exporter(cfg.exporter, SelfMetrics()).close()\n"
+            "open_queue(cfg.exporter, cfg.state_dir, SelfMetrics()).close()\n"
+            "print(json.dumps(sorted(m for m in sys.modules if '.' not in m or m.startswith('agent.'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    modules = set(json.loads(out.stdout))
+    assert set(loaded) <= modules and not modules & set(not_loaded), sorted(modules)

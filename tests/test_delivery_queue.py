@@ -4,7 +4,6 @@ garbled cursor) and its lock."""
 import os
 import struct
 import threading
-import time
 
 import pytest
 
@@ -29,7 +28,7 @@ def ident(p: Payload) -> int:
 def persistent(tmp_path, **kw) -> PersistentQueue:
     kw.setdefault("max_bytes", 1 << 20)
     kw.setdefault("segment_size", 64 << 10)
-    return PersistentQueue(QueueSettings("persistent", str(tmp_path / "q"), **kw))
+    return PersistentQueue(QueueSettings("persistent", str(tmp_path / "q"), **kw), SelfMetrics())
 
 
 def take_all(q) -> list:
@@ -44,7 +43,7 @@ def take_all(q) -> list:
 # --- memory ---------------------------------------------------------------------------------------
 
 def test_memory_queue_order_ack_release_and_bounds():
-    q = MemoryQueue(QueueSettings("memory", max_bytes=10_100, max_items=1000))
+    q = MemoryQueue(QueueSettings("memory", max_bytes=10_100, max_items=1000), SelfMetrics())
     dropped = q.metrics.dropped.value(REASON("full"))
     for i in range(6):
         q.put(payload(i))  # 2004 bytes each: the sixth pushes out the first
@@ -60,7 +59,7 @@ def test_memory_queue_order_ack_release_and_bounds():
 
 
 def test_memory_queue_refuse_new_counts():
-    q = MemoryQueue(QueueSettings("memory", max_bytes=1 << 20, max_items=25, policy="refuse_new"))
+    q = MemoryQueue(QueueSettings("memory", max_bytes=1 << 20, max_items=25, policy="refuse_new"), SelfMetrics())
     refused = q.metrics.enqueue_failed.value(REASON("queue_full"))
     q.put(payload(0))
     q.put(payload(1))  # 10 + 11 items fit, 12 more do not
@@ -298,17 +297,23 @@ def cfg(tmp_path, **queue):
     return config.build(Config, {"state_dir": str(tmp_path / "state"), "exporter": {"type": "otlp", "queue": queue}})
 
 
+def open_queue(tmp_path, reuse=None, **queue):
+    """The export queue the exporter section asks for, as the pipeline opens it."""
+    from agent.export.factory import open_queue
+    c = cfg(tmp_path, **queue)
+    return open_queue(c.exporter, c.state_dir, SelfMetrics(), reuse=reuse)
+
+
 def test_auto_is_persistent_for_otlp_and_falls_back_to_memory_when_locked(tmp_path, caplog):
-    from agent.export.queue import open_queue
-    q = open_queue(cfg(tmp_path))
+    q = open_queue(tmp_path)
     assert q.kind == "persistent" and q.settings.directory == str(tmp_path / "state" / "queue" / "otlp")
     assert q.settings.max_bytes == 2**30
     with caplog.at_level("WARNING", logger="hostagent.export.queue"):
-        other = open_queue(cfg(tmp_path))  # a second agent on the same directory
+        other = open_queue(tmp_path)  # a second agent on the same directory
     assert other.kind == "memory" and other.settings.max_bytes == 64 * 2**20
     assert any("queue_fallback" in r.getMessage() for r in caplog.records)
     with pytest.raises(QueueError, match="in use"):
-        open_queue(cfg(tmp_path, type="persistent"))
+        open_queue(tmp_path, type="persistent")
     # which the agent reports as a config error naming the key (exit status 2, one line)
     from agent.config import ConfigError
     from agent.pipeline import build_pipeline
@@ -318,15 +323,14 @@ def test_auto_is_persistent_for_otlp_and_falls_back_to_memory_when_locked(tmp_pa
 
 
 def test_reload_keeps_the_queue_or_moves_its_content(tmp_path):
-    from agent.export.queue import open_queue
-    q = open_queue(cfg(tmp_path))
+    q = open_queue(tmp_path)
     for i in range(3):
         q.put(payload(i))
-    assert open_queue(cfg(tmp_path, max_size="2GiB"), reuse=q) is q and q.settings.max_bytes == 2 * 2**30
-    mem = open_queue(cfg(tmp_path, type="memory"), reuse=q)
+    assert open_queue(tmp_path, reuse=q, max_size="2GiB") is q and q.settings.max_bytes == 2 * 2**30
+    mem = open_queue(tmp_path, reuse=q, type="memory")
     assert mem.kind == "memory" and [ident(p) for p in mem.payloads()] == [0, 1, 2]
     assert read_pending(str(tmp_path / "state" / "queue" / "otlp")).payloads == []  # moved, not copied
-    moved = open_queue(cfg(tmp_path, type="persistent", directory=str(tmp_path / "elsewhere")), reuse=mem)
+    moved = open_queue(tmp_path, reuse=mem, type="persistent", directory=str(tmp_path / "elsewhere"))
     assert moved.kind == "persistent" and [ident(e.payload) for e in take_all(moved)] == [0, 1, 2]
     moved.close()
 
@@ -334,10 +338,10 @@ def test_reload_keeps_the_queue_or_moves_its_content(tmp_path):
 def test_retries_never_give_up_with_a_persistent_queue_by_default(tmp_path):
     from agent import config
     from agent.components import Config
-    from agent.export.file import FileExporter
+    from agent.export.file import FileExporter, FileExporterConfig
     from agent.pipeline import build_pipeline
     c = cfg(tmp_path)
-    files = config.FileExporterConfig(path=str(tmp_path / "m"), logs_path=str(tmp_path / "l"))
+    files = FileExporterConfig(path=str(tmp_path / "m"), logs_path=str(tmp_path / "l"))
     p = build_pipeline(c, FileExporter(files), SelfMetrics())
     assert p.queue.kind == "persistent" and p.sender.give_up_after == 0 and len(p._workers) == 2
     p.queue.close()

@@ -13,6 +13,7 @@ import pytest
 
 from agent import config
 from agent.components import Config
+from agent.export.factory import build_exporter
 from agent.model import (Batch, ExponentialHistogramPoint, LogGroup, LogRecord, Metric, MetricGroup, MetricKind,
                          NumberPoint, Resource, Scope)
 from agent.pipeline import build_pipeline
@@ -20,7 +21,6 @@ from agent.pipeline.enrich import CardinalityLimiter, ProcessEnricher, merge
 from agent.procfs.cache import TwoLevelCache
 from agent.procfs.identity import (CLOCK_TICK_NS, EnrichmentConfig, boot_to_wall_ns, container_id, proc_cgroup,
                                    proc_stat, systemd_unit)
-from agent.runtime import build_exporter
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.process import iso8601
@@ -191,7 +191,7 @@ def test_ten_thousand_attribute_sets_become_the_limit_plus_one_overflow_series(t
     telemetry = SelfMetrics()
     overflow = telemetry.counter("hostagent.pipeline.cardinality_overflow", "", "")
     attrs = (("metric", "test.cardinality"),)
-    pipeline = build_pipeline(cfg, build_exporter(cfg), telemetry)
+    pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, telemetry), telemetry)
     pipeline.start()
     now = time.time_ns()
     points = [NumberPoint((("user", f"u{i}"),), 1, now, now) for i in range(10_000)]

@@ -7,9 +7,9 @@ import time
 from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.config import FileExporterConfig, Size
+from agent.config import Size
 from agent.export.encoding import Payload, encode_metrics
-from agent.export.file import FileExporter
+from agent.export.file import FileExporter, FileExporterConfig
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from tests.helpers import agent_log, base_config
 

@@ -18,19 +18,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from agent.config import Duration, FileExporterConfig, OtlpExporterConfig, RetryConfig
+from agent.config import Duration
 from agent.export.encoding import Payload, encode_metrics
-from agent.export.file import FileExporter
+from agent.export.factory import EXPORTERS
+from agent.export.file import FileExporter, FileExporterConfig
+from agent.export.otlp import OtlpExporterConfig
 from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter, parse_retry_after
 from agent.export.pool import HEALTH_BACKOFF_MAX, EndpointPool
 from agent.export.queue import QueueSettings
-from agent.export.retry import SENT, RetryingSender
+from agent.export.retry import SENT, RetryConfig, RetryingSender
 from agent.export.wal import HEADER, PersistentQueue, segment_files
 from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.pipeline import Pipeline
 from agent.pipeline.batcher import BatchConfig
-from agent.selfmetrics import SELF
+from agent.selfmetrics import SelfMetrics
 from tests.helpers import RecordingEvent, ScriptedGrpcServer, agent_log, base_config, point_ids
 from tests.otlp_receiver import HttpReceiver
 
@@ -47,7 +49,8 @@ def payload(n: int, first: int = 0, pad: int = 0) -> Payload:
 
 def http_exporter(endpoint: str, **kw) -> HttpExporter:
     kw.setdefault("timeout", Duration(5))
-    return HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=endpoint, connections=1, **kw))
+    return HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=endpoint, connections=1, **kw),
+                        SelfMetrics())
 
 
 def poll(predicate, timeout: float = 60.0) -> bool:
@@ -60,18 +63,8 @@ def poll(predicate, timeout: float = 60.0) -> bool:
 
 
 def dropped_total(sender: RetryingSender) -> float:
-    """Items the export layer has dropped so far, for any reason (the counters are process-wide)."""
+    """Items the export layer has dropped so far, for any reason."""
     return sender.failed.total()
-
-
-def counted(name: str, attrs: tuple) -> float:
-    """A self-metric counter's value (0 before anything registered it)."""
-    inst = SELF._instruments.get(name)
-    return inst.value(attrs) if inst else 0
-
-
-INTERNAL = "hostagent.exporter.internal_errors"
-OVERSIZED = "hostagent.exporter.oversized_responses"
 
 
 def refused_port() -> socket.socket:
@@ -90,10 +83,10 @@ def test_ten_thousand_failures_then_every_queued_item_is_delivered(tmp_path):
     blocker = refused_port()
     port = blocker.getsockname()[1]
     exporter = http_exporter(f"http://127.0.0.1:{port}")
-    queue = PersistentQueue(QueueSettings("persistent", str(tmp_path / "q"), max_bytes=1 << 26))
+    queue = PersistentQueue(QueueSettings("persistent", str(tmp_path / "q"), max_bytes=1 << 26), SelfMetrics())
     for k in range(20):
         queue.put(payload(50, first=50 * k))
-    pipe = Pipeline(BatchConfig(), TINY, exporter, SELF, queue=queue, senders=2, give_up_after=0)
+    pipe = Pipeline(BatchConfig(), TINY, exporter, SelfMetrics(), queue=queue, senders=2, give_up_after=0)
     dropped = dropped_total(pipe.sender)
     ep = exporter.pool.all()[0]
     receiver = None
@@ -115,7 +108,7 @@ def test_ten_thousand_failures_then_every_queued_item_is_delivered(tmp_path):
 
 
 def test_pool_backoff_after_any_number_of_failures():
-    pool = EndpointPool("t", {"metrics": ["http://a", "http://b"]})
+    pool = EndpointPool("t", {"metrics": ["http://a", "http://b"]}, SelfMetrics())
     ep = pool.all()[0]
     for _ in range(5000):
         pool.failed(ep, "down")
@@ -145,9 +138,7 @@ class Buggy:
 
 def test_an_unexpected_exception_keeps_the_payload_queued_and_retries_it(caplog):
     exporter = Buggy(3)
-    pipe = Pipeline(BatchConfig(max_size=5), TINY, exporter, SELF, senders=1)
-    errors = counted(INTERNAL, (("exporter", "buggy"), ("signal", "metrics")))
-    dropped = dropped_total(pipe.sender)
+    pipe = Pipeline(BatchConfig(max_size=5), TINY, exporter, SelfMetrics(), senders=1)
     group = MetricGroup(RES, Scope("t"), [Metric("m", "", "1", MetricKind.GAUGE,
                                                  [NumberPoint((), i, 1, 2) for i in range(5)])])
     with caplog.at_level(logging.DEBUG):
@@ -156,8 +147,8 @@ def test_an_unexpected_exception_keeps_the_payload_queued_and_retries_it(caplog)
         assert poll(lambda: len(exporter.sent) == 1, timeout=30)
         assert pipe.shutdown(5)
     assert exporter.bugs == 0 and len(exporter.sent) == 1 and exporter.sent[0].items == 5
-    assert dropped_total(pipe.sender) == dropped
-    assert counted(INTERNAL, (("exporter", "buggy"), ("signal", "metrics"))) - errors == 3
+    assert dropped_total(pipe.sender) == 0
+    assert pipe.sender.internal_errors.value((("exporter", "buggy"), ("signal", "metrics"))) == 3
     assert SECRET not in caplog.text
 
 
@@ -177,7 +168,7 @@ def test_retry_after_is_capped_at_max_interval_and_never_drops(value):
     wait = RecordingEvent()
     cfg = RetryConfig(initial_interval=Duration(0.5), max_interval=Duration(2))
     try:
-        sender = RetryingSender(exporter, cfg, wait, give_up_after=0)
+        sender = RetryingSender(exporter, cfg, SelfMetrics(), wait, give_up_after=0)
         assert sender.send(payload(3)) == SENT
         assert len(wait.waits) == 1 and 0 <= wait.waits[0] <= 2, wait.waits
         assert point_ids(receiver.metrics) == [0, 1, 2]
@@ -196,11 +187,12 @@ def test_parse_retry_after_never_raises():
 @pytest.mark.parametrize("delay", [1e15, 9.2e18])
 def test_grpc_retry_info_is_capped_at_max_interval(delay):
     server = ScriptedGrpcServer()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1))
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1),
+                            SelfMetrics())
     wait = RecordingEvent()
     try:
         server.script[:] = [(grpc.StatusCode.UNAVAILABLE, "slow down", delay, None)]
-        sender = RetryingSender(exporter, RetryConfig(max_interval=Duration(7)), wait, give_up_after=0)
+        sender = RetryingSender(exporter, RetryConfig(max_interval=Duration(7)), SelfMetrics(), wait, give_up_after=0)
         assert sender.send(payload(4)) == SENT
         assert len(wait.waits) == 1 and 0 <= wait.waits[0] <= 7, wait.waits
         assert point_ids(req for _, req in server.calls[1:]) == [0, 1, 2, 3]
@@ -301,8 +293,7 @@ def test_endless_response_body_is_read_only_up_to_a_bound():
     server = HostileHttpServer("endless", cap=64 << 20)
     exporter = http_exporter(server.endpoint)
     try:
-        oversized = counted(OVERSIZED, (("exporter", "otlp_http"), ("signal", "metrics")))
-        sender = RetryingSender(exporter, TINY, threading.Event(), give_up_after=0)
+        sender = RetryingSender(exporter, TINY, SelfMetrics(), threading.Event(), give_up_after=0)
         t, out = send_in_thread(sender, payload(3))
         t.join(120)
         assert out == [SENT]  # the server said 200: the data was taken, once
@@ -310,7 +301,7 @@ def test_endless_response_body_is_read_only_up_to_a_bound():
         assert poll(lambda: server.answers, timeout=30)
         sent, end = server.answers[0]
         assert end == "client_closed", server.answers  # the agent hung up, the cap was not reached
-        assert counted(OVERSIZED, (("exporter", "otlp_http"), ("signal", "metrics"))) - oversized == 1
+        assert exporter.oversized.value((("exporter", "otlp_http"), ("signal", "metrics"))) == 1
     finally:
         exporter.close()
         server.stop()
@@ -323,7 +314,7 @@ def test_trickling_response_is_cut_at_the_request_timeout(mode):
     abort = threading.Event()
     t = None
     try:
-        sender = RetryingSender(exporter, TINY, abort, give_up_after=0)
+        sender = RetryingSender(exporter, TINY, SelfMetrics(), abort, give_up_after=0)
         t, out = send_in_thread(sender, payload(3))
         # trickle: the 200 arrived, the body was cut at the deadline; trickle_headers: no answer
         # in time, retried (and trickled again) until the server stops
@@ -428,17 +419,16 @@ class HugeAnswerServer(ScriptedGrpcServer):
 
 def test_grpc_oversized_answer_is_not_a_reason_to_split():
     server = HugeAnswerServer()
-    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1))
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1),
+                            SelfMetrics())
     try:
-        sender = RetryingSender(exporter, TINY, threading.Event())
+        sender = RetryingSender(exporter, TINY, SelfMetrics(), threading.Event())
         attrs = (("exporter", "otlp_grpc"), ("signal", "metrics"))
-        splits, oversized = sender.splits.value(attrs), counted(OVERSIZED, attrs)
-        dropped = dropped_total(sender)
         assert sender.send(payload(1000)) == SENT
         assert len(server.calls) == 1  # delivered once: no split, no duplicate
         assert point_ids(req for _, req in server.calls) == list(range(1000))
-        assert sender.splits.value(attrs) == splits and dropped_total(sender) == dropped
-        assert counted(OVERSIZED, attrs) - oversized == 1
+        assert sender.splits.value(attrs) == 0 and dropped_total(sender) == 0
+        assert exporter.oversized.value(attrs) == 1
     finally:
         exporter.close()
         server.stop()
@@ -457,7 +447,7 @@ def test_partial_success_count_is_clamped_and_message_truncated(rejected, caplog
     try:
         before = exporter.rejected.value((("signal", "metrics"),))
         with caplog.at_level(logging.WARNING, logger="hostagent.export"):
-            assert RetryingSender(exporter, TINY, threading.Event()).send(payload(10)) == SENT
+            assert RetryingSender(exporter, TINY, SelfMetrics(), threading.Event()).send(payload(10)) == SENT
         counted = exporter.rejected.value((("signal", "metrics"),)) - before
         assert 0 <= counted <= 10
         lines = [r.getMessage() for r in caplog.records if "partial_success" in r.getMessage()]
@@ -474,15 +464,15 @@ def test_an_invalid_header_value_is_never_logged_and_drops_nothing(protocol, cap
     endpoint = "http://127.0.0.1:1"
     cfg = OtlpExporterConfig(protocol=protocol, endpoint=endpoint, timeout=Duration(2), connections=1,
                              headers={"authorization": f"Bearer {SECRET}\n"})
-    exporter = (GrpcExporter if protocol == "grpc" else HttpExporter)(cfg)
-    pipe = Pipeline(BatchConfig(), TINY, exporter, SELF, senders=1, give_up_after=0)
+    telemetry = SelfMetrics()
+    exporter = EXPORTERS["otlp"].create(cfg, telemetry)
+    pipe = Pipeline(BatchConfig(), TINY, exporter, telemetry, senders=1, give_up_after=0)
     pipe.queue.put(payload(7))
     attrs = (("exporter", exporter.name), ("signal", "metrics"))
-    errors, dropped = counted(INTERNAL, attrs), dropped_total(pipe.sender)
     with caplog.at_level(logging.DEBUG):
         pipe.start()
-        assert poll(lambda: counted(INTERNAL, attrs) - errors >= 3, timeout=30)
-        assert pipe.queue.items == 7 and dropped_total(pipe.sender) == dropped
+        assert poll(lambda: pipe.sender.internal_errors.value(attrs) >= 3, timeout=30)
+        assert pipe.queue.items == 7 and dropped_total(pipe.sender) == 0
         pipe.shutdown(0.5)
     assert SECRET not in caplog.text and SECRET not in "".join(capfd.readouterr())
 
@@ -577,7 +567,7 @@ def test_wal_survives_random_damage(tmp_path_factory, n, acked, segment, damages
     unchanged; what was lost is counted; the queue goes on taking and giving records."""
     directory = str(tmp_path_factory.mktemp("wal"))
     settings_ = QueueSettings("persistent", directory, max_bytes=1 << 22, segment_size=segment, fsync="record")
-    q = PersistentQueue(settings_)
+    q = PersistentQueue(settings_, SelfMetrics())
     for i in range(n):
         q.put(wal_payload(i))
     acked = min(acked, n)
@@ -591,9 +581,8 @@ def test_wal_survives_random_damage(tmp_path_factory, n, acked, segment, damages
         path = files[which % len(files)]
         if os.path.exists(path):
             touched.setdefault(path, []).append(damage(path, kind, a, b))
-    before = corruption_counted(q)  # the counters are the process's: reopening counts into them too
     started = time.monotonic()
-    q = PersistentQueue(settings_)
+    q = PersistentQueue(settings_, SelfMetrics())
     got = []
     while (e := q.get(0)) is not None:
         got.append(struct.unpack_from("<I", e.payload.body)[0])
@@ -605,7 +594,7 @@ def test_wal_survives_random_damage(tmp_path_factory, n, acked, segment, damages
     q.ack(e)
     assert q.items == 0
     took = time.monotonic() - started
-    lost = corruption_counted(q) - before
+    lost = corruption_counted(q)
     q.close()
     assert took < 30, took  # a bound, not a measure: a scan of a few KiB, not a loop
     intact = [i for path, off, length, i in records

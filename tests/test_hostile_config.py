@@ -27,6 +27,7 @@ from agent import config
 from agent.components import Config
 from agent.export import RetryableError
 from agent.export.otlp_grpc import GrpcExporter
+from agent.selfmetrics import SelfMetrics
 from tests.helpers import HOSTAGENT, ROOT, agent_log, base_config, clean_env, grpc_tls_receiver, payload, self_metric, wait_for_log
 from tests.otlp_receiver import GrpcReceiver
 
@@ -549,7 +550,7 @@ def test_health_on_ipv6_loopback(tmp_path, start_agent):
 # --- plaintext over https: the scheme wins over OTEL_EXPORTER_OTLP_INSECURE ----------------------------------
 
 def grpc_exporter(environ):
-    return GrpcExporter(config.load(None, environ, schema=Config).exporter.otlp)
+    return GrpcExporter(config.load(None, environ, schema=Config).exporter.otlp, SelfMetrics())
 
 
 def test_https_endpoint_is_tls_even_when_insecure_is_set(pki):

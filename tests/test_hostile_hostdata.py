@@ -16,14 +16,13 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from agent.export.encoding import MAX_DEPTH, encode
+from agent.export.encoding import MAX_DEPTH, EncodingCounters, encode
 from agent.model import Batch, LogGroup, LogRecord, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
-from agent.selfmetrics import SELF
+from agent.selfmetrics import SelfMetrics
 from tests.helpers import HOSTAGENT, ROOT, base_config, clean_env, remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
-REPLACED = SELF.counter("hostagent.export.replaced_values", "", "")
 
 # any str (lone surrogates included), any bytes, any int, any float, nested lists and dicts
 _text = st.text(st.characters(blacklist_categories=()), max_size=20)
@@ -100,29 +99,28 @@ def test_the_encoder_never_raises_and_the_official_parser_reads_every_value(valu
 
 
 def test_a_name_with_invalid_bytes_is_replaced_and_counted():
-    before = REPLACED.total()
+    counters = EncodingCounters(SelfMetrics())
     bad = os.fsdecode(b"/bad\xff\xfecg")           # what os.listdir/readlink give for such a name
     batch = Batch(logs=[LogGroup(Resource(()), Scope("s"), [
         LogRecord(1, "ok", (("process.linux.cgroup", bad),)), LogRecord(2, "fine", (("a", "b"),))])])
-    (payload,) = encode(batch)
+    (payload,) = encode(batch, counters)
     records = ExportLogsServiceRequest.FromString(payload.body).resource_logs[0].scope_logs[0].log_records
     assert [attributes(r) for r in records] == [{"process.linux.cgroup": "/bad\ufffd\ufffdcg"}, {"a": "b"}]
-    assert REPLACED.total() > before
+    assert counters.replaced.value((("reason", "invalid_unicode"),)) > 0
 
 
 def test_a_group_no_replacement_can_encode_is_left_out_and_counted_the_rest_is_sent():
-    dropped = SELF.counter("hostagent.export.encoding_dropped", "", "")
-    before = dropped.total()
+    counters = EncodingCounters(SelfMetrics())
     scope = Scope("s")
     bad = MetricGroup(Resource((("host.name", "bad"),)), scope, [   # a time before 1970: no fixed64 holds it
         Metric("m", "", "1", MetricKind.GAUGE, [NumberPoint((), 1.5, -1, -1), NumberPoint((), 2.5, -1, -1)])])
     good = MetricGroup(Resource((("host.name", "good"),)), scope, [
         Metric("m", "", "1", MetricKind.GAUGE, [NumberPoint((), 3.5, 1, 2)])])
-    (payload,) = encode(Batch(metrics=[bad, good]))
+    (payload,) = encode(Batch(metrics=[bad, good]), counters)
     request = ExportMetricsServiceRequest.FromString(payload.body)
     assert payload.items == 1 and len(request.resource_metrics) == 1
     assert request.resource_metrics[0].scope_metrics[0].metrics[0].gauge.data_points[0].as_double == 3.5
-    assert dropped.total() == before + 2
+    assert counters.dropped.value((("signal", "metrics"),)) == 2
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups")

@@ -3,11 +3,12 @@ that count what they drop, retry decisions taken from the server's answers."""
 import threading
 import time
 
-from agent.config import Duration, OtlpExporterConfig, RetryConfig
+from agent.config import Duration
 from agent.export import PermanentError, RetryableError
 from agent.export.encoding import Payload, encode_metrics
+from agent.export.otlp import OtlpExporterConfig
 from agent.export.otlp_http import HttpExporter
-from agent.export.retry import DROPPED, SENT, RetryingSender
+from agent.export.retry import DROPPED, SENT, RetryConfig, RetryingSender
 from agent.model import Batch, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.pipeline import Pipeline
 from agent.pipeline.batcher import BatchConfig
@@ -29,7 +30,7 @@ def payload(n: int) -> Payload:
 
 def http_exporter(receiver, **kw) -> HttpExporter:
     return HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=receiver.endpoint,
-                                           timeout=Duration(5), **kw))
+                                           timeout=Duration(5), **kw), SelfMetrics())
 
 
 def points_received(receiver) -> int:
@@ -120,7 +121,8 @@ def test_retry_honors_server_delay_then_delivers(http_receiver):
     answers = iter([(503, {"Retry-After": "1"}, b""), (200, {}, b"")])
     http_receiver.respond = lambda path: next(answers)
     abort = RecordingEvent()
-    sender = RetryingSender(http_exporter(http_receiver), RetryConfig(initial_interval=Duration(0.01)), abort)
+    sender = RetryingSender(http_exporter(http_receiver), RetryConfig(initial_interval=Duration(0.01)), SelfMetrics(),
+                            abort)
     assert sender.send(payload(5)) == SENT
     assert abort.waits == [1.0]  # the server's delay, not the 10 ms backoff
     assert points_received(http_receiver) == 5
@@ -128,7 +130,7 @@ def test_retry_honors_server_delay_then_delivers(http_receiver):
 
 def test_permanent_failure_is_dropped_and_counted(http_receiver):
     http_receiver.respond = lambda path: (400, {}, b"bad")
-    sender = RetryingSender(http_exporter(http_receiver), RetryConfig(), threading.Event())
+    sender = RetryingSender(http_exporter(http_receiver), RetryConfig(), SelfMetrics(), threading.Event())
     attrs = (("exporter", "otlp_http"), ("signal", "metrics"), ("reason", "permanent"))
     before = sender.failed.value(attrs)
     assert sender.send(payload(4)) == DROPPED
@@ -139,7 +141,7 @@ def test_retries_give_up_after_max_elapsed_time(http_receiver):
     http_receiver.respond = lambda path: (503, {}, b"")
     sender = RetryingSender(http_exporter(http_receiver),
                             RetryConfig(initial_interval=Duration(0.05), max_interval=Duration(0.1),
-                                        max_elapsed_time=Duration(0.5)), threading.Event())
+                                        max_elapsed_time=Duration(0.5)), SelfMetrics(), threading.Event())
     attrs = (("exporter", "otlp_http"), ("signal", "metrics"), ("reason", "retries_exhausted"))
     before = sender.failed.value(attrs)
     assert finishes(sender.send, payload(2)) == DROPPED  # the server fails forever: given up on

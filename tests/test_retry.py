@@ -9,13 +9,15 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from agent.config import Duration, OtlpExporterConfig, RetryConfig
+from agent.config import Duration
 from agent.export import RetryableError
 from agent.export.encoding import Payload, encode_metrics
+from agent.export.otlp import OtlpExporterConfig
 from agent.export.otlp_grpc import GrpcExporter
 from agent.export.otlp_http import HttpExporter, parse_retry_after
-from agent.export.retry import DROPPED, SENT, RetryingSender
+from agent.export.retry import DROPPED, SENT, RetryConfig, RetryingSender
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
+from agent.selfmetrics import SelfMetrics
 from tests.helpers import RecordingEvent, ScriptedGrpcServer, finishes, point_ids
 from tests.otlp_receiver import HttpReceiver
 
@@ -41,7 +43,8 @@ def grpc_server():
 
 @pytest.fixture(scope="module")
 def grpc_exporter(grpc_server):
-    exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_server.endpoint, timeout=Duration(5), connections=1))
+    exporter = GrpcExporter(OtlpExporterConfig(endpoint=grpc_server.endpoint, timeout=Duration(5), connections=1),
+                            SelfMetrics())
     yield exporter
     exporter.close()
 
@@ -54,7 +57,7 @@ def failed(sender, reason, signal="metrics"):
 def test_every_grpc_status_code(grpc_server, grpc_exporter, code):
     grpc_server.calls.clear()
     grpc_server.script[:] = [(code, f"test answer {code.name}", None, None)]
-    sender = RetryingSender(grpc_exporter, FAST, threading.Event(), give_up_after=10)
+    sender = RetryingSender(grpc_exporter, FAST, SelfMetrics(), threading.Event(), give_up_after=10)
     before = failed(sender, "permanent")
     result = sender.send(payload(3))
     if code.name in RETRYABLE:
@@ -72,7 +75,7 @@ def test_grpc_retry_info_is_honored(grpc_server, grpc_exporter, code):
     grpc_server.script[:] = [(code, "slow down", 0.6, None)]
     slow = RetryConfig(initial_interval=Duration(30), max_interval=Duration(30))
     abort = RecordingEvent()
-    sender = RetryingSender(grpc_exporter, slow, abort, give_up_after=0)
+    sender = RetryingSender(grpc_exporter, slow, SelfMetrics(), abort, give_up_after=0)
     assert sender.send(payload(2)) == SENT
     assert len(grpc_server.calls) == 2
     assert abort.waits == [0.6]
@@ -84,7 +87,7 @@ def test_grpc_partial_success_is_not_retried(grpc_server, grpc_exporter, caplog)
     resp.partial_success.rejected_data_points = 2
     resp.partial_success.error_message = "points too old"
     grpc_server.script[:] = [(None, "", None, resp)]
-    sender = RetryingSender(grpc_exporter, FAST, threading.Event())
+    sender = RetryingSender(grpc_exporter, FAST, SelfMetrics(), threading.Event())
     before = grpc_exporter.rejected.value((("signal", "metrics"),))
     with caplog.at_level("WARNING", logger="hostagent.export"):
         assert sender.send(payload(5)) == SENT
@@ -97,9 +100,9 @@ def test_grpc_partial_success_is_not_retried(grpc_server, grpc_exporter, caplog)
 def test_grpc_message_larger_than_max_is_split():
     server = ScriptedGrpcServer(max_receive=20_000)
     exporter = GrpcExporter(OtlpExporterConfig(endpoint=server.endpoint, timeout=Duration(5), connections=1,
-                                               compression="none"))
+                                               compression="none"), SelfMetrics())
     try:
-        sender = RetryingSender(exporter, FAST, threading.Event())
+        sender = RetryingSender(exporter, FAST, SelfMetrics(), threading.Event())
         splits = sender.splits.value((("exporter", "otlp_grpc"), ("signal", "metrics")))
         big = payload(1000, pad=40)  # ~80KB: split 1000 -> 500 -> 250 -> 125 (<20KB each)
         assert len(big.body) > 60_000
@@ -141,7 +144,7 @@ def http_receiver(http_server):
 @pytest.fixture
 def http_exporter(http_receiver):
     exporter = HttpExporter(OtlpExporterConfig(protocol="http/protobuf", endpoint=http_receiver.endpoint,
-                                               timeout=Duration(5), connections=1))
+                                               timeout=Duration(5), connections=1), SelfMetrics())
     yield exporter
     exporter.close()
 
@@ -163,7 +166,7 @@ def scripted(receiver, answers):
 @pytest.mark.parametrize("status", HTTP_RETRYABLE + HTTP_PERMANENT)
 def test_every_http_status(http_receiver, http_exporter, status):
     answered = scripted(http_receiver, [(status, {})])
-    sender = RetryingSender(http_exporter, FAST, threading.Event(), give_up_after=10)
+    sender = RetryingSender(http_exporter, FAST, SelfMetrics(), threading.Event(), give_up_after=10)
     before = failed(sender, "permanent")
     result = sender.send(payload(3))
     if status in HTTP_RETRYABLE:
@@ -178,7 +181,7 @@ def test_http_retry_after_is_honored(http_receiver, http_exporter, status):
     answered = scripted(http_receiver, [(status, {"Retry-After": "1"})])
     slow = RetryConfig(initial_interval=Duration(30), max_interval=Duration(30))
     abort = RecordingEvent()
-    sender = RetryingSender(http_exporter, slow, abort, give_up_after=0)
+    sender = RetryingSender(http_exporter, slow, SelfMetrics(), abort, give_up_after=0)
     assert sender.send(payload(2)) == SENT
     assert [s for _, s in answered] == [status, 200]
     assert abort.waits == [1.0]  # the server's delay, not the 30 s backoff
@@ -193,7 +196,7 @@ def test_retry_after_http_date():
 
 def test_http_413_splits_in_halves_and_single_points_are_dropped(http_receiver, http_exporter):
     answered = scripted(http_receiver, [(413, {})])
-    sender = RetryingSender(http_exporter, FAST, threading.Event())
+    sender = RetryingSender(http_exporter, FAST, SelfMetrics(), threading.Event())
     assert sender.send(payload(10)) == SENT
     assert [s for _, s in answered] == [413, 200, 200]
     assert [len(m.sum.data_points) for _, _, m in http_receiver.all_metrics()] == [5, 5]
@@ -211,7 +214,7 @@ def test_http_partial_success_is_not_retried(http_receiver, http_exporter):
     resp.partial_success.error_message = "bad unit"
     calls = []
     http_receiver.respond = lambda path: calls.append(path) or (200, {}, resp.SerializeToString())
-    sender = RetryingSender(http_exporter, FAST, threading.Event())
+    sender = RetryingSender(http_exporter, FAST, SelfMetrics(), threading.Event())
     before = http_exporter.rejected.value((("signal", "metrics"),))
     assert sender.send(payload(3)) == SENT
     assert len(calls) == 1
@@ -235,7 +238,7 @@ class Flaky:
 def test_backoff_is_exponential_with_jitter_and_capped():
     abort = RecordingEvent()
     cfg = RetryConfig(initial_interval=Duration(1), max_interval=Duration(8), multiplier=2)
-    sender = RetryingSender(Flaky(8), cfg, abort, give_up_after=0)
+    sender = RetryingSender(Flaky(8), cfg, SelfMetrics(), abort, give_up_after=0)
     assert sender.send(payload(1)) == SENT
     for k, wait in enumerate(abort.waits):
         base = min(1 * 2 ** k, 8)
@@ -245,17 +248,18 @@ def test_backoff_is_exponential_with_jitter_and_capped():
 
 def test_max_elapsed_zero_retries_forever_and_elapsed_time_gives_up():
     abort = RecordingEvent()
-    sender = RetryingSender(Flaky(200), RetryConfig(initial_interval=Duration(1)), abort, give_up_after=0)
+    sender = RetryingSender(Flaky(200), RetryConfig(initial_interval=Duration(1)), SelfMetrics(), abort,
+                            give_up_after=0)
     assert sender.send(payload(1)) == SENT and len(abort.waits) == 200
     # with a limit: the retries stop once the next wait would pass it
     sender = RetryingSender(Flaky(10**6), RetryConfig(initial_interval=Duration(0.01), max_interval=Duration(0.02)),
-                            threading.Event(), give_up_after=0.3)
+                            SelfMetrics(), threading.Event(), give_up_after=0.3)
     assert finishes(sender.send, payload(1)) == DROPPED  # fails forever: given up on
 
 
 def test_abort_cuts_a_retry_wait_short():
     abort = threading.Event()
     sender = RetryingSender(Flaky(10**6), RetryConfig(initial_interval=Duration(3600), max_interval=Duration(3600)),
-                            abort, give_up_after=0)
+                            SelfMetrics(), abort, give_up_after=0)
     threading.Timer(0.3, abort.set).start()
     assert finishes(sender.send, payload(1)) == "aborted"  # not after the hour's wait

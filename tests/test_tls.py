@@ -9,10 +9,11 @@ import time
 import pytest
 
 from agent.components import Config
-from agent.config import Duration, OtlpExporterConfig, TlsConfig
+from agent.config import Duration
 from agent.export import RetryableError
-from agent.export.otlp_grpc import GrpcExporter
-from agent.export.otlp_http import HttpExporter
+from agent.export.factory import EXPORTERS
+from agent.export.otlp import OtlpExporterConfig, TlsConfig
+from agent.selfmetrics import SelfMetrics
 from tests.helpers import agent_log, base_config, clean_env, grpc_tls_receiver, hostagent, https_receiver, payload
 
 
@@ -22,7 +23,7 @@ from tests.helpers import agent_log, base_config, clean_env, grpc_tls_receiver, 
 def exporter(protocol, endpoint, **tls):
     cfg = OtlpExporterConfig(protocol=protocol, endpoint=endpoint, timeout=Duration(3), connections=1,
                              tls=TlsConfig(**tls))
-    return (GrpcExporter if protocol == "grpc" else HttpExporter)(cfg)
+    return EXPORTERS["otlp"].create(cfg, SelfMetrics())
 
 
 RECEIVERS = {"grpc": grpc_tls_receiver, "http/protobuf": https_receiver}

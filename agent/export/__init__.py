@@ -2,21 +2,12 @@
 
 An exporter only sends one encoded Payload and says how it went by raising one of the errors
 below; retrying, queueing and batching are separate layers (agent/export/retry.py,
-agent/export/queue.py, agent/pipeline/).
+agent/export/queue.py, agent/pipeline/). Each part's config sits beside its code; the
+`exporter:` section and the tables that build exporters and queues are in agent/export/factory.py.
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
-
-from agent.selfmetrics import SELF
-
-log = logging.getLogger("hostagent.export")
-
-# The most of an answer read: a status and a partial success fit many times over. An answer that
-# goes on (larger, or still arriving at the request timeout) is cut there, never held in memory.
-MAX_RESPONSE = 64 * 2**10
-LOGGED_MESSAGE = 256  # characters of a server's message in a log line
 
 
 class ExportError(Exception):
@@ -62,43 +53,3 @@ class Exporter:
     def close(self) -> None:
         pass
 
-
-class OtlpExporter(Exporter):
-    """An exporter to an OTLP receiver, whose success answers may carry a partial success."""
-
-    def __init__(self, headers: dict):
-        self.rejected = SELF.counter("hostagent.exporter.rejected", "{items}",
-                                     "Items the receiver rejected in a partial success.")
-        self.oversized = SELF.counter("hostagent.exporter.oversized_responses", "{responses}",
-                                      "Success answers cut unread: larger than 64 KiB, or still arriving "
-                                      "at the request timeout. The request counts as delivered, once.")
-        self._secrets = sorted({v.strip() for v in headers.values() if len(v.strip()) >= 4}, key=len, reverse=True)
-
-    def scrub(self, text: str) -> str:
-        """`text` (a server's or a library's words) without any header value it may echo."""
-        for secret in self._secrets:
-            text = text.replace(secret, "<redacted>")
-        return text
-
-    def answered_oversized(self, signal: str, url: str) -> None:
-        self.oversized.add(1, (("exporter", self.name), ("signal", signal)))
-        log.warning("response_cut exporter=%s endpoint=%s signal=%s read_at_most=%d delivered=true",
-                    self.name, url, signal, MAX_RESPONSE)
-
-    def partial_success(self, signal: str, body: bytes, items: int) -> None:
-        """Log and count what a success answer says was rejected; it is never retried. A body
-        that is not an OTLP response (some backends answer 2xx with anything) is a plain success.
-        The count is taken as at most the `items` sent, the message logged only in part."""
-        from agent.export.encoding import rejected_items
-        try:
-            rejected, message = rejected_items(signal, body)
-        except Exception:
-            return
-        if rejected or message:
-            rejected = min(max(rejected, 0), items)
-            message = self.scrub(message)
-            if len(message) > LOGGED_MESSAGE:
-                message = message[:LOGGED_MESSAGE] + f"... ({len(message)} characters)"
-            log.warning("partial_success exporter=%s signal=%s rejected=%d message=%r", self.name,
-                        signal, rejected, message)
-            self.rejected.add(rejected, (("signal", signal),))

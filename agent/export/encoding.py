@@ -20,12 +20,13 @@ that repeats is encoded, and counted, once per cache lifetime.
 from __future__ import annotations
 
 import codecs
+import contextvars
 import itertools
 import logging
 import operator
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (ExportLogsServiceRequest,
@@ -34,7 +35,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest, ExportMetricsServiceResponse)
 
 from agent.model import Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, MetricGroup, MetricKind
-from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export")
 REQUEST_TYPES = {"metrics": ExportMetricsServiceRequest, "logs": ExportLogsServiceRequest}
@@ -118,11 +118,33 @@ def _ld(tag: bytes, body: bytes) -> bytes:
     return tag + _varint(len(body)) + body
 
 
-_REPLACED = SELF.counter(
-    "hostagent.export.replaced_values", "{value}",
-    "Values the OTLP encoder could not send as they were and replaced, by reason: text that is not valid "
-    "Unicode (sent with U+FFFD), an integer outside int64 (sent as a double), a value nested deeper than "
-    "the limit or of no OTLP type (sent as text).")
+class EncodingCounters:
+    """What the encoder counts, in the telemetry of the stage that encodes (encode(batch, counters))."""
+
+    def __init__(self, telemetry):
+        self.replaced = telemetry.counter(
+            "hostagent.export.replaced_values", "{value}",
+            "Values the OTLP encoder could not send as they were and replaced, by reason: text that is not valid "
+            "Unicode (sent with U+FFFD), an integer outside int64 (sent as a double), a value nested deeper than "
+            "the limit or of no OTLP type (sent as text).")
+        self.dropped = telemetry.counter(
+            "hostagent.export.encoding_dropped", "{items}",
+            "Data points and log records left out of a request because their group could not be encoded even "
+            "with replacements (the rest of the batch is sent).")
+
+
+# the counters of the encode() call under way in this thread: replacements happen deep in the
+# value encoders, which a parameter would have to pass through every cached encoder
+_COUNTERS: contextvars.ContextVar[Optional[EncodingCounters]] = contextvars.ContextVar("encoding_counters",
+                                                                                       default=None)
+
+
+def _replaced(reason: str) -> None:
+    counters = _COUNTERS.get()
+    if counters is not None:
+        counters.replaced.add(1, (("reason", reason),))
+
+
 MAX_DEPTH = 16                  # nesting of lists/dicts in one attribute value
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -139,7 +161,7 @@ def _utf8(text) -> bytes:
     try:
         return text.encode()
     except UnicodeEncodeError:
-        _REPLACED.add(1, (("reason", "invalid_unicode"),))
+        _replaced("invalid_unicode")
         return text.encode("utf-8", "hostagent.ufffd")
     except AttributeError:                              # not a str at all
         return _utf8(_text_of(text))
@@ -147,7 +169,7 @@ def _utf8(text) -> bytes:
 
 def _text_of(value) -> str:
     """str(value), or a placeholder when even that fails (a broken __str__, a 5000-digit int)."""
-    _REPLACED.add(1, (("reason", "type"),))
+    _replaced("type")
     try:
         return str(value)
     except Exception:
@@ -156,7 +178,7 @@ def _text_of(value) -> str:
 
 def _double_of(big: int) -> float:
     """An integer outside int64 as the nearest double (an infinity past its range)."""
-    _REPLACED.add(1, (("reason", "int_range"),))
+    _replaced("int_range")
     try:
         return float(big)
     except OverflowError:
@@ -391,12 +413,6 @@ def encode_logs(groups: list[LogGroup]) -> bytes:
     return b"".join(resources)
 
 
-_DROPPED = SELF.counter(
-    "hostagent.export.encoding_dropped", "{items}",
-    "Data points and log records left out of a request because their group could not be encoded even "
-    "with replacements (the rest of the batch is sent).")
-
-
 def _encode_signal(signal: str, encoder, groups: list, count) -> list:
     """[encoder(groups) as a Payload]. Should that raise (a value no replacement covers), each group
     is encoded alone and the ones that still raise are left out and counted: one bad group never
@@ -410,21 +426,27 @@ def _encode_signal(signal: str, encoder, groups: list, count) -> list:
         try:
             encoder([g])
         except Exception:
-            _DROPPED.add(count([g]), (("signal", signal),))
+            counters = _COUNTERS.get()
+            if counters is not None:
+                counters.dropped.add(count([g]), (("signal", signal),))
         else:
             kept.append(g)
     return [Payload(signal, encoder(kept), count(kept))] if kept else []
 
 
-def encode(batch: Batch) -> list[Payload]:
-    """The batch as at most one payload per signal."""
-    out = []
-    if batch.metrics:
-        out += _encode_signal("metrics", encode_metrics, batch.metrics,
-                              lambda gs: sum(len(m.points) for g in gs for m in g.metrics))
-    if batch.logs:
-        out += _encode_signal("logs", encode_logs, batch.logs, lambda gs: sum(len(g.records) for g in gs))
-    return out
+def encode(batch: Batch, counters: Optional[EncodingCounters] = None) -> list[Payload]:
+    """The batch as at most one payload per signal; replacements and drops are counted in `counters`."""
+    token = _COUNTERS.set(counters)
+    try:
+        out = []
+        if batch.metrics:
+            out += _encode_signal("metrics", encode_metrics, batch.metrics,
+                                  lambda gs: sum(len(m.points) for g in gs for m in g.metrics))
+        if batch.logs:
+            out += _encode_signal("logs", encode_logs, batch.logs, lambda gs: sum(len(g.records) for g in gs))
+        return out
+    finally:
+        _COUNTERS.reset(token)
 
 
 # --- splitting a request that is too large for the server ------------------------------------------

@@ -3,10 +3,46 @@ receiver. Metrics and logs go to separate files so each line parses as one reque
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import ClassVar
 
-from agent.config import FileExporterConfig
+from agent.config import ConfigError, Size, check_ranges
 from agent.export import Exporter, RetryableError
 from agent.export.encoding import Payload, to_json_line
+
+
+@dataclass(frozen=True)
+class FileExporterConfig:
+    path: str = "/var/lib/hostagent/otlp/metrics.jsonl"
+    logs_path: str = "/var/lib/hostagent/otlp/logs.jsonl"
+    # a file is rotated to <path>.1 when it reaches max_size; max_backups rotated files are kept
+    max_size: Size = Size(100 * 2**20)
+    max_backups: int = 3
+
+    RANGES: ClassVar[dict] = {"max_size": (Size(4 * 2**10), Size(2**40)), "max_backups": (0, 1000)}
+
+    def check_paths(self, key: str) -> None:
+        for name in ("path", "logs_path"):
+            _check_writable(getattr(self, name), f"{key}.{name}")
+
+    def validate(self, key: str) -> None:
+        check_ranges(self, key)
+        for name in ("path", "logs_path"):
+            if not getattr(self, name):
+                raise ConfigError(f"{key}.{name}", "must be a file path, got ''")
+
+
+def _check_writable(path: str, key: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    probe = directory
+    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
+        probe = os.path.dirname(probe)
+    if os.path.isdir(path):
+        raise ConfigError(key, f"{path} is a directory, expected a file path")
+    target = path if os.path.exists(path) else probe
+    if (not os.path.isdir(probe) or not os.access(target, os.W_OK)
+            or os.statvfs(probe).f_flag & os.ST_RDONLY):
+        raise ConfigError(key, f"{path} is not writable")
 
 
 class RotatingFile:

@@ -22,10 +22,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 from google.rpc import error_details_pb2, status_pb2  # noqa: E402
 
-from agent.config import OtlpExporterConfig  # noqa: E402
-from agent.export import (MAX_RESPONSE, ExportError, LocalError, OtlpExporter, PermanentError,  # noqa: E402
-                          RetryableError, TooLargeError)
+from agent.export import ExportError, LocalError, PermanentError, RetryableError, TooLargeError  # noqa: E402
 from agent.export.encoding import Payload  # noqa: E402
+from agent.export.otlp import MAX_RESPONSE, OtlpExporter, OtlpExporterConfig  # noqa: E402
 from agent.export.pool import Endpoint, EndpointPool, log_tls_error  # noqa: E402
 
 
@@ -138,9 +137,9 @@ class _Channels:
 class GrpcExporter(OtlpExporter):
     name = "otlp_grpc"
 
-    def __init__(self, cfg: OtlpExporterConfig):
+    def __init__(self, cfg: OtlpExporterConfig, telemetry):
         headers = cfg.all_headers()
-        super().__init__(headers)
+        super().__init__(headers, telemetry)
         self.cfg = cfg
         self.timeout = float(cfg.timeout)
         self.metadata = tuple((k.lower(), v) for k, v in headers.items())
@@ -148,7 +147,7 @@ class GrpcExporter(OtlpExporter):
         self._lock = threading.Lock()
         self.compression = COMPRESSION[cfg.compression]
         self._credentials = None
-        self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in METHODS}, check=self._check)
+        self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in METHODS}, telemetry, check=self._check)
         for ep in self.pool.all():
             ep.conn = _Channels(self, ep)
 

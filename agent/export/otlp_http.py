@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import urllib3
 import urllib3.poolmanager
 
-from agent.config import OtlpExporterConfig
-from agent.export import MAX_RESPONSE, ExportError, OtlpExporter, PermanentError, RetryableError, TooLargeError
+from agent.export import ExportError, PermanentError, RetryableError, TooLargeError
 from agent.export.compression import Compressor
 from agent.export.encoding import Payload
+from agent.export.otlp import MAX_RESPONSE, OtlpExporter, OtlpExporterConfig
 from agent.export.pool import Endpoint, EndpointPool, log_tls_error
 
 
@@ -166,9 +166,9 @@ def read_answer(resp) -> tuple[bytes, bool]:
 class HttpExporter(OtlpExporter):
     name = "otlp_http"
 
-    def __init__(self, cfg: OtlpExporterConfig):
+    def __init__(self, cfg: OtlpExporterConfig, telemetry):
         headers = cfg.all_headers()
-        super().__init__(headers)
+        super().__init__(headers, telemetry)
         self.cfg = cfg
         self.timeout = float(cfg.timeout)
         self.compressor = Compressor(cfg.compression, cfg.compression_level)
@@ -187,7 +187,8 @@ class HttpExporter(OtlpExporter):
                                         cert_file=tls.cert_file or None, key_file=tls.key_file or None, **kw)
         self.deadlines = Deadlines(self.name)
         self.http.pool_classes_by_scheme = _watched_pools(self.deadlines)
-        self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in ("metrics", "logs")}, check=self._check)
+        self.pool = EndpointPool(self.name, {s: cfg.signal_urls(s) for s in ("metrics", "logs")}, telemetry,
+                                 check=self._check)
         self._opened: dict = {}  # url -> connections opened so far
 
     def send(self, payload: Payload) -> None:

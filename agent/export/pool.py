@@ -19,7 +19,6 @@ import time
 from typing import Callable, Optional
 
 from agent.export import PermanentError, RetryableError
-from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export")
 
@@ -34,22 +33,22 @@ def health_backoff(failures: int) -> float:
 
 
 class EndpointStats:
-    def __init__(self):
-        self.requests = SELF.counter("hostagent.exporter.requests", "{requests}",
-                                     "Export requests, by exporter, endpoint and outcome "
-                                     "(success, retryable, permanent, too_large).")
-        self.bytes = SELF.counter("hostagent.exporter.sent_bytes", "By",
-                                  "Encoded request bytes before compression, by exporter and endpoint.")
-        self.wire_bytes = SELF.counter("hostagent.exporter.sent_wire_bytes", "By",
-                                       "Request body bytes after compression, as sent (OTLP/HTTP), "
-                                       "by exporter and endpoint.")
-        self.duration = SELF.histogram("hostagent.exporter.request.duration", "s",
-                                       "Duration of export requests, by exporter and endpoint.")
-        self.reconnects = SELF.counter("hostagent.exporter.reconnects", "{connections}",
-                                       "Connections to an endpoint established again after the first, "
-                                       "by exporter and endpoint.")
-        self.up = SELF.gauge("hostagent.exporter.endpoint.up", "1",
-                             "1 while an endpoint takes traffic, 0 while it is skipped after failures.")
+    def __init__(self, telemetry):
+        self.requests = telemetry.counter("hostagent.exporter.requests", "{requests}",
+                                          "Export requests, by exporter, endpoint and outcome "
+                                          "(success, retryable, permanent, too_large).")
+        self.bytes = telemetry.counter("hostagent.exporter.sent_bytes", "By",
+                                       "Encoded request bytes before compression, by exporter and endpoint.")
+        self.wire_bytes = telemetry.counter("hostagent.exporter.sent_wire_bytes", "By",
+                                            "Request body bytes after compression, as sent (OTLP/HTTP), "
+                                            "by exporter and endpoint.")
+        self.duration = telemetry.histogram("hostagent.exporter.request.duration", "s",
+                                            "Duration of export requests, by exporter and endpoint.")
+        self.reconnects = telemetry.counter("hostagent.exporter.reconnects", "{connections}",
+                                            "Connections to an endpoint established again after the first, "
+                                            "by exporter and endpoint.")
+        self.up = telemetry.gauge("hostagent.exporter.endpoint.up", "1",
+                                  "1 while an endpoint takes traffic, 0 while it is skipped after failures.")
 
 
 class Endpoint:
@@ -80,10 +79,10 @@ class Endpoint:
 
 
 class EndpointPool:
-    def __init__(self, exporter: str, urls: dict, check: Optional[Callable[[Endpoint], bool]] = None):
+    def __init__(self, exporter: str, urls: dict, telemetry, check: Optional[Callable[[Endpoint], bool]] = None):
         """`urls`: {signal: [url, ...]}; `check(endpoint)` -> True when it looks reachable."""
         self.exporter = exporter
-        self.stats = EndpointStats()
+        self.stats = EndpointStats(telemetry)
         self._by_url: dict = {}  # one Endpoint per URL, shared by the signals sent to it (gRPC)
         self.endpoints = {signal: [self._endpoint(u) for u in us] for signal, us in urls.items()}
         self._rr = {signal: itertools.count() for signal in urls}

@@ -11,18 +11,20 @@ Payloads, so what is queued does not depend on the exporter.
                        (memory) or on disk for the next start (persistent)
 
 Every drop is counted in the agent's own metrics (hostagent.queue.dropped by reason,
-hostagent.exporter.enqueue_failed) and the size and capacity are exported as gauges.
+hostagent.exporter.enqueue_failed) and the size and capacity are exported as gauges. Which kind a
+config asks for, and opening it, is agent/export/factory.py's (QUEUES, open_queue).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
+import os
 import threading
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Literal, Optional
 
+from agent.config import ConfigError, Duration, Size, check_ranges, check_writable_dir
 from agent.export.encoding import Payload
-from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export.queue")
 
@@ -31,11 +33,50 @@ MEMORY_DEFAULT_MAX_SIZE = 64 * 2**20
 PERSISTENT_DEFAULT_MAX_SIZE = 2**30
 
 
+@dataclass(frozen=True)
+class QueueConfig:
+    # persistent: an append-only log on disk that survives restarts and outages; memory: lost on
+    # exit; auto: persistent for the otlp exporter when the directory is usable, memory otherwise
+    type: Literal["auto", "memory", "persistent"] = "auto"
+    # empty: <state_dir>/queue/otlp
+    directory: str = ""
+    # bytes on disk (persistent) or of encoded payloads in memory; unset: 1GiB on disk, 64MiB in memory
+    max_size: Optional[Size] = None
+    # memory queue: also bound the number of data points and log records; 0: no bound by count
+    max_items: int = 0
+    # when full: drop the oldest data (and count it) or refuse the new (and count it)
+    full_policy: Literal["drop_oldest", "refuse_new"] = "drop_oldest"
+    # persistent: the log is cut into files of this size (at most max_size/8); space is
+    # reclaimed, and the oldest data dropped, a whole file at a time
+    segment_size: Size = Size(16 * 2**20)
+    # persistent: fsync every record (and every read-pointer move), or every fsync_interval
+    fsync: Literal["record", "interval"] = "interval"
+    fsync_interval: Duration = Duration(1.0)
+
+    RANGES: ClassVar[dict] = {"max_size": (Size(2**20), Size(2**40)), "max_items": (0, 10**9),
+                              "segment_size": (Size(64 * 2**10), Size(2**30)),
+                              "fsync_interval": (Duration(0.001), Duration(3600.0))}
+
+    def validate(self, key: str) -> None:
+        check_ranges(self, key)
+        if self.directory and not os.path.isabs(self.directory):
+            raise ConfigError(f"{key}.directory", f"must be an absolute path, got {self.directory!r}")
+
+    def check_directory(self, state_dir: str, key: str) -> None:
+        """A persistent queue's directory can be created and written (`key`: the queue section)."""
+        if self.type == "persistent":
+            check_writable_dir(self.path(state_dir), f"{key}.directory" if self.directory else "state_dir")
+
+    def path(self, state_dir: str) -> str:
+        """Where the persistent queue keeps its log."""
+        return self.directory or os.path.join(state_dir, "queue", "otlp")
+
+
 class QueueError(Exception):
     """The persistent queue cannot be used (directory unusable, or in use by another process)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class QueueSettings:
     kind: str  # "memory" | "persistent"
     directory: str = ""
@@ -47,7 +88,7 @@ class QueueSettings:
     fsync_interval: float = 1.0
 
 
-@dataclasses.dataclass(eq=False)
+@dataclass(eq=False)
 class Entry:
     payload: Payload
     token: object = None  # the queue's own bookkeeping (the record's place on disk)
@@ -56,38 +97,38 @@ class Entry:
 class QueueMetrics:
     """The instruments every export queue records into."""
 
-    def __init__(self):
-        self.enqueued = SELF.counter("hostagent.queue.enqueued", "{items}",
-                                     "Data points and log records put into a queue.")
-        self.dropped = SELF.counter("hostagent.queue.dropped", "{items}",
-                                    "Items dropped from a queue, by reason: full (oldest first), "
-                                    "corrupt (a damaged record of the persistent queue), shutdown.")
-        self.enqueue_failed = SELF.counter("hostagent.exporter.enqueue_failed", "{items}",
-                                           "Items refused by the export queue, by reason.")
-        self.corrupt = SELF.counter("hostagent.queue.corrupt_records", "{records}",
-                                    "Damaged records or regions skipped in the persistent queue, by reason.")
-        self.corrupt_bytes = SELF.counter("hostagent.queue.corrupt_bytes", "By",
-                                          "Bytes of the persistent queue skipped or truncated as damaged.")
-        self.size = SELF.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.")
+    def __init__(self, telemetry):
+        self.enqueued = telemetry.counter("hostagent.queue.enqueued", "{items}",
+                                          "Data points and log records put into a queue.")
+        self.dropped = telemetry.counter("hostagent.queue.dropped", "{items}",
+                                         "Items dropped from a queue, by reason: full (oldest first), "
+                                         "corrupt (a damaged record of the persistent queue), shutdown.")
+        self.enqueue_failed = telemetry.counter("hostagent.exporter.enqueue_failed", "{items}",
+                                                "Items refused by the export queue, by reason.")
+        self.corrupt = telemetry.counter("hostagent.queue.corrupt_records", "{records}",
+                                         "Damaged records or regions skipped in the persistent queue, by reason.")
+        self.corrupt_bytes = telemetry.counter("hostagent.queue.corrupt_bytes", "By",
+                                               "Bytes of the persistent queue skipped or truncated as damaged.")
+        self.size = telemetry.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.")
+        self.size_bytes = telemetry.gauge("hostagent.queue.size_bytes", "By",
+                                          "Bytes a queue holds: encoded payloads in memory, or its files on disk.")
+        self.capacity = telemetry.gauge("hostagent.queue.capacity", "{items}",
+                                        "Item bound of a queue; 0 when it is bounded by bytes only.")
+        self.capacity_bytes = telemetry.gauge("hostagent.queue.capacity_bytes", "By", "Byte bound of a queue.")
 
     def observe(self, queue: "ExportQueue") -> None:
         self.size.observe(QUEUE_ATTRS, lambda: queue.items)
-        SELF.gauge("hostagent.queue.size_bytes", "By",
-                   "Bytes a queue holds: encoded payloads in memory, or its files on disk.").observe(
-            QUEUE_ATTRS, lambda: queue.size_bytes)
-        SELF.gauge("hostagent.queue.capacity", "{items}",
-                   "Item bound of a queue; 0 when it is bounded by bytes only.").observe(
-            QUEUE_ATTRS, lambda: queue.settings.max_items if queue.kind == "memory" else 0)
-        SELF.gauge("hostagent.queue.capacity_bytes", "By", "Byte bound of a queue.").observe(
-            QUEUE_ATTRS, lambda: queue.settings.max_bytes)
+        self.size_bytes.observe(QUEUE_ATTRS, lambda: queue.size_bytes)
+        self.capacity.observe(QUEUE_ATTRS, lambda: queue.settings.max_items if queue.kind == "memory" else 0)
+        self.capacity_bytes.observe(QUEUE_ATTRS, lambda: queue.settings.max_bytes)
 
 
 class ExportQueue:
     kind = ""
 
-    def __init__(self, settings: QueueSettings):
+    def __init__(self, settings: QueueSettings, telemetry):
         self.settings = settings
-        self.metrics = QueueMetrics()
+        self.metrics = QueueMetrics(telemetry)
         self._cond = threading.Condition()
         self._closed = False
 
@@ -152,8 +193,8 @@ class MemoryQueue(ExportQueue):
     """FIFO of payloads bounded by bytes (of the encoded bodies) and optionally by items."""
     kind = "memory"
 
-    def __init__(self, settings: QueueSettings = QueueSettings("memory")):
-        super().__init__(settings)
+    def __init__(self, settings: QueueSettings, telemetry):
+        super().__init__(settings, telemetry)
         self._dq: collections.deque = collections.deque()
         self._items = self._bytes = 0  # queued and in flight
         self._inflight = 0
@@ -221,49 +262,11 @@ class MemoryQueue(ExportQueue):
         return len(self._dq) + self._inflight
 
 
-def settings_from_config(cfg) -> QueueSettings:
-    """What the config asks for; `auto` resolved to persistent for the otlp exporter."""
-    from agent.config import queue_directory
-    q = cfg.exporter.queue
-    kind = q.type
-    if kind == "auto":
-        kind = "persistent" if cfg.exporter.type == "otlp" else "memory"
+def settings(cfg: QueueConfig, kind: str, directory: str) -> QueueSettings:
+    """The bounds `cfg` asks for, for a queue of `kind` (memory or persistent) in `directory`."""
     default_max = PERSISTENT_DEFAULT_MAX_SIZE if kind == "persistent" else MEMORY_DEFAULT_MAX_SIZE
-    max_bytes = int(q.max_size) if q.max_size is not None else default_max
-    return QueueSettings(kind=kind, directory=queue_directory(cfg), max_bytes=max_bytes,
-                         max_items=q.max_items, policy=q.full_policy,
-                         segment_size=max(64 * 2**10, min(int(q.segment_size), max_bytes // 8)),
-                         fsync=q.fsync, fsync_interval=float(q.fsync_interval))
-
-
-def open_queue(cfg, reuse: Optional[ExportQueue] = None) -> ExportQueue:
-    """The export queue `cfg` asks for. `reuse`, the queue of the pipeline being replaced on a
-    reload, is kept when it is the same kind (and directory); otherwise its content is moved over.
-    With `auto`, a persistent queue that cannot be opened falls back to memory (logged)."""
-    settings = settings_from_config(cfg)
-    if reuse is not None and reuse.kind == settings.kind and (
-            settings.kind == "memory" or reuse.settings.directory == settings.directory):
-        reuse.reconfigure(settings)
-        return reuse
-    queue: ExportQueue
-    if settings.kind == "persistent":
-        from agent.export.wal import PersistentQueue
-        try:
-            queue = PersistentQueue(settings)
-        except QueueError as e:
-            if cfg.exporter.queue.type == "persistent":
-                raise
-            log.warning("queue_fallback type=memory reason=%r", str(e))
-            max_size = cfg.exporter.queue.max_size
-            queue = MemoryQueue(dataclasses.replace(
-                settings, kind="memory", max_bytes=int(max_size) if max_size is not None else MEMORY_DEFAULT_MAX_SIZE))
-    else:
-        queue = MemoryQueue(settings)
-    if reuse is not None:
-        moved = 0
-        for payload in reuse.drain():
-            queue.put(payload)
-            moved += 1
-        reuse.close()
-        log.info("queue_moved payloads=%d from=%s to=%s", moved, reuse.kind, queue.kind)
-    return queue
+    max_bytes = int(cfg.max_size) if cfg.max_size is not None else default_max
+    return QueueSettings(kind=kind, directory=directory, max_bytes=max_bytes, max_items=cfg.max_items,
+                         policy=cfg.full_policy,
+                         segment_size=max(64 * 2**10, min(int(cfg.segment_size), max_bytes // 8)),
+                         fsync=cfg.fsync, fsync_interval=float(cfg.fsync_interval))

@@ -12,17 +12,44 @@ import random
 import threading
 import time
 import traceback
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
-from agent.config import RetryConfig
+from agent.config import ConfigError, Duration, check_ranges
 from agent.export import Exporter, ExportError, PermanentError, RetryableError, TooLargeError
 from agent.export.encoding import Payload, split
-from agent.selfmetrics import SELF
 
 log = logging.getLogger("hostagent.export")
 
 SENT, DROPPED, ABORTED = "sent", "dropped", "aborted"
 RETRY_LOG_EVERY = 10.0  # seconds between two export_retry warnings (others go to debug)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    enabled: bool = True
+    # exponential backoff with +-50% jitter; a server's RetryInfo / Retry-After overrides it
+    initial_interval: Duration = Duration(5.0)
+    max_interval: Duration = Duration(30.0)
+    multiplier: float = 1.5
+    # give up on a payload (drop and count it) after this long; 0s retries forever;
+    # unset: forever with a persistent queue, 5m with a memory queue
+    max_elapsed_time: Optional[Duration] = None
+
+    RANGES: ClassVar[dict] = {"initial_interval": (Duration(0.001), Duration(3600.0)),
+                              "max_interval": (Duration(0.001), Duration(3600.0)), "multiplier": (1.0, 10.0),
+                              "max_elapsed_time": (Duration(0.0), Duration(365 * 86400.0))}
+
+    def validate(self, key: str) -> None:
+        check_ranges(self, key)
+        if self.max_interval < self.initial_interval:
+            raise ConfigError(f"{key}.max_interval", "must be at least initial_interval")
+
+    def give_up_after(self, persistent: bool) -> float:
+        """Seconds after which a payload is dropped; 0 for never."""
+        if self.max_elapsed_time is not None:
+            return float(self.max_elapsed_time)
+        return 0.0 if persistent else 300.0
 
 
 def internal_error(e: Exception) -> str:
@@ -36,22 +63,22 @@ def internal_error(e: Exception) -> str:
 
 
 class RetryingSender:
-    def __init__(self, exporter: Exporter, cfg: RetryConfig, abort: threading.Event,
+    def __init__(self, exporter: Exporter, cfg: RetryConfig, telemetry, abort: threading.Event,
                  give_up_after: Optional[float] = None):
         """`give_up_after`: seconds after which a payload is dropped (0: never); by default what
         `cfg` says for a memory queue."""
         self.exporter, self.cfg, self.abort = exporter, cfg, abort
         self.give_up_after = cfg.give_up_after(persistent=False) if give_up_after is None else give_up_after
-        self.sent = SELF.counter("hostagent.exporter.sent", "{items}",
-                                 "Data points and log records the exporter delivered.")
-        self.failed = SELF.counter("hostagent.exporter.send_failed", "{items}",
-                                   "Items dropped because they could not be delivered, by reason.")
-        self.retries = SELF.counter("hostagent.exporter.retries", "{requests}", "Export requests retried.")
-        self.internal_errors = SELF.counter("hostagent.exporter.internal_errors", "{requests}",
-                                            "Export attempts that failed on this host (a bug, or a request "
-                                            "the transport refuses); the payload stays queued and is retried.")
-        self.splits = SELF.counter("hostagent.exporter.splits", "{requests}",
-                                   "Requests split in halves because the server found them too large.")
+        self.sent = telemetry.counter("hostagent.exporter.sent", "{items}",
+                                      "Data points and log records the exporter delivered.")
+        self.failed = telemetry.counter("hostagent.exporter.send_failed", "{items}",
+                                        "Items dropped because they could not be delivered, by reason.")
+        self.retries = telemetry.counter("hostagent.exporter.retries", "{requests}", "Export requests retried.")
+        self.internal_errors = telemetry.counter("hostagent.exporter.internal_errors", "{requests}",
+                                                 "Export attempts that failed on this host (a bug, or a request "
+                                                 "the transport refuses); the payload stays queued and is retried.")
+        self.splits = telemetry.counter("hostagent.exporter.splits", "{requests}",
+                                        "Requests split in halves because the server found them too large.")
         self._log_lock = threading.Lock()
         self._last_warning = 0.0
         self._quiet = 0

@@ -237,8 +237,8 @@ def read_pending(directory: str) -> Pending:
 class PersistentQueue(ExportQueue):
     kind = "persistent"
 
-    def __init__(self, settings: QueueSettings):
-        super().__init__(settings)
+    def __init__(self, settings: QueueSettings, telemetry):
+        super().__init__(settings, telemetry)
         self.dir = settings.directory
         self._segments: dict[int, Segment] = {}
         self._inflight: dict[tuple, int] = {}  # (segment, offset) -> items, handed out, not acked

@@ -14,10 +14,11 @@ import threading
 import time
 from typing import Optional
 
-from agent.config import ConfigError, RetryConfig
+from agent.config import ConfigError
 from agent.export import Exporter
-from agent.export.queue import ExportQueue, MemoryQueue, QueueError, open_queue
-from agent.export.retry import ABORTED, RetryingSender, internal_error
+from agent.export.factory import open_queue
+from agent.export.queue import ExportQueue, MemoryQueue, QueueError, QueueSettings
+from agent.export.retry import ABORTED, RetryConfig, RetryingSender, internal_error
 from agent.model import Batch
 from agent.pipeline.batcher import BatchConfig, Batcher
 from agent.pipeline.bounded import BoundedQueue
@@ -42,14 +43,14 @@ class Pipeline:
         self.incoming = telemetry.counter("hostagent.pipeline.incoming_items", "{items}",
                                           "Data points and log records handed to the pipeline, by scope.")
         self.inq = BoundedQueue("input", batch.queue_size, telemetry, len)
-        self.queue = queue if queue is not None else MemoryQueue()
+        self.queue = queue if queue is not None else MemoryQueue(QueueSettings("memory"), telemetry)
         for payload in backlog:
             self.queue.put(payload)
-        self.batcher = Batcher(self.inq, self.queue, batch.max_size, float(batch.timeout), stages)
+        self.batcher = Batcher(self.inq, self.queue, batch.max_size, float(batch.timeout), telemetry, stages)
         self.abort = threading.Event()
         if give_up_after is None:
             give_up_after = retry.give_up_after(persistent=self.queue.kind == "persistent")
-        self.sender = RetryingSender(exporter, retry, self.abort, give_up_after)
+        self.sender = RetryingSender(exporter, retry, telemetry, self.abort, give_up_after)
         self.retry_pause = float(retry.max_interval)
         self._draining = threading.Event()
         self._workers = [threading.Thread(target=self._send_loop, name=f"exporter-{i}", daemon=True)
@@ -144,10 +145,9 @@ def build_pipeline(cfg, exporter: Exporter, telemetry, backlog=()) -> Pipeline:
     the new one), or a list of payloads."""
     reuse = backlog if isinstance(backlog, ExportQueue) else None
     try:
-        queue = open_queue(cfg, reuse=reuse)
+        queue = open_queue(cfg.exporter, cfg.state_dir, telemetry, reuse=reuse)
     except QueueError as e:
         raise ConfigError("exporter.queue.directory", str(e)) from None
-    senders = cfg.exporter.otlp.connections if cfg.exporter.type == "otlp" else 1
     log.info("export_queue type=%s%s items=%d max_size=%d", queue.kind,
              f" directory={queue.settings.directory}" if queue.kind == "persistent" else "",
              queue.items, queue.settings.max_bytes)
@@ -155,4 +155,4 @@ def build_pipeline(cfg, exporter: Exporter, telemetry, backlog=()) -> Pipeline:
     if cfg.enrichment.enabled:
         stages.insert(0, ProcessEnricher(cfg.enrichment, telemetry))
     return Pipeline(cfg.batch, cfg.exporter.retry, exporter, telemetry, () if reuse is not None else backlog,
-                    queue=queue, senders=senders, stages=stages)
+                    queue=queue, senders=cfg.exporter.senders(), stages=stages)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
 from agent.config import Duration, check_ranges
-from agent.export.encoding import encode
+from agent.export.encoding import EncodingCounters, encode
 from agent.model import Batch
 from agent.pipeline.bounded import BoundedQueue
 
@@ -36,12 +36,14 @@ class Batcher(threading.Thread):
     """Moves items from `inq` (Batch) to `outq` (Payload), flushing when `max_size` items are
     buffered or the oldest buffered item is `timeout` seconds old. Encoding happens here, once
     per flushed batch, so everything downstream handles wire bytes. `stages` change each incoming
-    batch in place first (enrichment, cardinality limits), all on this one thread."""
+    batch in place first (enrichment, cardinality limits), all on this one thread. The encoder's
+    replacements and drops are counted in `telemetry`."""
 
-    def __init__(self, inq: BoundedQueue, outq: BoundedQueue, max_size: int, timeout: float,
+    def __init__(self, inq: BoundedQueue, outq: BoundedQueue, max_size: int, timeout: float, telemetry,
                  stages: Sequence[Callable[[Batch], None]] = ()):
         super().__init__(name="batcher", daemon=True)
         self.inq, self.outq, self.max_size, self.timeout = inq, outq, max_size, timeout
+        self.counters = EncodingCounters(telemetry)
         self.stages = tuple(stages)
         self._stopping = threading.Event()
         self._pending = Batch()
@@ -79,7 +81,7 @@ class Batcher(threading.Thread):
             return
         batch, self._pending, self._size = self._pending, Batch(), 0
         try:
-            payloads = encode(batch)
+            payloads = encode(batch, self.counters)
         except Exception:  # a bug in one source's data must not stop the pipeline
             log.exception("encode_failed items=%d", len(batch))
             return

@@ -1,12 +1,13 @@
 """A bounded FIFO between two stages. put() never blocks the producer: when the queue is full
 the oldest item is dropped and counted, so memory stays bounded and nothing is lost silently.
-It records into the same instruments as the export queue (hostagent.queue.*, with queue=<name>):
-instruments are one per name in the agent's telemetry."""
+It records into the export queue's instruments (hostagent.queue.*), with queue=<name>."""
 from __future__ import annotations
 
 import collections
 import threading
 from typing import Callable, Optional
+
+from agent.export.queue import QueueMetrics
 
 
 class BoundedQueue:
@@ -16,11 +17,9 @@ class BoundedQueue:
         self._dq: collections.deque = collections.deque()
         self._items = 0
         self._cond = threading.Condition()
-        self.dropped = telemetry.counter("hostagent.queue.dropped", "{items}",
-                                         "Items dropped from a queue, by reason: full (oldest first), "
-                                         "corrupt (a damaged record of the persistent queue), shutdown.")
-        telemetry.gauge("hostagent.queue.size", "{items}", "Items waiting in a queue or in flight.").observe(
-            (("queue", name),), lambda: self._items)
+        metrics = QueueMetrics(telemetry)  # the same instruments as the export queue's, with queue=<name>
+        self.dropped = metrics.dropped
+        metrics.size.observe((("queue", name),), lambda: self._items)
         telemetry.gauge("hostagent.queue.capacity_batches", "{batches}",
                         "Capacity of a queue bounded by batches.").observe((("queue", name),), lambda: capacity)
 
