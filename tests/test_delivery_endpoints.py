@@ -321,10 +321,10 @@ def test_an_exporter_and_its_queue_load_only_their_own_libraries(tmp_path, expor
     exporter.setdefault("file", {"path": str(tmp_path / "m.jsonl"), "logs_path": str(tmp_path / "l.jsonl")})
     raw = {"state_dir": str(tmp_path / "state"), "exporter": exporter}
     code = ("import json, sys\n"
-            "from agent import config, runtime\n"
+            "from agent import components, config, runtime\n"
             "from agent.export.factory import build_exporter, open_queue\n"
             "from agent.selfmetrics import SelfMetrics\n"
-            f"cfg = config.build(config.Config, json.loads({json.dumps(json.dumps(raw))}))\n"
+            f"cfg = config.build(components.Config, json.loads({json.dumps(json.dumps(raw))}))\n"
             "build_exporter(cfg.exporter, SelfMetrics()).close()\n"
             "open_queue(cfg.exporter, cfg.state_dir, SelfMetrics()).close()\n"
             "print(json.dumps(sorted(m for m in sys.modules if '.' not in m or m.startswith('agent.'))))\n")
