@@ -203,6 +203,37 @@ def test_attribute_cache_stays_bounded():
     assert len(cache) <= 10
 
 
+def test_every_field_tag_is_the_one_the_official_serializer_writes():
+    """The encoder's tags come from the generated descriptors: for each field of every message it
+    writes, the official serializer starts a message holding only that field with that tag."""
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.logs.v1 import logs_pb2
+    from opentelemetry.proto.metrics.v1 import metrics_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    messages = [m for module in (common_pb2, logs_pb2, metrics_pb2, resource_pb2)
+                for m in vars(module).values() if isinstance(m, type) and hasattr(m, "DESCRIPTOR")]
+    messages += [metrics_pb2.ExponentialHistogramDataPoint.Buckets, ExportMetricsServiceRequest,
+                 ExportLogsServiceRequest]
+    checked = 0
+    for cls in messages:
+        for field in cls.DESCRIPTOR.fields:
+            msg = cls()
+            kind = field.cpp_type
+            value = {field.CPPTYPE_STRING: b"x" if field.type == field.TYPE_BYTES else "x",
+                     field.CPPTYPE_BOOL: True, field.CPPTYPE_DOUBLE: 1.5, field.CPPTYPE_FLOAT: 1.5,
+                     field.CPPTYPE_ENUM: 1}.get(kind, 1)
+            target = getattr(msg, field.name)
+            if kind == field.CPPTYPE_MESSAGE:
+                (target.add() if field.is_repeated else target).SetInParent()
+            elif field.is_repeated:
+                target.append(value)
+            else:
+                setattr(msg, field.name, value)
+            assert msg.SerializeToString().startswith(encoding._field_tag(field)), (cls.__name__, field.name)
+            checked += 1
+    assert checked > 80
+
+
 def _points(req):
     return [(rm.resource.SerializeToString(), sm.scope.name, m.name, p.SerializeToString())
             for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
