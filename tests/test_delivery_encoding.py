@@ -4,9 +4,11 @@ model has, the bytes equal those of the same request built field by field with o
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
 from agent import config
@@ -25,6 +27,8 @@ def _any(value) -> AnyValue:
         return AnyValue(int_value=value)
     if isinstance(value, float):
         return AnyValue(double_value=value)
+    if isinstance(value, tuple):
+        return AnyValue(array_value=ArrayValue(values=[_any(v) for v in value]))
     return AnyValue(string_value=str(value))
 
 
@@ -201,6 +205,42 @@ def test_attribute_cache_stays_bounded():
     for i in range(25):
         cache[(("i", i),)]
     assert len(cache) <= 10
+    typed = encoding._AttributesCache(lambda k: b"x", limit=10)
+    for i in range(25):
+        for v in (i, float(i), str(i)):
+            assert typed.of((("i", v),)) == b"x"
+    assert len(typed) <= 10
+
+
+@pytest.mark.parametrize("values", [(0, 0.0, False), (False, 0.0, 0), (1, True, 1.0), (-0.0, 0.0, 0),
+                                    ((1, 2), (True, 2.0), (1.0, 2))])
+def test_values_python_finds_equal_keep_their_own_type(values):
+    """0, 0.0, -0.0 and False are equal (and hash alike) in Python, but are different AnyValues: each
+    point and record is sent with the type it has, whichever came first and was cached."""
+    points = [NumberPoint((("v", v), ("host", "h")), 1.0, T0, T1) for v in values]
+    groups = [MetricGroup(HOST, Scope("s"), [Metric("m", "", "", MetricKind.GAUGE, points)])]
+    records = [LogRecord(T1, "r", (("v", v),)) for v in values]
+    logs = [LogGroup(HOST, Scope("s"), records)]
+    for _ in range(2):  # the second time from the caches
+        assert encode_metrics(groups) == reference_metrics(groups)
+        assert encode_logs(logs) == reference_logs(logs)
+
+
+_EQUALS = st.sampled_from([0, 0.0, False, 1, 1.0, True, -0.0, 2, 2.0, "0", ""])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.one_of(_EQUALS, st.tuples(_EQUALS, _EQUALS)), min_size=1, max_size=3),
+                min_size=1, max_size=8))
+def test_any_mix_of_equal_values_encodes_as_the_official_serializer(sets):
+    """Attribute sets drawn from values Python finds equal across types, in any order and repeated:
+    every encoding, first or from the caches, is the official one."""
+    points = [NumberPoint(tuple((f"k{i}", v) for i, v in enumerate(values)), 1, T0, T1) for values in sets]
+    groups = [MetricGroup(HOST, Scope("s"), [Metric("m", "", "", MetricKind.SUM, points)])]
+    logs = [LogGroup(HOST, Scope("s"), [LogRecord(T1, "r", p.attributes) for p in points])]
+    for _ in range(2):
+        assert encode_metrics(groups) == reference_metrics(groups)
+        assert encode_logs(logs) == reference_logs(logs)
 
 
 def test_every_field_tag_is_the_one_the_official_serializer_writes():

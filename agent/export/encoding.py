@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import logging
+import math
 import operator
 import struct
 from dataclasses import dataclass
@@ -273,9 +274,7 @@ def _key_values(tag: bytes, attributes) -> bytes:
 
 class _Cache(dict):
     """Encoded bytes of values that repeat between collections, keyed by the (hashable) value.
-    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality.
-    Keys are compared as Python does: attribute sets that differ only in 0 / 0.0 / False share
-    the encoding of the first one seen (no source gives one attribute values of several types)."""
+    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality."""
 
     def __init__(self, encode, limit: int = 65536):
         super().__init__()
@@ -295,11 +294,49 @@ class _Cache(dict):
             return self.encode(key)
 
 
+def _kinds(values) -> tuple:
+    """What tells apart values that Python finds equal: the type of each, the sign of a float zero,
+    the same for the items of a tuple."""
+    kinds = tuple([v.__class__ for v in values])
+    if tuple in kinds or float in kinds:
+        return tuple([_kinds(v) if v.__class__ is tuple
+                      else (float, math.copysign(1.0, v)) if v.__class__ is float and not v
+                      else v.__class__ for v in values])
+    return kinds
+
+
+class _AttributesCache(_Cache):
+    """A _Cache of attribute sets. Python finds 0, 0.0, -0.0 and False equal as dict keys (1, 1.0 and
+    True too), but they are different AnyValues: under a set holding anything but text, the cache
+    keeps (that set, its encoding), and a set equal to it but of other _kinds is encoded anew.
+    Sets of text only, the common case, take one lookup."""
+
+    def __missing__(self, key):
+        if len(self) >= self.limit:
+            self.clear()
+        value = self.encode(key)
+        kinds = [v.__class__ for _, v in key]
+        self[key] = value if kinds.count(str) == len(kinds) else (key, value)
+        return value
+
+    def of(self, key):
+        try:
+            value = self[key]
+        except TypeError:
+            return self.encode(key)
+        if value.__class__ is bytes:
+            return value
+        first, value = value
+        if first is key or _kinds([v for _, v in first]) == _kinds([v for _, v in key]):
+            return value
+        return self.encode(key)
+
+
 # attribute sets, under the field attributes have in each message
-_ATTRS_NUMBER = _Cache(lambda a: _key_values(_NP_ATTRS, a))
-_ATTRS_HISTOGRAM = _Cache(lambda a: _key_values(_HP_ATTRS, a))
-_ATTRS_EXP = _Cache(lambda a: _key_values(_EP_ATTRS, a))
-_ATTRS_LOG = _Cache(lambda a: _key_values(_LOG_ATTRS, a))
+_ATTRS_NUMBER = _AttributesCache(lambda a: _key_values(_NP_ATTRS, a))
+_ATTRS_HISTOGRAM = _AttributesCache(lambda a: _key_values(_HP_ATTRS, a))
+_ATTRS_EXP = _AttributesCache(lambda a: _key_values(_EP_ATTRS, a))
+_ATTRS_LOG = _AttributesCache(lambda a: _key_values(_LOG_ATTRS, a))
 # Resource and InstrumentationScope, as fields of ResourceMetrics/ResourceLogs and ScopeMetrics/ScopeLogs
 _RESOURCE = _Cache(lambda r: _ld(_RESOURCE_FIELD, _key_values(_RESOURCE_ATTRS, r.attributes)), limit=4096)
 _SCOPE = _Cache(lambda s: _ld(_SCOPE_FIELD, _str(_SCOPE_NAME, s.name) + _str(_SCOPE_VERSION, s.version)),
@@ -330,14 +367,16 @@ def _int_value(v: int) -> bytes:
 
 def _number_points(points, out: list) -> None:
     """Append each NumberDataPoint as data_points of Gauge/Sum; the hot loop of the encoder."""
-    attrs_of, prefix, pack_d, pack_i = _ATTRS_NUMBER, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
+    attrs_of, bytes_, prefix, pack_d, pack_i = _ATTRS_NUMBER, bytes, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
     start_tag, time_tag, double_tag, int_tag = _NUMBER_TAGS
     fixed = _NUMBER_DOUBLE.size
     append = out.append
     for p in points:
         try:
             a = attrs_of[p.attributes]
-        except TypeError:
+        except TypeError:  # unhashable: a list in a value
+            a = None
+        if a.__class__ is not bytes_:  # unhashable, or a set holding numbers
             a = attrs_of.of(p.attributes)
         start, t, v = p.start_time_ns, p.time_ns, p.value
         tv = type(v)
