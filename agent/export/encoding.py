@@ -307,29 +307,32 @@ def _kinds(values) -> tuple:
 
 class _AttributesCache(_Cache):
     """A _Cache of attribute sets. Python finds 0, 0.0, -0.0 and False equal as dict keys (1, 1.0 and
-    True too), but they are different AnyValues: under a set holding anything but text, the cache
-    keeps (that set, its encoding), and a set equal to it but of other _kinds is encoded anew.
-    Sets of text only, the common case, take one lookup."""
+    True too), but they are different AnyValues. Sets of text only, the common case, are the dict's
+    keys: one lookup. A set holding anything else never is, so each of its lookups comes here, to
+    `numbers`, which keeps it with the set it was encoded from: the same tuple again, or one of the
+    same _kinds, takes that encoding; a set equal to it but of other kinds is encoded anew."""
+
+    def __init__(self, encode, limit: int = 65536):
+        super().__init__(encode, limit)
+        self.numbers: dict = {}
 
     def __missing__(self, key):
-        if len(self) >= self.limit:
-            self.clear()
+        entry = self.numbers.get(key)
+        if entry is not None:
+            first, value = entry
+            if first is key or _kinds([v for _, v in first]) == _kinds([v for _, v in key]):
+                return value
         value = self.encode(key)
         kinds = [v.__class__ for _, v in key]
-        self[key] = value if kinds.count(str) == len(kinds) else (key, value)
+        if kinds.count(str) == len(kinds):
+            if len(self) >= self.limit:
+                self.clear()
+            self[key] = value
+        elif entry is None:
+            if len(self.numbers) >= self.limit:
+                self.numbers.clear()
+            self.numbers[key] = (key, value)
         return value
-
-    def of(self, key):
-        try:
-            value = self[key]
-        except TypeError:
-            return self.encode(key)
-        if value.__class__ is bytes:
-            return value
-        first, value = value
-        if first is key or _kinds([v for _, v in first]) == _kinds([v for _, v in key]):
-            return value
-        return self.encode(key)
 
 
 # attribute sets, under the field attributes have in each message
@@ -367,16 +370,14 @@ def _int_value(v: int) -> bytes:
 
 def _number_points(points, out: list) -> None:
     """Append each NumberDataPoint as data_points of Gauge/Sum; the hot loop of the encoder."""
-    attrs_of, bytes_, prefix, pack_d, pack_i = _ATTRS_NUMBER, bytes, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
+    attrs_of, prefix, pack_d, pack_i = _ATTRS_NUMBER, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
     start_tag, time_tag, double_tag, int_tag = _NUMBER_TAGS
     fixed = _NUMBER_DOUBLE.size
     append = out.append
     for p in points:
         try:
             a = attrs_of[p.attributes]
-        except TypeError:  # unhashable: a list in a value
-            a = None
-        if a.__class__ is not bytes_:  # unhashable, or a set holding numbers
+        except TypeError:
             a = attrs_of.of(p.attributes)
         start, t, v = p.start_time_ns, p.time_ns, p.value
         tv = type(v)
