@@ -549,14 +549,6 @@ def _metric_points(metric):
     return getattr(metric, kind).data_points if kind else None
 
 
-def count_items(signal: str, body: bytes) -> int:
-    req = REQUEST_TYPES[signal].FromString(body)
-    if signal == "metrics":
-        return sum(len(_metric_points(m) or ()) for rm in req.resource_metrics
-                   for sm in rm.scope_metrics for m in sm.metrics)
-    return sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
-
-
 def split(payload: Payload) -> list[Payload]:
     """The payload as two requests with about half of its data points (log records) each, resource
     and scope kept with each half; [] when it holds fewer than two items and cannot be split."""

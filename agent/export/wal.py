@@ -224,7 +224,6 @@ class Pending:
     """What `read_pending` finds in a queue directory without changing it."""
     payloads: list = field(default_factory=list)
     corrupt_records: int = 0
-    segments: int = 0
 
 
 def read_pending(directory: str) -> Pending:
@@ -235,7 +234,6 @@ def read_pending(directory: str) -> Pending:
     for seq, path in segment_files(directory).items():
         if seq < cursor[0]:
             continue
-        out.segments += 1
         with open(path, "rb") as f:
             fd = f.fileno()
             for frame in frames(fd, cursor[1] if seq == cursor[0] else 0, os.fstat(fd).st_size):
