@@ -4,13 +4,15 @@ model has, the bytes equal those of the same request built field by field with o
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
 from agent.export import encoding
-from agent.export.encoding import Payload, count_items, encode, encode_logs, encode_metrics, split
+from agent.export.encoding import Payload, encode, encode_logs, encode_metrics, split
 from agent.model import (Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, LogRecord, Metric,
                          MetricGroup, MetricKind, NumberPoint, Resource, Scope, Severity, Temporality)
 
@@ -24,6 +26,8 @@ def _any(value) -> AnyValue:
         return AnyValue(int_value=value)
     if isinstance(value, float):
         return AnyValue(double_value=value)
+    if isinstance(value, tuple):
+        return AnyValue(array_value=ArrayValue(values=[_any(v) for v in value]))
     return AnyValue(string_value=str(value))
 
 
@@ -201,6 +205,73 @@ def test_attribute_cache_stays_bounded():
     for i in range(25):
         cache[(("i", i),)]
     assert len(cache) <= 10
+    typed = encoding._AttributesCache(lambda k: b"x", limit=10)
+    for i in range(25):
+        for v in (i, float(i), str(i)):
+            assert typed.of((("i", v),)) == b"x"
+    assert len(typed) <= 10 and len(typed.numbers) <= 10
+
+
+@pytest.mark.parametrize("values", [(0, 0.0, False), (False, 0.0, 0), (1, True, 1.0), (-0.0, 0.0, 0),
+                                    ((1, 2), (True, 2.0), (1.0, 2))])
+def test_values_python_finds_equal_keep_their_own_type(values):
+    """0, 0.0, -0.0 and False are equal (and hash alike) in Python, but are different AnyValues: each
+    point and record is sent with the type it has, whichever came first and was cached."""
+    points = [NumberPoint((("v", v), ("host", "h")), 1.0, T0, T1) for v in values]
+    groups = [MetricGroup(HOST, Scope("s"), [Metric("m", "", "", MetricKind.GAUGE, points)])]
+    records = [LogRecord(T1, "r", (("v", v),)) for v in values]
+    logs = [LogGroup(HOST, Scope("s"), records)]
+    for _ in range(2):  # the second time from the caches
+        assert encode_metrics(groups) == reference_metrics(groups)
+        assert encode_logs(logs) == reference_logs(logs)
+
+
+_EQUALS = st.sampled_from([0, 0.0, False, 1, 1.0, True, -0.0, 2, 2.0, "0", ""])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.one_of(_EQUALS, st.tuples(_EQUALS, _EQUALS)), min_size=1, max_size=3),
+                min_size=1, max_size=8))
+def test_any_mix_of_equal_values_encodes_as_the_official_serializer(sets):
+    """Attribute sets drawn from values Python finds equal across types, in any order and repeated:
+    every encoding, first or from the caches, is the official one."""
+    points = [NumberPoint(tuple((f"k{i}", v) for i, v in enumerate(values)), 1, T0, T1) for values in sets]
+    groups = [MetricGroup(HOST, Scope("s"), [Metric("m", "", "", MetricKind.SUM, points)])]
+    logs = [LogGroup(HOST, Scope("s"), [LogRecord(T1, "r", p.attributes) for p in points])]
+    for _ in range(2):
+        assert encode_metrics(groups) == reference_metrics(groups)
+        assert encode_logs(logs) == reference_logs(logs)
+
+
+def test_every_field_tag_is_the_one_the_official_serializer_writes():
+    """The encoder's tags come from the generated descriptors: for each field of every message it
+    writes, the official serializer starts a message holding only that field with that tag."""
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.logs.v1 import logs_pb2
+    from opentelemetry.proto.metrics.v1 import metrics_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    messages = [m for module in (common_pb2, logs_pb2, metrics_pb2, resource_pb2)
+                for m in vars(module).values() if isinstance(m, type) and hasattr(m, "DESCRIPTOR")]
+    messages += [metrics_pb2.ExponentialHistogramDataPoint.Buckets, ExportMetricsServiceRequest,
+                 ExportLogsServiceRequest]
+    checked = 0
+    for cls in messages:
+        for field in cls.DESCRIPTOR.fields:
+            msg = cls()
+            kind = field.cpp_type
+            value = {field.CPPTYPE_STRING: b"x" if field.type == field.TYPE_BYTES else "x",
+                     field.CPPTYPE_BOOL: True, field.CPPTYPE_DOUBLE: 1.5, field.CPPTYPE_FLOAT: 1.5,
+                     field.CPPTYPE_ENUM: 1}.get(kind, 1)
+            target = getattr(msg, field.name)
+            if kind == field.CPPTYPE_MESSAGE:
+                (target.add() if field.is_repeated else target).SetInParent()
+            elif field.is_repeated:
+                target.append(value)
+            else:
+                setattr(msg, field.name, value)
+            assert msg.SerializeToString().startswith(encoding._field_tag(field)), (cls.__name__, field.name)
+            checked += 1
+    assert checked > 80
 
 
 def _points(req):
@@ -209,18 +280,22 @@ def _points(req):
             for p in getattr(m, m.WhichOneof("data")).data_points]
 
 
+def count_points(body: bytes) -> int:
+    return len(_points(ExportMetricsServiceRequest.FromString(body)))
+
+
 def test_split_halves_keep_every_point_once_with_its_resource_and_scope():
     groups = shapes()[3] + shapes()[2]
     payload = encode(Batch(metrics=groups))[0]
     halves = split(payload)
     assert len(halves) == 2
-    assert sum(h.items for h in halves) == payload.items == count_items("metrics", payload.body)
+    assert sum(h.items for h in halves) == payload.items == count_points(payload.body)
     assert abs(halves[0].items - halves[1].items) <= 1
     whole = _points(ExportMetricsServiceRequest.FromString(payload.body))
     parts = [p for h in halves for p in _points(ExportMetricsServiceRequest.FromString(h.body))]
     assert sorted(parts) == sorted(whole)
     for h in halves:
-        assert count_items("metrics", h.body) == h.items
+        assert count_points(h.body) == h.items
     # down to single points, then no further
     one = payload
     while one.items > 1:

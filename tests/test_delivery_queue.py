@@ -352,3 +352,140 @@ def test_retries_never_give_up_with_a_persistent_queue_by_default(tmp_path):
     p = build_pipeline(c, p.exporter, SelfMetrics())
     assert p.sender.give_up_after == 60
     p.queue.close()
+
+
+# --- the persistent queue's lock, recursion and length (no disk work where callers wait) --------------
+
+@pytest.mark.parametrize("fsync, stalled", [("interval", "sync"), ("record", "put"), ("record", "ack")])
+def test_a_stalled_fsync_holds_up_no_other_caller(tmp_path, monkeypatch, fsync, stalled):
+    """One thread's fsync hangs (a slow disk, a hung NFS server); the other threads still put, get,
+    acknowledge and ask the length: the queue's lock is never held over disk I/O."""
+    q = persistent(tmp_path, fsync=fsync, fsync_interval=3600.0)  # the flusher stays asleep
+    for i in range(3):
+        q.put(payload(i))
+    first = q.get(0)
+    entered, release, outcome = threading.Event(), threading.Event(), {}
+
+    def stalling(real):
+        def call(fd):
+            if threading.current_thread() is staller:
+                entered.set()
+                outcome["released"] = release.wait(20)  # False: the others had to wait it out
+            return real(fd)
+        return call
+
+    monkeypatch.setattr(os, "fdatasync", stalling(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", stalling(os.fsync))
+    staller = threading.Thread(target={"sync": q.sync, "put": lambda: q.put(payload(9)),
+                                       "ack": lambda: q.ack(first)}[stalled])
+    staller.start()
+    assert entered.wait(30)
+    second = q.get(0)
+    assert ident(second.payload) == 1
+    q.ack(second)
+    if stalled != "put":  # (puts take turns: one stalled in record mode holds up the next put only)
+        q.put(payload(10))
+    assert len(q) >= 2 and q.items >= 12
+    release.set()
+    staller.join(30)
+    assert outcome == {"released": True}
+    q.close()
+
+
+def test_get_steps_over_thousands_of_undecodable_records(tmp_path):
+    """Records whose CRC checks out but whose body is not lz4 (a bug, a foreign writer) are each
+    counted and skipped; however many follow one another, get() goes on to the next good one."""
+    import crc32c
+    from agent.export.wal import encode_frame
+    n = 3000
+    frames = []
+    for i in range(n):
+        body = b"not lz4 %d" % i
+        rest = struct.pack("<IIQBBHI", len(body), 1, time.time_ns(), 0, 1, 0, crc32c.crc32c(body))
+        frames.append(MAGIC + struct.pack("<I", crc32c.crc32c(rest)) + rest + body)
+    good = payload(7)
+    directory = tmp_path / "q"
+    directory.mkdir()
+    (directory / f"{1:020d}.seg").write_bytes(b"".join(frames) + encode_frame(good))
+    q = persistent(tmp_path)
+    codec = q.metrics.corrupt.value((("queue", "export"), ("reason", "codec")))
+    dropped = q.metrics.dropped.value(REASON("corrupt"))
+    assert len(q) == n + 1
+    e = q.get(0)
+    assert e is not None and e.payload == good
+    assert q.metrics.corrupt.value((("queue", "export"), ("reason", "codec"))) - codec == n
+    assert q.metrics.dropped.value(REASON("corrupt")) - dropped == n
+    q.ack(e)
+    assert len(q) == 0 and q.items == 0
+    q.close()
+
+
+def test_length_is_kept_in_memory(tmp_path, monkeypatch):
+    """len() and the item count read nothing from disk, however long the queue; they are right
+    after a reopen, and after records are handed out, acknowledged and dropped."""
+    q = persistent(tmp_path, max_bytes=512 << 10, segment_size=64 << 10)
+    sent = [payload(i) for i in range(200)]  # ~400 KiB: several segments, nothing dropped yet
+    for p in sent:
+        q.put(p)
+    q.close()
+    q = persistent(tmp_path, max_bytes=512 << 10, segment_size=64 << 10)
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda *a: reads.append(a) or real_pread(*a))
+    assert len(q) == 200 and q.items == sum(p.items for p in sent)
+    assert reads == []
+    entries = [q.get(0) for _ in range(50)]
+    for e in entries[:30]:
+        q.ack(e)
+    del reads[:]
+    assert len(q) == 170 and q.items == sum(p.items for p in sent[30:])
+    assert reads == []
+    for i in range(200, 260):  # past max_bytes: the oldest segments go
+        q.put(payload(i))
+    rest = take_all(q)
+    assert len(q) == 20 + len(rest)  # 20 still in flight, the rest handed out now
+    for e in entries[30:] + rest:
+        q.ack(e)
+    assert len(q) == 0 and q.items == 0
+    q.close()
+
+
+def test_concurrent_producers_consumers_and_drops_account_for_every_item(tmp_path):
+    """Producers overflow a small queue while consumers take and acknowledge: every item put is
+    delivered or counted as dropped, and the queue ends empty on disk and in its counts."""
+    q = persistent(tmp_path, max_bytes=256 << 10, segment_size=64 << 10)
+    before = q.metrics.dropped.value(REASON("full"))
+    n, got, lock = 600, [], threading.Lock()
+    done = threading.Event()
+
+    def produce(start):
+        for i in range(start, n, 3):
+            q.put(payload(i, 4000))
+
+    def consume():
+        while True:
+            e = q.get(0.2)
+            if e is None:
+                if done.is_set():
+                    return
+                continue
+            with lock:
+                got.append(e.payload)
+            q.ack(e)
+
+    producers = [threading.Thread(target=produce, args=(s,)) for s in range(3)]
+    consumers = [threading.Thread(target=consume) for _ in range(2)]
+    for t in producers + consumers:
+        t.start()
+    for t in producers:
+        t.join(60)
+    done.set()
+    for t in consumers:
+        t.join(60)
+    delivered = sum(p.items for p in got)
+    dropped = q.metrics.dropped.value(REASON("full")) - before
+    assert delivered + dropped == sum(10 + i for i in range(n))
+    assert len({ident(p) for p in got}) == len(got)  # no duplicates within one run
+    assert q.items == 0 and len(q) == 0
+    q.close()
+    assert read_pending(str(tmp_path / "q")).payloads == []

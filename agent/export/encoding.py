@@ -23,16 +23,25 @@ import codecs
 import contextvars
 import itertools
 import logging
+import math
 import operator
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor as _F
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (ExportLogsServiceRequest,
                                                                     ExportLogsServiceResponse)
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest, ExportMetricsServiceResponse)
+from opentelemetry.proto.common.v1.common_pb2 import (AnyValue, ArrayValue, InstrumentationScope, KeyValue,
+                                                      KeyValueList)
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (ExponentialHistogram, ExponentialHistogramDataPoint, Gauge,
+                                                        Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+                                                        ResourceMetrics, ScopeMetrics, Sum)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from agent.model import Batch, ExponentialHistogramPoint, HistogramPoint, LogGroup, MetricGroup, MetricKind
 
@@ -118,6 +127,71 @@ def _ld(tag: bytes, body: bytes) -> bytes:
     return tag + _varint(len(body)) + body
 
 
+# --- field tags, read from the generated classes of opentelemetry-proto ------------------------------
+
+_WIRE_TYPES = {**dict.fromkeys((_F.TYPE_DOUBLE, _F.TYPE_FIXED64, _F.TYPE_SFIXED64), 1),
+               **dict.fromkeys((_F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_MESSAGE), 2),
+               **dict.fromkeys((_F.TYPE_FLOAT, _F.TYPE_FIXED32, _F.TYPE_SFIXED32), 5)}  # the rest: varint, 0
+
+
+def _field_tag(field) -> bytes:
+    """A field's tag as it starts the field on the wire: (number << 3 | wire type) as a varint."""
+    if hasattr(field, "is_packed"):
+        packed = field.is_packed
+    else:  # protobuf < 5: proto3 packs every repeated number
+        packed = field.label == field.LABEL_REPEATED and _WIRE_TYPES.get(field.type) != 2
+    return _varint(field.number << 3 | (2 if packed else _WIRE_TYPES.get(field.type, 0)))
+
+
+def _tags(message, *names: str) -> tuple:
+    """The tags of these fields of `message`, a generated class."""
+    return tuple(_field_tag(message.DESCRIPTOR.fields_by_name[n]) for n in names)
+
+
+def _tag(name: str, *messages) -> bytes:
+    """The tag of field `name`, which the encoder writes alike for each of these messages."""
+    tags = {_tags(m, name)[0] for m in messages}
+    if len(tags) != 1:
+        raise ImportError(f"field {name} has different tags in {[m.__name__ for m in messages]}")
+    return tags.pop()
+
+
+_ANY_STRING, _ANY_BOOL, _ANY_INT, _ANY_DOUBLE, _ANY_ARRAY, _ANY_KVLIST, _ANY_BYTES = _tags(
+    AnyValue, "string_value", "bool_value", "int_value", "double_value", "array_value", "kvlist_value",
+    "bytes_value")
+_KV_KEY, _KV_VALUE = _tags(KeyValue, "key", "value")
+(_ARRAY_VALUES,), (_KVLIST_VALUES,), (_RESOURCE_ATTRS,) = (_tags(ArrayValue, "values"),
+                                                           _tags(KeyValueList, "values"),
+                                                           _tags(Resource, "attributes"))
+_SCOPE_NAME, _SCOPE_VERSION = _tags(InstrumentationScope, "name", "version")
+_RESOURCE_FIELD = _tag("resource", ResourceMetrics, ResourceLogs)
+_SCOPE_FIELD = _tag("scope", ScopeMetrics, ScopeLogs)
+_RESOURCE_METRICS, = _tags(ExportMetricsServiceRequest, "resource_metrics")
+_SCOPE_METRICS, = _tags(ResourceMetrics, "scope_metrics")
+_METRICS, = _tags(ScopeMetrics, "metrics")
+_NAME, _DESCRIPTION, _UNIT = _tags(Metric, "name", "description", "unit")
+_DATA_TAG = dict(zip((MetricKind.GAUGE, MetricKind.SUM, MetricKind.HISTOGRAM, MetricKind.EXPONENTIAL_HISTOGRAM),
+                     _tags(Metric, "gauge", "sum", "histogram", "exponential_histogram")))
+_DATA_POINTS = _tag("data_points", Gauge, Sum, Histogram, ExponentialHistogram)
+_TEMPORALITY = _tag("aggregation_temporality", Sum, Histogram, ExponentialHistogram)
+_MONOTONIC, = _tags(Sum, "is_monotonic")
+_NP_START, _NP_TIME, _NP_DOUBLE, _NP_INT, _NP_ATTRS = _tags(
+    NumberDataPoint, "start_time_unix_nano", "time_unix_nano", "as_double", "as_int", "attributes")
+_HP_START, _HP_TIME, _HP_COUNT, _HP_SUM, _HP_BUCKETS, _HP_BOUNDS, _HP_ATTRS = _tags(
+    HistogramDataPoint, "start_time_unix_nano", "time_unix_nano", "count", "sum", "bucket_counts",
+    "explicit_bounds", "attributes")
+(_EP_ATTRS, _EP_START, _EP_TIME, _EP_COUNT, _EP_SUM, _EP_SCALE, _EP_ZERO, _EP_POSITIVE, _EP_MIN,
+ _EP_MAX) = _tags(ExponentialHistogramDataPoint, "attributes", "start_time_unix_nano", "time_unix_nano", "count",
+                  "sum", "scale", "zero_count", "positive", "min", "max")
+_BUCKETS_OFFSET, _BUCKETS_COUNTS = _tags(ExponentialHistogramDataPoint.Buckets, "offset", "bucket_counts")
+_RESOURCE_LOGS, = _tags(ExportLogsServiceRequest, "resource_logs")
+_SCOPE_LOGS, = _tags(ResourceLogs, "scope_logs")
+_LOG_RECORDS, = _tags(ScopeLogs, "log_records")
+(_LOG_TIME, _LOG_SEVERITY, _LOG_SEVERITY_TEXT, _LOG_BODY, _LOG_ATTRS, _LOG_OBSERVED,
+ _LOG_EVENT_NAME) = _tags(LogRecord, "time_unix_nano", "severity_number", "severity_text", "body", "attributes",
+                          "observed_time_unix_nano", "event_name")
+
+
 class EncodingCounters:
     """What the encoder counts, in the telemetry of the stage that encodes (encode(batch, counters))."""
 
@@ -191,40 +265,38 @@ def _str(tag: bytes, text: str) -> bytes:
 
 
 def _any_value(value, depth: int = 0) -> bytes:
-    """An AnyValue's body (string 1, bool 2, int 3, double 4, array 5, kvlist 6, bytes 7)."""
+    """An AnyValue's body."""
     if isinstance(value, str):
-        return _ld(b"\x0a", _utf8(value))
+        return _ld(_ANY_STRING, _utf8(value))
     if isinstance(value, bool):
-        return b"\x10" + _BYTE[int(value)]
+        return _ANY_BOOL + _BYTE[int(value)]
     if isinstance(value, int):
         if INT64_MIN <= value <= INT64_MAX:
-            return b"\x18" + _varint(value)
-        return b"\x21" + _D.pack(_double_of(value))
+            return _ANY_INT + _varint(value)
+        return _ANY_DOUBLE + _D.pack(_double_of(value))
     if isinstance(value, float):
-        return b"\x21" + _D.pack(value)
+        return _ANY_DOUBLE + _D.pack(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return _ld(b"\x3a", bytes(value))
+        return _ld(_ANY_BYTES, bytes(value))
     if isinstance(value, (list, tuple, dict)) and depth < MAX_DEPTH:
-        if isinstance(value, dict):   # KeyValueList.values = 1
-            body = b"".join(_ld(b"\x0a", _str(b"\x0a", k if isinstance(k, str) else _text_of(k))
-                                + _ld(b"\x12", _any_value(v, depth + 1))) for k, v in value.items())
-            return _ld(b"\x32", body)
-        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _any_value(v, depth + 1)) for v in value))  # ArrayValue.values = 1
+        if isinstance(value, dict):
+            body = b"".join(_ld(_KVLIST_VALUES, _str(_KV_KEY, k if isinstance(k, str) else _text_of(k))
+                                + _ld(_KV_VALUE, _any_value(v, depth + 1))) for k, v in value.items())
+            return _ld(_ANY_KVLIST, body)
+        return _ld(_ANY_ARRAY, b"".join(_ld(_ARRAY_VALUES, _any_value(v, depth + 1)) for v in value))
     if value is None:
         return b""
-    return _ld(b"\x0a", _utf8(_text_of(value)))
+    return _ld(_ANY_STRING, _utf8(_text_of(value)))
 
 
 def _key_values(tag: bytes, attributes) -> bytes:
     """Repeated KeyValue under field `tag`, one entry per (key, value) pair."""
-    return b"".join(_ld(tag, _str(b"\x0a", k) + _ld(b"\x12", _any_value(v))) for k, v in attributes)
+    return b"".join(_ld(tag, _str(_KV_KEY, k) + _ld(_KV_VALUE, _any_value(v))) for k, v in attributes)
 
 
 class _Cache(dict):
     """Encoded bytes of values that repeat between collections, keyed by the (hashable) value.
-    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality.
-    Keys are compared as Python does: attribute sets that differ only in 0 / 0.0 / False share
-    the encoding of the first one seen (no source gives one attribute values of several types)."""
+    Cleared when it grows past `limit`, so memory stays bounded whatever the cardinality."""
 
     def __init__(self, encode, limit: int = 65536):
         super().__init__()
@@ -244,39 +316,85 @@ class _Cache(dict):
             return self.encode(key)
 
 
-# attribute sets, per the field number attributes have in each message
-_ATTRS_NUMBER = _Cache(lambda a: _key_values(b"\x3a", a))  # NumberDataPoint.attributes = 7
-_ATTRS_HISTOGRAM = _Cache(lambda a: _key_values(b"\x4a", a))  # HistogramDataPoint.attributes = 9
-_ATTRS_EXP = _Cache(lambda a: _key_values(b"\x0a", a))  # ExponentialHistogramDataPoint.attributes = 1
-_ATTRS_LOG = _Cache(lambda a: _key_values(b"\x32", a))  # LogRecord.attributes = 6
-# Resource and InstrumentationScope, as field 1 of ResourceMetrics/ResourceLogs and ScopeMetrics/ScopeLogs
-_RESOURCE = _Cache(lambda r: _ld(b"\x0a", _key_values(b"\x0a", r.attributes)), limit=4096)
-_SCOPE = _Cache(lambda s: _ld(b"\x0a", _str(b"\x0a", s.name) + _str(b"\x12", s.version)), limit=4096)
-_BOUNDS = _Cache(lambda b: _ld(b"\x3a", struct.pack(f"<{len(b)}d", *b)) if b else b"", limit=4096)
+def _kinds(values) -> tuple:
+    """What tells apart values that Python finds equal: the type of each, the sign of a float zero,
+    the same for the items of a tuple."""
+    kinds = tuple([v.__class__ for v in values])
+    if tuple in kinds or float in kinds:
+        return tuple([_kinds(v) if v.__class__ is tuple
+                      else (float, math.copysign(1.0, v)) if v.__class__ is float and not v
+                      else v.__class__ for v in values])
+    return kinds
 
-# NumberDataPoint with both timestamps set: start (2, fixed64), time (3, fixed64), value (4 or 6)
+
+class _AttributesCache(_Cache):
+    """A _Cache of attribute sets. Python finds 0, 0.0, -0.0 and False equal as dict keys (1, 1.0 and
+    True too), but they are different AnyValues. Sets of text only, the common case, are the dict's
+    keys: one lookup. A set holding anything else never is, so each of its lookups comes here, to
+    `numbers`, which keeps it with the set it was encoded from: the same tuple again, or one of the
+    same _kinds, takes that encoding; a set equal to it but of other kinds is encoded anew."""
+
+    def __init__(self, encode, limit: int = 65536):
+        super().__init__(encode, limit)
+        self.numbers: dict = {}
+
+    def __missing__(self, key):
+        entry = self.numbers.get(key)
+        if entry is not None:
+            first, value = entry
+            if first is key or _kinds([v for _, v in first]) == _kinds([v for _, v in key]):
+                return value
+        value = self.encode(key)
+        kinds = [v.__class__ for _, v in key]
+        if kinds.count(str) == len(kinds):
+            if len(self) >= self.limit:
+                self.clear()
+            self[key] = value
+        elif entry is None:
+            if len(self.numbers) >= self.limit:
+                self.numbers.clear()
+            self.numbers[key] = (key, value)
+        return value
+
+
+# attribute sets, under the field attributes have in each message
+_ATTRS_NUMBER = _AttributesCache(lambda a: _key_values(_NP_ATTRS, a))
+_ATTRS_HISTOGRAM = _AttributesCache(lambda a: _key_values(_HP_ATTRS, a))
+_ATTRS_EXP = _AttributesCache(lambda a: _key_values(_EP_ATTRS, a))
+_ATTRS_LOG = _AttributesCache(lambda a: _key_values(_LOG_ATTRS, a))
+# Resource and InstrumentationScope, as fields of ResourceMetrics/ResourceLogs and ScopeMetrics/ScopeLogs
+_RESOURCE = _Cache(lambda r: _ld(_RESOURCE_FIELD, _key_values(_RESOURCE_ATTRS, r.attributes)), limit=4096)
+_SCOPE = _Cache(lambda s: _ld(_SCOPE_FIELD, _str(_SCOPE_NAME, s.name) + _str(_SCOPE_VERSION, s.version)),
+                limit=4096)
+_BOUNDS = _Cache(lambda b: _ld(_HP_BOUNDS, struct.pack(f"<{len(b)}d", *b)) if b else b"", limit=4096)
+
+# NumberDataPoint with both timestamps set: start (fixed64), time (fixed64), value (double or sfixed64),
+# each after its one-byte tag
 _NUMBER_DOUBLE = struct.Struct("<BQBQBd")
 _NUMBER_INT = struct.Struct("<BQBQBq")
-_DP_PREFIX = [b"\x0a" + _BYTE[n] for n in range(128)]  # data_points (field 1) with a one-byte length
+_NUMBER_TAGS = tuple(map(ord, (_NP_START, _NP_TIME, _NP_DOUBLE, _NP_INT)))
+_DP_PREFIX = [_DATA_POINTS + _BYTE[n] for n in range(128)]  # data_points with a one-byte length
 
 
 def _number_point_slow(p, attrs: bytes) -> bytes:
     v = p.value
-    body = ((b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"")
-            + (b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"")
-            + (b"\x21" + _D.pack(v) if isinstance(v, float) else _int_value(operator.index(v)))
+    body = ((_NP_START + _F64.pack(p.start_time_ns) if p.start_time_ns else b"")
+            + (_NP_TIME + _F64.pack(p.time_ns) if p.time_ns else b"")
+            + (_NP_DOUBLE + _D.pack(v) if isinstance(v, float) else _int_value(operator.index(v)))
             + attrs)
-    return _ld(b"\x0a", body)
+    return _ld(_DATA_POINTS, body)
 
 
 def _int_value(v: int) -> bytes:
-    """NumberDataPoint.as_int (6), or as_double (4) for an integer outside int64."""
-    return b"\x31" + _Q.pack(v) if INT64_MIN <= v <= INT64_MAX else b"\x21" + _D.pack(_double_of(v))
+    """NumberDataPoint.as_int, or as_double for an integer outside int64."""
+    return _NP_INT + _Q.pack(v) if INT64_MIN <= v <= INT64_MAX else _NP_DOUBLE + _D.pack(_double_of(v))
 
 
 def _number_points(points, out: list) -> None:
-    """Append each NumberDataPoint as field 1 of Gauge/Sum; the hot loop of the encoder."""
+    """Append each NumberDataPoint as data_points of Gauge/Sum; the hot loop of the encoder."""
     attrs_of, prefix, pack_d, pack_i = _ATTRS_NUMBER, _DP_PREFIX, _NUMBER_DOUBLE.pack, _NUMBER_INT.pack
+    start_tag, time_tag, double_tag, int_tag = _NUMBER_TAGS
+    fixed = _NUMBER_DOUBLE.size
     append = out.append
     for p in points:
         try:
@@ -286,62 +404,61 @@ def _number_points(points, out: list) -> None:
         start, t, v = p.start_time_ns, p.time_ns, p.value
         tv = type(v)
         if tv is float and start and t:
-            body = pack_d(0x11, start, 0x19, t, 0x21, v)
+            body = pack_d(start_tag, start, time_tag, t, double_tag, v)
         elif tv is int and start and t:
             try:
-                body = pack_i(0x11, start, 0x19, t, 0x31, v)
+                body = pack_i(start_tag, start, time_tag, t, int_tag, v)
             except struct.error:  # an integer outside int64 (or a timestamp outside uint64)
                 append(_number_point_slow(p, a))
                 continue
         else:  # a timestamp left at 0, a bool or a numpy number
             append(_number_point_slow(p, a))
             continue
-        n = 27 + len(a)
-        append(prefix[n] if n < 128 else b"\x0a" + _varint(n))
+        n = fixed + len(a)
+        append(prefix[n] if n < 128 else _DATA_POINTS + _varint(n))
         append(body)
         append(a)
 
 
 def _histogram_point(p: HistogramPoint) -> bytes:
-    body = [b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
-            b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"",
-            b"\x21" + _F64.pack(p.count) if p.count else b"",
-            b"\x29" + _D.pack(p.sum),
-            _ld(b"\x32", struct.pack(f"<{len(p.counts)}Q", *p.counts)) if p.counts else b"",
+    body = [_HP_START + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
+            _HP_TIME + _F64.pack(p.time_ns) if p.time_ns else b"",
+            _HP_COUNT + _F64.pack(p.count) if p.count else b"",
+            _HP_SUM + _D.pack(p.sum),
+            _ld(_HP_BUCKETS, struct.pack(f"<{len(p.counts)}Q", *p.counts)) if p.counts else b"",
             _BOUNDS[tuple(p.bounds)],
             _ATTRS_HISTOGRAM.of(p.attributes)]
-    return _ld(b"\x0a", b"".join(body))
+    return _ld(_DATA_POINTS, b"".join(body))
 
 
-# fields 2-5 of an ExponentialHistogramDataPoint (start, time, count, sum), packed at once when
-# none of them is a proto3 default that must be left out
+# start, time, count and sum of an ExponentialHistogramDataPoint (each after its one-byte tag), packed
+# at once when none of them is a proto3 default that must be left out
 _EXP_HEAD = struct.Struct("<BQBQBQBd")
+_EXP_HEAD_TAGS = tuple(map(ord, (_EP_START, _EP_TIME, _EP_COUNT, _EP_SUM)))
 
 
 def _exp_histogram_point(p: ExponentialHistogramPoint, counts: bytes) -> bytes:
     """`counts`: the packed varints of p.positive_counts."""
     if p.start_time_ns and p.time_ns and p.count:
-        head = _EXP_HEAD.pack(0x11, p.start_time_ns, 0x19, p.time_ns, 0x21, p.count, 0x29, p.sum)
+        start, time_, count, sum_ = _EXP_HEAD_TAGS
+        head = _EXP_HEAD.pack(start, p.start_time_ns, time_, p.time_ns, count, p.count, sum_, p.sum)
     else:
-        head = b"".join((b"\x11" + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
-                         b"\x19" + _F64.pack(p.time_ns) if p.time_ns else b"",
-                         b"\x21" + _F64.pack(p.count) if p.count else b"",
-                         b"\x29" + _D.pack(p.sum)))
-    positive = ((b"\x08" + _varint(_zigzag(p.positive_offset)) if p.positive_offset else b"")
-                + (b"\x12" + _varint(len(counts)) + counts if counts else b""))
+        head = b"".join((_EP_START + _F64.pack(p.start_time_ns) if p.start_time_ns else b"",
+                         _EP_TIME + _F64.pack(p.time_ns) if p.time_ns else b"",
+                         _EP_COUNT + _F64.pack(p.count) if p.count else b"",
+                         _EP_SUM + _D.pack(p.sum)))
+    positive = ((_BUCKETS_OFFSET + _varint(_zigzag(p.positive_offset)) if p.positive_offset else b"")
+                + (_BUCKETS_COUNTS + _varint(len(counts)) + counts if counts else b""))
     body = (_ATTRS_EXP.of(p.attributes) + head
-            + (b"\x30" + _varint(_zigzag(p.scale)) if p.scale else b"")
-            + (b"\x39" + _F64.pack(p.zero_count) if p.zero_count else b"")
-            + b"\x42" + _varint(len(positive)) + positive
-            + (b"\x61" + _D.pack(p.min) if p.min is not None else b"")
-            + (b"\x69" + _D.pack(p.max) if p.max is not None else b""))
-    return b"\x0a" + _varint(len(body)) + body
+            + (_EP_SCALE + _varint(_zigzag(p.scale)) if p.scale else b"")
+            + (_EP_ZERO + _F64.pack(p.zero_count) if p.zero_count else b"")
+            + _EP_POSITIVE + _varint(len(positive)) + positive
+            + (_EP_MIN + _D.pack(p.min) if p.min is not None else b"")
+            + (_EP_MAX + _D.pack(p.max) if p.max is not None else b""))
+    return _DATA_POINTS + _varint(len(body)) + body
 
 
-# Metric fields holding each kind of data: gauge = 5, sum = 7, histogram = 9, exponential_histogram = 10
-_DATA_TAG = {MetricKind.GAUGE: b"\x2a", MetricKind.SUM: b"\x3a", MetricKind.HISTOGRAM: b"\x4a",
-             MetricKind.EXPONENTIAL_HISTOGRAM: b"\x52"}
-_IDENTITY = _Cache(lambda k: _str(b"\x0a", k[0]) + _str(b"\x12", k[1]) + _str(b"\x1a", k[2]), limit=4096)
+_IDENTITY = _Cache(lambda k: _str(_NAME, k[0]) + _str(_DESCRIPTION, k[1]) + _str(_UNIT, k[2]), limit=4096)
 
 
 def _metric(first, metrics: list) -> bytes:
@@ -357,14 +474,12 @@ def _metric(first, metrics: list) -> bytes:
         all_points = [p for m in metrics for p in m.points]
         counts = _packed_varints_of([p.positive_counts for p in all_points])
         points = [_exp_histogram_point(p, c) for p, c in zip(all_points, counts)]
-    if kind is MetricKind.SUM:
-        points.append(b"\x10" + _varint(int(first.temporality)))
-        if first.monotonic:
-            points.append(b"\x18\x01")
-    elif kind is not MetricKind.GAUGE:
-        points.append(b"\x10" + _varint(int(first.temporality)))
+    if kind is not MetricKind.GAUGE:
+        points.append(_TEMPORALITY + _varint(int(first.temporality)))
+        if kind is MetricKind.SUM and first.monotonic:
+            points.append(_MONOTONIC + _BYTE[1])
     data = b"".join(points)
-    return _ld(b"\x12", _IDENTITY[(first.name, first.description, first.unit)] + _ld(_DATA_TAG[kind], data))
+    return _ld(_METRICS, _IDENTITY[(first.name, first.description, first.unit)] + _ld(_DATA_TAG[kind], data))
 
 
 def _by_resource_and_scope(groups: Iterable) -> dict:
@@ -386,20 +501,20 @@ def encode_metrics(groups: list[MetricGroup]) -> bytes:
                     if m.points:
                         by_name.setdefault(m.name, []).append(m)
             metrics = [_metric(ms[0], ms) for ms in by_name.values()]
-            parts.append(_ld(b"\x12", _SCOPE[scope] + b"".join(metrics)))
-        resources.append(_ld(b"\x0a", b"".join(parts)))
+            parts.append(_ld(_SCOPE_METRICS, _SCOPE[scope] + b"".join(metrics)))
+        resources.append(_ld(_RESOURCE_METRICS, b"".join(parts)))
     return b"".join(resources)
 
 
 def _log_record(r) -> bytes:
-    body = [b"\x09" + _F64.pack(r.time_ns) if r.time_ns else b"",
-            b"\x10" + _varint(int(r.severity)) if int(r.severity) else b"",
-            _str(b"\x1a", r.severity.name),
-            _ld(b"\x2a", _ld(b"\x0a", _utf8(r.body))),
+    body = [_LOG_TIME + _F64.pack(r.time_ns) if r.time_ns else b"",
+            _LOG_SEVERITY + _varint(int(r.severity)) if int(r.severity) else b"",
+            _str(_LOG_SEVERITY_TEXT, r.severity.name),
+            _ld(_LOG_BODY, _ld(_ANY_STRING, _utf8(r.body))),
             _ATTRS_LOG.of(r.attributes),
-            b"\x59" + _F64.pack(r.observed_time_ns or r.time_ns) if (r.observed_time_ns or r.time_ns) else b"",
-            _str(b"\x62", r.event_name)]
-    return _ld(b"\x12", b"".join(body))
+            _LOG_OBSERVED + _F64.pack(r.observed_time_ns or r.time_ns) if (r.observed_time_ns or r.time_ns) else b"",
+            _str(_LOG_EVENT_NAME, r.event_name)]
+    return _ld(_LOG_RECORDS, b"".join(body))
 
 
 def encode_logs(groups: list[LogGroup]) -> bytes:
@@ -408,8 +523,8 @@ def encode_logs(groups: list[LogGroup]) -> bytes:
         parts = [_RESOURCE.of(resource)]
         for scope, scope_groups in scopes.items():
             records = [_log_record(r) for g in scope_groups for r in g.records]
-            parts.append(_ld(b"\x12", _SCOPE[scope] + b"".join(records)))
-        resources.append(_ld(b"\x0a", b"".join(parts)))
+            parts.append(_ld(_SCOPE_LOGS, _SCOPE[scope] + b"".join(records)))
+        resources.append(_ld(_RESOURCE_LOGS, b"".join(parts)))
     return b"".join(resources)
 
 
@@ -451,20 +566,9 @@ def encode(batch: Batch, counters: Optional[EncodingCounters] = None) -> list[Pa
 
 # --- splitting a request that is too large for the server ------------------------------------------
 
-_POINT_FIELDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
-
-
 def _metric_points(metric):
     kind = metric.WhichOneof("data")
     return getattr(metric, kind).data_points if kind else None
-
-
-def count_items(signal: str, body: bytes) -> int:
-    req = REQUEST_TYPES[signal].FromString(body)
-    if signal == "metrics":
-        return sum(len(_metric_points(m) or ()) for rm in req.resource_metrics
-                   for sm in rm.scope_metrics for m in sm.metrics)
-    return sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
 
 
 def split(payload: Payload) -> list[Payload]:

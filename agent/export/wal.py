@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import crc32c
 import lz4.frame
@@ -125,23 +125,48 @@ def resync(fd: int, start: int, end: int) -> Optional[int]:
     return None
 
 
+@dataclass
+class Frame:
+    offset: int
+    header: Optional[Header]  # None: damaged bytes, from offset up to `next`
+    next: int  # where the next frame starts
+
+
+def frame_at(fd: int, off: int, end: int) -> Frame:
+    """The frame at `off` of a segment whose complete frames end at `end`, or the damaged region
+    there (up to the next frame whose header checks out, or to `end`). Every walk over the frames
+    of a segment (opening, reading, looking at a stopped queue) steps with this."""
+    h = parse_header(_pread(fd, HEADER.size, off))
+    if h is not None and off + HEADER.size + h.body_len <= end:
+        return Frame(off, h, off + HEADER.size + h.body_len)
+    nxt = resync(fd, off + 1, end)
+    return Frame(off, None, end if nxt is None else nxt)
+
+
+def frames(fd: int, start: int, end: int) -> Iterator[Frame]:
+    off = start
+    while off + HEADER.size <= end:
+        frame = frame_at(fd, off, end)
+        yield frame
+        off = frame.next
+
+
+def read_body(fd: int, frame: Frame) -> Optional[bytes]:
+    """The (compressed) body of a frame, or None if it fails its CRC."""
+    body = _pread(fd, frame.header.body_len, frame.offset + HEADER.size)
+    return body if _crc(body) == frame.header.body_crc else None
+
+
 def scan(fd: int, start: int, end: int) -> tuple[int, int, int]:
     """Walk the frame headers of a segment from `start`: (items, records, end of the last valid
     frame). Bodies are checked when read."""
     items = records = 0
-    valid_end = off = start
-    while off + HEADER.size <= end:
-        h = parse_header(_pread(fd, HEADER.size, off))
-        if h is None or off + HEADER.size + h.body_len > end:
-            nxt = resync(fd, off + 1, end)
-            if nxt is None:
-                break
-            off = nxt
-            continue
-        items += h.items
-        records += 1
-        off += HEADER.size + h.body_len
-        valid_end = off
+    valid_end = start
+    for frame in frames(fd, start, end):
+        if frame.header is not None:
+            items += frame.header.items
+            records += 1
+            valid_end = frame.next
     return items, records, valid_end
 
 
@@ -176,23 +201,22 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("queue_delete_failed segment=%s error=%r", path, e.strerror)
+
+
 @dataclass
 class Segment:
     seq: int
     path: str
     size: int = 0  # bytes of complete frames (what the reader may read)
     items: int = 0  # items of the records not read yet
-    rfd: Optional[int] = None
-
-    def read_fd(self) -> int:
-        if self.rfd is None:
-            self.rfd = os.open(self.path, os.O_RDONLY)
-        return self.rfd
-
-    def close(self) -> None:
-        if self.rfd is not None:
-            os.close(self.rfd)
-            self.rfd = None
+    records: int = 0  # records not read yet
 
 
 @dataclass
@@ -200,7 +224,6 @@ class Pending:
     """What `read_pending` finds in a queue directory without changing it."""
     payloads: list = field(default_factory=list)
     corrupt_records: int = 0
-    segments: int = 0
 
 
 def read_pending(directory: str) -> Pending:
@@ -211,30 +234,27 @@ def read_pending(directory: str) -> Pending:
     for seq, path in segment_files(directory).items():
         if seq < cursor[0]:
             continue
-        out.segments += 1
         with open(path, "rb") as f:
             fd = f.fileno()
-            end = os.fstat(fd).st_size
-            off = cursor[1] if seq == cursor[0] else 0
-            while off + HEADER.size <= end:
-                h = parse_header(_pread(fd, HEADER.size, off))
-                if h is None or off + HEADER.size + h.body_len > end:
-                    out.corrupt_records += 1
-                    nxt = resync(fd, off + 1, end)
-                    if nxt is None:
-                        break
-                    off = nxt
-                    continue
-                body = _pread(fd, h.body_len, off + HEADER.size)
-                off += HEADER.size + h.body_len
-                if _crc(body) != h.body_crc:
+            for frame in frames(fd, cursor[1] if seq == cursor[0] else 0, os.fstat(fd).st_size):
+                body = read_body(fd, frame) if frame.header is not None else None
+                if body is None:
                     out.corrupt_records += 1
                     continue
+                h = frame.header
                 out.payloads.append(Payload(h.signal, lz4.frame.decompress(body), h.items))
     return out
 
 
 class PersistentQueue(ExportQueue):
+    """The log behind put/get/ack. The condition lock (`_cond`) guards only what is in memory
+    (segments, sizes, counts, the read position, what is in flight) and is never held over disk
+    I/O, so a slow or stalled disk (an fsync, a read) holds up no other caller but the one doing
+    it. Disk I/O happens under one of three locks, taken in this order, each before `_cond`:
+    `_wlock` (the writer: appends, rotation, dropping the oldest segment), `_rlock` (the reader:
+    its file descriptor and the reads at the read position), `_plock` (the cursor file and the
+    deletion of acknowledged segments). A record becomes readable when, written (and synced with
+    fsync: record), its segment's size is moved past it under `_cond`."""
     kind = "persistent"
 
     def __init__(self, settings: QueueSettings, telemetry):
@@ -244,12 +264,20 @@ class PersistentQueue(ExportQueue):
         self._inflight: dict[tuple, int] = {}  # (segment, offset) -> items, handed out, not acked
         self._redo: list = []  # entries released back: handed out again before anything else
         self._items = 0
+        self._records = 0  # queued or in flight
         self._disk = 0
         self._head: Optional[Segment] = None
         self._wfd: Optional[int] = None
         self._dirty = False  # appended since the last fsync
-        self._cursor_dirty = False
         self._full_warned = False
+        self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
+        self._plock = threading.Lock()
+        self._rfd: Optional[tuple[int, int]] = None  # (segment, fd) the reader has open
+        self._written: Optional[tuple[int, int]] = None  # the read pointer in the cursor file
+        self._cursor_dirty = False  # the cursor file was replaced since the last fsync
+        self._trash: list = []  # segments behind the read pointer, deleted once the cursor says so
+        self._persist_wanted = False
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             self._lock_fd = self._lock()
@@ -298,11 +326,13 @@ class PersistentQueue(ExportQueue):
             if seq < start_seq:  # wholly acknowledged: deleting it was interrupted
                 os.unlink(path)
                 continue
-            seg = Segment(seq, path)
-            fd = seg.read_fd()
-            size = os.fstat(fd).st_size
-            begin = min(start_off, size) if seq == start_seq else 0
-            items, _, valid_end = scan(fd, begin, size)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                begin = min(start_off, size) if seq == start_seq else 0
+                items, records, valid_end = scan(fd, begin, size)
+            finally:
+                os.close(fd)
             if seq == last and valid_end < size:
                 # a torn or damaged tail: cut it off so the log ends with a whole frame
                 self.metrics.corrupt.add(1, QUEUE_ATTRS + (("reason", "torn_tail"),))
@@ -311,34 +341,33 @@ class PersistentQueue(ExportQueue):
                             os.path.basename(path), size - valid_end, valid_end)
                 os.truncate(path, valid_end)
                 size = valid_end
-            seg.size, seg.items = size, items
-            seg.close()
-            self._segments[seq] = seg
+            self._segments[seq] = Segment(seq, path, size, items, records)
             self._items += items
+            self._records += records
             self._disk += size
         first = next(iter(self._segments), None)
         self._rseq = first if first is not None else last + 1
         self._roff = min(start_off, self._segments[first].size) if first == start_seq else 0
         self._committed = (self._rseq, self._roff)
         self._new_head(last + 1)
-        self._write_cursor(sync=True)
+        self._write_cursor(self._committed, sync=True)
         if self._items:
             log.info("queue_replay directory=%s items=%d segments=%d bytes=%d", self.dir, self._items,
                      len(self._segments) - 1, self._disk)
 
     def _new_head(self, seq: int) -> None:
         path = os.path.join(self.dir, f"{seq:020d}.seg")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._wfd = fd
-        self._head = self._segments[seq] = Segment(seq, path)
+        self._wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if self.settings.fsync == "record":
             _fsync_dir(self.dir)
+        with self._cond:
+            self._head = self._segments[seq] = Segment(seq, path)
 
-    # --- writing ---------------------------------------------------------------------------------
+    # --- writing (under _wlock) ------------------------------------------------------------------
 
     def put(self, payload: Payload) -> None:
         frame = encode_frame(payload)
-        with self._cond:
+        with self._wlock:
             if self._closed:
                 self._count_refused(payload.items, "closed")
                 return
@@ -347,6 +376,7 @@ class PersistentQueue(ExportQueue):
             except OSError as e:  # the disk failed in a way dropping old data cannot help
                 self._count_refused(payload.items, "io_error")
                 log.error("queue_write_failed directory=%s error=%r", self.dir, e.strerror or str(e))
+        self._persist()
 
     def _put(self, payload: Payload, frame: bytes) -> None:
         n = len(frame)
@@ -373,18 +403,23 @@ class PersistentQueue(ExportQueue):
                     self._refuse_full(payload, "no_space")
                     return
         self._full_warned = False
-        self._head.items += payload.items
-        self._items += payload.items
+        head = self._head
+        with self._cond:  # the record is whole (and synced if asked): readers may have it now
+            head.size += n
+            head.items += payload.items
+            head.records += 1
+            self._disk += n
+            self._items += payload.items
+            self._records += 1
+            self._cond.notify()
         self.metrics.enqueued.add(payload.items, QUEUE_ATTRS)
-        self._cond.notify()
-        if self._head.size >= self.settings.segment_size:
+        if head.size >= self.settings.segment_size:
             try:
                 self._rotate()
             except OSError as e:  # go on appending to the current segment; try again next time
                 log.warning("queue_rotate_failed directory=%s error=%r", self.dir, e.strerror or str(e))
 
     def _append(self, frame: bytes) -> None:
-        head = self._head
         try:
             written = os.write(self._wfd, frame)
             if written != len(frame):
@@ -395,12 +430,10 @@ class PersistentQueue(ExportQueue):
                 self._dirty = True
         except OSError:
             try:  # never leave half a frame behind
-                os.ftruncate(self._wfd, head.size)
+                os.ftruncate(self._wfd, self._head.size)
             except OSError:
                 pass
             raise
-        head.size += len(frame)
-        self._disk += len(frame)
 
     def _refuse_full(self, payload: Payload, reason: str) -> None:
         self._count_refused(payload.items, reason)
@@ -422,72 +455,98 @@ class PersistentQueue(ExportQueue):
     def _drop_oldest(self, reason: str) -> bool:
         """Delete the oldest segment to make room, counting its unread items; False if there is
         nothing left to delete."""
-        if len(self._segments) == 1:
+        while True:
+            with self._cond:
+                seg = next(iter(self._segments.values()))
+                if seg is not self._head:
+                    self._items -= seg.items
+                    self._records -= seg.records
+                    self._count_drop(seg.items, reason)
+                    self._forget(seg)
+                    if self._rseq == seg.seq:
+                        self._rseq, self._roff = next(iter(self._segments)), 0
+                    self._advance()
+                    break
             if not self._head.size:
                 return False
             self._rotate()  # the head itself is the only data: close it so it can go
-        seg = next(iter(self._segments.values()))
-        lost = seg.items
-        self._items -= lost
-        self._count_drop(lost, reason)
         log.warning("queue_dropped_oldest directory=%s segment=%s items=%d bytes=%d reason=%s", self.dir,
-                    os.path.basename(seg.path), lost, seg.size, reason)
-        self._delete(seg)
-        if self._rseq == seg.seq:
-            self._rseq, self._roff = next(iter(self._segments)), 0
-        self._advance()
+                    os.path.basename(seg.path), seg.items, seg.size, reason)
+        _unlink(seg.path)  # now: the room is what the caller needs
+        if self._rlock.acquire(blocking=False):  # else the reader is busy and lets go of it itself
+            try:
+                self._close_reader(unless=self._rseq)
+            finally:
+                self._rlock.release()
         return True
 
-    def _delete(self, seg: Segment) -> None:
-        seg.close()
+    def _forget(self, seg: Segment) -> None:
         del self._segments[seg.seq]
         self._disk -= seg.size
-        try:
-            os.unlink(seg.path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("queue_delete_failed segment=%s error=%r", seg.path, e.strerror)
 
-    # --- reading ---------------------------------------------------------------------------------
+    # --- reading (under _rlock) --------------------------------------------------------------------
 
     def get(self, timeout: Optional[float]) -> Optional[Entry]:
-        with self._cond:
-            found = self._read()
-            if found is None and timeout and not self._closed:
-                self._cond.wait(timeout)
-                found = self._read()
-        if found is None or isinstance(found, Entry):
-            return found
-        key, header, body = found
+        waited = False
+        while True:
+            with self._cond:
+                if self._closed:
+                    return None
+                if self._redo:
+                    return self._redo.pop(0)
+                if (self._rseq, self._roff) >= (self._head.seq, self._head.size):  # nothing unread
+                    if waited or not timeout:
+                        return None
+                    self._cond.wait(timeout)
+                    waited = True
+                    continue
+            entry = self._read_one()
+            self._persist()
+            if entry is not None:
+                return entry
+
+    def _read_one(self) -> Optional[Entry]:
+        """The record at the read position, handed out; or None once the reader stepped over what
+        is there instead (damage, the end of a segment) or found nothing: the caller looks again."""
+        with self._rlock:
+            with self._cond:
+                seg = self._reader_segment()
+                pos, end = (self._rseq, self._roff), seg.size if seg is not None else 0
+            if seg is None:
+                self._close_reader(unless=pos[0])
+                return None
+            try:
+                fd = self._reader_fd(seg)
+                frame = frame_at(fd, pos[1], end)
+                body = read_body(fd, frame) if frame.header is not None else None
+            except OSError as e:
+                self._read_failed(seg, pos, e)
+                return None
+            with self._cond:
+                if (self._rseq, self._roff) != pos:  # dropped while we read it (its items counted then)
+                    moved = True
+                else:
+                    moved = False
+                    h = self._took(seg, frame, body)
+            if moved:
+                self._close_reader(unless=self._rseq)
+                return None
+        if h is None:
+            return None
         try:
             data = lz4.frame.decompress(body)
         except RuntimeError:
             with self._cond:
-                self._inflight.pop(key, None)
-                self._items -= header.items
-                self._corrupt(key[0], key[1], "codec", header.items, len(body))
+                self._inflight.pop(pos, None)
+                self._items -= h.items
+                self._records -= 1
+                self._corrupt(pos[0], pos[1], "codec", h.items, len(body))
                 self._advance()
-            return self.get(0)
-        return Entry(Payload(header.signal, data, header.items), key)
-
-    def _read(self):
-        try:
-            return self._next()
-        except OSError as e:  # an unreadable segment: skip the rest of it, counted
-            seg = self._segments.get(self._rseq)
-            log.error("queue_read_failed directory=%s segment=%020d error=%r", self.dir, self._rseq,
-                      e.strerror or str(e))
-            if seg is not None:
-                self._corrupt(seg.seq, self._roff, "io_error", 0, seg.size - self._roff)
-                self._roff = seg.size
             return None
+        return Entry(Payload(h.signal, data, h.items), pos)
 
-    def _next(self):
-        if self._closed:
-            return None
-        if self._redo:
-            return self._redo.pop(0)
+    def _reader_segment(self) -> Optional[Segment]:
+        """The segment with the next record to read, moving past dropped and finished ones."""
         while True:
             seg = self._segments.get(self._rseq)
             if seg is None:  # dropped while we were reading it
@@ -501,24 +560,50 @@ class PersistentQueue(ExportQueue):
                     return None
                 self._finish(seg)
                 continue
-            fd = seg.read_fd()
-            off = self._roff
-            h = parse_header(_pread(fd, HEADER.size, off))
-            if h is None or off + HEADER.size + h.body_len > seg.size:
-                nxt = resync(fd, off + 1, seg.size)
-                self._roff = seg.size if nxt is None else nxt
-                self._corrupt(seg.seq, off, "frame", 0, self._roff - off)
-                continue
-            body = _pread(fd, h.body_len, off + HEADER.size)
-            self._roff = off + HEADER.size + h.body_len
-            seg.items -= h.items
-            if _crc(body) != h.body_crc:
-                self._items -= h.items
-                self._corrupt(seg.seq, off, "crc", h.items, HEADER.size + h.body_len)
-                self._advance()
-                continue
-            self._inflight[(seg.seq, off)] = h.items
-            return (seg.seq, off), h, body
+            return seg
+
+    def _took(self, seg: Segment, frame: Frame, body: Optional[bytes]) -> Optional[Header]:
+        """Move the read position past `frame`; its header if it is now in flight, else None
+        (damage, counted)."""
+        off, h = frame.offset, frame.header
+        self._roff = frame.next
+        if h is None:
+            self._corrupt(seg.seq, off, "frame", 0, frame.next - off)
+            return None
+        seg.items -= h.items
+        seg.records -= 1
+        if body is None:
+            self._items -= h.items
+            self._records -= 1
+            self._corrupt(seg.seq, off, "crc", h.items, HEADER.size + h.body_len)
+            self._advance()
+            return None
+        self._inflight[(seg.seq, off)] = h.items
+        return h
+
+    def _read_failed(self, seg: Segment, pos: tuple, e: OSError) -> None:
+        """An unreadable segment: skip the rest of it, counted."""
+        self._close_reader()
+        with self._cond:
+            if (self._rseq, self._roff) != pos or seg.seq not in self._segments:  # dropped meanwhile
+                return
+            log.error("queue_read_failed directory=%s segment=%020d error=%r", self.dir, seg.seq,
+                      e.strerror or str(e))
+            self._corrupt(seg.seq, pos[1], "io_error", 0, seg.size - pos[1])
+            self._roff = seg.size
+
+    def _reader_fd(self, seg: Segment) -> int:
+        if self._rfd is None or self._rfd[0] != seg.seq:
+            self._close_reader()
+            self._rfd = (seg.seq, os.open(seg.path, os.O_RDONLY))
+        return self._rfd[1]
+
+    def _close_reader(self, unless: Optional[int] = None) -> None:
+        """Close the reader's file (unless it is of segment `unless`), so a deleted segment's space
+        is freed."""
+        if self._rfd is not None and self._rfd[0] != unless:
+            os.close(self._rfd[1])
+            self._rfd = None
 
     def _finish(self, seg: Segment) -> None:
         """The reader leaves `seg`: items its headers promised but that could not be read are lost."""
@@ -526,7 +611,8 @@ class PersistentQueue(ExportQueue):
             self._items -= seg.items
             self._count_drop(seg.items, "corrupt")
             seg.items = 0
-        seg.close()
+        self._records -= seg.records
+        seg.records = 0
         later = [s for s in self._segments if s > seg.seq]
         self._rseq, self._roff = later[0], 0
         self._advance()
@@ -539,7 +625,7 @@ class PersistentQueue(ExportQueue):
         log.warning("queue_corrupt_record segment=%020d offset=%d reason=%s skipped_bytes=%d items=%d",
                     seq, offset, reason, size, items)
 
-    # --- acknowledging -------------------------------------------------------------------------------
+    # --- acknowledging (the cursor under _plock) ---------------------------------------------------
 
     def ack(self, entry: Entry) -> None:
         with self._cond:
@@ -547,7 +633,9 @@ class PersistentQueue(ExportQueue):
             if items is None:
                 return
             self._items -= items
+            self._records -= 1
             self._advance()
+        self._persist()
 
     def release(self, entry: Entry) -> None:
         with self._cond:
@@ -556,19 +644,38 @@ class PersistentQueue(ExportQueue):
                 self._cond.notify()
 
     def _advance(self) -> None:
-        """Move the durable read pointer to the oldest record still owed, deleting the segments
-        wholly behind it."""
+        """Move the read pointer to the oldest record still owed; the segments wholly behind it go
+        once the cursor file says so (`_persist`, outside `_cond`)."""
         new = min(self._inflight) if self._inflight else (self._rseq, self._roff)
         if new == self._committed:
             return
         self._committed = new
-        self._write_cursor(sync=self.settings.fsync == "record")
         for seg in [s for s in self._segments.values() if s.seq < new[0]]:
-            self._delete(seg)
+            self._forget(seg)
+            self._trash.append(seg)
+        self._persist_wanted = True
 
-    def _write_cursor(self, sync: bool) -> None:
-        seq, off = self._committed
-        raw = CURSOR_MAGIC + struct.pack("<QQ", seq, off)
+    def _persist(self) -> None:
+        """Write the read pointer to the cursor file and delete the segments behind it. Never waits:
+        while one thread does this, the others leave their share to it."""
+        while self._persist_wanted and self._plock.acquire(blocking=False):
+            try:
+                while True:
+                    with self._cond:
+                        if not self._persist_wanted or self._closed:
+                            break
+                        self._persist_wanted = False
+                        pos, trash, self._trash = self._committed, self._trash, []
+                    if pos != self._written:
+                        self._write_cursor(pos, sync=self.settings.fsync == "record")
+                    for seg in trash:
+                        _unlink(seg.path)
+            finally:
+                self._plock.release()
+            # another thread may have asked (and found the lock taken) just before the release
+
+    def _write_cursor(self, pos: tuple, sync: bool) -> None:
+        raw = CURSOR_MAGIC + struct.pack("<QQ", *pos)
         raw += struct.pack("<I", _crc(raw))
         tmp = os.path.join(self.dir, "cursor.tmp")
         try:
@@ -582,6 +689,7 @@ class PersistentQueue(ExportQueue):
             os.replace(tmp, os.path.join(self.dir, "cursor"))
             if sync:
                 _fsync_dir(self.dir)
+            self._written = pos
             self._cursor_dirty = not sync
         except OSError as e:  # a full disk: the old pointer stays, which only means duplicates later
             log.warning("queue_cursor_write_failed directory=%s error=%r", self.dir, e.strerror)
@@ -593,23 +701,33 @@ class PersistentQueue(ExportQueue):
             self.sync()
 
     def sync(self) -> None:
-        with self._cond:
+        """fsync what was appended and the cursor file; the locks are held only to take what is
+        dirty, not over the fsyncs."""
+        with self._wlock:
             if self._closed:
                 return
-            try:
-                if self._dirty:
-                    os.fdatasync(self._wfd)
-                    self._dirty = False
-                if self._cursor_dirty:
-                    fd = os.open(os.path.join(self.dir, "cursor"), os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    _fsync_dir(self.dir)
-                    self._cursor_dirty = False
-            except OSError as e:
-                log.warning("queue_fsync_failed directory=%s error=%r", self.dir, e.strerror)
+            data = os.dup(self._wfd) if self._dirty else None  # stays valid if the head rotates
+            self._dirty = False
+        with self._plock:
+            cursor, self._cursor_dirty = self._cursor_dirty, False
+        try:
+            if data is not None:
+                os.fdatasync(data)
+            if cursor:
+                fd = os.open(os.path.join(self.dir, "cursor"), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                _fsync_dir(self.dir)
+        except OSError as e:  # try again next time
+            log.warning("queue_fsync_failed directory=%s error=%r", self.dir, e.strerror)
+            with self._wlock, self._plock:
+                self._dirty = self._dirty or data is not None
+                self._cursor_dirty = self._cursor_dirty or cursor
+        finally:
+            if data is not None:
+                os.close(data)
 
     def reconfigure(self, settings: QueueSettings) -> None:
         with self._cond:
@@ -624,38 +742,33 @@ class PersistentQueue(ExportQueue):
         return self._disk
 
     def __len__(self) -> int:
-        """Records queued or in flight (an estimate for records not read yet: one per segment at least)."""
-        with self._cond:
-            return self._records_pending()
-
-    def _records_pending(self) -> int:
-        n = len(self._inflight)
-        for seg in self._segments.values():
-            if seg.items and seg.seq >= self._rseq:
-                fd = seg.read_fd()
-                start = self._roff if seg.seq == self._rseq else 0
-                n += scan(fd, start, seg.size)[1]
-        return n
+        """Records queued or in flight."""
+        return self._records
 
     def close(self) -> None:
         """Keep what is not acknowledged on disk for the next start."""
         self.sync()
         self._stop.set()
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
+        with self._wlock, self._rlock, self._plock:
+            with self._cond:
+                if self._closed:
+                    return
+                self._closed = True
+                self._cond.notify_all()
+                head_empty = not self._head.size
+                if head_empty:
+                    self._forget(self._head)
+                trash, self._trash = self._trash, []
+                pos = self._committed
             try:
                 os.fdatasync(self._wfd)
             except OSError:
                 pass
             os.close(self._wfd)
-            self._write_cursor(sync=True)
-            for seg in list(self._segments.values()):
-                seg.close()
-                if seg is self._head and not seg.size:
-                    self._delete(seg)
+            self._close_reader()
+            self._write_cursor(pos, sync=True)
+            for seg in trash + ([self._head] if head_empty else []):
+                _unlink(seg.path)
             os.close(self._lock_fd)
         if self._flusher is not None:
             self._flusher.join()
