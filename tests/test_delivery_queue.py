@@ -4,6 +4,7 @@ garbled cursor) and its lock."""
 import os
 import struct
 import threading
+import time
 
 import pytest
 
