@@ -111,6 +111,11 @@ class BiolatencyProbe(Probe):
             return DRIVER_TRACEPOINTS
         return None
 
+    def programs(self, tracepoints: tuple) -> tuple:
+        if tuple(tracepoints) == ACCOUNTING_TRACEPOINTS:       # raw tracepoints: they read the request
+            return ("raw_tp__block_io_done", "raw_tp__block_rq_complete")
+        return super().programs(tracepoints)
+
     def params(self, tracepoints: tuple) -> dict:
         if tuple(tracepoints) != ACCOUNTING_TRACEPOINTS:
             return {}

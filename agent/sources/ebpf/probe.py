@@ -45,6 +45,12 @@ class Probe:
         under bcc (True defines NAME, False leaves it out). Never edit the BPF text."""
         return {}
 
+    def programs(self, tracepoints: tuple) -> tuple:
+        """The CO-RE object's programs that implement the chosen tracepoints (the loader turns
+        autoload off for the rest): one `category__event` per tracepoint, unless the probe's
+        variant attaches raw tracepoints (`raw_tp__event`)."""
+        return tuple(tp.replace(":", "__", 1) for tp in tracepoints)
+
     def map_sizes(self) -> dict:
         """{map name: max_entries} set before a CO-RE load (bcc gets them through params())."""
         return {}

@@ -100,6 +100,10 @@ class SyscallsProbe(Probe):
         wanted = self.tracepoints if self.latency else ("raw_syscalls:sys_exit",)
         return wanted if all(available(tp) for tp in wanted) else None
 
+    def programs(self, tracepoints: tuple) -> tuple:
+        # latency: raw tracepoints on both (no argument record is built); counting: sys_exit's
+        return ("raw_tp__sys_enter", "raw_tp__sys_exit") if self.latency else super().programs(tracepoints)
+
     def params(self, tracepoints: tuple) -> dict:
         params = {"SYSCALL_LATENCY": self.latency}
         if self.target_tgid is not None:
