@@ -100,6 +100,7 @@ class BiolatencyProbe(Probe):
     structs = {"bio_key": BioKey, "exp2_bucket": histogram.Exp2Bucket}
 
     METRIC = "system.linux.disk.io.latency"
+    metrics = (METRIC,)
 
     def __init__(self, devices: Optional[DeviceNames] = None):
         self.devices = devices or DeviceNames()

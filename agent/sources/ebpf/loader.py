@@ -231,11 +231,12 @@ def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) ->
 
 # --- the registry, filtered by config --------------------------------------------------------
 
-def _probes(probes) -> dict:
+def _probes(cfg, probes) -> dict:
+    """{name: Probe}: registry classes (or the given ones) created with their config section."""
     if probes is None:
         from agent.sources.ebpf.registry import PROBES
         probes = PROBES
-    return {name: (p() if isinstance(p, type) else p) for name, p in probes.items()}
+    return {name: (p.create(cfg.probes.get(name)) if isinstance(p, type) else p) for name, p in probes.items()}
 
 
 def _config_problem(cfg, name: str, probe: Probe) -> Optional[str]:
@@ -288,7 +289,7 @@ def plan(cfg, probes=None) -> list[Plan]:
     """Each probe with its loader, the tracepoints it would use and whether it would load."""
     host = HostCheck()
     plans = []
-    for name, probe in _probes(probes).items():
+    for name, probe in _probes(cfg, probes).items():
         tps = tuple(probe.tracepoints)
         loader = ""
         reason = _config_problem(cfg, name, probe) or host.problem

@@ -25,6 +25,14 @@ class Probe:
     # C struct name -> its Python mirror (ctypes Structure for map keys and values, numpy dtype for
     # ring records), checked member by member against the loaded object's BTF
     structs: Mapping[str, object] = {}
+    # the metrics it exports (docs/probes.md is checked against these and the rest of the class)
+    metrics: tuple = ()
+
+    @classmethod
+    def create(cls, options) -> "Probe":
+        """The probe as configured: `options` is its ebpf.probes.<name> section (ProbeConfig),
+        None when the config does not list it."""
+        return cls()
 
     @property
     def source_file(self) -> str:

@@ -104,6 +104,7 @@ class ProcessProbe(RingProbe):
     default_enabled = True
     rings = (("exec_events", EXEC_EVENT), ("exit_events", EXIT_EVENT))   # HA_RING_EXEC, HA_RING_EXIT
     structs = {"exec_event": EXEC_EVENT, "exit_event": EXIT_EVENT, "proc_info": ProcInfo}
+    metrics = (FORKS, EXECS, EXITS)
     counters = {
         EXECS: ("{process}", "Successful execve calls.", [()]),
         EXITS: ("{process}", "Processes that ended, by how: exit status 0, another status, or a signal.",

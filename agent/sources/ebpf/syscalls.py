@@ -91,10 +91,15 @@ class SyscallsProbe(Probe):
     CALLS = "system.linux.syscalls"
     ERRORS = "system.linux.syscall.errors"
     DURATION = "system.linux.syscall.duration"
+    metrics = (CALLS, ERRORS, DURATION)
 
     def __init__(self, latency: bool = True, target_tgid: Optional[int] = None):
         self.latency = latency
         self.target_tgid = target_tgid
+
+    @classmethod
+    def create(cls, options) -> "SyscallsProbe":
+        return cls(latency=not (options and options.counting_only))
 
     def select_tracepoints(self, available):
         wanted = self.tracepoints if self.latency else ("raw_syscalls:sys_exit",)
