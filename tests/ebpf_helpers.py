@@ -18,7 +18,7 @@ import numpy as np
 from agent.sources.ebpf.loader import (INCLUDE_DIR, ON, HostCheck, Plan, ProbeStatus, layout_problems, load_one, recursion_misses,
                                        tracepoint_available, unload)
 from agent.sources.ebpf.probe import BPF_DIR
-from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe
+from agent.sources.ebpf.ringbuf import Ring, RingProbe
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 LOADER = os.environ.get("HOSTAGENT_TEST_EBPF_LOADER", "auto")
@@ -114,14 +114,12 @@ class CoreTestProbe(RingProbe):
     """tests/data/core_test.bpf.c: this process's getppid calls, counted and sent as records."""
     name = "core_test"
     tracepoints = ("syscalls:sys_enter_getppid",)
-    rings = (("events", CORE_EVENT),)
+    rings = (Ring("events", CORE_EVENT, 2, "EVENTS"),)
 
     def params(self, tracepoints):
-        # the last one is a parameter only a bcc build would take: a CO-RE load leaves it out
-        return {"target_tgid": os.getpid(), "tag": 77, "SOME_STRUCT_OFFSET": 12}
-
-    def map_sizes(self):
-        return {"events": 2 * PAGE_SIZE}
+        # the ring's and SOME_STRUCT_OFFSET are parameters the object does not declare: a CO-RE
+        # load leaves them out
+        return {**super().params(tracepoints), "target_tgid": os.getpid(), "tag": 77, "SOME_STRUCT_OFFSET": 12}
 
     def setup(self, obj):
         super().setup(obj)
