@@ -19,6 +19,7 @@ from agent.model import Resource
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
 from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
+from agent.sources.ebpf.libbpf import LOG_BYTES
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.registry import PROBES
@@ -363,6 +364,7 @@ def test_a_rejected_core_object_says_why_and_stops_no_other(core_dir, caplog):
         src.close()
     verifier = [r.getMessage() for r in caplog.records if r.name == "hostagent.ebpf.libbpf"]
     assert any("invalid mem access" in line for line in verifier), verifier   # the verifier's own words
+    assert max(map(len, verifier)) <= LOG_BYTES + 300        # a log of any length is cut to its end
 
 
 @needs_root
