@@ -505,3 +505,35 @@ def test_unknown_loader_is_a_config_error(tmp_path):
     path.write_text(json.dumps({"ebpf": {"loader": "llvm"}}))
     res = hostagent("check-config", str(path))
     assert res.returncode == 2 and "ebpf.loader" in res.stderr and "auto, core, bcc" in res.stderr, res.stderr
+
+
+WITHOUT_SYS_ADMIN = """
+import json, sys
+from agent.config import EbpfConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource
+src = EbpfSource(EbpfConfig(loader=sys.argv[1], object_dir=sys.argv[2]), Resource(()))
+names = {m.name for g in src.collect() for m in g.metrics}
+print(json.dumps({"statuses": [s.as_dict() for s in src.statuses], "metrics": sorted(names)}))
+src.close()
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("loader", ["core", "bcc"])
+def test_probes_load_with_the_units_capabilities(loader):
+    """The packaged unit keeps CAP_BPF and CAP_PERFMON, not CAP_SYS_ADMIN: every default probe
+    loads and is checked all the same; run-time stats, which need CAP_SYS_ADMIN, are not exported."""
+    if loader == "core" and not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    caps = "-all,+bpf,+perfmon,+dac_read_search,+sys_ptrace"
+    proc = subprocess.run(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-c",
+                           WITHOUT_SYS_ADMIN, loader, core_objects()], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    on = {s["name"]: s["loader"] for s in out["statuses"] if s["state"] == "on"}
+    assert on == {name: loader for name, cls in PROBES.items() if cls.default_enabled}, out["statuses"]
+    assert "hostagent.ebpf.skipped_events" in out["metrics"]
+    if open("/proc/sys/kernel/bpf_stats_enabled").read().strip() == "0":
+        assert "hostagent.ebpf.runs" not in out["metrics"]
