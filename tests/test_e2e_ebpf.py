@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 
+from tests.ebpf_helpers import ebpf_config
 from tests.helpers import ROOT, agent_log, base_config, clean_env, wait_for_log
 from tests.otlp_receiver import attributes
 
@@ -18,7 +19,7 @@ N = 20
 def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_receiver):
     probes = {name: {"enabled": name in ("syscalls", "process", "signals")}
               for name in ("runqlat", "biolatency", "syscalls", "tcp", "process", "oom", "signals")}
-    cfg = base_config(tmp_path, ebpf={"enabled": True, "probes": probes},
+    cfg = base_config(tmp_path, ebpf=ebpf_config(enabled=True, probes=probes),
                       exporter={"type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint}})
     proc = start_agent(cfg)
     wait_for_log(proc, "ebpf_probes on=")

@@ -11,18 +11,22 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 
 from agent.model import Resource
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
 from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
-from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
+from agent.sources.ebpf.loader import (btf_member_offset, layout_problems, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
+from agent.sources.ebpf.libbpf import LOG_BYTES
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.registry import PROBES
-from tests.helpers import ROOT, finishes
+from agent.sources.ebpf.ringbuf import PAGE_SIZE
+from tests.ebpf_helpers import CORE_EVENT, DATA, CoreTestProbe, attached, compile_core, core_objects
+from tests.helpers import ROOT, finishes, hostagent
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 
@@ -114,14 +118,14 @@ def test_a_failing_probe_never_stops_the_others(caplog):
     failing = FileProbe("failing", GOOD_PROGRAM, fail_setup=True)
     good = FileProbe("good", GOOD_PROGRAM)
     caplog.set_level(logging.INFO, logger="hostagent.ebpf")
-    src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()),
+    src = EbpfSource(EbpfConfig(loader="bcc"), SelfMetrics(), Resource(()),
                      probes={"broken": broken, "unattached": unattached, "failing": failing, "good": good})
     try:
         s = by_name(src.statuses)
         assert s["broken"].state == "off"
         assert s["broken"].reason.startswith("compile failed:") and "undefined_thing" in s["broken"].reason
         assert s["unattached"].state == "off"
-        assert s["unattached"].reason == "setup failed: not attached to sched:sched_process_exit"
+        assert s["unattached"].reason == "not attached to sched:sched_process_exit"
         assert s["failing"].state == "off" and s["failing"].reason == "setup failed: no such map"
         assert failing.closed
         assert s["good"].state == "on" and list(src.probes) == ["good"]
@@ -136,13 +140,14 @@ def test_a_failing_probe_never_stops_the_others(caplog):
 
 
 def test_format_table_and_json():
-    statuses = [ProbeStatus("process", ("sched:sched_process_exec",), "on"),
+    statuses = [ProbeStatus("process", ("sched:sched_process_exec",), "on", loader="core"),
                 ProbeStatus("syscalls", ("raw_syscalls:sys_enter",), "off", "off by default")]
     table = format_table(statuses).splitlines()
-    assert table[0].split() == ["PROBE", "STATE", "TRACEPOINTS", "/", "REASON"]
-    assert table[1].split() == ["process", "on", "sched:sched_process_exec"]
-    assert table[2].split(None, 2) == ["syscalls", "off", "off by default"]
-    assert json.loads(json.dumps([s.as_dict() for s in statuses]))[1]["reason"] == "off by default"
+    assert table[0].split() == ["PROBE", "STATE", "LOADER", "TRACEPOINTS", "/", "REASON"]
+    assert table[1].split() == ["process", "on", "core", "sched:sched_process_exec"]
+    assert table[2].split(None, 3) == ["syscalls", "off", "-", "off by default"]
+    as_json = json.loads(json.dumps([s.as_dict() for s in statuses]))
+    assert as_json[0]["loader"] == "core" and as_json[1]["reason"] == "off by default"
 
 
 @needs_root
@@ -272,10 +277,295 @@ def _compiler_code_rss_kib() -> int:
 def test_loading_gives_back_the_compilers_code_pages():
     """Compiling touches ~80 MB of LLVM/clang code the agent never runs again until a reload;
     after loading, none of it stays resident in the agent."""
-    only_signals = EbpfConfig(probes={name: ProbeConfig(enabled=name == "signals") for name in PROBES})
+    only_signals = EbpfConfig(loader="bcc", probes={name: ProbeConfig(enabled=name == "signals") for name in PROBES})
     src = EbpfSource(only_signals, SelfMetrics(), Resource(()))
     try:
         assert [s.name for s in src.statuses if s.on] == ["signals"]
         assert _compiler_code_rss_kib() < 1024
     finally:
         src.close()
+
+
+# --- CO-RE: precompiled objects through libbpf ------------------------------------------------
+
+class RejectedProbe(Probe):
+    name = "core_rejected"
+    tracepoints = ("sched:sched_process_exec",)
+
+
+@pytest.fixture(scope="module")
+def core_dir(tmp_path_factory):
+    """tests/data/*.bpf.c built as CO-RE objects."""
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        pytest.skip("the kernel has no BTF")
+    out = str(tmp_path_factory.mktemp("core"))
+    for name in ("core_test", "core_rejected"):
+        compile_core(os.path.join(DATA, f"{name}.bpf.c"), out)
+    return out
+
+
+def _bpf_fds() -> int:
+    """This process's open BPF program, map and link fds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf")
+        except OSError:
+            pass
+    return count
+
+
+def _point(groups, metric: str, probe: str) -> int:
+    return next(p.value for g in groups for m in g.metrics if m.name == metric
+                for p in m.points if dict(p.attributes)["probe"] == probe)
+
+
+@needs_root
+def test_core_object_loads_with_its_parameters_and_reads_through_the_map_layer(core_dir):
+    fds = _bpf_fds()
+    probe = CoreTestProbe()
+    src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), SelfMetrics(), Resource(()), probes={"core_test": probe})
+    try:
+        (status,) = src.statuses
+        assert (status.state, status.loader, status.tracepoints) == ("on", "core", CoreTestProbe.tracepoints)
+        for _ in range(5):
+            os.getppid()
+        os.getpgid(0)                                 # its program was not selected: autoload off
+        assert probe.calls.sum(0) == 5 and probe.calls.sum(1) == 0
+        keys, values = probe.by_pid.read(np.uint32)
+        assert keys.tolist() == [os.getpid()] and values.tolist() == [[5]]
+        (ring,) = probe.ring_buffers
+        assert ring.size == 2 * PAGE_SIZE             # the size the probe asked for, not the object's
+        records = ring.drain()
+        # tag and target_tgid came from .rodata; ppid from a BPF_CORE_READ relocated to this kernel
+        assert records.tolist() == [(77, os.getpid(), os.getppid())] * 5
+        groups = src.collect()
+        assert _point(groups, "hostagent.ebpf.runs", "core_test") >= 5
+        assert _point(groups, "hostagent.ebpf.run_time", "core_test") > 0
+        assert _point(groups, "hostagent.ebpf.skipped_events", "core_test") == 0
+    finally:
+        src.close()
+    assert _bpf_fds() == fds                          # programs, maps, links: all closed
+
+
+@needs_root
+def test_a_rejected_core_object_says_why_and_stops_no_other(core_dir, caplog):
+    caplog.set_level(logging.DEBUG, logger="hostagent.ebpf")
+    good = CoreTestProbe()
+    src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), SelfMetrics(), Resource(()),
+                     probes={"core_rejected": RejectedProbe(), "core_test": good})
+    try:
+        s = by_name(src.statuses)
+        assert s["core_test"].on and list(src.probes) == ["core_test"]
+        assert s["core_rejected"].state == "off"
+        reason = s["core_rejected"].reason
+        assert reason.startswith("load core_rejected.bpf.o:") and "verifier: R0 invalid mem access" in reason, reason
+    finally:
+        src.close()
+    verifier = [r.getMessage() for r in caplog.records if r.name == "hostagent.ebpf.libbpf"]
+    assert any("invalid mem access" in line for line in verifier), verifier   # the verifier's own words
+    assert max(map(len, verifier)) <= LOG_BYTES + 300        # a log of any length is cut to its end
+
+
+@needs_root
+def test_a_record_layout_that_differs_from_the_object_turns_the_probe_off(core_dir):
+    fds = _bpf_fds()
+    stale = CoreTestProbe()
+    stale.structs = {"core_test_event": np.dtype([("tag", "<u8"), ("pid", "<u4"), ("tid", "<u4")])}
+    good = CoreTestProbe()
+    good.structs = {"core_test_event": CORE_EVENT}
+    for probe, reason in ((stale, "layout mismatch: struct core_test_event (C) and its Python mirror differ: "
+                                  "('ppid', 12, 4) != ('tid', 12, 4)"),
+                          (good, "")):
+        src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), SelfMetrics(), Resource(()), probes={"core_test": probe})
+        try:
+            assert src.statuses[0].reason == reason
+        finally:
+            src.close()
+    assert _bpf_fds() == fds
+
+
+@needs_root
+def test_loader_choice_and_its_reasons(core_dir, tmp_path):
+    bcc_probe = {"good": FileProbe("good", GOOD_PROGRAM)}
+    core_probe = {"core_test": CoreTestProbe()}
+    missing = check(EbpfConfig(loader="core", object_dir=str(tmp_path)), core_probe)[0]
+    assert (missing.state, missing.loader, missing.reason) == ("off", "core", "object missing (run bpf/build.sh)")
+    assert check(EbpfConfig(object_dir=core_dir), core_probe)[0].loader == "core"      # auto: CO-RE first
+    fallback = check(EbpfConfig(object_dir=str(tmp_path)), bcc_probe)[0]
+    assert (fallback.state, fallback.loader) == ("on", "bcc")                           # auto: else bcc
+    forced = check(EbpfConfig(loader="bcc", object_dir=core_dir), core_probe)[0]
+    assert forced.loader == "bcc"
+
+
+HIDDEN = """
+import json, sys
+from agent.selfmetrics import SelfMetrics
+from agent.sources.ebpf.config import EbpfConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource, check
+from tests.ebpf_helpers import CoreTestProbe
+core_dir, objects = sys.argv[1], sys.argv[2]
+out = {"core": [s.as_dict() for s in check(EbpfConfig(loader="core", object_dir=core_dir), {"core_test": CoreTestProbe()})]}
+src = EbpfSource(EbpfConfig(object_dir=core_dir), SelfMetrics(), Resource(()), probes={"core_test": CoreTestProbe()})
+out["core_test"] = [s.as_dict() for s in src.statuses]
+src.close()
+src = EbpfSource(EbpfConfig(object_dir=objects), SelfMetrics(), Resource(()))
+out["registry"] = [s.as_dict() for s in src.statuses]
+out["bcc_imported"] = "bcc" in sys.modules
+src.close()
+print(json.dumps(out))
+"""
+
+
+def _hidden(over: list, cover: str, core_dir: str) -> dict:
+    """HIDDEN run in a private mount namespace with `cover` bind-mounted over each path of `over`."""
+    mounts = " && ".join(f"mount --bind {cover} {path}" for path in over)
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f'{mounts} && exec "$0" -c "$1" "$2" "$3"', sys.executable, HIDDEN, core_dir,
+                           core_objects()], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@needs_root
+def test_without_btf_the_bcc_fallback_loads_the_probes(core_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    out = _hidden(["/sys/kernel/btf/vmlinux"], str(empty), core_dir)
+    (core,) = out["core"]
+    assert core["state"] == "off" and core["reason"].startswith("no BTF"), core
+    (core_test,) = out["core_test"]       # auto falls back to bcc, which has no source for it
+    assert core_test["loader"] == "bcc" and core_test["state"] == "off"
+    on = {s["name"]: s["loader"] for s in out["registry"] if s["state"] == "on"}
+    assert on == {name: "bcc" for name, cls in PROBES.items() if cls.default_enabled}, out["registry"]
+
+
+@needs_root
+def test_without_kernel_headers_probes_load_through_core(core_dir, tmp_path):
+    release = os.uname().release
+    hidden = [p for p in (f"/lib/modules/{release}/build", f"/lib/modules/{release}/source") if os.path.exists(p)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _hidden(hidden, str(empty), core_dir)
+    (core_test,) = out["core_test"]
+    assert (core_test["state"], core_test["loader"]) == ("on", "core"), core_test
+    registry = {s["name"]: s for s in out["registry"]}
+    built = [name for name, cls in PROBES.items() if cls.default_enabled
+             and os.path.exists(cls().object_file(core_objects()))]
+    for name in built:
+        assert (registry[name]["state"], registry[name]["loader"]) == ("on", "core"), registry[name]
+    for name in set(PROBES) - set(built):
+        assert registry[name]["state"] == "off"       # no headers for bcc, no object for CO-RE
+    assert out["bcc_imported"] == (len(built) < sum(cls.default_enabled for cls in PROBES.values()))
+
+
+def test_the_probes_doc_table_is_the_registry():
+    """docs/probes.md's table lists every registered probe, in order, with its default, its
+    tracepoints, and documents every metric the probe declares."""
+    import re
+    doc = open(os.path.join(ROOT, "docs", "probes.md")).read()
+    rows = re.findall(r"^\| \[(\w+)\]\(#\1\) \| (on|\*\*off\*\*) \| (.*?) \| (.*?) \|$", doc, re.M)
+    assert [name for name, *_ in rows] == list(PROBES)
+    for name, default, tracepoints, _ in rows:
+        cls = PROBES[name]
+        assert (default == "on") == cls.default_enabled, name
+        assert set(re.findall(r"`(\w+:\w+)`", tracepoints)) == set(cls.tracepoints), name
+        assert cls.metrics and all(f"`{metric}`" in doc for metric in cls.metrics), name
+        assert f"\n## {name}\n" in doc, name
+
+
+@needs_root
+def test_probe_options_from_config():
+    from agent.sources.ebpf.loader import plan
+    cfg = EbpfConfig(probes={"syscalls": ProbeConfig(enabled=True, counting_only=True),
+                             "tcp": ProbeConfig(port=443)})
+    plans = {p.status.name: p for p in plan(cfg, PROBES)}
+    assert plans["syscalls"].status.tracepoints == ("raw_syscalls:sys_exit",)      # no latency programs
+    assert plans["syscalls"].probe.programs(plans["syscalls"].tracepoints) == ("raw_syscalls__sys_exit",)
+    assert plans["tcp"].probe.params(plans["tcp"].tracepoints)["TARGET_PORT"] == 443
+    default = {p.status.name: p for p in plan(EbpfConfig(probes={"syscalls": ProbeConfig(enabled=True)}), PROBES)}
+    assert default["syscalls"].probe.latency and "TARGET_PORT" not in default["tcp"].probe.params(())
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"tcp": {"counting_only": True}}, "ebpf.probes.tcp.counting_only: only the syscalls probe has this option"),
+    ({"syscalls": {"port": 80}}, "ebpf.probes.syscalls.port: only the tcp probe has this option"),
+    ({"tcp": {"port": 70000}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got 70000"),
+    ({"tcp": {"port": -1}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got -1"),
+])
+def test_probe_options_are_checked(tmp_path, section, message):
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"probes": section}}))
+    res = hostagent("check-config", str(path))
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_unknown_loader_is_a_config_error(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"loader": "llvm"}}))
+    res = hostagent("check-config", str(path))
+    assert res.returncode == 2 and "ebpf.loader" in res.stderr and "auto, core, bcc" in res.stderr, res.stderr
+
+
+WITHOUT_SYS_ADMIN = """
+import json, sys
+from agent.selfmetrics import SelfMetrics
+from agent.sources.ebpf.config import EbpfConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource
+src = EbpfSource(EbpfConfig(loader=sys.argv[1], object_dir=sys.argv[2]), SelfMetrics(), Resource(()))
+names = {m.name for g in src.collect() for m in g.metrics}
+print(json.dumps({"statuses": [s.as_dict() for s in src.statuses], "metrics": sorted(names)}))
+src.close()
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("loader", ["core", "bcc"])
+def test_probes_load_with_the_units_capabilities(loader):
+    """The packaged unit keeps CAP_BPF and CAP_PERFMON, not CAP_SYS_ADMIN: every default probe
+    loads and is checked all the same; run-time stats, which need CAP_SYS_ADMIN, are not exported."""
+    if loader == "core" and not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    caps = "-all,+bpf,+perfmon,+dac_read_search,+sys_ptrace"
+    proc = subprocess.run(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-c",
+                           WITHOUT_SYS_ADMIN, loader, core_objects()], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    on = {s["name"]: s["loader"] for s in out["statuses"] if s["state"] == "on"}
+    assert on == {name: loader for name, cls in PROBES.items() if cls.default_enabled}, out["statuses"]
+    assert "hostagent.ebpf.skipped_events" in out["metrics"]
+    if open("/proc/sys/kernel/bpf_stats_enabled").read().strip() == "0":
+        assert "hostagent.ebpf.runs" not in out["metrics"]
+
+
+@needs_root
+@pytest.mark.parametrize("loader", ["core", "bcc"])
+@pytest.mark.parametrize("name", list(PROBES))
+def test_every_registered_probe_loads_under_each_loader(name, loader):
+    """Each probe of the registry, on each loader: it loads, its structs equal their Python
+    mirrors where the object's BTF has them, and a collection works."""
+    if loader == "core" and not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    with attached(PROBES[name].create(None), loader=loader) as probe:
+        assert probe.obj.loader == loader
+        assert layout_problems(probe, probe.obj) == []
+        probe.collect(time.time_ns(), time.time_ns())
+        probe.poll()
+
+
+def test_probes_command_says_which_loader_and_why(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"loader": "core", "object_dir": str(tmp_path)}}))
+    res = hostagent("probes", "--json", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    statuses = json.loads(res.stdout)
+    assert {s["name"] for s in statuses} == set(PROBES)
+    for s in statuses:
+        assert s["state"] == "off"
+        if PROBES[s["name"]].default_enabled and os.geteuid() == 0:
+            assert (s["loader"], s["reason"]) == ("core", "object missing (run bpf/build.sh)"), s
+    table = hostagent("probes", "--config", str(path)).stdout.splitlines()
+    assert table[0].split()[:3] == ["PROBE", "STATE", "LOADER"]

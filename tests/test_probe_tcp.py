@@ -2,7 +2,6 @@
 retransmitted segments equal TcpRetransSegs (a bulk transfer over a veth pair with GSO at its
 defaults, and small messages over loopback), opens and lifetimes match the connections made, a
 connection refused is one reset each way."""
-import ctypes as ct
 import errno
 import json
 import os
@@ -15,9 +14,9 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.loader import btf_member_offset, tracepoint_available, tracepoint_fields
-from agent.sources.ebpf.tcp import UNSIZED, TcpKey, TcpProbe
-from tests.ebpf_helpers import attached, misses
+from agent.sources.ebpf.loader import btf_member_offset, cflags, tracepoint_available, tracepoint_fields
+from agent.sources.ebpf.tcp import UNSIZED, TcpProbe
+from tests.ebpf_helpers import attached, checked_structs, misses
 
 CONNECTIONS, MESSAGES = 8, 20
 
@@ -198,10 +197,7 @@ def read(p):
 
 
 def test_key_layout_matches_bpf(probe):
-    key = probe.lifetime.Key
-    assert ct.sizeof(key) == ct.sizeof(TcpKey)
-    assert [(n, getattr(key, n).offset) for n, _ in key._fields_] == \
-        [(n, getattr(TcpKey, n).offset) for n, _ in TcpKey._fields_]
+    assert "tcp_key" in checked_structs(probe)
 
 
 def test_refused_connection_is_one_reset_each_way(probe, netns, port):
@@ -305,11 +301,11 @@ def test_bulk_transfer_retransmitted_segments_with_default_gso(probe, veth_pair,
 def test_cflags_follow_the_tracepoint_formats():
     if not tracepoint_available("tcp:tcp_send_reset"):
         pytest.skip("no tcp tracepoints")
-    flags = TcpProbe(target_port=8080).cflags(TcpProbe.tracepoints)
+    flags = cflags(TcpProbe(target_port=8080).params(TcpProbe.tracepoints))
     assert "-DTARGET_PORT=8080" in flags
     assert ("-DTCP_RETRANSMIT_HAS_ERR" in flags) == ("err" in tracepoint_fields("tcp:tcp_retransmit_skb"))
     assert ("-DTCP_SEND_RESET_SOCKADDR" in flags) == ("sport" not in tracepoint_fields("tcp:tcp_send_reset"))
-    assert TcpProbe().cflags(TcpProbe.tracepoints) == [f for f in flags if not f.startswith("-DTARGET_PORT")]
+    assert cflags(TcpProbe().params(TcpProbe.tracepoints)) == [f for f in flags if not f.startswith("-DTARGET_PORT")]
     cb, segs = btf_member_offset("sk_buff", "cb"), btf_member_offset("tcp_skb_cb", "tcp_gso_segs")
     if cb is not None and segs is not None:
         assert f"-DTCP_SKB_GSO_SEGS_OFFSET={cb + segs}" in flags

@@ -1,15 +1,19 @@
-"""Loading probes with bcc, after checking what the host allows.
+"""Loading probes, after checking what the host allows: CO-RE objects through libbpf, or bcc.
 
 For every probe in the registry: is it enabled (config, then the probe's default); may this
-process load BPF (root or CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN); is bcc importable; are kernel
-headers there for bcc's compiler; is tracefs mounted and does each tracepoint exist. `check()`
-answers that without loading anything; `load()` then compiles each probe's bpf/<name>.bpf.c as
-its own BPF object (so one failing probe never stops the others), lets bcc attach its
-TRACEPOINT_PROBEs, verifies the attachment and calls the probe's setup(). Whatever fails turns
-that probe off with the reason, and nothing raises for conditions of the host.
+process load BPF (root or CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN); which loader (`ebpf.loader`):
+  - core: the probe's precompiled object bpf/build/<name>.bpf.o (bpf/build.sh), relocated by the
+    system libbpf against the running kernel's BTF (/sys/kernel/btf/vmlinux); no compiler, no headers;
+  - bcc: bpf/<name>.bpf.c compiled on the host by bcc's clang against the kernel headers;
+  - auto (the default): core where the kernel has BTF and the object is there, else bcc.
+Is tracefs mounted and does each tracepoint exist. `check()` answers that without loading
+anything; `load()` then loads each probe as its own BPF object (so one failing probe never stops
+the others), attaches one program per chosen tracepoint, verifies the attachment and calls the
+probe's setup() with the loaded object. Whatever fails turns that probe off with the reason, and
+nothing raises for conditions of the host. bcc (LLVM, some 45 MB) is imported on the bcc path only.
 
-Also here: the kernel facts probes build their -D flags from -- a tracepoint's fields (its format
-file) and a kernel struct member's offset from the running kernel's BTF.
+Also here: the kernel facts probes build their parameters from -- a tracepoint's fields (its
+format file) and a kernel struct member's offset from the running kernel's BTF.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+import numpy as np
+
+from agent.sources.ebpf import btf as btf_
+from agent.sources.ebpf import libbpf
+from agent.sources.ebpf.maps import BpfMap, prog_stats
 from agent.sources.ebpf.probe import BPF_DIR, Probe
 
 log = logging.getLogger("hostagent.ebpf")
@@ -37,6 +46,7 @@ CAP_PERFMON = 38
 CAP_BPF = 39
 
 ON, OFF = "on", "off"
+AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
 
 
 @dataclass(frozen=True)
@@ -47,13 +57,14 @@ class ProbeStatus:
     state: str
     reason: str = ""
     description: str = ""
+    loader: str = ""          # core or bcc: the loader that loads (or would load) it
 
     @property
     def on(self) -> bool:
         return self.state == ON
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "state": self.state, "reason": self.reason,
+        return {"name": self.name, "state": self.state, "loader": self.loader, "reason": self.reason,
                 "tracepoints": list(self.tracepoints), "description": self.description}
 
 
@@ -108,6 +119,26 @@ def headers_problem() -> Optional[str]:
     release = os.uname().release
     return (f"no kernel headers: /lib/modules/{release}/build is missing (bcc compiles probes "
             f"against them; install linux-headers for this kernel or the nearest version)")
+
+
+def btf_problem(path: str = BTF_VMLINUX) -> Optional[str]:
+    """Why the running kernel's BTF is not usable for CO-RE relocation, or None."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError:
+        return f"no BTF ({path} is missing: kernel built without CONFIG_DEBUG_INFO_BTF)"
+    if magic != b"\x9f\xeb":
+        return f"no BTF ({path} is not BTF)"
+    return None
+
+
+def core_problem(probe: Probe, object_dir: str = "") -> Optional[str]:
+    """Why `probe` cannot be loaded as a CO-RE object from `object_dir` here, or None."""
+    problem = btf_problem()
+    if problem is None and not os.path.isfile(probe.object_file(object_dir)):
+        problem = "object missing (run bpf/build.sh)"
+    return problem or libbpf.problem()
 
 
 def tracefs_root() -> Optional[str]:
@@ -168,83 +199,11 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
 
 # --- BTF: member offsets and enumerator values of the running kernel ------------------------
 
-_BTF_KIND_STRUCT, _BTF_KIND_UNION, _BTF_KIND_ENUM, _BTF_KIND_ENUM64 = 4, 5, 6, 19
-# bytes following the 12-byte btf_type header: fixed, and per vlen entry (linux/btf.h)
-_BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}                   # INT, ARRAY, VAR, DECL_TAG
-_BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT, UNION, ENUM, FUNC_PROTO, DATASEC, ENUM64
-_TYPE = struct.Struct("<III")
-
-
-class BtfError(Exception):
-    pass
-
-
-def _btf_index(path: str):
-    """(raw BTF, string section start, type id -> position, struct name -> type id,
-    enumerator name -> value)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    magic, _version, _flags, hdr_len, type_off, type_len, str_off, _str_len = \
-        struct.unpack_from("<HBBIIIII", data, 0)
-    if magic != 0xEB9F:
-        raise BtfError(f"{path}: not BTF (magic {magic:#x})")
-    types_start = hdr_len + type_off
-    strings = hdr_len + str_off
-    offsets = [0]                     # type id -> position; id 0 is void
-    structs: dict = {}                # struct name -> type id (first complete definition)
-    enumerators: dict = {}            # enumerator name -> value (first definition)
-    pos, end = types_start, types_start + type_len
-    unpack = _TYPE.unpack_from
-
-    def name_at(off: int) -> bytes:
-        return data[strings + off:data.index(b"\0", strings + off)]
-
-    while pos < end:
-        name_off, info, _ = unpack(data, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        offsets.append(pos)
-        if kind == _BTF_KIND_STRUCT and name_off:
-            structs.setdefault(name_at(name_off), len(offsets) - 1)
-        elif kind == _BTF_KIND_ENUM:
-            for i in range(vlen):
-                e_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
-                enumerators.setdefault(name_at(e_name), value)
-        elif kind == _BTF_KIND_ENUM64:
-            for i in range(vlen):
-                e_name, lo, hi = unpack(data, pos + 12 + 12 * i)
-                enumerators.setdefault(name_at(e_name), hi << 32 | lo)
-        pos += 12 + _BTF_EXTRA.get(kind, 0) + _BTF_PER_VLEN.get(kind, 0) * vlen
-    return data, strings, offsets, structs, enumerators
-
-
-def _member_offset(index, struct_name: str, member: str) -> Optional[int]:
-    data, strings, offsets, structs, _ = index
-    type_id = structs.get(struct_name.encode())
-    if type_id is None:
-        return None
-    want = member.encode()
-
-    def name_at(off: int) -> bytes:
-        return data[strings + off:data.index(b"\0", strings + off)]
-
-    def find(tid: int, base: int) -> Optional[int]:
-        pos = offsets[tid]
-        _, info, _ = _TYPE.unpack_from(data, pos)
-        bitfields = info >> 31
-        for i in range(info & 0xFFFF):
-            name_off, mtype, moff = _TYPE.unpack_from(data, pos + 12 + 12 * i)
-            bit = moff & 0xFFFFFF if bitfields else moff
-            if name_off and name_at(name_off) == want:
-                return base + bit // 8
-            if not name_off and mtype < len(offsets):
-                kind = (_TYPE.unpack_from(data, offsets[mtype])[1] >> 24) & 0x1F
-                if kind in (_BTF_KIND_STRUCT, _BTF_KIND_UNION):
-                    found = find(mtype, base + bit // 8)
-                    if found is not None:
-                        return found
-        return None
-
-    return find(type_id, 0)
+@functools.lru_cache(maxsize=1)
+def _kernel_btf(path: str) -> btf_.Btf:
+    """The running kernel's BTF, parsed once per plan or load (about 0.1 s); plan() and load()
+    drop it when done, so its ~10 MB index is not kept."""
+    return btf_.Btf.from_file(path)
 
 
 def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[dict]:
@@ -253,12 +212,12 @@ def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[d
     structs and unions included) and {enumerator: value} for each name in `enumerators`, None
     where the kernel has no such thing. None as a whole when there is no readable BTF."""
     try:
-        index = _btf_index(path)
-    except (OSError, BtfError, struct.error) as e:
+        btf = _kernel_btf(path)
+    except (OSError, btf_.BtfError, struct.error, ValueError) as e:
         log.debug("btf_unavailable path=%s error=%s", path, e)
         return None
-    facts = {(s, m): _member_offset(index, s, m) for s, m in members}
-    facts.update({name: index[4].get(name.encode()) for name in enumerators})
+    facts = {(s, m): btf.member_offset(s, m) for s, m in members}
+    facts.update({name: btf.enumerator(name) for name in enumerators})
     return facts
 
 
@@ -272,11 +231,9 @@ def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) ->
 
 # --- the registry, filtered by config --------------------------------------------------------
 
-def _probes(probes) -> dict:
-    if probes is None:
-        from agent.sources.ebpf.registry import PROBES
-        probes = PROBES
-    return {name: (p() if isinstance(p, type) else p) for name, p in probes.items()}
+def _probes(cfg, probes) -> dict:
+    """{name: Probe}: the given classes created with their config section, or instances as they are."""
+    return {name: (p.create(cfg.probes.get(name)) if isinstance(p, type) else p) for name, p in probes.items()}
 
 
 def _config_problem(cfg, name: str, probe: Probe) -> Optional[str]:
@@ -296,23 +253,45 @@ class Plan:
     probe: Probe
     status: ProbeStatus
     tracepoints: tuple = ()
+    object_dir: str = ""          # ebpf.object_dir, for the CO-RE loader
 
 
-def plan(cfg, probes=None) -> list[Plan]:
-    """Each probe with the tracepoints it would use and whether it would load."""
-    host_problem = None
+class HostCheck:
+    """The host's answers, each asked once per plan and only when a probe needs it."""
+
+    @functools.cached_property
+    def problem(self) -> Optional[str]:
+        problem = privilege_problem()
+        if problem is None and tracefs_root() is None:
+            problem = "tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)"
+        return problem
+
+    @functools.cached_property
+    def bcc_problem(self) -> Optional[str]:
+        return bcc_problem() or headers_problem()
+
+    def loader(self, mode: str, probe: Probe, object_dir: str = "") -> tuple[str, Optional[str]]:
+        """(loader, why it cannot load `probe`) under `ebpf.loader: mode`."""
+        if mode == BCC:
+            return BCC, self.bcc_problem
+        core = core_problem(probe, object_dir)
+        if mode == CORE or core is None:
+            return CORE, core
+        if self.bcc_problem is None:
+            return BCC, None
+        return "", f"{core}; bcc fallback: {self.bcc_problem}"
+
+
+def plan(cfg, probes) -> list[Plan]:
+    """Each probe with its loader, the tracepoints it would use and whether it would load."""
+    host = HostCheck()
     plans = []
-    checked_host = False
-    for name, probe in _probes(probes).items():
+    for name, probe in _probes(cfg, probes).items():
         tps = tuple(probe.tracepoints)
-        reason = _config_problem(cfg, name, probe)
-        if reason is None and not checked_host:
-            host_problem = privilege_problem() or bcc_problem() or headers_problem()
-            if host_problem is None and tracefs_root() is None:
-                host_problem = ("tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
-            checked_host = True
+        loader = ""
+        reason = _config_problem(cfg, name, probe) or host.problem
         if reason is None:
-            reason = host_problem
+            loader, reason = host.loader(cfg.loader, probe, cfg.object_dir)
         if reason is None:
             chosen = probe.select_tracepoints(tracepoint_available)
             if chosen is None:
@@ -320,22 +299,102 @@ def plan(cfg, probes=None) -> list[Plan]:
                 reason = "tracepoint missing on this kernel: " + ", ".join(missing or tps)
             else:
                 tps = tuple(chosen)
-        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description)
-        plans.append(Plan(probe, status, tps))
+        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description, loader)
+        plans.append(Plan(probe, status, tps, cfg.object_dir))
     return plans
 
 
-def check(cfg, probes=None) -> list[ProbeStatus]:
+def check(cfg, probes) -> list[ProbeStatus]:
     """Which probes would load on this host and why the others would not. Loads nothing."""
-    return [p.status for p in plan(cfg, probes)]
+    try:
+        return [p.status for p in plan(cfg, probes)]
+    finally:
+        _kernel_btf.cache_clear()
 
 
 # --- loading ---------------------------------------------------------------------------------
 
+class LoadedObject:
+    """A probe's BPF object in the kernel, whichever loader put it there: its maps by name (the
+    map layer, maps.py) and its programs' fds."""
+    loader = ""
+
+    def __init__(self):
+        self._maps: dict = {}
+
+    def map(self, name: str) -> BpfMap:
+        """The map `name` (KeyError if the object has none)."""
+        m = self._maps.get(name)
+        if m is None:
+            m = self._maps[name] = BpfMap.from_fd(self._map_fd(name), name)
+        return m
+
+    def _map_fd(self, name: str) -> int:
+        raise NotImplementedError
+
+    def program_fds(self) -> dict:
+        """{program name: fd}."""
+        raise NotImplementedError
+
+    def btf(self) -> Optional["btf_.Btf"]:
+        """The object's BTF (its types), or None where it has none or it cannot be read."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class CoreObject(LoadedObject):
+    loader = CORE
+
+    def __init__(self, obj: "libbpf.BpfObject"):
+        super().__init__()
+        self.obj = obj
+
+    def _map_fd(self, name: str) -> int:
+        return self.obj.map_fd(name)
+
+    def program_fds(self) -> dict:
+        return self.obj.program_fds()
+
+    def btf(self) -> Optional["btf_.Btf"]:
+        data = self.obj.btf_data()
+        return btf_.Btf(data) if data else None
+
+    def close(self) -> None:
+        self.obj.close()
+
+
+class BccObject(LoadedObject):
+    loader = BCC
+
+    def __init__(self, bpf):
+        super().__init__()
+        self.bpf = bpf
+
+    def _map_fd(self, name: str) -> int:
+        return self.bpf[name.encode()].map_fd
+
+    def program_fds(self) -> dict:
+        return {name.decode(): fn.fd for name, fn in self.bpf.funcs.items()}
+
+    def btf(self) -> Optional["btf_.Btf"]:
+        # bcc keeps its BTF to itself: ask the kernel, which takes CAP_SYS_ADMIN (EPERM under
+        # CAP_BPF + CAP_PERFMON alone; then nothing is checked)
+        fds = list(self.program_fds().values())
+        try:
+            return btf_.of_program(fds[0]) if fds else None
+        except PermissionError:
+            return None
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
 @dataclass
 class LoadedProbe:
     probe: Probe
-    bpf: object
+    obj: LoadedObject
     status: ProbeStatus
     tracepoints: tuple = ()
     rings: list = field(default_factory=list)
@@ -379,13 +438,25 @@ def _first_error(text: str) -> str:
     return ""
 
 
-def _compile(probe: Probe, tps: tuple):
+def cflags(params: Mapping[str, object]) -> list:
+    """A probe's parameters as bcc -D flags: True defines the name, False leaves it out."""
+    flags = []
+    for name, value in params.items():
+        if value is True:
+            flags.append(f"-D{name}")
+        elif value is not False:
+            value = int(value)
+            flags.append(f"-D{name}={value:#x}ULL" if value > 0x7FFFFFFF else f"-D{name}={value}")
+    return flags
+
+
+def _load_bcc(probe: Probe, tps: tuple) -> BccObject:
     from bcc import BPF
-    cflags = [f"-I{INCLUDE_DIR}", *probe.cflags(tps)]
+    flags = [f"-I{INCLUDE_DIR}", *cflags(probe.params(tps))]
     error = None
     with _CapturedStderr() as err:
         try:
-            bpf = BPF(src_file=probe.source_file.encode(), cflags=cflags)
+            bpf = BPF(src_file=probe.source_file.encode(), cflags=flags)
         except Exception as e:
             error = e
     if error is not None:
@@ -393,7 +464,93 @@ def _compile(probe: Probe, tps: tuple):
         if "Failed to compile" in str(error):
             raise RuntimeError(f"compile failed: {detail or error}") from None
         raise RuntimeError(f"load failed: {error}" + (f" ({detail})" if detail else "")) from None
-    return bpf
+    try:
+        attached = {k.decode() if isinstance(k, bytes) else k for k in bpf.tracepoint_fds}
+        # raw tracepoints (cheaper per event) are keyed by the bare event name
+        raw = {k.decode() if isinstance(k, bytes) else k for k in bpf.raw_tracepoint_fds}
+        missing = [tp for tp in tps if tp not in attached and tp.partition(":")[2] not in raw]
+        if missing:
+            raise RuntimeError("not attached to " + ", ".join(missing))
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return BccObject(bpf)
+
+
+def _libbpf_error(text: str) -> str:
+    """The line of libbpf's output that says why: the verifier's last words before its
+    "processed N insns" summary, else libbpf's last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and " insns " in line and i:
+            return "verifier: " + lines[i - 1]
+    return lines[-1] if lines else ""
+
+
+def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
+    """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
+    others), set its parameters (.rodata) and map sizes, load and attach."""
+    path = probe.object_file(object_dir)
+    obj = libbpf.BpfObject.open(path, kernel_btf=BTF_VMLINUX)
+    try:
+        wanted = probe.programs(tps)
+        programs = obj.programs()
+        missing = [name for name in wanted if name not in programs]
+        if missing:
+            raise RuntimeError(f"{os.path.basename(path)} has no program " + ", ".join(missing))
+        for name in programs:
+            if name not in wanted:
+                obj.set_autoload(name, False)
+        # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
+        # tracepoint field checks: bpf_core_field_exists) are bcc's alone
+        layout = obj.rodata_layout()
+        obj.set_rodata({k: v for k, v in probe.params(tps).items() if k in layout})
+        for name, entries in probe.map_sizes().items():
+            obj.set_max_entries(name, entries)
+        obj.load()
+        obj.attach()
+    except libbpf.LibbpfError as e:
+        obj.close()
+        detail = _libbpf_error(e.log)
+        raise RuntimeError(f"{e}" + (f" ({detail[:200]})" if detail else "")) from None
+    except BaseException:
+        obj.close()
+        raise
+    return CoreObject(obj)
+
+
+def mirror_layout(mirror) -> tuple:
+    """(size, [(member, offset, size)]) of a ctypes Structure or a numpy structured dtype."""
+    if isinstance(mirror, type) and issubclass(mirror, ctypes.Structure):
+        return ctypes.sizeof(mirror), [(n, getattr(mirror, n).offset, getattr(mirror, n).size)
+                                   for n, *_ in mirror._fields_]
+    dtype = np.dtype(mirror)
+    members = sorted(((n, off, dt.itemsize) for n, (dt, off, *_) in dtype.fields.items()), key=lambda m: m[1])
+    return dtype.itemsize, members
+
+
+def layout_problems(probe: Probe, obj: LoadedObject) -> list:
+    """Where the probe's Python mirrors (Probe.structs) differ from the structs in the object's
+    BTF. The BTF has the types of maps and globals: a map's key and value structs always; a ring
+    record only when the program names it in a global (clang leaves out types used only by local
+    variables), else it is not checked; bcc's BTF keeps only its maps' types."""
+    if not probe.structs:
+        return []
+    btf = obj.btf()
+    if btf is None:
+        return [] if obj.loader == BCC else ["the object has no BTF"]
+    problems = []
+    for name, mirror in probe.structs.items():
+        tid = btf.find(name)
+        if tid is None:
+            log.debug("layout_not_checked probe=%s struct=%s reason=\"not in the object's BTF\"", probe.name, name)
+            continue
+        c = btf.size(tid), btf.layout(tid)
+        py = mirror_layout(mirror)
+        if c != py:
+            diff = [f"{a} != {b}" for a, b in zip(c[1], py[1]) if a != b][:1] or [f"size {c[0]} != {py[0]}"]
+            problems.append(f"struct {name} (C) and its Python mirror differ: {diff[0]}")
+    return problems
 
 
 def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
@@ -402,42 +559,45 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return None, status
 
     def off(reason: str) -> ProbeStatus:
-        return ProbeStatus(status.name, tps, OFF, reason, status.description)
+        return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader)
 
     try:
-        bpf = _compile(probe, tps)
+        obj = _load_core(probe, tps, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps)
     except Exception as e:
         return None, off(str(e))
-    if bpf is None:
-        return None, off("load failed")
     try:
-        attached = {k.decode() if isinstance(k, bytes) else k for k in bpf.tracepoint_fds}
-        # raw tracepoints (cheaper per event) are keyed by the bare event name
-        raw = {k.decode() if isinstance(k, bytes) else k for k in bpf.raw_tracepoint_fds}
-        missing = [tp for tp in tps if tp not in attached and tp.partition(":")[2] not in raw]
-        if missing:
-            raise RuntimeError("not attached to " + ", ".join(missing))
-        probe.setup(bpf)
+        problems = layout_problems(probe, obj)
+    except (OSError, btf_.BtfError, struct.error, ValueError) as e:
+        problems = [f"cannot read the object's BTF: {e}"]
+    if problems:
+        obj.close()
+        return None, off("layout mismatch: " + "; ".join(problems))
+    try:
+        probe.setup(obj)
     except Exception as e:
         try:
             probe.close()
         except Exception:
             pass
-        bpf.cleanup()
+        obj.close()
         return None, off(f"setup failed: {e}")
-    return LoadedProbe(probe, bpf, status, tps, list(getattr(probe, "ring_buffers", ()))), status
+    return LoadedProbe(probe, obj, status, tps, list(getattr(probe, "ring_buffers", ()))), status
 
 
-def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
-    """Compile, attach and set up every probe that check() says would load."""
+def load(cfg, probes) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
+    """Load, attach and set up every probe that check() says would load."""
     loaded, statuses = [], []
-    for p in plan(cfg, probes):
-        lp, status = load_one(p)
-        statuses.append(status)
-        if lp is not None:
-            loaded.append(lp)
+    try:
+        for p in plan(cfg, probes):
+            lp, status = load_one(p)
+            statuses.append(status)
+            if lp is not None:
+                loaded.append(lp)
+    finally:
+        _kernel_btf.cache_clear()
     log_statuses(statuses)
-    release_compiler_memory()
+    if any(s.loader == BCC for s in statuses):
+        release_compiler_memory()
     return loaded, statuses
 
 
@@ -470,21 +630,27 @@ def release_compiler_memory() -> None:
             libc.madvise(start, end - start, advice)    # best effort: EINVAL on old kernels
 
 
-def recursion_misses(bpf, programs=None) -> int:
-    """Events the kernel skipped for this object's programs (all, or those named) because another
-    BPF program was running on that CPU: `recursion_misses` in each program's fdinfo (0 on kernels
-    without it)."""
-    total = 0
-    for name, fn in bpf.funcs.items():
-        if programs is None or name.decode().split("__")[-1] in programs:
+def program_stats(obj: LoadedObject, programs=None) -> tuple[int, int, int]:
+    """(run_time_ns, run_cnt, recursion_misses) summed over the object's programs (all, or those
+    whose tracepoint event is named in `programs`). Run time and count grow only while BPF stats
+    are enabled (maps.enable_stats); recursion_misses are the events skipped because another BPF
+    program was running on that CPU."""
+    total = [0, 0, 0]
+    for name, fd in obj.program_fds().items():
+        if programs is None or name.split("__")[-1] in programs:
             try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    for line in f:
-                        if line.startswith("recursion_misses:"):
-                            total += int(line.split(":")[1])
+                st = prog_stats(fd)
             except OSError:
-                pass
-    return total
+                continue
+            total[0] += st.run_time_ns
+            total[1] += st.run_cnt
+            total[2] += st.recursion_misses
+    return total[0], total[1], total[2]
+
+
+def recursion_misses(obj: LoadedObject, programs=None) -> int:
+    """Events the kernel skipped for this object's programs (all, or those named)."""
+    return program_stats(obj, programs)[2]
 
 
 def unload(loaded: list[LoadedProbe]) -> None:
@@ -494,7 +660,7 @@ def unload(loaded: list[LoadedProbe]) -> None:
         except Exception:
             log.exception("probe_close_failed probe=%s", lp.status.name)
         try:
-            lp.bpf.cleanup()
+            lp.obj.close()
         except Exception:
             log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
 
@@ -508,9 +674,11 @@ def log_statuses(statuses: list[ProbeStatus]) -> None:
 
 
 def format_table(statuses: list[ProbeStatus]) -> str:
-    """The `hostagent probes` table: a probe per line with its state, then its tracepoints when
-    it is on or the reason when it is off (`--json` has both)."""
-    rows = [("PROBE", "STATE", "TRACEPOINTS / REASON")]
-    rows += [(s.name, s.state, " ".join(s.tracepoints) if s.on else s.reason) for s in statuses]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}".rstrip() for r in rows)
+    """The `hostagent probes` table: a probe per line with its state, its loader (core or bcc;
+    "-" when none can load it), then its tracepoints when it is on or the reason when it is off
+    (`--json` has both)."""
+    rows = [("PROBE", "STATE", "LOADER", "TRACEPOINTS / REASON")]
+    rows += [(s.name, s.state, s.loader or "-", " ".join(s.tracepoints) if s.on else s.reason)
+             for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join([*(f"{r[i]:<{widths[i]}}" for i in range(3)), r[3]]).rstrip() for r in rows)

@@ -1,16 +1,19 @@
-"""What a probe is: a BPF program in bpf/<name>.bpf.c plus a subclass of Probe that says what its
-maps and records mean. The loader (loader.py) owns compiling, attaching and feature checks; a
-probe module only describes and decodes.
+"""What a probe is: a BPF program in bpf/<name>.bpf.c (built to bpf/build/<name>.bpf.o for the
+CO-RE loader) plus a subclass of Probe that says what its maps and records mean and which
+parameters the program takes. The loader (loader.py) owns loading, attaching and feature checks;
+a probe module only describes and decodes, through the loaded object's maps (maps.BpfMap), so it
+does not depend on the loader.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from agent.model import LogRecord, Metric
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), "bpf")
+OBJECT_DIR = os.path.join(BPF_DIR, "build")       # bpf/build.sh's output
 
 
 class Probe:
@@ -19,6 +22,11 @@ class Probe:
     # tracepoints as "category:event"; all must exist unless select_tracepoints() says otherwise
     tracepoints: tuple = ()
     default_enabled: bool = True
+    # C struct name -> its Python mirror (ctypes Structure for map keys and values, numpy dtype for
+    # ring records), checked member by member against the loaded object's BTF
+    structs: Mapping[str, object] = {}
+    # the metrics it exports (docs/probes.md is checked against these and the rest of the class)
+    metrics: tuple = ()
 
     @classmethod
     def create(cls, options, telemetry=None, enrichment=None) -> "Probe":
@@ -36,13 +44,30 @@ class Probe:
         Probes with alternatives (e.g. block_io_start vs block_rq_issue) override this."""
         return self.tracepoints if all(available(tp) for tp in self.tracepoints) else None
 
-    def cflags(self, tracepoints: tuple) -> list:
-        """-D flags for the chosen tracepoints and parameters; never edit the BPF text."""
-        return []
+    def object_file(self, directory: str = "") -> str:
+        """The CO-RE object in `directory` (ebpf.object_dir; default bpf/build)."""
+        return os.path.join(directory or OBJECT_DIR, f"{self.name}.bpf.o")
 
-    def setup(self, bpf) -> None:
-        """Called once after the program is loaded and attached: look up maps, open readers."""
-        self.bpf = bpf
+    def params(self, tracepoints: tuple) -> dict:
+        """The program's parameters for the chosen tracepoints, {NAME: int or bool}: `const
+        volatile` globals of the same name under CO-RE (those the object declares), -D flags
+        under bcc (True defines NAME, False leaves it out). Never edit the BPF text."""
+        return {}
+
+    def programs(self, tracepoints: tuple) -> tuple:
+        """The CO-RE object's programs that implement the chosen tracepoints (the loader turns
+        autoload off for the rest): one `category__event` per tracepoint, unless the probe's
+        variant attaches raw tracepoints (`raw_tp__event`)."""
+        return tuple(tp.replace(":", "__", 1) for tp in tracepoints)
+
+    def map_sizes(self) -> dict:
+        """{map name: max_entries} set before a CO-RE load (bcc gets them through params())."""
+        return {}
+
+    def setup(self, obj) -> None:
+        """Called once after the program is loaded and attached: look up maps (obj.map(name)),
+        open readers."""
+        self.obj = obj
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         """Read in-kernel aggregates once per collection interval."""

@@ -18,12 +18,14 @@ class RunqlatProbe(Probe):
     description = "run-queue latency: how long runnable threads wait for a CPU (exponential histogram, ns)"
     tracepoints = ("sched:sched_wakeup", "sched:sched_wakeup_new", "sched:sched_switch")
     default_enabled = True
+    structs = {"runq_key": RunqKey, "exp2_bucket": histogram.Exp2Bucket}
 
     METRIC = "system.linux.cpu.runqueue.latency"
+    metrics = (METRIC,)
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.hist = bpf[b"runq_latency"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.hist = obj.map("runq_latency")
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         groups = histogram.read_exp2(self.hist, RunqKey)

@@ -86,32 +86,42 @@ class SyscallsProbe(Probe):
     description = "system calls per syscall, failed calls per errno, and a latency histogram per syscall (ns)"
     tracepoints = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
     default_enabled = False     # adds ~290 ns to every system call on the host (see module doc)
+    structs = {"syscall_key": SyscallKey, "syscall_error": SyscallError, "exp2_bucket": histogram.Exp2Bucket}
 
     CALLS = "system.linux.syscalls"
     ERRORS = "system.linux.syscall.errors"
     DURATION = "system.linux.syscall.duration"
+    metrics = (CALLS, ERRORS, DURATION)
 
     def __init__(self, latency: bool = True, target_tgid: Optional[int] = None):
         self.latency = latency
         self.target_tgid = target_tgid
 
+    @classmethod
+    def create(cls, options, telemetry=None, enrichment=None) -> "SyscallsProbe":
+        return cls(latency=not (options and options.counting_only))
+
     def select_tracepoints(self, available):
         wanted = self.tracepoints if self.latency else ("raw_syscalls:sys_exit",)
         return wanted if all(available(tp) for tp in wanted) else None
 
-    def cflags(self, tracepoints: tuple) -> list:
-        flags = ["-DSYSCALL_LATENCY"] if self.latency else []
-        if self.target_tgid is not None:
-            flags.append(f"-DTARGET_TGID={int(self.target_tgid)}")
-        return flags
+    def programs(self, tracepoints: tuple) -> tuple:
+        # latency: raw tracepoints on both (no argument record is built); counting: sys_exit's
+        return ("raw_tp__sys_enter", "raw_tp__sys_exit") if self.latency else super().programs(tracepoints)
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.errors = bpf[b"syscall_errors"]
+    def params(self, tracepoints: tuple) -> dict:
+        params = {"SYSCALL_LATENCY": self.latency}
+        if self.target_tgid is not None:
+            params["TARGET_TGID"] = int(self.target_tgid)
+        return params
+
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.errors = obj.map("syscall_errors")
         if self.latency:
-            self.durations = bpf[b"syscall_latency"]
+            self.durations = obj.map("syscall_latency")
         else:
-            self.counts = bpf[b"syscall_counts"]
+            self.counts = obj.map("syscall_counts")
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         metrics = []
@@ -124,14 +134,14 @@ class SyscallsProbe(Probe):
                 metrics.append(Metric(self.DURATION, "Time from entering to leaving a system call.",
                                       "ns", MetricKind.EXPONENTIAL_HISTOGRAM, points))
         else:
-            keys, values = histogram.read_map(self.counts, ct.c_uint32)
+            keys, values = self.counts.read(ct.c_uint32)
             calls = {int(k): int(v) for k, v in zip(keys.tolist(), values[:, 0].tolist()) if v}
         if calls:
             metrics.append(Metric(self.CALLS, "System calls made.", "{call}", MetricKind.SUM, [
                 NumberPoint((("syscall", syscall_name(nr)),), n, start_ns, now_ns)
                 for nr, n in sorted(calls.items())], monotonic=True))
 
-        keys, values = histogram.read_map(self.errors, SyscallError)
+        keys, values = self.errors.read(SyscallError)
         errors = {}
         for nr, err, n in zip(keys["nr"].tolist(), keys["err"].tolist(), values[:, 0].tolist()):
             attributes = (("syscall", syscall_name(nr)), ("error.type", errno_name(err)))

@@ -43,11 +43,13 @@ class TcpProbe(Probe):
     tracepoints = ("tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack", "tcp:tcp_send_reset",
                    "tcp:tcp_receive_reset", "sock:inet_sock_set_state")
     default_enabled = True
+    structs = {"tcp_key": TcpKey, "exp2_bucket": histogram.Exp2Bucket}
 
     RETRANSMITS = "system.linux.tcp.retransmits"
     RESETS = "system.linux.tcp.resets"
     OPENED = "system.linux.tcp.connections.opened"
     DURATION = "system.linux.tcp.connection.duration"
+    metrics = (RETRANSMITS, RESETS, OPENED, DURATION)
 
     def __init__(self, target_port: Optional[int] = None, telemetry: Optional[SelfMetrics] = None):
         """`telemetry`: where the probe counts what it could not measure; unset (a probe built only
@@ -67,31 +69,28 @@ class TcpProbe(Probe):
 
     @classmethod
     def create(cls, options, telemetry=None, enrichment=None) -> "TcpProbe":
-        return cls(telemetry=telemetry)
+        return cls(telemetry=telemetry, target_port=(options.port or None) if options else None)
 
-    def cflags(self, tracepoints: tuple) -> list:
-        flags = []
-        if "err" in tracepoint_fields("tcp:tcp_retransmit_skb"):
-            flags.append("-DTCP_RETRANSMIT_HAS_ERR")
-        if "sport" not in tracepoint_fields("tcp:tcp_send_reset"):
-            flags.append("-DTCP_SEND_RESET_SOCKADDR")
+    def params(self, tracepoints: tuple) -> dict:
+        params = {"TCP_RETRANSMIT_HAS_ERR": "err" in tracepoint_fields("tcp:tcp_retransmit_skb"),
+                  "TCP_SEND_RESET_SOCKADDR": "sport" not in tracepoint_fields("tcp:tcp_send_reset")}
         if self.target_port is not None:
-            flags.append(f"-DTARGET_PORT={int(self.target_port)}")
+            params["TARGET_PORT"] = int(self.target_port)
         offset = gso_segs_offset()
         if offset is not None:
-            flags.append(f"-DTCP_SKB_GSO_SEGS_OFFSET={offset}")
+            params["TCP_SKB_GSO_SEGS_OFFSET"] = offset
         else:
             log.warning("tcp_retransmits_count_skbs reason=\"no BTF at /sys/kernel/btf/vmlinux\"")
-        flags += [f"-DERR_{name}={getattr(errno, name)}" for name in EARLY_EXITS]
-        return flags
+        params.update({f"ERR_{name}": getattr(errno, name) for name in EARLY_EXITS})
+        return params
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.events = bpf[b"tcp_events"]
-        self.lifetime = bpf[b"tcp_lifetime"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.events = obj.map("tcp_events")
+        self.lifetime = obj.map("tcp_lifetime")
 
     def event_counts(self) -> list:
-        keys, values = histogram.read_map(self.events, ct.c_uint32)
+        keys, values = self.events.read(ct.c_uint32)
         counts = [0] * (UNSIZED + 1)
         for k, v in zip(keys.tolist(), values[:, 0].tolist()):
             if k < len(counts):
