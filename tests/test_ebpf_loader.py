@@ -391,9 +391,11 @@ def test_loader_choice_and_its_reasons(core_dir, tmp_path):
     core_probe = {"core_test": CoreTestProbe()}
     missing = check(EbpfConfig(loader="core", object_dir=str(tmp_path)), core_probe)[0]
     assert (missing.state, missing.loader, missing.reason) == ("off", "core", "object missing (run bpf/build.sh)")
-    assert check(EbpfConfig(object_dir=core_dir), core_probe)[0].loader == "core"      # auto: CO-RE first
+    first = check(EbpfConfig(object_dir=core_dir), core_probe)[0]
+    assert (first.loader, first.fallback) == ("core", "")                               # auto: CO-RE first
     fallback = check(EbpfConfig(object_dir=str(tmp_path)), bcc_probe)[0]
     assert (fallback.state, fallback.loader) == ("on", "bcc")                           # auto: else bcc
+    assert fallback.fallback == "object missing (run bpf/build.sh)"                     # ... and why
     forced = check(EbpfConfig(loader="bcc", object_dir=core_dir), core_probe)[0]
     assert forced.loader == "bcc"
 
@@ -438,6 +440,7 @@ def test_without_btf_the_bcc_fallback_loads_the_probes(core_dir, tmp_path):
     assert core_test["loader"] == "bcc" and core_test["state"] == "off"
     on = {s["name"]: s["loader"] for s in out["registry"] if s["state"] == "on"}
     assert on == {name: "bcc" for name, cls in PROBES.items() if cls.default_enabled}, out["registry"]
+    assert all(s["fallback"].startswith("no BTF") for s in out["registry"] if s["state"] == "on")
 
 
 @needs_root
