@@ -491,14 +491,17 @@ def test_probe_options_from_config():
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"tcp": {"counting_only": True}}, "ebpf.probes.tcp.counting_only: only the syscalls probe has this option"),
-    ({"syscalls": {"port": 80}}, "ebpf.probes.syscalls.port: only the tcp probe has this option"),
-    ({"tcp": {"port": 70000}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got 70000"),
-    ({"tcp": {"port": -1}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got -1"),
+    ({"probes": {"tcp": {"counting_only": True}}},
+     "ebpf.probes.tcp.counting_only: only the syscalls probe has this option"),
+    ({"probes": {"syscalls": {"port": 80}}}, "ebpf.probes.syscalls.port: only the tcp probe has this option"),
+    ({"probes": {"tcp": {"port": 70000}}},
+     "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got 70000"),
+    ({"probes": {"tcp": {"port": -1}}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got -1"),
+    ({"object_dir": "bpf/build"}, "ebpf.object_dir: must be an absolute path, got 'bpf/build'"),
 ])
 def test_probe_options_are_checked(tmp_path, section, message):
     path = tmp_path / "agent.yaml"
-    path.write_text(json.dumps({"ebpf": {"probes": section}}))
+    path.write_text(json.dumps({"ebpf": section}))
     res = hostagent("check-config", str(path))
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
