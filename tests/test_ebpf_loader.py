@@ -19,6 +19,7 @@ from agent.model import Resource
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
 from agent.sources.ebpf.loader import (btf_member_offset, layout_problems, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
+from agent.sources.ebpf import libbpf
 from agent.sources.ebpf.libbpf import LOG_BYTES
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
@@ -351,6 +352,8 @@ def test_core_object_loads_with_its_parameters_and_reads_through_the_map_layer(c
 @needs_root
 def test_a_rejected_core_object_says_why_and_stops_no_other(core_dir, caplog):
     caplog.set_level(logging.DEBUG, logger="hostagent.ebpf")
+    # bcc uses the same system libbpf and sets its own print function (or none) at times
+    libbpf.library().libbpf_set_print(libbpf._PRINT_FN())                 # a NULL function: no messages
     good = CoreTestProbe()
     src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), Resource(()),
                      probes={"core_rejected": RejectedProbe(), "core_test": good})
@@ -556,6 +559,10 @@ def test_every_registered_probe_loads_under_each_loader(name, loader):
     with attached(PROBES[name].create(None), loader=loader) as probe:
         assert probe.obj.loader == loader
         assert layout_problems(probe, probe.obj) == []
+        if loader == "core":                  # the other variant's maps are not made
+            for unused in probe.unused_maps(tuple(probe.select_tracepoints(tracepoint_available))):
+                with pytest.raises(KeyError):
+                    probe.obj.map(unused)
         probe.collect(time.time_ns(), time.time_ns())
         probe.poll()
 

@@ -512,6 +512,8 @@ def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
         obj.set_rodata({k: v for k, v in probe.params(tps).items() if k in layout})
         for name, entries in probe.map_sizes().items():
             obj.set_max_entries(name, entries)
+        for name in probe.unused_maps(tps):
+            obj.set_autocreate(name, False)
         obj.load()
         obj.attach()
     except libbpf.LibbpfError as e:
