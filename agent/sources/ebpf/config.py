@@ -2,6 +2,7 @@
 registry.PROBES) with their options."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -29,6 +30,8 @@ class EbpfConfig:
     probes: Mapping[str, ProbeConfig] = frozen_dict()
 
     def validate(self, key: str) -> None:
+        if self.object_dir and not os.path.isabs(self.object_dir):
+            raise ConfigError(f"{key}.object_dir", f"must be an absolute path, got {self.object_dir!r}")
         for name, probe in self.probes.items():
             if name not in PROBES:
                 raise ConfigError(f"{key}.probes.{name}", "unknown probe" + did_you_mean(name, PROBES))
