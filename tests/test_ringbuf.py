@@ -342,6 +342,7 @@ def test_real_ring_discarded_records_are_skipped(program, small):
         rename("D" if i % 3 == 0 else "K", i)
     out = small.drain()
     assert seqs(out) == [i for i in range(10) if i % 3]
+    assert small.discarded == 4 and small.invalid == 0
     assert small.consumer_pos == small.producer_pos
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger("hostagent.ebpf")
 SCOPE = Scope("hostagent/ebpf")
 DROPPED = "hostagent.ebpf.ringbuf.dropped"
 READ = "hostagent.ebpf.ringbuf.records"
+RING_SKIPPED = "hostagent.ebpf.ringbuf.skipped_records"
 SKIPPED = "hostagent.ebpf.skipped_events"
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 RUN_TIME = "hostagent.ebpf.run_time"
@@ -140,7 +141,7 @@ class EbpfSource(Source):
             return []
         now = now_ns()
         metrics: list = []
-        dropped, read, skipped, run_time, runs = [], [], [], [], []
+        dropped, read, ring_skipped, skipped, run_time, runs = [], [], [], [], [], []
         for lp in self._loaded:
             name = lp.status.name
             try:
@@ -158,12 +159,17 @@ class EbpfSource(Source):
                     attrs = (("probe", name), ("ring", ring.name))
                     dropped.append(NumberPoint(attrs, n, self.start_ns, now))
                     read.append(NumberPoint(attrs, ring.records, self.start_ns, now))
+                    for reason, n in (("discarded", ring.discarded), ("invalid", ring.invalid)):
+                        ring_skipped.append(NumberPoint(attrs + (("reason", reason),), n, self.start_ns, now))
         if dropped:
             metrics.append(Metric(DROPPED, "Ring buffer records the kernel side could not reserve "
                                   "because the ring was full.", "{record}", MetricKind.SUM, dropped,
                                   monotonic=True))
             metrics.append(Metric(READ, "Ring buffer records read by the agent.", "{record}",
                                   MetricKind.SUM, read, monotonic=True))
+            metrics.append(Metric(RING_SKIPPED, "Ring buffer records the agent skipped, by reason: discarded (a "
+                                  "program gave the record up) or invalid (its length is not the record's).",
+                                  "{record}", MetricKind.SUM, ring_skipped, monotonic=True))
         if skipped:
             metrics.append(Metric(SKIPPED, "Events a probe's programs missed because another BPF program "
                                   "was running on that CPU (the kernel's recursion_misses).", "{event}",
