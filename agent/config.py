@@ -237,6 +237,8 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class EbpfConfig:
     enabled: bool = True
+    # auto: CO-RE objects through libbpf where the kernel has BTF and bpf/build has them, else bcc
+    loader: Literal["auto", "core", "bcc"] = "auto"
     # per-probe switches; a probe not listed keeps its default (see docs/probes.md)
     probes: Mapping[str, ProbeConfig] = _frozen_dict()
 

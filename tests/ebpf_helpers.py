@@ -21,4 +21,4 @@ def attached(probe, available=tracepoint_available):
 
 def misses(p, *programs) -> int:
     """Events the kernel skipped for the named programs of probe `p` (another BPF program was running)."""
-    return recursion_misses(p.bpf, programs)
+    return recursion_misses(p.obj, programs)

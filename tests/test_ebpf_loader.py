@@ -121,7 +121,7 @@ def test_a_failing_probe_never_stops_the_others(caplog):
         assert s["broken"].state == "off"
         assert s["broken"].reason.startswith("compile failed:") and "undefined_thing" in s["broken"].reason
         assert s["unattached"].state == "off"
-        assert s["unattached"].reason == "setup failed: not attached to sched:sched_process_exit"
+        assert s["unattached"].reason == "not attached to sched:sched_process_exit"
         assert s["failing"].state == "off" and s["failing"].reason == "setup failed: no such map"
         assert failing.closed
         assert s["good"].state == "on" and list(src.probes) == ["good"]
@@ -136,13 +136,14 @@ def test_a_failing_probe_never_stops_the_others(caplog):
 
 
 def test_format_table_and_json():
-    statuses = [ProbeStatus("process", ("sched:sched_process_exec",), "on"),
+    statuses = [ProbeStatus("process", ("sched:sched_process_exec",), "on", loader="core"),
                 ProbeStatus("syscalls", ("raw_syscalls:sys_enter",), "off", "off by default")]
     table = format_table(statuses).splitlines()
-    assert table[0].split() == ["PROBE", "STATE", "TRACEPOINTS", "/", "REASON"]
-    assert table[1].split() == ["process", "on", "sched:sched_process_exec"]
-    assert table[2].split(None, 2) == ["syscalls", "off", "off by default"]
-    assert json.loads(json.dumps([s.as_dict() for s in statuses]))[1]["reason"] == "off by default"
+    assert table[0].split() == ["PROBE", "STATE", "LOADER", "TRACEPOINTS", "/", "REASON"]
+    assert table[1].split() == ["process", "on", "core", "sched:sched_process_exec"]
+    assert table[2].split(None, 3) == ["syscalls", "off", "-", "off by default"]
+    as_json = json.loads(json.dumps([s.as_dict() for s in statuses]))
+    assert as_json[0]["loader"] == "core" and as_json[1]["reason"] == "off by default"
 
 
 @needs_root

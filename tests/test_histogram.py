@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from agent.sources.ebpf import histogram as h
+from agent.sources.ebpf.maps import BpfMap
 from agent.sources.ebpf.probe import BPF_DIR
 
 INCLUDE = os.path.join(BPF_DIR, "include")
@@ -150,7 +151,7 @@ def test_kernel_helper_buckets_exactly(bpf_values):
     for v in values:
         assert slots[v] == h.value_slot(v), v
 
-    groups = h.read_exp2(bpf_values[b"values"], Key)
+    groups = h.read_exp2(BpfMap.from_fd(bpf_values[b"values"].map_fd, "values"), Key)
     assert list(groups) == [()]
     p = h.exp2_point(groups[()], (), 0, 1)
     assert p.count == len(values)
@@ -171,10 +172,9 @@ def test_batch_and_iteration_read_the_same(bpf_values):
     libc.lseek.argtypes = [ct.c_int, ct.c_int64, ct.c_int]
     for v in range(0, 5000, 7):
         libc.lseek(MAGIC_FD, v, 0)
-    table = bpf_values[b"values"]
-    words, ncpu = h._value_words(table)
-    k1, v1 = h._read_batch(table, h.np.dtype(Key), words, ncpu, chunk=4)   # many small chunks
-    k2, v2 = h._read_iter(table, h.np.dtype(Key), words, ncpu)
+    table = BpfMap.from_fd(bpf_values[b"values"].map_fd, "values")
+    k1, v1 = table._read_batch(h.np.dtype(Key), table.words(), chunk=4)   # many small chunks
+    k2, v2 = table._read_iter(h.np.dtype(Key), table.words())
     assert sorted(zip(k1["slot"].tolist(), map(tuple, v1.tolist()))) == \
         sorted(zip(k2["slot"].tolist(), map(tuple, v2.tolist())))
     assert int(v1[:, 0].sum()) == len(range(0, 5000, 7))

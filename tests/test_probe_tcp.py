@@ -15,7 +15,7 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.loader import btf_member_offset, tracepoint_available, tracepoint_fields
+from agent.sources.ebpf.loader import btf_member_offset, cflags, tracepoint_available, tracepoint_fields
 from agent.sources.ebpf.tcp import UNSIZED, TcpKey, TcpProbe
 from tests.ebpf_helpers import attached, misses
 
@@ -305,11 +305,11 @@ def test_bulk_transfer_retransmitted_segments_with_default_gso(probe, veth_pair,
 def test_cflags_follow_the_tracepoint_formats():
     if not tracepoint_available("tcp:tcp_send_reset"):
         pytest.skip("no tcp tracepoints")
-    flags = TcpProbe(target_port=8080).cflags(TcpProbe.tracepoints)
+    flags = cflags(TcpProbe(target_port=8080).params(TcpProbe.tracepoints))
     assert "-DTARGET_PORT=8080" in flags
     assert ("-DTCP_RETRANSMIT_HAS_ERR" in flags) == ("err" in tracepoint_fields("tcp:tcp_retransmit_skb"))
     assert ("-DTCP_SEND_RESET_SOCKADDR" in flags) == ("sport" not in tracepoint_fields("tcp:tcp_send_reset"))
-    assert TcpProbe().cflags(TcpProbe.tracepoints) == [f for f in flags if not f.startswith("-DTARGET_PORT")]
+    assert cflags(TcpProbe().params(TcpProbe.tracepoints)) == [f for f in flags if not f.startswith("-DTARGET_PORT")]
     cb, segs = btf_member_offset("sk_buff", "cb"), btf_member_offset("tcp_skb_cb", "tcp_gso_segs")
     if cb is not None and segs is not None:
         assert f"-DTCP_SKB_GSO_SEGS_OFFSET={cb + segs}" in flags

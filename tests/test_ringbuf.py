@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from agent.sources.ebpf.loader import INCLUDE_DIR
+from agent.sources.ebpf.loader import INCLUDE_DIR, BccObject
 from agent.sources.ebpf.ringbuf import (BUSY_BIT, DISCARD_BIT, PAGE_SIZE, Poller, PollSchedule, RingBuffer, cstr,
                                         framed_dtype, read_drops, record_stride)
 from tests.helpers import HANG_LIMIT
@@ -306,7 +306,7 @@ def program():
     libc.prctl(_PR_GET_NAME, name, 0, 0, 0)
     b = BPF(text=TEST_PROGRAM.encode(), cflags=[f"-I{INCLUDE_DIR}", f"-DHA_TEST_TGID={os.getpid()}"])
     try:
-        yield b
+        yield BccObject(b)
     finally:
         libc.prctl(_PR_SET_NAME, name, 0, 0, 0)
         b.cleanup()
@@ -314,7 +314,7 @@ def program():
 
 @pytest.fixture
 def small(program):
-    ring = RingBuffer.from_table(program[b"small"], TEST_EVENT, "small")
+    ring = RingBuffer.from_map(program.map("small"), TEST_EVENT)
     ring.drain()                                           # whatever an earlier test left
     yield ring
     ring.drain()
@@ -391,7 +391,7 @@ def test_real_ring_full_counts_exact_drops(program, small):
 def test_real_ring_concurrent_producers_lose_nothing(program):
     """Two producer threads (so two CPUs reserve concurrently and BUSY records are met) while
     a reader thread drains: every record is read exactly once, in each thread's order."""
-    ring = RingBuffer.from_table(program[b"big"], TEST_EVENT, "big")
+    ring = RingBuffer.from_map(program.map("big"), TEST_EVENT)
     ring.drain()
     n, got, done = 10000, [], threading.Event()
     before = _drops(program)[1]
@@ -427,7 +427,7 @@ def test_real_ring_concurrent_producers_lose_nothing(program):
 @needs_root
 def test_every_nth_record_wakes_the_reader(program):
     """ha_submit_flags: records are committed without a wakeup, except every 4th per CPU."""
-    ring = RingBuffer.from_table(program[b"woken"], TEST_EVENT, "woken")
+    ring = RingBuffer.from_map(program.map("woken"), TEST_EVENT)
     ep = select.epoll()                            # edge-triggered, as the Poller: one event per wakeup
     ep.register(ring.fd, select.EPOLLIN | select.EPOLLET)
     cpus = os.sched_getaffinity(0)

@@ -1,22 +1,28 @@
-"""eBPF probes as a Source: bcc loading and feature checks (loader.py), the zero-copy ring
-buffer reader (ringbuf.py), one module per probe, registered in registry.py.
+"""eBPF probes as a Source: loading (CO-RE objects through libbpf, bcc as the fallback) and
+feature checks (loader.py, libbpf.py), the map layer both loaders share (maps.py), the zero-copy
+ring buffer reader (ringbuf.py), one module per probe, registered in registry.py.
 
     check(cfg) -> list[ProbeStatus]        what would load here, and why not (loads nothing)
     format_table(statuses) -> str          the `hostagent probes` table
     EbpfSource(cfg, resource)              loads the probes; collect() for their metrics,
                                            start(emit) for their log records, close()
 
-Importing this package does not import bcc; loading does.
+Importing this package does not import bcc; loading a probe with bcc does.
+
+While the source is open, BPF run-time statistics are on (maps.enable_stats), so every probe's
+programs report the time they run and how often: hostagent.ebpf.run_time and .runs.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Optional
 
 from agent.model import Batch, LogGroup, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
 from agent.sources import Emit, Source
-from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, recursion_misses, unload
+from agent.sources.ebpf.loader import ProbeStatus, check, format_table, load, program_stats, unload
+from agent.sources.ebpf.maps import enable_stats
 
 __all__ = ["EbpfSource", "ProbeStatus", "check", "format_table", "SCOPE"]
 
@@ -26,6 +32,8 @@ SCOPE = Scope("hostagent/ebpf")
 DROPPED = "hostagent.ebpf.ringbuf.dropped"
 READ = "hostagent.ebpf.ringbuf.records"
 SKIPPED = "hostagent.ebpf.skipped_events"
+RUN_TIME = "hostagent.ebpf.run_time"
+RUNS = "hostagent.ebpf.runs"
 
 POLL_INTERVAL = 0.2       # longest wait between passes over the rings (ringbuf.PollSchedule)
 
@@ -46,11 +54,20 @@ class EbpfSource(Source):
         self.resource = resource
         self.poll_interval = poll_interval
         self.start_ns = now_ns()
+        self._stats_fd = self._enable_stats()
         self._loaded, self.statuses = load(cfg, probes)
         self._thread: Optional[threading.Thread] = None
         self._poller = None
         self._closed = False
         self._lock = threading.Lock()       # start/close against each other, not the hot path
+
+    @staticmethod
+    def _enable_stats() -> Optional[int]:
+        try:
+            return enable_stats()
+        except OSError as e:            # before Linux 5.8, or not permitted: run time stays 0
+            log.info("ebpf_stats_unavailable error=%s", e)
+            return None
 
     @property
     def probes(self) -> dict:
@@ -103,16 +120,20 @@ class EbpfSource(Source):
             return []
         now = now_ns()
         metrics: list = []
-        dropped, read, skipped = [], [], []
+        dropped, read, skipped, run_time, runs = [], [], [], [], []
         for lp in self._loaded:
             name = lp.status.name
             try:
                 metrics.extend(lp.probe.collect(now, self.start_ns))
             except Exception:
                 log.exception("ebpf_collect_failed probe=%s", name)
-            skipped.append(NumberPoint((("probe", name),), recursion_misses(lp.bpf), self.start_ns, now))
+            ns, count, misses = program_stats(lp.obj)
+            attrs = (("probe", name),)
+            skipped.append(NumberPoint(attrs, misses, self.start_ns, now))
+            run_time.append(NumberPoint(attrs, ns, self.start_ns, now))
+            runs.append(NumberPoint(attrs, count, self.start_ns, now))
             if lp.rings:
-                drops = read_drops(lp.bpf, len(lp.rings))
+                drops = read_drops(lp.obj, len(lp.rings))
                 for ring, n in zip(lp.rings, drops):
                     attrs = (("probe", name), ("ring", ring.name))
                     dropped.append(NumberPoint(attrs, n, self.start_ns, now))
@@ -127,6 +148,11 @@ class EbpfSource(Source):
             metrics.append(Metric(SKIPPED, "Events a probe's programs missed because another BPF program "
                                   "was running on that CPU (the kernel's recursion_misses).", "{event}",
                                   MetricKind.SUM, skipped, monotonic=True))
+            metrics.append(Metric(RUN_TIME, "Time a probe's BPF programs ran in the kernel, over all CPUs "
+                                  "(counted while the agent runs).", "ns", MetricKind.SUM, run_time,
+                                  monotonic=True))
+            metrics.append(Metric(RUNS, "Times a probe's BPF programs ran (counted while the agent runs).",
+                                  "{run}", MetricKind.SUM, runs, monotonic=True))
         return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
 
     # --- shutdown --------------------------------------------------------------------------
@@ -149,3 +175,6 @@ class EbpfSource(Source):
             poller.close()
         unload(self._loaded)
         self._loaded = []
+        if self._stats_fd is not None:
+            os.close(self._stats_fd)
+            self._stats_fd = None

@@ -38,9 +38,9 @@ BTF_ENUMERATORS = {
 }
 
 
-def accounting_flags() -> Optional[list]:
-    """The -D flags of the accounting variant from the running kernel's BTF, or None when BTF is
-    missing or lacks one of them (then the driver pair is used)."""
+def accounting_params() -> Optional[dict]:
+    """The parameters of the accounting variant from the running kernel's BTF, or None when BTF
+    is missing or lacks one of them (then the driver pair is used)."""
     facts = btf_facts(BTF_MEMBERS.values(), BTF_ENUMERATORS.values())
     if facts is None:
         return None
@@ -49,7 +49,7 @@ def accounting_flags() -> Optional[list]:
     if missing:
         log.info("biolatency_accounting_unavailable missing=%s", ",".join(missing))
         return None
-    return ["-DBIO_ACCOUNTING"] + [f"-D{flag}={v}" for flag, v in values.items()]
+    return {"BIO_ACCOUNTING": True, **values}
 
 # BIO_OP_* in bpf/biolatency.bpf.c
 OPERATIONS = {0: "read", 1: "write", 2: "flush", 3: "discard", 4: "other"}
@@ -104,23 +104,23 @@ class BiolatencyProbe(Probe):
         self.devices = devices or DeviceNames()
 
     def select_tracepoints(self, available):
-        if all(map(available, ACCOUNTING_TRACEPOINTS)) and accounting_flags() is not None:
+        if all(map(available, ACCOUNTING_TRACEPOINTS)) and accounting_params() is not None:
             return ACCOUNTING_TRACEPOINTS
         if all(map(available, DRIVER_TRACEPOINTS)):
             return DRIVER_TRACEPOINTS
         return None
 
-    def cflags(self, tracepoints: tuple) -> list:
+    def params(self, tracepoints: tuple) -> dict:
         if tuple(tracepoints) != ACCOUNTING_TRACEPOINTS:
-            return []
-        flags = accounting_flags()
-        if flags is None:
+            return {}
+        params = accounting_params()
+        if params is None:
             raise RuntimeError("the running kernel's BTF lacks what the accounting variant reads")
-        return flags
+        return params
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.hist = bpf[b"bio_latency"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.hist = obj.map("bio_latency")
 
     def _attributes(self, raw: tuple):
         dev, op = raw

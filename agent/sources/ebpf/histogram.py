@@ -5,15 +5,13 @@ whose value is {count, sum}. Slot 0 holds the value 0; slot s >= 1 holds 2^(s-2)
 which is exactly OTLP's scale-0 bucket index s - 2 (buckets are upper-inclusive), so the point is
 built without re-bucketing and its sum is the exact sum of the recorded values.
 
-Maps are read whole with BPF_MAP_LOOKUP_BATCH where the kernel has it (one syscall per chunk
-instead of two per key), per-CPU values summed over CPUs, and never cleared: points are
-cumulative from the probe's load time.
+Maps are read whole through the map layer (maps.BpfMap.read: BPF_MAP_LOOKUP_BATCH where the
+kernel has it), per-CPU values summed over CPUs, and never cleared: points are cumulative from
+the probe's load time.
 """
 from __future__ import annotations
 
 import ctypes as ct
-import errno
-import functools
 from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -47,106 +45,18 @@ def slot_bounds(slot: int) -> tuple[int, int]:
     return 2 ** index, 2 ** (index + 1)      # slot 1: (0.5, 1]
 
 
-# --- reading maps ----------------------------------------------------------------------------
-
-_PERCPU_TYPES = frozenset({5, 6, 10})   # BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
-_NO_BATCH = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, 524})  # 524: ENOTSUPP
-
-
-@functools.lru_cache(maxsize=1)
-def _possible_cpus() -> int:
-    from bcc.utils import get_possible_cpus
-    return len(get_possible_cpus())
-
-
-def _value_words(table) -> tuple[int, int]:
-    """(u64 words per value per CPU, number of CPU copies) of a bcc table."""
-    percpu = table.ttype in _PERCPU_TYPES
-    leaf = table.sLeaf if percpu else table.Leaf
-    size = ct.sizeof(leaf)
-    if percpu:
-        size = (size + 7) & ~7      # the kernel rounds per-CPU values up to 8 bytes
-    if size % 8:
-        raise ValueError(f"map {table._name!r}: value size {size} is not a whole number of u64")
-    return size // 8, (_possible_cpus() if percpu else 1)
-
-
-def read_map(table, key_type, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Every entry of a bcc hash or array map: (keys as a structured array of `key_type`,
-    values as uint64 words of shape (n, words), per-CPU copies summed).
-
-    `key_type` is the ctypes mirror of the C key; its size must equal the map's key size."""
-    if ct.sizeof(key_type) != ct.sizeof(table.Key):
-        raise ValueError(f"map {table._name!r}: key is {ct.sizeof(table.Key)} bytes, "
-                         f"{key_type.__name__} is {ct.sizeof(key_type)}")
-    key_dtype = np.dtype(key_type)
-    words, ncpu = _value_words(table)
-    try:
-        return _read_batch(table, key_dtype, words, ncpu, chunk)
-    except _BatchUnsupported:
-        return _read_iter(table, key_dtype, words, ncpu)
-
-
-class _BatchUnsupported(Exception):
-    pass
-
-
-def _read_batch(table, key_dtype, words, ncpu, chunk):
-    # Not bcc's items_lookup_batch(): it allocates max_entries keys and values on every read and
-    # passes one u32 as both the batch token and the count, which breaks reads needing two calls.
-    from bcc.libbcc import lib
-    in_token, out_token, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
-    key_parts, value_parts = [], []
-    first = True
-    while True:
-        keys = np.zeros(chunk, dtype=key_dtype)
-        values = np.zeros((chunk, ncpu, words), dtype=np.uint64)
-        count.value = chunk
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(in_token),
-                                   ct.byref(out_token), keys.ctypes.data, values.ctypes.data,
-                                   ct.byref(count))
-        err = (ct.get_errno() or -res) if res != 0 else 0
-        n = count.value
-        if n:
-            key_parts.append(keys[:n])
-            value_parts.append(values[:n].sum(axis=1, dtype=np.uint64))
-        if res != 0:
-            if err == errno.ENOENT:
-                break                           # the end of the map
-            if err == errno.ENOSPC and n == 0:
-                chunk *= 2                      # one hash bucket holds more than a chunk
-                continue
-            if first and n == 0 and err in _NO_BATCH:
-                raise _BatchUnsupported()
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {table._name!r}: {errno.errorcode.get(err, err)}")
-        in_token.value = out_token.value
-        first = False
-    if not key_parts:
-        return np.zeros(0, dtype=key_dtype), np.zeros((0, words), dtype=np.uint64)
-    return np.concatenate(key_parts), np.concatenate(value_parts)
-
-
-def _read_iter(table, key_dtype, words, ncpu):
-    keys, values = [], []
-    for k, v in table.items():      # kernels without batch ops: two syscalls per key
-        keys.append(bytes(k))
-        values.append(np.frombuffer(bytes(v), dtype=np.uint64).reshape(ncpu, words).sum(axis=0))
-    if not keys:
-        return np.zeros(0, dtype=key_dtype), np.zeros((0, words), dtype=np.uint64)
-    return np.frombuffer(b"".join(keys), dtype=key_dtype), np.array(values, dtype=np.uint64)
-
-
 # --- histograms ------------------------------------------------------------------------------
 
 # {raw attribute key (the key's fields except slot, as ints): {slot: [count, sum]}}
 Exp2Buckets = dict
 
 
-def read_exp2(table, key_type) -> Exp2Buckets:
-    """A histogram map grouped by attribute set: {(key fields except slot): {slot: [count, sum]}}."""
-    keys, values = read_map(table, key_type)
+def read_exp2(hist, key_type) -> Exp2Buckets:
+    """A histogram map (maps.BpfMap) grouped by attribute set:
+    {(key fields except slot): {slot: [count, sum]}}."""
+    keys, values = hist.read(key_type)
     if values.shape[1] != 2:
-        raise ValueError(f"map {table._name!r}: values are not struct exp2_bucket {{count, sum}}")
+        raise ValueError(f"map {hist.name!r}: values are not struct exp2_bucket {{count, sum}}")
     fields = [name for name, *_ in key_type._fields_ if name != "slot"]
     groups: dict = {}
     if not len(keys):

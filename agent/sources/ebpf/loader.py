@@ -1,15 +1,19 @@
-"""Loading probes with bcc, after checking what the host allows.
+"""Loading probes, after checking what the host allows: CO-RE objects through libbpf, or bcc.
 
 For every probe in the registry: is it enabled (config, then the probe's default); may this
-process load BPF (root or CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN); is bcc importable; are kernel
-headers there for bcc's compiler; is tracefs mounted and does each tracepoint exist. `check()`
-answers that without loading anything; `load()` then compiles each probe's bpf/<name>.bpf.c as
-its own BPF object (so one failing probe never stops the others), lets bcc attach its
-TRACEPOINT_PROBEs, verifies the attachment and calls the probe's setup(). Whatever fails turns
-that probe off with the reason, and nothing raises for conditions of the host.
+process load BPF (root or CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN); which loader (`ebpf.loader`):
+  - core: the probe's precompiled object bpf/build/<name>.bpf.o (bpf/build.sh), relocated by the
+    system libbpf against the running kernel's BTF (/sys/kernel/btf/vmlinux); no compiler, no headers;
+  - bcc: bpf/<name>.bpf.c compiled on the host by bcc's clang against the kernel headers;
+  - auto (the default): core where the kernel has BTF and the object is there, else bcc.
+Is tracefs mounted and does each tracepoint exist. `check()` answers that without loading
+anything; `load()` then loads each probe as its own BPF object (so one failing probe never stops
+the others), attaches one program per chosen tracepoint, verifies the attachment and calls the
+probe's setup() with the loaded object. Whatever fails turns that probe off with the reason, and
+nothing raises for conditions of the host. bcc (LLVM, some 45 MB) is imported on the bcc path only.
 
-Also here: the kernel facts probes build their -D flags from -- a tracepoint's fields (its format
-file) and a kernel struct member's offset from the running kernel's BTF.
+Also here: the kernel facts probes build their parameters from -- a tracepoint's fields (its
+format file) and a kernel struct member's offset from the running kernel's BTF.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from agent.sources.ebpf import libbpf
+from agent.sources.ebpf.maps import BpfMap, prog_stats
 from agent.sources.ebpf.probe import BPF_DIR, Probe
 
 log = logging.getLogger("hostagent.ebpf")
@@ -37,6 +43,7 @@ CAP_PERFMON = 38
 CAP_BPF = 39
 
 ON, OFF = "on", "off"
+AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,14 @@ class ProbeStatus:
     state: str
     reason: str = ""
     description: str = ""
+    loader: str = ""          # core or bcc: the loader that loads (or would load) it
 
     @property
     def on(self) -> bool:
         return self.state == ON
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "state": self.state, "reason": self.reason,
+        return {"name": self.name, "state": self.state, "loader": self.loader, "reason": self.reason,
                 "tracepoints": list(self.tracepoints), "description": self.description}
 
 
@@ -108,6 +116,26 @@ def headers_problem() -> Optional[str]:
     release = os.uname().release
     return (f"no kernel headers: /lib/modules/{release}/build is missing (bcc compiles probes "
             f"against them; install linux-headers for this kernel or the nearest version)")
+
+
+def btf_problem(path: str = BTF_VMLINUX) -> Optional[str]:
+    """Why the running kernel's BTF is not usable for CO-RE relocation, or None."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError:
+        return f"no BTF ({path} is missing: kernel built without CONFIG_DEBUG_INFO_BTF)"
+    if magic != b"\x9f\xeb":
+        return f"no BTF ({path} is not BTF)"
+    return None
+
+
+def core_problem(probe: Probe) -> Optional[str]:
+    """Why `probe` cannot be loaded as a CO-RE object here, or None."""
+    problem = btf_problem()
+    if problem is None and not os.path.isfile(probe.object_file):
+        problem = "object missing (run bpf/build.sh)"
+    return problem or libbpf.problem()
 
 
 def tracefs_root() -> Optional[str]:
@@ -298,21 +326,42 @@ class Plan:
     tracepoints: tuple = ()
 
 
+class _Host:
+    """The host's answers, each asked once per plan and only when a probe needs it."""
+
+    @functools.cached_property
+    def problem(self) -> Optional[str]:
+        problem = privilege_problem()
+        if problem is None and tracefs_root() is None:
+            problem = "tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)"
+        return problem
+
+    @functools.cached_property
+    def bcc_problem(self) -> Optional[str]:
+        return bcc_problem() or headers_problem()
+
+    def loader(self, mode: str, probe: Probe) -> tuple[str, Optional[str]]:
+        """(loader, why it cannot load `probe`) under `ebpf.loader: mode`."""
+        if mode == BCC:
+            return BCC, self.bcc_problem
+        core = core_problem(probe)
+        if mode == CORE or core is None:
+            return CORE, core
+        if self.bcc_problem is None:
+            return BCC, None
+        return "", f"{core}; bcc fallback: {self.bcc_problem}"
+
+
 def plan(cfg, probes=None) -> list[Plan]:
-    """Each probe with the tracepoints it would use and whether it would load."""
-    host_problem = None
+    """Each probe with its loader, the tracepoints it would use and whether it would load."""
+    host = _Host()
     plans = []
-    checked_host = False
     for name, probe in _probes(probes).items():
         tps = tuple(probe.tracepoints)
-        reason = _config_problem(cfg, name, probe)
-        if reason is None and not checked_host:
-            host_problem = privilege_problem() or bcc_problem() or headers_problem()
-            if host_problem is None and tracefs_root() is None:
-                host_problem = ("tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)")
-            checked_host = True
+        loader = ""
+        reason = _config_problem(cfg, name, probe) or host.problem
         if reason is None:
-            reason = host_problem
+            loader, reason = host.loader(cfg.loader, probe)
         if reason is None:
             chosen = probe.select_tracepoints(tracepoint_available)
             if chosen is None:
@@ -320,7 +369,7 @@ def plan(cfg, probes=None) -> list[Plan]:
                 reason = "tracepoint missing on this kernel: " + ", ".join(missing or tps)
             else:
                 tps = tuple(chosen)
-        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description)
+        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description, loader)
         plans.append(Plan(probe, status, tps))
     return plans
 
@@ -332,10 +381,70 @@ def check(cfg, probes=None) -> list[ProbeStatus]:
 
 # --- loading ---------------------------------------------------------------------------------
 
+class LoadedObject:
+    """A probe's BPF object in the kernel, whichever loader put it there: its maps by name (the
+    map layer, maps.py) and its programs' fds."""
+    loader = ""
+
+    def __init__(self):
+        self._maps: dict = {}
+
+    def map(self, name: str) -> BpfMap:
+        """The map `name` (KeyError if the object has none)."""
+        m = self._maps.get(name)
+        if m is None:
+            m = self._maps[name] = BpfMap.from_fd(self._map_fd(name), name)
+        return m
+
+    def _map_fd(self, name: str) -> int:
+        raise NotImplementedError
+
+    def program_fds(self) -> dict:
+        """{program name: fd}."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class CoreObject(LoadedObject):
+    loader = CORE
+
+    def __init__(self, obj: "libbpf.BpfObject"):
+        super().__init__()
+        self.obj = obj
+
+    def _map_fd(self, name: str) -> int:
+        return self.obj.map_fd(name)
+
+    def program_fds(self) -> dict:
+        return self.obj.program_fds()
+
+    def close(self) -> None:
+        self.obj.close()
+
+
+class BccObject(LoadedObject):
+    loader = BCC
+
+    def __init__(self, bpf):
+        super().__init__()
+        self.bpf = bpf
+
+    def _map_fd(self, name: str) -> int:
+        return self.bpf[name.encode()].map_fd
+
+    def program_fds(self) -> dict:
+        return {name.decode(): fn.fd for name, fn in self.bpf.funcs.items()}
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
 @dataclass
 class LoadedProbe:
     probe: Probe
-    bpf: object
+    obj: LoadedObject
     status: ProbeStatus
     tracepoints: tuple = ()
     rings: list = field(default_factory=list)
@@ -379,13 +488,25 @@ def _first_error(text: str) -> str:
     return ""
 
 
-def _compile(probe: Probe, tps: tuple):
+def cflags(params: Mapping[str, object]) -> list:
+    """A probe's parameters as bcc -D flags: True defines the name, False leaves it out."""
+    flags = []
+    for name, value in params.items():
+        if value is True:
+            flags.append(f"-D{name}")
+        elif value is not False:
+            value = int(value)
+            flags.append(f"-D{name}={value:#x}ULL" if value > 0x7FFFFFFF else f"-D{name}={value}")
+    return flags
+
+
+def _load_bcc(probe: Probe, tps: tuple) -> BccObject:
     from bcc import BPF
-    cflags = [f"-I{INCLUDE_DIR}", *probe.cflags(tps)]
+    flags = [f"-I{INCLUDE_DIR}", *cflags(probe.params(tps))]
     error = None
     with _CapturedStderr() as err:
         try:
-            bpf = BPF(src_file=probe.source_file.encode(), cflags=cflags)
+            bpf = BPF(src_file=probe.source_file.encode(), cflags=flags)
         except Exception as e:
             error = e
     if error is not None:
@@ -393,7 +514,55 @@ def _compile(probe: Probe, tps: tuple):
         if "Failed to compile" in str(error):
             raise RuntimeError(f"compile failed: {detail or error}") from None
         raise RuntimeError(f"load failed: {error}" + (f" ({detail})" if detail else "")) from None
-    return bpf
+    try:
+        attached = {k.decode() if isinstance(k, bytes) else k for k in bpf.tracepoint_fds}
+        # raw tracepoints (cheaper per event) are keyed by the bare event name
+        raw = {k.decode() if isinstance(k, bytes) else k for k in bpf.raw_tracepoint_fds}
+        missing = [tp for tp in tps if tp not in attached and tp.partition(":")[2] not in raw]
+        if missing:
+            raise RuntimeError("not attached to " + ", ".join(missing))
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return BccObject(bpf)
+
+
+def program_tracepoint(program: str) -> str:
+    """The tracepoint a CO-RE program is for, from its name: sched__sched_switch -> sched:sched_switch."""
+    return program.replace("__", ":", 1)
+
+
+def _load_core(probe: Probe, tps: tuple) -> CoreObject:
+    """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
+    others), set its parameters (.rodata) and map sizes, load and attach."""
+    obj = libbpf.BpfObject.open(probe.object_file)
+    try:
+        chosen = {}
+        for name in obj.programs():
+            tp = program_tracepoint(name)
+            if tp in tps:
+                chosen[tp] = name
+            else:
+                obj.set_autoload(name, False)
+        missing = [tp for tp in tps if tp not in chosen]
+        if missing:
+            raise RuntimeError(f"{os.path.basename(probe.object_file)} has no program for " + ", ".join(missing))
+        # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
+        # tracepoint field checks: bpf_core_field_exists) are bcc's alone
+        layout = obj.rodata_layout()
+        obj.set_rodata({k: v for k, v in probe.params(tps).items() if k in layout})
+        for name, entries in probe.map_sizes().items():
+            obj.set_max_entries(name, entries)
+        obj.load()
+        obj.attach()
+    except libbpf.LibbpfError as e:
+        obj.close()
+        last = [line for line in e.log.splitlines() if line.strip()][-1:]
+        raise RuntimeError(f"{e}" + (f" ({last[0].strip()[:200]})" if last else "")) from None
+    except BaseException:
+        obj.close()
+        raise
+    return CoreObject(obj)
 
 
 def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
@@ -402,34 +571,26 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return None, status
 
     def off(reason: str) -> ProbeStatus:
-        return ProbeStatus(status.name, tps, OFF, reason, status.description)
+        return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader)
 
     try:
-        bpf = _compile(probe, tps)
+        obj = _load_core(probe, tps) if status.loader == CORE else _load_bcc(probe, tps)
     except Exception as e:
         return None, off(str(e))
-    if bpf is None:
-        return None, off("load failed")
     try:
-        attached = {k.decode() if isinstance(k, bytes) else k for k in bpf.tracepoint_fds}
-        # raw tracepoints (cheaper per event) are keyed by the bare event name
-        raw = {k.decode() if isinstance(k, bytes) else k for k in bpf.raw_tracepoint_fds}
-        missing = [tp for tp in tps if tp not in attached and tp.partition(":")[2] not in raw]
-        if missing:
-            raise RuntimeError("not attached to " + ", ".join(missing))
-        probe.setup(bpf)
+        probe.setup(obj)
     except Exception as e:
         try:
             probe.close()
         except Exception:
             pass
-        bpf.cleanup()
+        obj.close()
         return None, off(f"setup failed: {e}")
-    return LoadedProbe(probe, bpf, status, tps, list(getattr(probe, "ring_buffers", ()))), status
+    return LoadedProbe(probe, obj, status, tps, list(getattr(probe, "ring_buffers", ()))), status
 
 
 def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
-    """Compile, attach and set up every probe that check() says would load."""
+    """Load, attach and set up every probe that check() says would load."""
     loaded, statuses = [], []
     for p in plan(cfg, probes):
         lp, status = load_one(p)
@@ -437,7 +598,8 @@ def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
         if lp is not None:
             loaded.append(lp)
     log_statuses(statuses)
-    release_compiler_memory()
+    if any(s.loader == BCC for s in statuses):
+        release_compiler_memory()
     return loaded, statuses
 
 
@@ -470,21 +632,27 @@ def release_compiler_memory() -> None:
             libc.madvise(start, end - start, advice)    # best effort: EINVAL on old kernels
 
 
-def recursion_misses(bpf, programs=None) -> int:
-    """Events the kernel skipped for this object's programs (all, or those named) because another
-    BPF program was running on that CPU: `recursion_misses` in each program's fdinfo (0 on kernels
-    without it)."""
-    total = 0
-    for name, fn in bpf.funcs.items():
-        if programs is None or name.decode().split("__")[-1] in programs:
+def program_stats(obj: LoadedObject, programs=None) -> tuple[int, int, int]:
+    """(run_time_ns, run_cnt, recursion_misses) summed over the object's programs (all, or those
+    whose tracepoint event is named in `programs`). Run time and count grow only while BPF stats
+    are enabled (maps.enable_stats); recursion_misses are the events skipped because another BPF
+    program was running on that CPU."""
+    total = [0, 0, 0]
+    for name, fd in obj.program_fds().items():
+        if programs is None or name.split("__")[-1] in programs:
             try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    for line in f:
-                        if line.startswith("recursion_misses:"):
-                            total += int(line.split(":")[1])
+                st = prog_stats(fd)
             except OSError:
-                pass
-    return total
+                continue
+            total[0] += st.run_time_ns
+            total[1] += st.run_cnt
+            total[2] += st.recursion_misses
+    return total[0], total[1], total[2]
+
+
+def recursion_misses(obj: LoadedObject, programs=None) -> int:
+    """Events the kernel skipped for this object's programs (all, or those named)."""
+    return program_stats(obj, programs)[2]
 
 
 def unload(loaded: list[LoadedProbe]) -> None:
@@ -494,7 +662,7 @@ def unload(loaded: list[LoadedProbe]) -> None:
         except Exception:
             log.exception("probe_close_failed probe=%s", lp.status.name)
         try:
-            lp.bpf.cleanup()
+            lp.obj.close()
         except Exception:
             log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
 
@@ -508,9 +676,11 @@ def log_statuses(statuses: list[ProbeStatus]) -> None:
 
 
 def format_table(statuses: list[ProbeStatus]) -> str:
-    """The `hostagent probes` table: a probe per line with its state, then its tracepoints when
-    it is on or the reason when it is off (`--json` has both)."""
-    rows = [("PROBE", "STATE", "TRACEPOINTS / REASON")]
-    rows += [(s.name, s.state, " ".join(s.tracepoints) if s.on else s.reason) for s in statuses]
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}".rstrip() for r in rows)
+    """The `hostagent probes` table: a probe per line with its state, its loader (core or bcc;
+    "-" when none can load it), then its tracepoints when it is on or the reason when it is off
+    (`--json` has both)."""
+    rows = [("PROBE", "STATE", "LOADER", "TRACEPOINTS / REASON")]
+    rows += [(s.name, s.state, s.loader or "-", " ".join(s.tracepoints) if s.on else s.reason)
+             for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join([*(f"{r[i]:<{widths[i]}}" for i in range(3)), r[3]]).rstrip() for r in rows)

@@ -51,15 +51,17 @@ class OomProbe(RingProbe):
         self.ring_pages = ring_pages
         self.args: frozenset = frozenset()
 
-    def cflags(self, tracepoints: tuple) -> list:
+    def params(self, tracepoints: tuple) -> dict:
         fields = tracepoint_fields(TRACEPOINT)
         self.args = frozenset(name for name in (*OPTIONAL_ARGS, "comm") if name in fields)
-        flags = [f"-DHA_OOM_RING_PAGES={self.ring_pages}",
-                 f"-DHA_OOM_WAKEUP_EVERY={wakeup_every(self.ring_pages * PAGE_SIZE, OOM_EVENT.itemsize)}"]
-        flags += [f"-DHA_TP_HAS_{name}" for name in sorted(self.args)]
-        if "comm" in fields and fields["comm"].data_loc:
-            flags.append("-DHA_TP_LOC_comm")
-        return flags
+        params = {"HA_OOM_RING_PAGES": self.ring_pages,
+                  "HA_OOM_WAKEUP_EVERY": wakeup_every(self.ring_pages * PAGE_SIZE, OOM_EVENT.itemsize)}
+        params.update({f"HA_TP_HAS_{name}": True for name in sorted(self.args)})
+        params["HA_TP_LOC_comm"] = "comm" in fields and fields["comm"].data_loc
+        return params
+
+    def map_sizes(self) -> dict:
+        return {"oom_events": self.ring_pages * PAGE_SIZE}
 
     def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
         observed = now_ns()

@@ -1,6 +1,8 @@
-"""What a probe is: a BPF program in bpf/<name>.bpf.c plus a subclass of Probe that says what its
-maps and records mean. The loader (loader.py) owns compiling, attaching and feature checks; a
-probe module only describes and decodes.
+"""What a probe is: a BPF program in bpf/<name>.bpf.c (built to bpf/build/<name>.bpf.o for the
+CO-RE loader) plus a subclass of Probe that says what its maps and records mean and which
+parameters the program takes. The loader (loader.py) owns loading, attaching and feature checks;
+a probe module only describes and decodes, through the loaded object's maps (maps.BpfMap), so it
+does not depend on the loader.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from agent.model import LogRecord, Metric
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), "bpf")
+OBJECT_DIR = os.path.join(BPF_DIR, "build")       # bpf/build.sh's output
 
 
 class Probe:
@@ -29,13 +32,24 @@ class Probe:
         Probes with alternatives (e.g. block_io_start vs block_rq_issue) override this."""
         return self.tracepoints if all(available(tp) for tp in self.tracepoints) else None
 
-    def cflags(self, tracepoints: tuple) -> list:
-        """-D flags for the chosen tracepoints and parameters; never edit the BPF text."""
-        return []
+    @property
+    def object_file(self) -> str:
+        return os.path.join(OBJECT_DIR, f"{self.name}.bpf.o")
 
-    def setup(self, bpf) -> None:
-        """Called once after the program is loaded and attached: look up maps, open readers."""
-        self.bpf = bpf
+    def params(self, tracepoints: tuple) -> dict:
+        """The program's parameters for the chosen tracepoints, {NAME: int or bool}: `const
+        volatile` globals of the same name under CO-RE (those the object declares), -D flags
+        under bcc (True defines NAME, False leaves it out). Never edit the BPF text."""
+        return {}
+
+    def map_sizes(self) -> dict:
+        """{map name: max_entries} set before a CO-RE load (bcc gets them through params())."""
+        return {}
+
+    def setup(self, obj) -> None:
+        """Called once after the program is loaded and attached: look up maps (obj.map(name)),
+        open readers."""
+        self.obj = obj
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         """Read in-kernel aggregates once per collection interval."""

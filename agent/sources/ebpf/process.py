@@ -38,6 +38,7 @@ from agent.config import EnrichmentConfig
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
 from agent.sources.identity import CLOCK_TICK_NS, CgroupPaths, Redactor, proc_stat, split_argv, user_name
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
+from agent.sources.ebpf.maps import BPF_NOEXIST
 from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
 from agent.sources.ebpf.signals import signal_name
 
@@ -74,7 +75,6 @@ FORKS = "system.linux.process.forks"
 SUCCESS, FAILURE, SIGNAL, UNKNOWN = "success", "failure", "signal", "unknown"   # unknown: no BTF
 _CLASS_ATTRS = {c: (("exit.class", c),) for c in (SUCCESS, FAILURE, SIGNAL, UNKNOWN)}
 
-_BPF_NOEXIST = 1
 
 
 def iso8601(ns: int) -> str:
@@ -126,43 +126,46 @@ class ProcessProbe(RingProbe):
             return base
         return base + self.argv_tracepoints
 
-    def cflags(self, tracepoints: tuple) -> list:
+    def params(self, tracepoints: tuple) -> dict:
         exec_bytes, exit_bytes = self.exec_ring_pages * PAGE_SIZE, self.exit_ring_pages * PAGE_SIZE
-        flags = [f"-DHA_EXEC_RING_PAGES={self.exec_ring_pages}",
-                 f"-DHA_EXIT_RING_PAGES={self.exit_ring_pages}",
-                 f"-DHA_EXEC_WAKEUP_EVERY={wakeup_every(exec_bytes, EXEC_EVENT.itemsize)}",
-                 f"-DHA_EXIT_WAKEUP_EVERY={wakeup_every(exit_bytes, EXIT_EVENT.itemsize)}",
-                 f"-DHA_PROCS_MAX={self.procs_max}"]
-        if "group_dead" in tracepoint_fields("sched:sched_process_exit"):
-            flags.append("-DHA_EXIT_HAS_GROUP_DEAD")
-        if self.argv_tracepoints[0] in tracepoints:
-            flags.append("-DHA_CAPTURE_ARGS")
+        params = {"HA_EXEC_RING_PAGES": self.exec_ring_pages,
+                  "HA_EXIT_RING_PAGES": self.exit_ring_pages,
+                  "HA_EXEC_WAKEUP_EVERY": wakeup_every(exec_bytes, EXEC_EVENT.itemsize),
+                  "HA_EXIT_WAKEUP_EVERY": wakeup_every(exit_bytes, EXIT_EVENT.itemsize),
+                  "HA_PROCS_MAX": self.procs_max,
+                  "HA_EXIT_HAS_GROUP_DEAD": "group_dead" in tracepoint_fields("sched:sched_process_exit"),
+                  "HA_CAPTURE_ARGS": self.argv_tracepoints[0] in tracepoints}
         offset = btf_member_offset("task_struct", "exit_code")
         self.exit_codes = offset is not None
         if offset is not None:
-            flags.append(f"-DHA_TASK_EXIT_CODE_OFFSET={offset}")
+            params["HA_TASK_EXIT_CODE_OFFSET"] = offset
         else:
             log.warning("process_exit_codes_unavailable reason=\"no BTF at /sys/kernel/btf/vmlinux\"")
-        return flags
+        return params
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.forks = bpf[b"forks"]
-        self._seed(bpf[b"procs"])
+    def map_sizes(self) -> dict:
+        return {"exec_events": self.exec_ring_pages * PAGE_SIZE,
+                "exit_events": self.exit_ring_pages * PAGE_SIZE, "procs": self.procs_max}
+
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.forks = obj.map("forks")
+        self._seed(obj.map("procs"))
         self.cgroups = CgroupPaths()
 
-    def _seed(self, table) -> None:
+    def _seed(self, procs) -> None:
         """Parent and start time of the processes that existed before the probe was attached
         (entries the probe already made are kept: BPF_NOEXIST)."""
-        from bcc.libbcc import lib
-        key, value = ctypes.c_uint32(), ProcInfo()
+        value = ProcInfo()
         for entry in os.scandir("/proc"):
             stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
             if stat is None:
                 continue
-            key.value = int(entry.name)
             value.ppid, value.start_ns = stat[1], stat[2] * CLOCK_TICK_NS
-            lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(value), _BPF_NOEXIST)
+            try:
+                procs.update(int(entry.name), value, BPF_NOEXIST)
+            except OSError:             # EEXIST: the probe saw it first; E2BIG: the map is full
+                pass
 
     # --- decoding (reader thread) ----------------------------------------------------------
 
@@ -251,7 +254,7 @@ class ProcessProbe(RingProbe):
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         metrics = self.counter_metrics(now_ns, start_ns)
-        forks = int(self.forks.sum(ctypes.c_int(0)).value)
+        forks = self.forks.sum(0)
         metrics.append(Metric(FORKS, "Processes created (fork, vfork, or clone without CLONE_THREAD).",
                               "{process}", MetricKind.SUM, [NumberPoint((), forks, start_ns, now_ns)],
                               monotonic=True))

@@ -127,9 +127,9 @@ class RingBuffer:
         return cls(consumer, data, size, record, name, fd=fd, mappings=(consumer, data))
 
     @classmethod
-    def from_table(cls, table, record: np.dtype, name: str = "") -> "RingBuffer":
-        """Map a bcc RingBuf table (BPF_RINGBUF_OUTPUT)."""
-        return cls.open(table.map_fd, table.max_entries, record, name)
+    def from_map(cls, ring, record: np.dtype) -> "RingBuffer":
+        """Map a ring buffer map (maps.BpfMap of BPF_MAP_TYPE_RINGBUF)."""
+        return cls.open(ring.fd, ring.max_entries, record, ring.name)
 
     # --- positions -------------------------------------------------------------------------
 
@@ -229,15 +229,14 @@ class RingBuffer:
             self.fd = None
 
 
-def read_drops(bpf, rings: int) -> list:
-    """Records each of the first `rings` rings of a loaded program could not reserve, summed
-    over CPUs (bpf/include/hostagent.h); [] if the program has no drop counter."""
-    import ctypes
+def read_drops(obj, rings: int) -> list:
+    """Records each of the first `rings` rings of a loaded object could not reserve, summed
+    over CPUs (bpf/include/hostagent.h); [] if the object has no drop counter."""
     try:
-        table = bpf[DROPS_MAP.encode()]
+        drops = obj.map(DROPS_MAP)
     except KeyError:
         return []
-    return [int(table.sum(ctypes.c_int(i)).value) for i in range(min(rings, MAX_RINGS))]
+    return [drops.sum(i) for i in range(min(rings, MAX_RINGS))]
 
 
 # --- waiting ---------------------------------------------------------------------------------
@@ -330,8 +329,8 @@ class RingProbe(Probe):
     # metric name -> (unit, description, attribute sets reported as 0 before the first event)
     counters: Mapping[str, tuple] = {}
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
+    def setup(self, obj) -> None:
+        super().setup(obj)
         self._counts: dict = {}
         self._dirty = False
         self.counts: Mapping = MappingProxyType({})
@@ -339,7 +338,7 @@ class RingProbe(Probe):
         self._boot_to_wall = 0
         try:
             for name, record in self.rings:
-                self.ring_buffers.append(RingBuffer.from_table(bpf[name.encode()], record, name))
+                self.ring_buffers.append(RingBuffer.from_map(obj.map(name), record))
         except BaseException:
             self.close()
             raise

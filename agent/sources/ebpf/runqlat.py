@@ -21,9 +21,9 @@ class RunqlatProbe(Probe):
 
     METRIC = "system.linux.cpu.runqueue.latency"
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.hist = bpf[b"runq_latency"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.hist = obj.map("runq_latency")
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         groups = histogram.read_exp2(self.hist, RunqKey)

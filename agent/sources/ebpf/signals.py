@@ -12,7 +12,6 @@ processes that a signal actually ended are counted by the process probe
 """
 from __future__ import annotations
 
-import ctypes
 import signal as _signal
 
 from agent.model import Metric, MetricKind, NumberPoint
@@ -57,16 +56,16 @@ class SignalsProbe(Probe):
     def __init__(self, signals=FATAL_SIGNALS):
         self.signals = tuple(sorted(int(s) for s in signals))
 
-    def cflags(self, tracepoints: tuple) -> list:
-        return [f"-DHA_FATAL_SIGNALS={signal_mask(self.signals):#x}ULL"]
+    def params(self, tracepoints: tuple) -> dict:
+        return {"HA_FATAL_SIGNALS": signal_mask(self.signals)}
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.table = bpf[b"fatal_signals"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.table = obj.map("fatal_signals")
 
     def counts(self) -> dict:
         """{signal number: signals counted since load}."""
-        return {sig: int(self.table.sum(ctypes.c_int(sig)).value) for sig in self.signals}
+        return {sig: self.table.sum(sig) for sig in self.signals}
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         counts = self.counts()

@@ -99,19 +99,19 @@ class SyscallsProbe(Probe):
         wanted = self.tracepoints if self.latency else ("raw_syscalls:sys_exit",)
         return wanted if all(available(tp) for tp in wanted) else None
 
-    def cflags(self, tracepoints: tuple) -> list:
-        flags = ["-DSYSCALL_LATENCY"] if self.latency else []
+    def params(self, tracepoints: tuple) -> dict:
+        params = {"SYSCALL_LATENCY": self.latency}
         if self.target_tgid is not None:
-            flags.append(f"-DTARGET_TGID={int(self.target_tgid)}")
-        return flags
+            params["TARGET_TGID"] = int(self.target_tgid)
+        return params
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.errors = bpf[b"syscall_errors"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.errors = obj.map("syscall_errors")
         if self.latency:
-            self.durations = bpf[b"syscall_latency"]
+            self.durations = obj.map("syscall_latency")
         else:
-            self.counts = bpf[b"syscall_counts"]
+            self.counts = obj.map("syscall_counts")
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         metrics = []
@@ -124,14 +124,14 @@ class SyscallsProbe(Probe):
                 metrics.append(Metric(self.DURATION, "Time from entering to leaving a system call.",
                                       "ns", MetricKind.EXPONENTIAL_HISTOGRAM, points))
         else:
-            keys, values = histogram.read_map(self.counts, ct.c_uint32)
+            keys, values = self.counts.read(ct.c_uint32)
             calls = {int(k): int(v) for k, v in zip(keys.tolist(), values[:, 0].tolist()) if v}
         if calls:
             metrics.append(Metric(self.CALLS, "System calls made.", "{call}", MetricKind.SUM, [
                 NumberPoint((("syscall", syscall_name(nr)),), n, start_ns, now_ns)
                 for nr, n in sorted(calls.items())], monotonic=True))
 
-        keys, values = histogram.read_map(self.errors, SyscallError)
+        keys, values = self.errors.read(SyscallError)
         errors = {}
         for nr, err, n in zip(keys["nr"].tolist(), keys["err"].tolist(), values[:, 0].tolist()):
             attributes = (("syscall", syscall_name(nr)), ("error.type", errno_name(err)))

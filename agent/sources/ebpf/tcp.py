@@ -62,29 +62,26 @@ class TcpProbe(Probe):
                 "each counted as one segment."),
         }
 
-    def cflags(self, tracepoints: tuple) -> list:
-        flags = []
-        if "err" in tracepoint_fields("tcp:tcp_retransmit_skb"):
-            flags.append("-DTCP_RETRANSMIT_HAS_ERR")
-        if "sport" not in tracepoint_fields("tcp:tcp_send_reset"):
-            flags.append("-DTCP_SEND_RESET_SOCKADDR")
+    def params(self, tracepoints: tuple) -> dict:
+        params = {"TCP_RETRANSMIT_HAS_ERR": "err" in tracepoint_fields("tcp:tcp_retransmit_skb"),
+                  "TCP_SEND_RESET_SOCKADDR": "sport" not in tracepoint_fields("tcp:tcp_send_reset")}
         if self.target_port is not None:
-            flags.append(f"-DTARGET_PORT={int(self.target_port)}")
+            params["TARGET_PORT"] = int(self.target_port)
         offset = gso_segs_offset()
         if offset is not None:
-            flags.append(f"-DTCP_SKB_GSO_SEGS_OFFSET={offset}")
+            params["TCP_SKB_GSO_SEGS_OFFSET"] = offset
         else:
             log.warning("tcp_retransmits_count_skbs reason=\"no BTF at /sys/kernel/btf/vmlinux\"")
-        flags += [f"-DERR_{name}={getattr(errno, name)}" for name in EARLY_EXITS]
-        return flags
+        params.update({f"ERR_{name}": getattr(errno, name) for name in EARLY_EXITS})
+        return params
 
-    def setup(self, bpf) -> None:
-        super().setup(bpf)
-        self.events = bpf[b"tcp_events"]
-        self.lifetime = bpf[b"tcp_lifetime"]
+    def setup(self, obj) -> None:
+        super().setup(obj)
+        self.events = obj.map("tcp_events")
+        self.lifetime = obj.map("tcp_lifetime")
 
     def event_counts(self) -> list:
-        keys, values = histogram.read_map(self.events, ct.c_uint32)
+        keys, values = self.events.read(ct.c_uint32)
         counts = [0] * (UNSIZED + 1)
         for k, v in zip(keys.tolist(), values[:, 0].tolist()):
             if k < len(counts):

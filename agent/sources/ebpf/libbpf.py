@@ -1,0 +1,270 @@
+"""CO-RE objects through the system libbpf (libbpf.so.1), with ctypes.
+
+Why ctypes and not a binding: the few calls a loader needs (open, set .rodata, autoload, load,
+attach, map fds, close) are a stable C ABI in libbpf 1.x, and the system library is already on
+every host that had bcc (libbpf1 is a dependency of libbpfcc) -- so the agent needs no compiled
+extension, no PyPI wheel pinned to a libbpf version, and no compiler. The maintained Python
+bindings either wrap bcc (not libbpf) or build libbpf from source into a wheel. Reading maps does
+not go through libbpf at all (maps.py uses bpf(2) on the fds), so both loaders share it.
+
+    obj = BpfObject.open(path)            parse the ELF, nothing in the kernel yet
+    obj.set_rodata({"name": value})       `const volatile` globals, by name (the object's BTF)
+    obj.set_max_entries(map, n)           size a map before load
+    obj.programs()                        {program name: section}
+    obj.set_autoload(name, False)         leave a program out of the load
+    obj.load()                            relocate against the running kernel's BTF, verify;
+                                          LibbpfError carries libbpf's log (the verifier's) on failure
+    obj.attach()                          attach every loaded program by its section
+    obj.map_fd(name) / obj.program_fds()
+    obj.close()                           detach, unload, close every fd
+
+libbpf's messages go to the `hostagent.ebpf.libbpf` logger (debug; warnings and errors at their
+level); the last LOG_BYTES of them are kept per call so a failed load can say why.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import threading
+from typing import Mapping, Optional
+
+log = logging.getLogger("hostagent.ebpf.libbpf")
+
+LIBRARY = "libbpf.so.1"
+LOG_BYTES = 64 * 1024           # libbpf output kept for a failure message (verifier logs can be MBs)
+_BTF_KIND_VAR, _BTF_KIND_DATASEC = 14, 15
+_PRINT_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}   # LIBBPF_WARN, INFO, DEBUG
+
+
+class LibbpfError(Exception):
+    """A libbpf call failed; `log` holds what libbpf printed meanwhile (bounded)."""
+
+    def __init__(self, message: str, log_text: str = ""):
+        super().__init__(message)
+        self.log = log_text
+
+
+class _BtfType(ct.Structure):
+    _fields_ = [("name_off", ct.c_uint32), ("info", ct.c_uint32), ("size", ct.c_uint32)]
+
+
+class _VarSecinfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("offset", ct.c_uint32), ("size", ct.c_uint32)]
+
+
+_lib = None
+_lib_lock = threading.Lock()
+_capture = threading.local()
+_PRINT_FN = ct.CFUNCTYPE(ct.c_int, ct.c_int, ct.c_char_p, ct.c_void_p)
+_libc = ct.CDLL(None)
+_libc.vsnprintf.argtypes = [ct.c_char_p, ct.c_size_t, ct.c_char_p, ct.c_void_p]
+
+
+@_PRINT_FN
+def _print(level, fmt, args):
+    buf = ct.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    text = buf.value.decode("utf-8", "replace")
+    log.log(_PRINT_LEVELS.get(level, logging.DEBUG), "%s", text.rstrip("\n"))
+    kept = getattr(_capture, "text", None)
+    if kept is not None:
+        kept.append(text)
+        _capture.size += len(text)
+        while _capture.size > LOG_BYTES and len(kept) > 1:     # keep the end: the error is last
+            _capture.size -= len(kept.pop(0))
+    return 0
+
+
+def problem() -> Optional[str]:
+    """Why libbpf cannot be used here, or None."""
+    try:
+        library()
+    except OSError as e:
+        return f"{LIBRARY} is not loadable ({e}); install libbpf1"
+    return None
+
+
+def library():
+    """The system libbpf, its prototypes declared, its messages routed to our logger (once)."""
+    global _lib
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        lib = ct.CDLL(LIBRARY, use_errno=True)
+        p, i, s, b = ct.c_void_p, ct.c_int, ct.c_char_p, ct.c_bool
+        for name, restype, argtypes in (
+                ("bpf_object__open_file", p, [s, p]),
+                ("bpf_object__load", i, [p]),
+                ("bpf_object__close", None, [p]),
+                ("bpf_object__btf", p, [p]),
+                ("bpf_object__next_program", p, [p, p]),
+                ("bpf_object__find_program_by_name", p, [p, s]),
+                ("bpf_object__find_map_by_name", p, [p, s]),
+                ("bpf_object__find_map_fd_by_name", i, [p, s]),
+                ("bpf_program__name", s, [p]),
+                ("bpf_program__section_name", s, [p]),
+                ("bpf_program__set_autoload", i, [p, b]),
+                ("bpf_program__autoload", b, [p]),
+                ("bpf_program__fd", i, [p]),
+                ("bpf_program__attach", p, [p]),
+                ("bpf_link__destroy", i, [p]),
+                ("bpf_map__initial_value", p, [p, ct.POINTER(ct.c_size_t)]),
+                ("bpf_map__set_max_entries", i, [p, ct.c_uint32]),
+                ("btf__find_by_name_kind", i, [p, s, ct.c_uint32]),
+                ("btf__type_by_id", ct.POINTER(_BtfType), [p, ct.c_uint32]),
+                ("btf__name_by_offset", s, [p, ct.c_uint32]),
+                ("libbpf_set_print", p, [_PRINT_FN])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        lib.libbpf_set_print(_print)
+        _lib = lib
+        return lib
+
+
+class _Captured:
+    """libbpf's messages printed by this thread during a call, for the error."""
+
+    def __enter__(self):
+        _capture.text, _capture.size = [], 0
+        return self
+
+    def __exit__(self, *exc):
+        self.text = "".join(_capture.text)
+        _capture.text = None
+        return False
+
+
+def _errno_error(what: str, captured: _Captured, err: int) -> LibbpfError:
+    detail = os.strerror(err) if err else "failed"
+    return LibbpfError(f"{what}: {detail}", captured.text)
+
+
+class BpfObject:
+    """One BPF object file: opened, then loaded and attached as a whole (see module doc)."""
+
+    def __init__(self, lib, handle: int, path: str):
+        self._lib, self._obj, self.path = lib, handle, path
+        self._links: list = []
+
+    @classmethod
+    def open(cls, path: str) -> "BpfObject":
+        lib = library()
+        with _Captured() as c:
+            ct.set_errno(0)
+            handle = lib.bpf_object__open_file(path.encode(), None)
+        if not handle:
+            raise _errno_error(f"open {path}", c, ct.get_errno())
+        return cls(lib, handle, path)
+
+    def _programs(self):
+        prog = self._lib.bpf_object__next_program(self._obj, None)
+        while prog:
+            yield prog
+            prog = self._lib.bpf_object__next_program(self._obj, prog)
+
+    def programs(self) -> dict:
+        """{program name: ELF section}, e.g. {"sched__sched_switch": "tp/sched/sched_switch"}."""
+        return {self._lib.bpf_program__name(p).decode(): self._lib.bpf_program__section_name(p).decode()
+                for p in self._programs()}
+
+    def set_autoload(self, name: str, autoload: bool) -> None:
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        if not prog:
+            raise LibbpfError(f"{self.path}: no program {name!r}")
+        err = self._lib.bpf_program__set_autoload(prog, autoload)
+        if err:
+            raise LibbpfError(f"{self.path}: autoload {name}: {os.strerror(-err)}")
+
+    def rodata_layout(self) -> dict:
+        """{variable name: (offset, size)} of the object's .rodata section, from its BTF DATASEC."""
+        lib = self._lib
+        btf = lib.bpf_object__btf(self._obj)
+        if not btf:
+            return {}
+        sec_id = lib.btf__find_by_name_kind(btf, b".rodata", _BTF_KIND_DATASEC)
+        if sec_id <= 0:
+            return {}
+        sec = lib.btf__type_by_id(btf, sec_id)
+        vlen = sec.contents.info & 0xFFFF
+        infos = ct.cast(ct.addressof(sec.contents) + ct.sizeof(_BtfType), ct.POINTER(_VarSecinfo))
+        layout = {}
+        for i in range(vlen):
+            var = lib.btf__type_by_id(btf, infos[i].type)
+            if (var.contents.info >> 24) & 0x1F != _BTF_KIND_VAR:
+                continue
+            name = lib.btf__name_by_offset(btf, var.contents.name_off).decode()
+            layout[name] = (infos[i].offset, infos[i].size)
+        return layout
+
+    def set_rodata(self, values: Mapping[str, int]) -> None:
+        """Set `const volatile` globals before load. Every name must be a .rodata variable of the
+        object; integers are stored little-endian in the variable's size (range-checked)."""
+        if not values:
+            return
+        layout = self.rodata_layout()
+        missing = sorted(set(values) - set(layout))
+        if missing:
+            raise LibbpfError(f"{self.path}: no .rodata variable {', '.join(missing)}")
+        rodata = self._lib.bpf_object__find_map_by_name(self._obj, b".rodata")
+        size = ct.c_size_t(0)
+        base = self._lib.bpf_map__initial_value(rodata, ct.byref(size)) if rodata else None
+        if not base:
+            raise LibbpfError(f"{self.path}: .rodata is not writable")
+        for name, value in values.items():
+            offset, width = layout[name]
+            if offset + width > size.value:
+                raise LibbpfError(f"{self.path}: .rodata variable {name} lies outside the section")
+            raw = int(value).to_bytes(width, "little", signed=int(value) < 0)
+            ct.memmove(base + offset, raw, width)
+
+    def set_max_entries(self, name: str, entries: int) -> None:
+        """Size the map `name` before load (a ring buffer's bytes: a power-of-two number of pages)."""
+        m = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise LibbpfError(f"{self.path}: no map {name!r}")
+        err = self._lib.bpf_map__set_max_entries(m, entries)
+        if err:
+            raise LibbpfError(f"{self.path}: max_entries of {name}: {os.strerror(-err)}")
+
+    def load(self) -> None:
+        with _Captured() as c:
+            err = self._lib.bpf_object__load(self._obj)
+        if err:
+            raise _errno_error(f"load {os.path.basename(self.path)}", c, -err)
+
+    def attach(self) -> None:
+        """Attach every loaded program (by its section name); all or nothing."""
+        for prog in self._programs():
+            if not self._lib.bpf_program__autoload(prog):
+                continue
+            with _Captured() as c:
+                ct.set_errno(0)
+                link = self._lib.bpf_program__attach(prog)
+            if not link:
+                name = self._lib.bpf_program__name(prog).decode()
+                raise _errno_error(f"attach {name}", c, ct.get_errno())
+            self._links.append(link)
+
+    def map_fd(self, name: str) -> int:
+        fd = self._lib.bpf_object__find_map_fd_by_name(self._obj, name.encode())
+        if fd < 0:
+            raise KeyError(name)
+        return fd
+
+    def program_fds(self) -> dict:
+        """{program name: fd} of the loaded programs."""
+        fds = {}
+        for prog in self._programs():
+            fd = self._lib.bpf_program__fd(prog)
+            if fd >= 0:
+                fds[self._lib.bpf_program__name(prog).decode()] = fd
+        return fds
+
+    def close(self) -> None:
+        for link in self._links:
+            self._lib.bpf_link__destroy(link)
+        self._links = []
+        if self._obj:
+            self._lib.bpf_object__close(self._obj)
+            self._obj = None
