@@ -2,9 +2,10 @@
  *
  *   oom:mark_victim   one oom_event per victim, system-wide or in a memory cgroup
  *
- * Tracepoint arguments only. On older kernels mark_victim carries only the pid; the agent reads
- * the tracepoint's format and defines HA_TP_HAS_<field> for each argument this kernel has, and
- * HA_TP_LOC_comm when comm is a __data_loc string. Missing fields stay 0 and the agent leaves
+ * Tracepoint arguments only. On older kernels mark_victim carries only the pid; under bcc the
+ * agent reads the tracepoint's format and defines HA_TP_HAS_<field> for each argument this kernel
+ * has, and HA_TP_LOC_comm when comm is a __data_loc string; under CO-RE the kernel's BTF says
+ * (HA_TP_HAS, and comm is read only as a __data_loc string). Missing fields stay 0 and the agent leaves
  * their attributes out. The memory figures are the kernel's, in kB.
  */
 #include "hostagent.h"
@@ -30,52 +31,80 @@ struct oom_event {
 #define HA_OOM_RING_PAGES 16     /* 64 KiB: 630 records */
 #endif
 
-#ifndef HA_OOM_WAKEUP_EVERY
+#ifdef HA_CORE
+const volatile u64 HA_OOM_WAKEUP_EVERY = 64;
+/* vmlinux.h has every field; HA_TP_HAS() asks this kernel's BTF at load */
+#define HA_TP_HAS_uid
+#define HA_TP_HAS_total_vm
+#define HA_TP_HAS_anon_rss
+#define HA_TP_HAS_file_rss
+#define HA_TP_HAS_shmem_rss
+#define HA_TP_HAS_pgtables
+#define HA_TP_HAS_oom_score_adj
+#elif !defined(HA_OOM_WAKEUP_EVERY)
 #define HA_OOM_WAKEUP_EVERY 64
 #endif
 
 #define HA_RING_OOM 0
 
-BPF_RINGBUF_OUTPUT(oom_events, HA_OOM_RING_PAGES);
+HA_RINGBUF(oom_events, HA_OOM_RING_PAGES);
 
-TRACEPOINT_PROBE(oom, mark_victim)
+#ifndef HA_CORE
+static __always_inline void *oom_events_ringbuf_reserve(u64 size) { return oom_events.ringbuf_reserve(size); }
+static __always_inline void oom_events_ringbuf_submit(void *e, u64 flags) { oom_events.ringbuf_submit(e, flags); }
+static __always_inline u64 *ha_ringbuf_dropped_lookup(u32 *slot) { return ha_ringbuf_dropped.lookup(slot); }
+static __always_inline u64 *ha_ringbuf_unwoken_lookup(u32 *slot) { return ha_ringbuf_unwoken.lookup(slot); }
+#endif
+
+HA_TRACEPOINT(oom, mark_victim, mark_victim)
 {
     u32 slot = HA_RING_OOM;
-    struct oom_event *e = oom_events.ringbuf_reserve(sizeof(*e));
+    struct oom_event *e = HA_RINGBUF_RESERVE(oom_events, sizeof(*e));
     if (!e)
-        return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
+        return ha_count_drop(HA_LOOKUP(ha_ringbuf_dropped, &slot));
     __builtin_memset(e, 0, sizeof(*e));
     e->time_ns = bpf_ktime_get_boot_ns();
     e->pid = args->pid;
 #ifdef HA_TP_HAS_uid
-    e->uid = args->uid;
+    if (HA_TP_HAS(uid))
+        e->uid = args->uid;
 #endif
 #ifdef HA_TP_HAS_total_vm
-    e->total_vm_kb = args->total_vm;
+    if (HA_TP_HAS(total_vm))
+        e->total_vm_kb = args->total_vm;
 #endif
 #ifdef HA_TP_HAS_anon_rss
-    e->anon_rss_kb = args->anon_rss;
+    if (HA_TP_HAS(anon_rss))
+        e->anon_rss_kb = args->anon_rss;
 #endif
 #ifdef HA_TP_HAS_file_rss
-    e->file_rss_kb = args->file_rss;
+    if (HA_TP_HAS(file_rss))
+        e->file_rss_kb = args->file_rss;
 #endif
 #ifdef HA_TP_HAS_shmem_rss
-    e->shmem_rss_kb = args->shmem_rss;
+    if (HA_TP_HAS(shmem_rss))
+        e->shmem_rss_kb = args->shmem_rss;
 #endif
 #ifdef HA_TP_HAS_pgtables
-    e->pgtables_kb = args->pgtables;
+    if (HA_TP_HAS(pgtables))
+        e->pgtables_kb = args->pgtables;
 #endif
 #ifdef HA_TP_HAS_oom_score_adj
-    e->oom_score_adj = args->oom_score_adj;
+    if (HA_TP_HAS(oom_score_adj))
+        e->oom_score_adj = args->oom_score_adj;
 #endif
-#if defined(HA_TP_HAS_comm) && defined(HA_TP_LOC_comm)
+#if defined(HA_CORE)
+    if (HA_TP_HAS(__data_loc_comm))
+        HA_TP_STR(e->comm, comm);
+#elif defined(HA_TP_HAS_comm) && defined(HA_TP_LOC_comm)
     HA_TP_STR(e->comm, comm);
 #elif defined(HA_TP_HAS_comm)
     bpf_probe_read_kernel_str(&e->comm, sizeof(e->comm), args->comm);
 #endif
     e->trigger_pid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(&e->trigger_comm, sizeof(e->trigger_comm));
-    oom_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), HA_OOM_WAKEUP_EVERY));
+    HA_RINGBUF_SUBMIT(oom_events, e,
+                      ha_submit_flags(HA_LOOKUP(ha_ringbuf_unwoken, &slot), HA_OOM_WAKEUP_EVERY));
     return 0;
 }
 

@@ -11,17 +11,20 @@
  * The arguments are read from the caller's memory through the tracepoint's argv pointer while
  * it still exists, so a process that exits a millisecond later still has its command line.
  * Tracepoint arguments and BPF helpers only, with one exception: the exit status is not an
- * argument of sched_process_exit, so it is read from the exiting task at the offset of
- * task_struct.exit_code that the agent takes from the running kernel's BTF
- * (/sys/kernel/btf/vmlinux) and passes as HA_TASK_EXIT_CODE_OFFSET. The offset never comes from
- * the installed headers, which may belong to another kernel. Without BTF the offset is not
- * defined and exit records carry no status (HA_EXIT_CODE_KNOWN unset).
+ * argument of sched_process_exit, so it is read from the exiting task's task_struct.exit_code:
+ * under CO-RE with BPF_CORE_READ, relocated by libbpf against the running kernel's BTF; under
+ * bcc at the offset the agent takes from that BTF (/sys/kernel/btf/vmlinux) and passes as
+ * HA_TASK_EXIT_CODE_OFFSET. The offset never comes from the installed headers, which may belong
+ * to another kernel. Without BTF the offset is not defined and exit records carry no status
+ * (HA_EXIT_CODE_KNOWN unset).
  *
- * Build parameters (-D): HA_EXEC_RING_PAGES, HA_EXIT_RING_PAGES, HA_EXEC_WAKEUP_EVERY,
- * HA_EXIT_WAKEUP_EVERY (see ha_submit_flags in hostagent.h), HA_PROCS_MAX,
- * HA_EXIT_HAS_GROUP_DEAD (sched_process_exit has the group_dead argument, as on 6.18),
- * HA_TASK_EXIT_CODE_OFFSET, HA_CAPTURE_ARGS (the syscalls tracepoints exist and command lines
- * are wanted).
+ * Parameters: HA_EXEC_WAKEUP_EVERY, HA_EXIT_WAKEUP_EVERY (see ha_submit_flags in hostagent.h;
+ * -D under bcc, .rodata under CO-RE). Map sizes (-D under bcc, max_entries set by the loader
+ * under CO-RE): HA_EXEC_RING_PAGES, HA_EXIT_RING_PAGES, HA_PROCS_MAX. bcc only, from the
+ * tracepoints' formats (CO-RE asks BTF): HA_EXIT_HAS_GROUP_DEAD (sched_process_exit has the
+ * group_dead argument, as on 6.18), HA_TASK_EXIT_CODE_OFFSET, HA_CAPTURE_ARGS (the syscalls
+ * tracepoints exist and command lines are wanted; under CO-RE the loader leaves the argv
+ * programs syscalls__sys_enter_execve and syscalls__sys_enter_execveat unloaded instead).
  */
 #include "hostagent.h"
 
@@ -89,11 +92,19 @@ struct proc_info {
 #ifndef HA_EXIT_RING_PAGES
 #define HA_EXIT_RING_PAGES 128       /* 512 KiB: 8191 exit records */
 #endif
+#ifdef HA_CORE
+const volatile u64 HA_EXEC_WAKEUP_EVERY = 256;
+const volatile u64 HA_EXIT_WAKEUP_EVERY = 256;
+/* the argv programs are always in the object; the loader leaves them unloaded when command
+ * lines are not wanted, and pending_args stays empty */
+#define HA_CAPTURE_ARGS
+#else
 #ifndef HA_EXEC_WAKEUP_EVERY
 #define HA_EXEC_WAKEUP_EVERY 256
 #endif
 #ifndef HA_EXIT_WAKEUP_EVERY
 #define HA_EXIT_WAKEUP_EVERY 256
+#endif
 #endif
 #ifndef HA_PROCS_MAX
 #define HA_PROCS_MAX 65536           /* live processes remembered */
@@ -105,24 +116,46 @@ struct proc_info {
 #define HA_RING_EXEC 0
 #define HA_RING_EXIT 1
 
-BPF_RINGBUF_OUTPUT(exec_events, HA_EXEC_RING_PAGES);
-BPF_RINGBUF_OUTPUT(exit_events, HA_EXIT_RING_PAGES);
+HA_RINGBUF(exec_events, HA_EXEC_RING_PAGES);
+HA_RINGBUF(exit_events, HA_EXIT_RING_PAGES);
 /* pid -> parent, start. Entries are removed when the process exits; memory grows with the
  * processes alive (no preallocation). When it is full, new processes are reported without their
  * parent and start time. */
-BPF_F_TABLE("hash", u32, struct proc_info, procs, HA_PROCS_MAX, BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(forks, u64, 1);                                    /* processes created */
+HA_HASH(procs, u32, struct proc_info, HA_PROCS_MAX);
+HA_PERCPU_ARRAY(forks, u64, 1);                                     /* processes created */
 
 #ifdef HA_CAPTURE_ARGS
-BPF_PERCPU_ARRAY(args_scratch, struct exec_args, 1);
+HA_PERCPU_ARRAY(args_scratch, struct exec_args, 1);
 /* thread id -> the arguments of its execve in flight; a failed execve leaves its entry behind
  * until the thread's next execve or LRU eviction */
-BPF_TABLE("lru_hash", u32, struct exec_args, pending_args, 1024);
+HA_LRU_HASH(pending_args, u32, struct exec_args, 1024);
+#endif
+
+#ifndef HA_CORE
+static __always_inline void *exec_events_ringbuf_reserve(u64 size) { return exec_events.ringbuf_reserve(size); }
+static __always_inline void exec_events_ringbuf_submit(void *e, u64 flags) { exec_events.ringbuf_submit(e, flags); }
+static __always_inline void *exit_events_ringbuf_reserve(u64 size) { return exit_events.ringbuf_reserve(size); }
+static __always_inline void exit_events_ringbuf_submit(void *e, u64 flags) { exit_events.ringbuf_submit(e, flags); }
+static __always_inline u64 *ha_ringbuf_dropped_lookup(u32 *slot) { return ha_ringbuf_dropped.lookup(slot); }
+static __always_inline u64 *ha_ringbuf_unwoken_lookup(u32 *slot) { return ha_ringbuf_unwoken.lookup(slot); }
+static __always_inline struct proc_info *procs_lookup(u32 *pid) { return procs.lookup(pid); }
+static __always_inline int procs_update(u32 *pid, struct proc_info *info) { return procs.update(pid, info); }
+static __always_inline int procs_delete(u32 *pid) { return procs.delete(pid); }
+static __always_inline u64 *forks_lookup(u32 *i) { return forks.lookup(i); }
+#ifdef HA_CAPTURE_ARGS
+static __always_inline struct exec_args *args_scratch_lookup(u32 *i) { return args_scratch.lookup(i); }
+static __always_inline struct exec_args *pending_args_lookup(u32 *tid) { return pending_args.lookup(tid); }
+static __always_inline int pending_args_update(u32 *tid, struct exec_args *a) { return pending_args.update(tid, a); }
+static __always_inline int pending_args_delete(u32 *tid) { return pending_args.delete(tid); }
+#endif
+#endif
+
+#ifdef HA_CAPTURE_ARGS
 
 static __always_inline int ha_capture_args(const char *const *argv)
 {
     u32 zero = 0;
-    struct exec_args *a = args_scratch.lookup(&zero);
+    struct exec_args *a = HA_LOOKUP(args_scratch, &zero);
     if (!a)
         return 0;
     u32 size = 0, flags = HA_EXEC_ARGS_KNOWN;
@@ -155,27 +188,37 @@ static __always_inline int ha_capture_args(const char *const *argv)
     a->size = size;
     a->flags = flags;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    pending_args.update(&tid, a);
+    HA_UPDATE(pending_args, &tid, a);
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+/* under CO-RE the record is struct syscall_trace_enter (compat.h), the arguments in order:
+ * execve(filename, argv, envp), execveat(dfd, filename, argv, envp, flags) */
+#ifdef HA_CORE
+#define HA_EXECVE_ARGV ((const char *const *)args->args[1])
+#define HA_EXECVEAT_ARGV ((const char *const *)args->args[2])
+#else
+#define HA_EXECVE_ARGV args->argv
+#define HA_EXECVEAT_ARGV args->argv
+#endif
+
+HA_TRACEPOINT(syscalls, sys_enter_execve, syscall_trace_enter)
 {
-    return ha_capture_args(args->argv);
+    return ha_capture_args(HA_EXECVE_ARGV);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+HA_TRACEPOINT(syscalls, sys_enter_execveat, syscall_trace_enter)
 {
-    return ha_capture_args(args->argv);
+    return ha_capture_args(HA_EXECVEAT_ARGV);
 }
 #endif
 
-TRACEPOINT_PROBE(task, task_newtask)
+HA_TRACEPOINT(task, task_newtask, task_newtask)
 {
     if (args->clone_flags & HA_CLONE_THREAD)
         return 0;
     u32 zero = 0;
-    u64 *count = forks.lookup(&zero);
+    u64 *count = HA_LOOKUP(forks, &zero);
     if (count)
         *count += 1;
     u32 pid = args->pid;
@@ -183,18 +226,18 @@ TRACEPOINT_PROBE(task, task_newtask)
         .start_ns = bpf_ktime_get_boot_ns(),
         .ppid = bpf_get_current_pid_tgid() >> 32,   /* current is the parent */
     };
-    procs.update(&pid, &info);
+    HA_UPDATE(procs, &pid, &info);
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exec)
+HA_TRACEPOINT(sched, sched_process_exec, sched_process_exec)
 {
     u32 slot = HA_RING_EXEC;
-    struct exec_event *e = exec_events.ringbuf_reserve(sizeof(*e));
+    struct exec_event *e = HA_RINGBUF_RESERVE(exec_events, sizeof(*e));
     if (!e)
-        return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
+        return ha_count_drop(HA_LOOKUP(ha_ringbuf_dropped, &slot));
     u32 pid = args->pid;
-    struct proc_info *info = procs.lookup(&pid);
+    struct proc_info *info = HA_LOOKUP(procs, &pid);
     e->time_ns = bpf_ktime_get_boot_ns();
     e->start_ns = info ? info->start_ns : 0;
     e->cgroup_id = bpf_get_current_cgroup_id();
@@ -208,35 +251,38 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     HA_TP_STR(e->filename, filename);
 #ifdef HA_CAPTURE_ARGS
     u32 old_pid = args->old_pid;     /* the thread that called execve */
-    struct exec_args *a = pending_args.lookup(&old_pid);
+    struct exec_args *a = HA_LOOKUP(pending_args, &old_pid);
     if (a) {
         if (bpf_probe_read_kernel(e->args, HA_ARGS_LEN, a->buf) == 0) {
             e->args_size = a->size;
             e->flags = a->flags;
         }
-        pending_args.delete(&old_pid);
+        HA_DELETE(pending_args, &old_pid);
     }
 #endif
-    exec_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), HA_EXEC_WAKEUP_EVERY));
+    HA_RINGBUF_SUBMIT(exec_events, e,
+                      ha_submit_flags(HA_LOOKUP(ha_ringbuf_unwoken, &slot), HA_EXEC_WAKEUP_EVERY));
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exit)
+HA_TRACEPOINT(sched, sched_process_exit, sched_process_exit)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 pid = pid_tgid >> 32;
-#ifdef HA_EXIT_HAS_GROUP_DEAD
-    if (!args->group_dead)           /* not the last thread of its process */
-        return 0;
-#else
-    if ((u32)pid_tgid != pid)        /* older kernels: report when the group leader exits */
-        return 0;
+    int last;                        /* the last thread of its process */
+#if defined(HA_CORE) || defined(HA_EXIT_HAS_GROUP_DEAD)
+    if (HA_TP_HAS(group_dead))
+        last = args->group_dead;
+    else
 #endif
+        last = (u32)pid_tgid == pid; /* older kernels: report when the group leader exits */
+    if (!last)
+        return 0;
     u32 slot = HA_RING_EXIT;
-    struct exit_event *e = exit_events.ringbuf_reserve(sizeof(*e));
+    struct exit_event *e = HA_RINGBUF_RESERVE(exit_events, sizeof(*e));
     if (!e) {
-        procs.delete(&pid);
-        return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
+        HA_DELETE(procs, &pid);
+        return ha_count_drop(HA_LOOKUP(ha_ringbuf_dropped, &slot));
     }
     e->time_ns = bpf_ktime_get_boot_ns();
     e->cgroup_id = bpf_get_current_cgroup_id();
@@ -245,14 +291,18 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     e->flags = 0;
     e->_pad = 0;
     e->exit_code = 0;
-#ifdef HA_TASK_EXIT_CODE_OFFSET
     /* do_exit() stores the status in current->exit_code before this tracepoint fires */
+#ifdef HA_CORE
+    struct task_struct *task = (void *)bpf_get_current_task();
+    if (bpf_core_read(&e->exit_code, sizeof(e->exit_code), &task->exit_code) == 0)
+        e->flags |= HA_EXIT_CODE_KNOWN;
+#elif defined(HA_TASK_EXIT_CODE_OFFSET)
     u64 task = bpf_get_current_task();
     if (bpf_probe_read_kernel(&e->exit_code, sizeof(e->exit_code),
                               (void *)(task + HA_TASK_EXIT_CODE_OFFSET)) == 0)
         e->flags |= HA_EXIT_CODE_KNOWN;
 #endif
-    struct proc_info *info = procs.lookup(&pid);
+    struct proc_info *info = HA_LOOKUP(procs, &pid);
     if (info) {
         e->start_ns = info->start_ns;
         e->ppid = info->ppid;
@@ -261,9 +311,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         e->start_ns = 0;
         e->ppid = 0;
     }
-    bpf_probe_read_kernel_str(&e->comm, sizeof(e->comm), args->comm);
-    exit_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), HA_EXIT_WAKEUP_EVERY));
-    procs.delete(&pid);
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));   /* the tracepoint's comm: current's */
+    HA_RINGBUF_SUBMIT(exit_events, e,
+                      ha_submit_flags(HA_LOOKUP(ha_ringbuf_unwoken, &slot), HA_EXIT_WAKEUP_EVERY));
+    HA_DELETE(procs, &pid);
     return 0;
 }
 

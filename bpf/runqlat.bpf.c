@@ -19,43 +19,54 @@ struct runq_key {
     u32 slot;
 };
 
-BPF_TABLE("lru_hash", u32, u64, runq_queued, RUNQ_MAX_THREADS);   /* tid -> queued at, ns */
+HA_LRU_HASH(runq_queued, u32, u64, RUNQ_MAX_THREADS);   /* tid -> queued at, ns */
 EXP2_HISTOGRAM(runq_latency, struct runq_key, EXP2_SLOTS);
+
+#ifndef HA_CORE
+static __always_inline u64 *runq_queued_lookup(u32 *tid) { return runq_queued.lookup(tid); }
+static __always_inline int runq_queued_update(u32 *tid, u64 *at) { return runq_queued.update(tid, at); }
+static __always_inline int runq_queued_delete(u32 *tid) { return runq_queued.delete(tid); }
+static __always_inline struct exp2_bucket *runq_latency_lookup_or_try_init(struct runq_key *key,
+                                                                            struct exp2_bucket *zero)
+{
+    return runq_latency.lookup_or_try_init(key, zero);
+}
+#endif
 
 static __always_inline void queued(u32 tid)
 {
     if (tid == 0)               /* the idle task */
         return;
     u64 now = bpf_ktime_get_ns();
-    runq_queued.update(&tid, &now);
+    HA_UPDATE(runq_queued, &tid, &now);
 }
 
-TRACEPOINT_PROBE(sched, sched_wakeup)
+HA_TRACEPOINT(sched, sched_wakeup, sched_wakeup_template)
 {
     queued(args->pid);
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_wakeup_new)
+HA_TRACEPOINT(sched, sched_wakeup_new, sched_wakeup_template)
 {
     queued(args->pid);
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_switch)
+HA_TRACEPOINT(sched, sched_switch, sched_switch)
 {
     if (!(args->prev_state & TASK_REPORT_STATE_MASK))
         queued(args->prev_pid);
 
     u32 tid = args->next_pid;
-    u64 *at = runq_queued.lookup(&tid);
+    u64 *at = HA_LOOKUP(runq_queued, &tid);
     if (!at)
         return 0;
     u64 delta = bpf_ktime_get_ns() - *at;
-    runq_queued.delete(&tid);
+    HA_DELETE(runq_queued, &tid);
 
     struct runq_key key = {.slot = exp2_slot(delta)};
     struct exp2_bucket zero = {};
-    exp2_add(runq_latency.lookup_or_try_init(&key, &zero), delta);
+    exp2_add(HA_LOOKUP_OR_TRY_INIT(runq_latency, &key, &zero), delta);
     return 0;
 }

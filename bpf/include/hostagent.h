@@ -1,8 +1,8 @@
 /* Shared by hostagent's event probes (process, oom, signals): common typedefs, tracepoint string
  * reading, the ring-buffer drop counter and wakeup policy.
  *
- * Include it first, before any map is declared. Two compilation modes:
- *   - bcc (the default): the BPF helpers and maps below;
+ * Include it first, before any map is declared. Compilation modes:
+ *   - CO-RE (HA_CORE) or bcc (the default), compat.h: the BPF helpers and maps below;
  *   - HA_LAYOUT_ONLY: a plain C compiler sees only the fixed-width types, so a probe's record
  *     structs can be compiled on the host to check their size and offsets against the numpy
  *     dtypes that decode them (tests/test_ringbuf.py). Probe files wrap their maps and programs
@@ -26,21 +26,23 @@ typedef int16_t s16;
 typedef int32_t s32;
 typedef int64_t s64;
 
-#else /* bcc */
+#else
+
+#include "compat.h"
 
 /* Records a probe could not reserve because its ring buffer was full, per ring (slot = the
  * ring's index in the probe's Python `rings` table) and per CPU; the agent sums the CPUs and
  * exports hostagent.ebpf.ringbuf.dropped {probe, ring}. */
 #define HA_MAX_RINGS 4
-BPF_PERCPU_ARRAY(ha_ringbuf_dropped, u64, HA_MAX_RINGS);
+HA_PERCPU_ARRAY(ha_ringbuf_dropped, u64, HA_MAX_RINGS);
 
-/* The reserve-or-count pattern. bcc rewrites map calls only in the probe's own file and never
- * inside a macro, so the lookup is written at the call site and the increment lives here:
+/* The reserve-or-count pattern. The lookup is written at the call site (under bcc it is one of
+ * the probe file's own map functions, compat.h) and the increment lives here:
  *
  *     u32 slot = HA_RING_EXEC;
- *     struct exec_event *e = exec_events.ringbuf_reserve(sizeof(*e));
+ *     struct exec_event *e = HA_RINGBUF_RESERVE(exec_events, sizeof(*e));
  *     if (!e)
- *         return ha_count_drop(ha_ringbuf_dropped.lookup(&slot));
+ *         return ha_count_drop(HA_LOOKUP(ha_ringbuf_dropped, &slot));
  *     ...
  *
  * A plain add is enough: the counter is per-CPU and a BPF program never runs nested on a CPU. */
@@ -55,11 +57,11 @@ static __always_inline int ha_count_drop(u64 *counter)
  * cheaper than a wakeup per record, docs/performance.md), except that every `every`-th record a
  * CPU commits to a ring wakes it, so a burst between two polls wakes the reader well before the
  * ring is full.
- * The agent passes `every` as a -D flag: a quarter of the ring's records divided by the CPUs.
+ * The agent passes `every` as a parameter: a quarter of the ring's records divided by the CPUs.
  *
- *     exec_events.ringbuf_submit(e, ha_submit_flags(ha_ringbuf_unwoken.lookup(&slot), EVERY));
+ *     HA_RINGBUF_SUBMIT(exec_events, e, ha_submit_flags(HA_LOOKUP(ha_ringbuf_unwoken, &slot), EVERY));
  */
-BPF_PERCPU_ARRAY(ha_ringbuf_unwoken, u64, HA_MAX_RINGS);
+HA_PERCPU_ARRAY(ha_ringbuf_unwoken, u64, HA_MAX_RINGS);
 
 static __always_inline u64 ha_submit_flags(u64 *unwoken, u64 every)
 {
@@ -68,12 +70,6 @@ static __always_inline u64 ha_submit_flags(u64 *unwoken, u64 every)
     *unwoken = 0;
     return BPF_RB_FORCE_WAKEUP;
 }
-
-/* Copy a tracepoint's __data_loc string argument `field` (bcc names it data_loc_<field>) into
- * the char array `dst`, NUL-terminated and truncated to sizeof(dst). The low 16 bits of a
- * data_loc are the string's offset from the start of the record. */
-#define HA_TP_STR(dst, field) \
-    bpf_probe_read_kernel_str((dst), sizeof(dst), (void *)args + (args->data_loc_##field & 0xFFFF))
 
 #endif /* HA_LAYOUT_ONLY */
 

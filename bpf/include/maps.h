@@ -19,6 +19,8 @@
 #ifndef HOSTAGENT_MAPS_H
 #define HOSTAGENT_MAPS_H
 
+#include "compat.h"
+
 /* The last slot: (2^63, 2^64). It spans the whole u64 range, so the clamp in exp2_slot() never
  * moves a value to a wrong bucket; it bounds the key space for the verifier and for map sizing. */
 #define EXP2_MAX_SLOT 65
@@ -29,16 +31,16 @@ struct exp2_bucket {
     u64 sum;
 };
 
-/* The slot of value v. bcc's bpf_log2l(x) is floor(log2(x)) + 1 for x >= 1, so for v >= 2,
- * bpf_log2l(v - 1) + 1 = ceil(log2(v)) + 1 = OTLP index + 2. (bpf_log2l(0) is 1, not 0, which is
- * why 0 and 1 are handled apart.) */
+/* The slot of value v. bpf_log2l(x) (bcc's; compat.h's under CO-RE) is floor(log2(x)) + 1 for
+ * x >= 1, so for v >= 2, bpf_log2l(v - 1) + 1 = ceil(log2(v)) + 1 = OTLP index + 2.
+ * (bpf_log2l(0) is 1, not 0, which is why 0 and 1 are handled apart.) */
 static __always_inline u32 exp2_slot(u64 v)
 {
     u32 slot = v <= 1 ? (u32)v : bpf_log2l(v - 1) + 1;
     return slot > EXP2_MAX_SLOT ? EXP2_MAX_SLOT : slot;
 }
 
-/* Add one value to the bucket that `lookup_or_try_init(&key, &zero)` returned for
+/* Add one value to the bucket that `HA_LOOKUP_OR_TRY_INIT(map, &key, &zero)` returned for
  * {attributes, exp2_slot(value)}; a NULL bucket (map full) is ignored. Plain adds are safe because
  * histograms are per-CPU maps written by one program, and a BPF program never runs nested on one
  * CPU (the kernel skips the inner run instead). */
@@ -53,6 +55,6 @@ static __always_inline void exp2_add(struct exp2_bucket *bucket, u64 value)
 /* A log2 histogram map: keys are `key_type` ({attributes..., u32 slot}), memory grows with the
  * keys actually used (no preallocation), max_entries bounds it. */
 #define EXP2_HISTOGRAM(name, key_type, max_entries) \
-    BPF_F_TABLE("percpu_hash", key_type, struct exp2_bucket, name, max_entries, BPF_F_NO_PREALLOC)
+    HA_PERCPU_HASH(name, key_type, struct exp2_bucket, max_entries)
 
 #endif /* HOSTAGENT_MAPS_H */
