@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # install.sh: from a fresh Debian 12 / Ubuntu 22.04+ host to a working hostagent in this checkout.
 #
-#   ./install.sh          the BPF build tools (clang-14, libbpf-dev, bpftool) and the probes' CO-RE objects
+#   ./install.sh          the BPF build tools (clang-14, llvm-14, libbpf-dev, bpftool) and the probes' CO-RE objects
 #                         (bpf/build/*.bpf.o), libbpf1, tracefs, .venv with hostagent; bcc and kernel
 #                         headers (linked where bcc looks) only where the kernel has no BTF
 #   ./install.sh --dev    the same plus what the tests need: bcc and headers always (the probe tests run
@@ -31,7 +31,7 @@ usage() {
     cat <<'EOF'
 usage: ./install.sh [--dev]
 
-Installs the BPF build tools (clang-14, libbpf-dev, bpftool), builds the probes' CO-RE objects
+Installs the BPF build tools (clang-14, llvm-14, libbpf-dev, bpftool), builds the probes' CO-RE objects
 (bpf/build.sh -> bpf/build/*.bpf.o), installs libbpf1 and python3-venv, mounts tracefs, and installs
 hostagent into <checkout>/.venv. Where the kernel has no BTF (/sys/kernel/btf/vmlinux absent), the
 probes load through bcc instead: then it also installs bcc (python3-bpfcc) and kernel headers and
@@ -225,14 +225,14 @@ setup_headers() {
 BTF=/sys/kernel/btf/vmlinux
 
 # The build tools: clang-14 (the release the programs are tested with; plain clang where the distro
-# has no clang-14), libbpf's headers, and bpftool (bpf/build.sh makes vmlinux.h with it). Ubuntu has
-# no bpftool package: its bpftool is in linux-tools-<kernel>, through linux-tools-common's wrapper.
+# has no clang-14) and its llvm-strip, libbpf's headers, and bpftool (bpf/build.sh makes vmlinux.h
+# with it). Ubuntu has no bpftool package: its bpftool is in linux-tools-<kernel>, through
+# linux-tools-common's wrapper.
 BUILD_TOOLS=()
 
 build_tool_packages() {
-    local clang=clang-14
-    installed clang-14 || [[ -n $(candidate clang-14) ]] || clang=clang
-    BUILD_TOOLS=("$clang" libbpf-dev)
+    BUILD_TOOLS=(clang-14 llvm-14 libbpf-dev)
+    installed clang-14 || [[ -n $(candidate clang-14) ]] || BUILD_TOOLS=(clang llvm libbpf-dev)
     if installed bpftool || [[ -n $(candidate bpftool) ]]; then
         BUILD_TOOLS+=(bpftool)
     elif [[ $FAMILY == ubuntu ]]; then
@@ -261,8 +261,8 @@ build_objects() {
         return 0
     fi
     say "BPF objects: bpf/build.sh (CO-RE, for any kernel with BTF)"
-    bash "$ROOT/bpf/build.sh" "$ROOT/bpf/build" \
-        || die "bpf/build.sh failed" "see the compiler output above; clang-14, libbpf-dev and bpftool must be installed"
+    CLANG=${CLANG:-${BUILD_TOOLS[0]}} bash "$ROOT/bpf/build.sh" "$ROOT/bpf/build" \
+        || die "bpf/build.sh failed" "see the compiler output above; clang-14, llvm-14, libbpf-dev and bpftool must be installed"
 }
 
 # --- tracefs ------------------------------------------------------------------------------------
