@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,12 +90,14 @@ class Agent:
             return next((line for line in f if marker in line), None)
 
     def wait_attached(self) -> str:
-        """The `ebpf_probes on=` line, once logged; an error if no probe is on."""
-        line = wait_until(lambda: self.line("ebpf_probes on="), LOAD_TIMEOUT, f"{self.dir}: probes attached",
+        """The `ebpf_probes on=` line, once logged."""
+        return wait_until(lambda: self.line("ebpf_probes on="), LOAD_TIMEOUT, f"{self.dir}: probes attached",
                           self.proc, self.log_path)
-        if "ebpf_probes on=- " in line:
-            raise RuntimeError(f"{os.path.basename(self.dir)}: no probe loaded:\n{open(self.log_path).read()[-2000:]}")
-        return line
+
+    def why_off(self, probe: str) -> str:
+        """The reason the agent logged for `probe` being off."""
+        m = re.search(rf' {probe}=("(?:[^"\\]|\\.)*")', self.line("ebpf_probes_off ") or "")
+        return json.loads(m.group(1)) if m else "no reason logged"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -103,6 +107,11 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def probes_on(line: str) -> list:
+    on = line.split("ebpf_probes on=")[1].split()[0]
+    return [] if on == "-" else on.split(",")
 
 
 def log_time(line: str) -> float:
@@ -126,7 +135,7 @@ def attach_times(tmp: str, runs: int) -> dict:
                 agent.stop()
             out[loader]["start_s"].append(attached - spawned)
             out[loader]["load_s"].append(log_time(line) - log_time(started))
-            out[loader]["probes_on"] = line.split("ebpf_probes on=")[1].split()[0]
+            out[loader]["probes_on"] = probes_on(line)
     return out
 
 
@@ -261,7 +270,9 @@ def event_costs(tmp: str, seconds: float) -> dict:
                 agent = Agent(tmp, f"cost-{probe}-{loader}", loader, only)
                 try:
                     agent.start()
-                    agent.wait_attached()
+                    if probe not in probes_on(agent.wait_attached()):
+                        out[probe][loader] = {"off": agent.why_off(probe)}
+                        continue
                     before = prog_stats(agent.proc.pid)
                     made = workload(seconds, scratch)
                     after = prog_stats(agent.proc.pid)
@@ -298,6 +309,10 @@ def rows(m: dict) -> list[dict]:
     out = []
     for case, key, metric in (("attach/start-to-attached", "start_s", "s from `hostagent run` to the default probes attached"),
                               ("attach/load-phase", "load_s", "s from the loader thread's start to the probes attached")):
+        if core["probes_on"] != bcc["probes_on"]:
+            out.append({"case": case, "skipped": f"CO-RE attached {','.join(core['probes_on']) or 'no probe'}, "
+                                                 f"bcc {','.join(bcc['probes_on']) or 'no probe'}"})
+            continue
         ours, theirs = min(core[key]), min(bcc[key])
         out.append({"case": case, "baseline": BASELINE, "metric": metric, "ours": ours, "theirs": theirs,
                     "ratio": theirs / ours,
@@ -307,6 +322,10 @@ def rows(m: dict) -> list[dict]:
     for probe, c in m["costs"].items():
         case = f"event-cost/{probe}"
         details = {loader: c[loader] for loader in LOADERS}
+        off = [f"off under {loader}: {c[loader]['off']}" for loader in LOADERS if "off" in c[loader]]
+        if off:
+            out.append({"case": case, "skipped": "; ".join(off), "details": details})
+            continue
         if not c["core"]["run_cnt"] or not c["bcc"]["run_cnt"]:
             out.append({"case": case, "skipped": "the workload made no event this probe's programs ran for",
                         "details": details})
