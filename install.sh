@@ -459,9 +459,16 @@ main() {
         bcc=1
         say "kernel without BTF ($BTF absent): the probes load through bcc, which needs kernel headers"
     fi
+    # Fresh hosts (containers, minimal images) have no package lists at all.
     compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update
-    build_tool_packages
-    local pkgs=(libbpf1 python3-venv ca-certificates "${BUILD_TOOLS[@]}")
+    local core=1 pkgs=(python3-venv ca-certificates)
+    if ! installed libbpf1 && [[ -z $(candidate libbpf1) ]]; then
+        core=0 bcc=1
+        say "no libbpf1 in the apt sources (Ubuntu 22.04 has only libbpf0, 0.5, which cannot load the CO-RE objects): the probes load through bcc"
+    else
+        build_tool_packages
+        pkgs+=(libbpf1 "${BUILD_TOOLS[@]}")
+    fi
     if [[ $bcc == 1 ]]; then
         pkgs+=(python3-bpfcc)
     fi
@@ -470,7 +477,9 @@ main() {
               systemd-container debootstrap)
     fi
     apt_install "${pkgs[@]}"
-    build_objects
+    if [[ $core == 1 ]]; then
+        build_objects
+    fi
     if [[ $bcc == 1 ]]; then
         setup_headers
     fi
