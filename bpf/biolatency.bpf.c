@@ -11,7 +11,9 @@
  * requests (REQ_OP_FLUSH with RQF_FLUSH_SEQ); the kernel counts one at each completion of such a
  * request (flush_end_io), which block_rq_complete marks; their latency runs from when the
  * flush machinery issued the flush (blk_rq_init sets start_time_ns) to its completion.
- * Offsets and flag values come from BTF (agent/sources/ebpf/biolatency.py), never from headers:
+ * Offsets and flag values come from the running kernel's BTF, never from headers: under CO-RE
+ * libbpf relocates the struct reads and enum values below; under bcc the agent passes them
+ * (agent/sources/ebpf/biolatency.py):
  *   BIO_RQ_Q, BIO_RQ_CMD_FLAGS, BIO_RQ_RQ_FLAGS, BIO_RQ_START_TIME_NS   struct request members
  *   BIO_Q_DISK, BIO_DISK_MAJOR, BIO_DISK_FIRST_MINOR                    request_queue, gendisk
  *   BIO_RQF_IO_STAT, BIO_RQF_FLUSH_SEQ                                  bits of enum rqf_flags
@@ -20,6 +22,10 @@
  * Without: from block_rq_issue (handed to the driver) to block_rq_complete, the device's service
  * time of each command it was sent, paired by the tracepoint's {dev, sector}. Flushes carry no
  * sector (0 at start, 0 or -1 at completion), so they are keyed by sector 0.
+ *
+ * The two ways are variants: bcc compiles one (-DBIO_ACCOUNTING or not); a CO-RE object holds
+ * both, raw_tp__block_io_done and raw_tp__block_rq_complete (accounting) and
+ * block__block_rq_issue and block__block_rq_complete (driver), and the loader loads one pair.
  */
 #include "maps.h"
 
@@ -51,14 +57,37 @@ struct bio_key {
 
 EXP2_HISTOGRAM(bio_latency, struct bio_key, BIO_MAX_KEYS);
 
+#ifndef HA_CORE
+static __always_inline struct exp2_bucket *bio_latency_lookup_or_try_init(struct bio_key *key,
+                                                                          struct exp2_bucket *zero)
+{
+    return bio_latency.lookup_or_try_init(key, zero);
+}
+#endif
+
 static __always_inline void record(u32 dev, u32 op, u64 delta)
 {
     struct bio_key key = {.dev = dev, .op = op, .slot = exp2_slot(delta)};
     struct exp2_bucket zero = {};
-    exp2_add(bio_latency.lookup_or_try_init(&key, &zero), delta);
+    exp2_add(HA_LOOKUP_OR_TRY_INIT(bio_latency, &key, &zero), delta);
 }
 
-#ifdef BIO_ACCOUNTING
+#ifdef HA_CORE
+#define BIO_RQF_IO_STAT bpf_core_enum_value(enum rqf_flags, __RQF_IO_STAT)
+#define BIO_RQF_FLUSH_SEQ bpf_core_enum_value(enum rqf_flags, __RQF_FLUSH_SEQ)
+#define BIO_REQ_OP_BITS bpf_core_enum_value(enum req_flag_bits, __REQ_FAILFAST_DEV)
+#define BIO_REQ_OP_FLUSH bpf_core_enum_value(enum req_op, REQ_OP_FLUSH)
+#define BIO_REQ_OP_DISCARD bpf_core_enum_value(enum req_op, REQ_OP_DISCARD)
+#define BIO_REQ_OP_SECURE_ERASE bpf_core_enum_value(enum req_op, REQ_OP_SECURE_ERASE)
+/* type->member of the kernel object at ptr into dst; nonzero if it could not be read */
+#define BIO_READ(dst, ptr, type, member, offset) \
+    bpf_core_read(&(dst), sizeof(dst), &((type *)(ptr))->member)
+#else
+#define BIO_READ(dst, ptr, type, member, offset) \
+    bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(ptr) + (offset))
+#endif
+
+#if defined(HA_CORE) || defined(BIO_ACCOUNTING)
 struct request_facts {
     u64 start_ns;
     u32 dev;            /* the whole disk's dev_t, as the block tracepoints give it */
@@ -72,14 +101,14 @@ static __always_inline int read_request(void *rq, struct request_facts *f)
     void *q = 0, *disk = 0;
     u32 opf = 0;
     int major = 0, first_minor = 0;
-    if (bpf_probe_read_kernel(&f->rq_flags, sizeof(f->rq_flags), rq + BIO_RQ_RQ_FLAGS) ||
-        bpf_probe_read_kernel(&opf, sizeof(opf), rq + BIO_RQ_CMD_FLAGS) ||
-        bpf_probe_read_kernel(&f->start_ns, sizeof(f->start_ns), rq + BIO_RQ_START_TIME_NS) ||
-        bpf_probe_read_kernel(&q, sizeof(q), rq + BIO_RQ_Q) ||
-        bpf_probe_read_kernel(&disk, sizeof(disk), q + BIO_Q_DISK))
+    if (BIO_READ(f->rq_flags, rq, struct request, rq_flags, BIO_RQ_RQ_FLAGS) ||
+        BIO_READ(opf, rq, struct request, cmd_flags, BIO_RQ_CMD_FLAGS) ||
+        BIO_READ(f->start_ns, rq, struct request, start_time_ns, BIO_RQ_START_TIME_NS) ||
+        BIO_READ(q, rq, struct request, q, BIO_RQ_Q) ||
+        BIO_READ(disk, q, struct request_queue, disk, BIO_Q_DISK))
         return 0;
-    if (disk && (bpf_probe_read_kernel(&major, sizeof(major), disk + BIO_DISK_MAJOR) ||
-                 bpf_probe_read_kernel(&first_minor, sizeof(first_minor), disk + BIO_DISK_FIRST_MINOR)))
+    if (disk && (BIO_READ(major, disk, struct gendisk, major, BIO_DISK_MAJOR) ||
+                 BIO_READ(first_minor, disk, struct gendisk, first_minor, BIO_DISK_FIRST_MINOR)))
         return 0;
     f->op = opf & ((1U << BIO_REQ_OP_BITS) - 1);
     f->dev = (u32)major << 20 | (u32)first_minor;
@@ -97,7 +126,7 @@ static __always_inline u32 stat_group(u32 op)
 #define RQF(bit) (1U << (bit))
 
 /* block_io_done(struct request *rq) */
-RAW_TRACEPOINT_PROBE(block_io_done)
+HA_RAW_TRACEPOINT(block_io_done)
 {
     struct request_facts f = {};
     if (!read_request((void *)ctx->args[0], &f))
@@ -109,7 +138,7 @@ RAW_TRACEPOINT_PROBE(block_io_done)
 }
 
 /* block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes) */
-RAW_TRACEPOINT_PROBE(block_rq_complete)
+HA_RAW_TRACEPOINT(block_rq_complete)
 {
     struct request_facts f = {};
     if (!read_request((void *)ctx->args[0], &f))
@@ -119,16 +148,26 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
     record(f.dev, BIO_OP_FLUSH, bpf_ktime_get_ns() - f.start_ns);
     return 0;
 }
-#else
-BPF_TABLE("lru_hash", struct bio_request, u64, bio_started, BIO_MAX_INFLIGHT);  /* -> start, ns */
+#endif
+
+#if defined(HA_CORE) || !defined(BIO_ACCOUNTING)
+HA_LRU_HASH(bio_started, struct bio_request, u64, BIO_MAX_INFLIGHT);  /* -> start, ns */
+
+#ifndef HA_CORE
+static __always_inline u64 *bio_started_lookup(struct bio_request *r) { return bio_started.lookup(r); }
+static __always_inline int bio_started_update(struct bio_request *r, u64 *at) { return bio_started.update(r, at); }
+static __always_inline int bio_started_delete(struct bio_request *r) { return bio_started.delete(r); }
+#endif
 
 /* rwbs as blk_fill_rwbs() writes it: an optional 'F' (preflush), then the operation letter
- * (R, W, D, N; a lone 'F' is a flush), then flags. */
-static __always_inline u32 rwbs_op(const char *rwbs)
+ * (R, W, D, N; a lone 'F' is a flush), then flags. Its first two characters are passed by value:
+ * under CO-RE each is one relocated load from the record (the verifier refuses a load through a
+ * pointer moved into it). */
+#define RWBS_OP(args) rwbs_op((args)->rwbs[0], (args)->rwbs[1])
+
+static __always_inline u32 rwbs_op(char c, char next)
 {
-    char c = rwbs[0];
     if (c == 'F') {
-        char next = rwbs[1];
         if (next == 'R' || next == 'W' || next == 'D' || next == 'N')
             c = next;
     }
@@ -141,24 +180,24 @@ static __always_inline u32 rwbs_op(const char *rwbs)
     }
 }
 
-TRACEPOINT_PROBE(block, block_rq_issue)
+HA_TRACEPOINT(block, block_rq_issue, block_rq)
 {
     struct bio_request req = {.dev = args->dev,
-                              .sector = rwbs_op(args->rwbs) == BIO_OP_FLUSH ? 0 : args->sector};
+                              .sector = RWBS_OP(args) == BIO_OP_FLUSH ? 0 : args->sector};
     u64 now = bpf_ktime_get_ns();
-    bio_started.update(&req, &now);
+    HA_UPDATE(bio_started, &req, &now);
     return 0;
 }
 
-TRACEPOINT_PROBE(block, block_rq_complete)
+HA_TRACEPOINT(block, block_rq_complete, block_rq_completion)
 {
-    u32 op = rwbs_op(args->rwbs), dev = args->dev;
+    u32 op = RWBS_OP(args), dev = args->dev;
     struct bio_request req = {.dev = dev, .sector = op == BIO_OP_FLUSH ? 0 : args->sector};
-    u64 *at = bio_started.lookup(&req);
+    u64 *at = HA_LOOKUP(bio_started, &req);
     if (!at)
         return 0;       /* not sent to the driver: the end of a flush sequence */
     u64 delta = bpf_ktime_get_ns() - *at;
-    bio_started.delete(&req);
+    HA_DELETE(bio_started, &req);
     record(dev, op, delta);
     return 0;
 }

@@ -10,7 +10,11 @@
  *    the call counts.
  * Tracepoint arguments only: the syscall number (sys_enter's id, sys_exit's id) and the return
  * value; the pt_regs argument of the raw tracepoints is never read.
- * -DTARGET_TGID=n limits the probe to one process.
+ * TARGET_TGID=n limits the probe to one process (-D under bcc; under CO-RE a .rodata parameter,
+ * 0 for every process).
+ * The two ways are variants: bcc compiles one (-DSYSCALL_LATENCY or not); a CO-RE object holds
+ * both, the counting program raw_syscalls__sys_exit and the latency programs raw_tp__sys_enter
+ * and raw_tp__sys_exit, and the loader loads one way's programs.
  */
 #include "maps.h"
 
@@ -31,8 +35,14 @@ struct syscall_error {
     u32 err;       /* errno, positive */
 };
 
-BPF_F_TABLE("percpu_hash", struct syscall_error, u64, syscall_errors, SYSCALL_MAX_ERRORS,
-            BPF_F_NO_PREALLOC);
+HA_PERCPU_HASH(syscall_errors, struct syscall_error, u64, SYSCALL_MAX_ERRORS);
+
+#ifndef HA_CORE
+static __always_inline u64 *syscall_errors_lookup_or_try_init(struct syscall_error *key, u64 *zero)
+{
+    return syscall_errors.lookup_or_try_init(key, zero);
+}
+#endif
 
 static __always_inline u32 syscall_index(u64 nr)
 {
@@ -44,53 +54,75 @@ static __always_inline void count_error(u32 nr, long ret)
     if (ret >= 0 || ret < -MAX_ERRNO)
         return;
     struct syscall_error key = {.nr = nr, .err = (u32)-ret};
-    u64 zero = 0, *n = syscall_errors.lookup_or_try_init(&key, &zero);
+    u64 zero = 0, *n = HA_LOOKUP_OR_TRY_INIT(syscall_errors, &key, &zero);
     if (n)
         *n += 1;
 }
 
+#ifdef HA_CORE
+const volatile u32 TARGET_TGID = 0;
+#endif
+
 static __always_inline int other_process(void)
 {
-#ifdef TARGET_TGID
-    return (bpf_get_current_pid_tgid() >> 32) != TARGET_TGID;
+#if defined(HA_CORE) || defined(TARGET_TGID)
+    return TARGET_TGID && (bpf_get_current_pid_tgid() >> 32) != TARGET_TGID;
 #else
     return 0;
 #endif
 }
 
-#ifndef SYSCALL_LATENCY
+#if defined(HA_CORE) || !defined(SYSCALL_LATENCY)
 
-BPF_PERCPU_ARRAY(syscall_counts, u64, SYSCALL_SLOTS);
+HA_PERCPU_ARRAY(syscall_counts, u64, SYSCALL_SLOTS);
 
-TRACEPOINT_PROBE(raw_syscalls, sys_exit)
+#ifndef HA_CORE
+static __always_inline u64 *syscall_counts_lookup(u32 *nr) { return syscall_counts.lookup(nr); }
+#endif
+
+HA_TRACEPOINT(raw_syscalls, sys_exit, sys_exit)
 {
     if (other_process())
         return 0;
     u32 nr = syscall_index(args->id);
-    u64 *n = syscall_counts.lookup(&nr);
+    u64 *n = HA_LOOKUP(syscall_counts, &nr);
     if (n)
         *n += 1;
     count_error(nr, args->ret);
     return 0;
 }
 
-#else
+#endif
+
+#if defined(HA_CORE) || defined(SYSCALL_LATENCY)
 
 struct syscall_start {
     u64 at;        /* ns; 0 once consumed */
     u64 nr;
 };
 
-BPF_TASK_STORAGE(syscall_starts, struct syscall_start);
+HA_TASK_STORAGE(syscall_starts, struct syscall_start);
 EXP2_HISTOGRAM(syscall_latency, struct syscall_key, SYSCALL_SLOTS * EXP2_SLOTS);
 
+#ifndef HA_CORE
+static __always_inline struct syscall_start *syscall_starts_task_storage_get(void *task, u64 flags)
+{
+    return syscall_starts.task_storage_get(task, 0, flags);
+}
+static __always_inline struct exp2_bucket *syscall_latency_lookup_or_try_init(struct syscall_key *key,
+                                                                              struct exp2_bucket *zero)
+{
+    return syscall_latency.lookup_or_try_init(key, zero);
+}
+#endif
+
 /* raw tracepoint arguments: sys_enter(struct pt_regs *regs, long id), sys_exit(regs, long ret) */
-RAW_TRACEPOINT_PROBE(sys_enter)
+HA_RAW_TRACEPOINT(sys_enter)
 {
     if (other_process())
         return 0;
-    struct syscall_start *s = syscall_starts.task_storage_get(bpf_get_current_task_btf(), 0,
-                                                              BPF_LOCAL_STORAGE_GET_F_CREATE);
+    struct syscall_start *s = HA_TASK_STORAGE_GET(syscall_starts, bpf_get_current_task_btf(),
+                                                  BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!s)
         return 0;
     s->nr = ctx->args[1];
@@ -98,11 +130,11 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(sys_exit)
+HA_RAW_TRACEPOINT(sys_exit)
 {
     if (other_process())
         return 0;
-    struct syscall_start *s = syscall_starts.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    struct syscall_start *s = HA_TASK_STORAGE_GET(syscall_starts, bpf_get_current_task_btf(), 0);
     if (!s || !s->at)
         return 0;
     u64 delta = bpf_ktime_get_ns() - s->at;
@@ -111,7 +143,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 
     struct syscall_key key = {.nr = nr, .slot = exp2_slot(delta)};
     struct exp2_bucket zero = {};
-    exp2_add(syscall_latency.lookup_or_try_init(&key, &zero), delta);
+    exp2_add(HA_LOOKUP_OR_TRY_INIT(syscall_latency, &key, &zero), delta);
     count_error(nr, (long)ctx->args[1]);
     return 0;
 }

@@ -3,14 +3,16 @@
  *
  * Tracepoint arguments only. A connection is identified by the skaddr argument of
  * sock:inet_sock_set_state between ESTABLISHED and CLOSE; it is only an identity, never read.
- * Parameters (set by agent/sources/ebpf/tcp.py from the tracepoints' format files and BTF):
+ * Parameters (set by agent/sources/ebpf/tcp.py; -D under bcc, .rodata under CO-RE):
+ *   TARGET_PORT=n             count only traffic with local or remote port n (CO-RE: 0 = all)
+ *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values
+ * Kernel facts, from the tracepoints' format files and BTF under bcc (-D), asked of the running
+ * kernel's BTF by CO-RE relocations otherwise:
  *   TCP_RETRANSMIT_HAS_ERR    tcp_retransmit_skb has `err` (6.12+: it fires on failures too)
  *   TCP_SEND_RESET_SOCKADDR   tcp_send_reset carries sockaddrs (6.10+), not sport/dport
  *   TCP_SKB_GSO_SEGS_OFFSET=n offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb,
  *                             tcp_gso_segs) in the running kernel (BTF): tcp_skb_pcount(skb);
  *                             without it each skb counts as one segment (TCP_UNSIZED)
- *   TARGET_PORT=n             count only traffic with local or remote port n
- *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values
  *
  * Retransmitted segments are TcpRetransSegs: __tcp_retransmit_skb() adds tcp_skb_pcount(skb)
  * once the skb has been trimmed, fragmented to what may be sent and re-segmented, just before
@@ -20,13 +22,48 @@
  * -EAGAIN; any other err is a failure after it (a qdisc or netfilter drop), counted like the
  * kernel does. tcp_rtx_synack() adds 1 and fires its tracepoint only when the SYN-ACK was sent.
  */
+#ifdef HA_CORE
+#define tcp_key vmlinux_tcp_key     /* vmlinux.h has a struct tcp_key of its own (TCP-AO) */
+#endif
 #include "maps.h"
+#undef tcp_key
+
+#ifdef HA_CORE
+const volatile u16 TARGET_PORT = 0;
+const volatile int ERR_EBUSY = 16, ERR_EINVAL = 22, ERR_ENOMEM = 12, ERR_EHOSTUNREACH = 113,
+                   ERR_EAGAIN = 11;
+
+/* Before 6.12 tcp_retransmit_skb, and before 6.10 tcp_send_reset, were events of the class
+ * tcp_event_sk_skb; libbpf matches this flavour (the part before ___) on those kernels. */
+struct trace_event_raw_tcp_event_sk_skb___old {
+    const void *skbaddr;
+    __u16 sport;
+    __u16 dport;
+} __attribute__((preserve_access_index));
+
+/* dst = the record's `field`, from the old layout with a helper read: plain loads from both
+ * layouts would be merged by the compiler into one load through a selected pointer, which the
+ * verifier refuses for a context */
+#define OLD_SK_SKB(dst, args, field) \
+    bpf_core_read(&(dst), sizeof(dst), &((struct trace_event_raw_tcp_event_sk_skb___old *)(args))->field)
+/* dst = `field` of a record that is the event's own type on newer kernels, tcp_event_sk_skb before */
+#define SK_SKB(dst, args, field)                   \
+    do {                                           \
+        if (bpf_core_type_exists(typeof(*(args)))) \
+            (dst) = (args)->field;                 \
+        else                                       \
+            OLD_SK_SKB(dst, args, field);          \
+    } while (0)
+#else
+#define OLD_SK_SKB(dst, args, field) ((dst) = (args)->field)
+#define SK_SKB(dst, args, field) ((dst) = (args)->field)
 
 /* tcp_send_reset (6.10+) has an `enum sk_rst_reason reason` field, and bcc declares the
  * tracepoint's argument struct from its format file, but no header here declares the enum. The
  * field is never read, so an int-sized stand-in under a name of our own is enough. */
 #define sk_rst_reason hostagent_sk_rst_reason
 enum hostagent_sk_rst_reason { HOSTAGENT_SK_RST_REASON_UNREAD };
+#endif
 
 #ifndef TCP_MAX_CONNECTIONS
 #define TCP_MAX_CONNECTIONS 262144   /* established connections tracked for their lifetime */
@@ -63,14 +100,31 @@ struct tcp_key {
     u32 slot;
 };
 
-BPF_PERCPU_ARRAY(tcp_events, u64, TCP_EVENTS);
-BPF_F_TABLE("hash", u64, struct tcp_connection, tcp_connections, TCP_MAX_CONNECTIONS,
-            BPF_F_NO_PREALLOC);
+HA_PERCPU_ARRAY(tcp_events, u64, TCP_EVENTS);
+HA_HASH(tcp_connections, u64, struct tcp_connection, TCP_MAX_CONNECTIONS);
 EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, 2 * EXP2_SLOTS);
+
+#ifndef HA_CORE
+static __always_inline u64 *tcp_events_lookup(u32 *event) { return tcp_events.lookup(event); }
+static __always_inline struct tcp_connection *tcp_connections_lookup(u64 *sk)
+{
+    return tcp_connections.lookup(sk);
+}
+static __always_inline int tcp_connections_update(u64 *sk, struct tcp_connection *c)
+{
+    return tcp_connections.update(sk, c);
+}
+static __always_inline int tcp_connections_delete(u64 *sk) { return tcp_connections.delete(sk); }
+static __always_inline struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *key,
+                                                                           struct exp2_bucket *zero)
+{
+    return tcp_lifetime.lookup_or_try_init(key, zero);
+}
+#endif
 
 static __always_inline void count_n(u32 event, u64 n)
 {
-    u64 *total = tcp_events.lookup(&event);
+    u64 *total = HA_LOOKUP(tcp_events, &event);
     if (total)
         *total += n;
 }
@@ -82,26 +136,36 @@ static __always_inline void count(u32 event)
 
 static __always_inline int other_port(u16 sport, u16 dport)
 {
-#ifdef TARGET_PORT
-    return sport != TARGET_PORT && dport != TARGET_PORT;
+#if defined(HA_CORE) || defined(TARGET_PORT)
+    return TARGET_PORT && sport != TARGET_PORT && dport != TARGET_PORT;
 #else
     return 0;
 #endif
 }
 
-TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+HA_TRACEPOINT(tcp, tcp_retransmit_skb, tcp_retransmit_skb)
 {
-    if (other_port(args->sport, args->dport))
+    u16 sport = 0, dport = 0;
+    const void *skbaddr = 0;
+    SK_SKB(sport, args, sport);
+    SK_SKB(dport, args, dport);
+    SK_SKB(skbaddr, args, skbaddr);
+    if (other_port(sport, dport))
         return 0;
-#ifdef TCP_RETRANSMIT_HAS_ERR
-    int err = args->err;
-    if (err == -ERR_EBUSY || err == -ERR_EINVAL || err == -ERR_ENOMEM ||
-        err == -ERR_EHOSTUNREACH || err == -ERR_EAGAIN)
-        return 0;           /* left before the kernel counted the segments */
+#if defined(HA_CORE) || defined(TCP_RETRANSMIT_HAS_ERR)
+    if (HA_TP_HAS(err)) {
+        int err = args->err;
+        if (err == -ERR_EBUSY || err == -ERR_EINVAL || err == -ERR_ENOMEM ||
+            err == -ERR_EHOSTUNREACH || err == -ERR_EAGAIN)
+            return 0;       /* left before the kernel counted the segments */
+    }
 #endif
     u16 segs = 0;
-#ifdef TCP_SKB_GSO_SEGS_OFFSET
-    bpf_probe_read_kernel(&segs, sizeof(segs), (void *)args->skbaddr + TCP_SKB_GSO_SEGS_OFFSET);
+#ifdef HA_CORE
+    struct tcp_skb_cb *cb = (void *)((struct sk_buff *)skbaddr)->cb;
+    bpf_core_read(&segs, sizeof(segs), &cb->tcp_gso_segs);
+#elif defined(TCP_SKB_GSO_SEGS_OFFSET)
+    bpf_probe_read_kernel(&segs, sizeof(segs), (void *)skbaddr + TCP_SKB_GSO_SEGS_OFFSET);
 #endif
     if (!segs) {
         count(TCP_UNSIZED);
@@ -111,7 +175,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
+HA_TRACEPOINT(tcp, tcp_retransmit_synack, tcp_retransmit_synack)
 {
     if (other_port(args->sport, args->dport))
         return 0;
@@ -119,16 +183,29 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_send_reset)
+HA_TRACEPOINT(tcp, tcp_send_reset, tcp_send_reset)
 {
-#ifdef TARGET_PORT
-#ifdef TCP_SEND_RESET_SOCKADDR
-    /* struct sockaddr_in / sockaddr_in6: the port, big-endian, at byte 2 */
-    u16 sport = (u16)args->saddr[2] << 8 | args->saddr[3];
-    u16 dport = (u16)args->daddr[2] << 8 | args->daddr[3];
+#if defined(HA_CORE) || defined(TARGET_PORT)
+    u16 sport = 0, dport = 0;
+#ifdef HA_CORE
+    int sockaddr = HA_TP_HAS(saddr);
+#elif defined(TCP_SEND_RESET_SOCKADDR)
+    int sockaddr = 1;
 #else
-    u16 sport = args->sport, dport = args->dport;
+    int sockaddr = 0;
 #endif
+    if (sockaddr) {
+#if defined(HA_CORE) || defined(TCP_SEND_RESET_SOCKADDR)
+        /* struct sockaddr_in / sockaddr_in6: the port, big-endian, at byte 2 */
+        sport = (u16)args->saddr[2] << 8 | args->saddr[3];
+        dport = (u16)args->daddr[2] << 8 | args->daddr[3];
+#endif
+    } else {
+#if defined(HA_CORE) || !defined(TCP_SEND_RESET_SOCKADDR)
+        OLD_SK_SKB(sport, args, sport);
+        OLD_SK_SKB(dport, args, dport);
+#endif
+    }
     if (other_port(sport, dport))
         return 0;
 #endif
@@ -136,7 +213,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+HA_TRACEPOINT(tcp, tcp_receive_reset, tcp_event_sk)
 {
     if (other_port(args->sport, args->dport))
         return 0;
@@ -144,7 +221,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+HA_TRACEPOINT(sock, inet_sock_set_state, inet_sock_set_state)
 {
     if (args->protocol != PROTO_TCP || other_port(args->sport, args->dport))
         return 0;
@@ -157,20 +234,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             .direction = old == TCP_SYN_SENT ? DIRECTION_ACTIVE : DIRECTION_PASSIVE,
         };
         count(old == TCP_SYN_SENT ? TCP_OPENS_ACTIVE : TCP_OPENS_PASSIVE);
-        if (tcp_connections.update(&sk, &c))
+        if (HA_UPDATE(tcp_connections, &sk, &c))
             count(TCP_UNTRACKED);
         return 0;
     }
     if (new != TCP_CLOSE)
         return 0;
-    struct tcp_connection *c = tcp_connections.lookup(&sk);
+    struct tcp_connection *c = HA_LOOKUP(tcp_connections, &sk);
     if (!c)
         return 0;           /* never established, or established before the probe loaded */
     u64 lifetime = bpf_ktime_get_ns() - c->established_at;
     struct tcp_key key = {.direction = (u32)c->direction, .slot = exp2_slot(lifetime)};
-    tcp_connections.delete(&sk);
+    HA_DELETE(tcp_connections, &sk);
 
     struct exp2_bucket zero = {};
-    exp2_add(tcp_lifetime.lookup_or_try_init(&key, &zero), lifetime);
+    exp2_add(HA_LOOKUP_OR_TRY_INIT(tcp_lifetime, &key, &zero), lifetime);
     return 0;
 }
