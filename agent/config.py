@@ -239,6 +239,8 @@ class EbpfConfig:
     enabled: bool = True
     # auto: CO-RE objects through libbpf where the kernel has BTF and bpf/build has them, else bcc
     loader: Literal["auto", "core", "bcc"] = "auto"
+    # where the CO-RE objects are; empty: bpf/build next to the agent's code (bpf/build.sh's output)
+    object_dir: str = ""
     # per-probe switches; a probe not listed keeps its default (see docs/probes.md)
     probes: Mapping[str, ProbeConfig] = _frozen_dict()
 

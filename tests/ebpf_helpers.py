@@ -1,17 +1,84 @@
-"""Loading one probe in a test the way the agent's loader does, and reading what the kernel skipped."""
-import contextlib
+"""Loading one probe in a test the way the agent's loader does, under the loader the run asks
+for, and reading what the kernel skipped.
 
-from agent.sources.ebpf.loader import (ON, Plan, ProbeStatus, load_one, recursion_misses, tracepoint_available,
-                                       unload)
+HOSTAGENT_TEST_EBPF_LOADER (auto, core or bcc; default auto) picks the loader for every probe test
+and for the agents the end-to-end tests start, so CI runs the suite once per loader. CO-RE
+objects come from bpf/build.sh, built once per test session into a temporary directory.
+"""
+import atexit
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+
+from agent.sources.ebpf.loader import (INCLUDE_DIR, ON, HostCheck, Plan, ProbeStatus, layout_problems, load_one, recursion_misses,
+                                       tracepoint_available, unload)
+from agent.sources.ebpf.probe import BPF_DIR
+
+LOADER = os.environ.get("HOSTAGENT_TEST_EBPF_LOADER", "auto")
+CLANG = shutil.which("clang-14") or shutil.which("clang")
+BPFTOOL = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
+
+
+def _tmpdir(prefix: str) -> str:
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def vmlinux_dir() -> str:
+    """A directory holding vmlinux.h of the running kernel (bpftool), made once per session."""
+    assert BPFTOOL, "bpftool is missing (install.sh --dev installs it)"
+    path = _tmpdir("hostagent-vmlinux-")
+    with open(os.path.join(path, "vmlinux.h"), "wb") as f:
+        subprocess.run([BPFTOOL, "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "c"],
+                       stdout=f, check=True, timeout=120)
+    return path
+
+
+def compile_core(source: str, out_dir: str, name: str = "") -> str:
+    """`source` compiled as a CO-RE object `out_dir/<name>.bpf.o` the way bpf/build.sh does."""
+    assert CLANG, "clang is missing (install.sh --dev installs clang-14)"
+    name = name or os.path.basename(source).split(".")[0]
+    out = os.path.join(out_dir, f"{name}.bpf.o")
+    p = subprocess.run([CLANG, "-target", "bpf", "-g", "-O2", "-D__TARGET_ARCH_x86", f"-I{INCLUDE_DIR}",
+                        f"-I{vmlinux_dir()}", "-c", source, "-o", out], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def core_objects() -> str:
+    """The registry's probes built by bpf/build.sh into a session directory ("" when the checkout
+    has no bpf/build.sh yet); objects that do not build are missing, so `auto` falls back to bcc."""
+    script = os.path.join(BPF_DIR, "build.sh")
+    if not os.path.exists(script):
+        return ""
+    path = _tmpdir("hostagent-bpf-")
+    subprocess.run([script, path], capture_output=True, timeout=600)
+    return path
+
+
+def ebpf_config(**section) -> dict:
+    """An `ebpf` config section under the run's loader, e.g. ebpf_config(enabled=True, probes=...)."""
+    return {"loader": LOADER, "object_dir": core_objects() if LOADER != "bcc" else "", **section}
 
 
 @contextlib.contextmanager
-def attached(probe, available=tracepoint_available):
-    """`probe` compiled, attached and set up by the loader, on the tracepoints `available` allows;
-    always unloaded afterwards."""
+def attached(probe, available=tracepoint_available, loader=None):
+    """`probe` loaded, attached and set up by the loader (`loader`, default the run's), on the
+    tracepoints `available` allows; always unloaded afterwards."""
+    loader = loader or LOADER
     tps = probe.select_tracepoints(available)
     assert tps is not None, f"{probe.name}: its tracepoints are missing on this kernel"
-    loaded, status = load_one(Plan(probe, ProbeStatus(probe.name, tps, ON, "", probe.description), tps))
+    object_dir = core_objects() if loader != "bcc" else ""
+    kind, reason = HostCheck().loader(loader, probe, object_dir)
+    assert reason is None, f"{probe.name} cannot load with {loader}: {reason}"
+    status = ProbeStatus(probe.name, tps, ON, "", probe.description, kind)
+    loaded, status = load_one(Plan(probe, status, tps, object_dir))
     assert loaded is not None, f"{probe.name} did not load: {status.reason}"
     try:
         yield probe
@@ -22,3 +89,13 @@ def attached(probe, available=tracepoint_available):
 def misses(p, *programs) -> int:
     """Events the kernel skipped for the named programs of probe `p` (another BPF program was running)."""
     return recursion_misses(p.obj, programs)
+
+
+def checked_structs(probe) -> set:
+    """The structs of `probe.structs` the loaded object's BTF has, after checking that each equals
+    its Python mirror (member names, offsets and sizes)."""
+    from agent.sources.ebpf import btf
+    assert layout_problems(probe, probe.obj) == []
+    fds = list(probe.obj.program_fds().values())
+    found = btf.of_program(fds[0])
+    return {name for name in probe.structs if found is not None and found.find(name) is not None}

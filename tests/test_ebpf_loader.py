@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 
 from agent.config import EbpfConfig, ProbeConfig
@@ -21,6 +22,8 @@ from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tra
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.registry import PROBES
+from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe
+from tests.ebpf_helpers import compile_core, core_objects
 from tests.helpers import finishes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +117,7 @@ def test_a_failing_probe_never_stops_the_others(caplog):
     failing = FileProbe("failing", GOOD_PROGRAM, fail_setup=True)
     good = FileProbe("good", GOOD_PROGRAM)
     caplog.set_level(logging.INFO, logger="hostagent.ebpf")
-    src = EbpfSource(EbpfConfig(), Resource(()),
+    src = EbpfSource(EbpfConfig(loader="bcc"), Resource(()),
                      probes={"broken": broken, "unattached": unattached, "failing": failing, "good": good})
     try:
         s = by_name(src.statuses)
@@ -272,10 +275,207 @@ def _compiler_code_rss_kib() -> int:
 def test_loading_gives_back_the_compilers_code_pages():
     """Compiling touches ~80 MB of LLVM/clang code the agent never runs again until a reload;
     after loading, none of it stays resident in the agent."""
-    only_signals = EbpfConfig(probes={name: ProbeConfig(enabled=name == "signals") for name in PROBES})
+    only_signals = EbpfConfig(loader="bcc", probes={name: ProbeConfig(enabled=name == "signals") for name in PROBES})
     src = EbpfSource(only_signals, Resource(()))
     try:
         assert [s.name for s in src.statuses if s.on] == ["signals"]
         assert _compiler_code_rss_kib() < 1024
     finally:
         src.close()
+
+
+# --- CO-RE: precompiled objects through libbpf ------------------------------------------------
+
+CORE_EVENT = np.dtype([("tag", "<u8"), ("pid", "<u4"), ("ppid", "<u4")])    # struct core_test_event
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+class CoreTestProbe(RingProbe):
+    """tests/data/core_test.bpf.c: this process's getppid calls, counted and sent as records."""
+    name = "core_test"
+    tracepoints = ("syscalls:sys_enter_getppid",)
+    rings = (("events", CORE_EVENT),)
+
+    def params(self, tracepoints):
+        # the last one is a parameter only a bcc build would take: a CO-RE load leaves it out
+        return {"target_tgid": os.getpid(), "tag": 77, "SOME_STRUCT_OFFSET": 12}
+
+    def map_sizes(self):
+        return {"events": 2 * PAGE_SIZE}
+
+    def setup(self, obj):
+        super().setup(obj)
+        self.calls, self.by_pid = obj.map("calls"), obj.map("by_pid")
+
+
+class RejectedProbe(Probe):
+    name = "core_rejected"
+    tracepoints = ("sched:sched_process_exec",)
+
+
+@pytest.fixture(scope="module")
+def core_dir(tmp_path_factory):
+    """tests/data/*.bpf.c built as CO-RE objects."""
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        pytest.skip("the kernel has no BTF")
+    out = str(tmp_path_factory.mktemp("core"))
+    for name in ("core_test", "core_rejected"):
+        compile_core(os.path.join(DATA, f"{name}.bpf.c"), out)
+    return out
+
+
+def _bpf_fds() -> int:
+    """This process's open BPF program, map and link fds."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf")
+        except OSError:
+            pass
+    return count
+
+
+def _point(groups, metric: str, probe: str) -> int:
+    return next(p.value for g in groups for m in g.metrics if m.name == metric
+                for p in m.points if dict(p.attributes)["probe"] == probe)
+
+
+@needs_root
+def test_core_object_loads_with_its_parameters_and_reads_through_the_map_layer(core_dir):
+    fds = _bpf_fds()
+    probe = CoreTestProbe()
+    src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), Resource(()), probes={"core_test": probe})
+    try:
+        (status,) = src.statuses
+        assert (status.state, status.loader, status.tracepoints) == ("on", "core", CoreTestProbe.tracepoints)
+        for _ in range(5):
+            os.getppid()
+        os.getpgid(0)                                 # its program was not selected: autoload off
+        assert probe.calls.sum(0) == 5 and probe.calls.sum(1) == 0
+        keys, values = probe.by_pid.read(np.uint32)
+        assert keys.tolist() == [os.getpid()] and values.tolist() == [[5]]
+        (ring,) = probe.ring_buffers
+        assert ring.size == 2 * PAGE_SIZE             # the size the probe asked for, not the object's
+        records = ring.drain()
+        # tag and target_tgid came from .rodata; ppid from a BPF_CORE_READ relocated to this kernel
+        assert records.tolist() == [(77, os.getpid(), os.getppid())] * 5
+        groups = src.collect()
+        assert _point(groups, "hostagent.ebpf.runs", "core_test") >= 5
+        assert _point(groups, "hostagent.ebpf.run_time", "core_test") > 0
+        assert _point(groups, "hostagent.ebpf.skipped_events", "core_test") == 0
+    finally:
+        src.close()
+    assert _bpf_fds() == fds                          # programs, maps, links: all closed
+
+
+@needs_root
+def test_a_rejected_core_object_says_why_and_stops_no_other(core_dir, caplog):
+    caplog.set_level(logging.DEBUG, logger="hostagent.ebpf")
+    good = CoreTestProbe()
+    src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), Resource(()),
+                     probes={"core_rejected": RejectedProbe(), "core_test": good})
+    try:
+        s = by_name(src.statuses)
+        assert s["core_test"].on and list(src.probes) == ["core_test"]
+        assert s["core_rejected"].state == "off"
+        reason = s["core_rejected"].reason
+        assert reason.startswith("load core_rejected.bpf.o:") and "verifier: R0 invalid mem access" in reason, reason
+    finally:
+        src.close()
+    verifier = [r.getMessage() for r in caplog.records if r.name == "hostagent.ebpf.libbpf"]
+    assert any("invalid mem access" in line for line in verifier), verifier   # the verifier's own words
+
+
+@needs_root
+def test_a_record_layout_that_differs_from_the_object_turns_the_probe_off(core_dir):
+    fds = _bpf_fds()
+    stale = CoreTestProbe()
+    stale.structs = {"core_test_event": np.dtype([("tag", "<u8"), ("pid", "<u4"), ("tid", "<u4")])}
+    missing = CoreTestProbe()
+    missing.structs = {"no_such_event": CORE_EVENT}
+    good = CoreTestProbe()
+    good.structs = {"core_test_event": CORE_EVENT}
+    for probe, reason in ((stale, "layout mismatch: struct core_test_event (C) and its Python mirror differ: "
+                                  "('ppid', 12, 4) != ('tid', 12, 4)"),
+                          (missing, "layout mismatch: struct no_such_event is not in the object"),
+                          (good, "")):
+        src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), Resource(()), probes={"core_test": probe})
+        try:
+            assert src.statuses[0].reason == reason
+        finally:
+            src.close()
+    assert _bpf_fds() == fds
+
+
+@needs_root
+def test_loader_choice_and_its_reasons(core_dir, tmp_path):
+    bcc_probe = {"good": FileProbe("good", GOOD_PROGRAM)}
+    core_probe = {"core_test": CoreTestProbe()}
+    missing = check(EbpfConfig(loader="core", object_dir=str(tmp_path)), core_probe)[0]
+    assert (missing.state, missing.loader, missing.reason) == ("off", "core", "object missing (run bpf/build.sh)")
+    assert check(EbpfConfig(object_dir=core_dir), core_probe)[0].loader == "core"      # auto: CO-RE first
+    fallback = check(EbpfConfig(object_dir=str(tmp_path)), bcc_probe)[0]
+    assert (fallback.state, fallback.loader) == ("on", "bcc")                           # auto: else bcc
+    forced = check(EbpfConfig(loader="bcc", object_dir=core_dir), core_probe)[0]
+    assert forced.loader == "bcc"
+
+
+HIDDEN = """
+import json, sys
+from agent.config import EbpfConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource, check
+from tests.test_ebpf_loader import CoreTestProbe
+core_dir, objects = sys.argv[1], sys.argv[2]
+out = {"core": [s.as_dict() for s in check(EbpfConfig(loader="core", object_dir=core_dir), {"core_test": CoreTestProbe()})]}
+src = EbpfSource(EbpfConfig(object_dir=core_dir), Resource(()), probes={"core_test": CoreTestProbe()})
+out["core_test"] = [s.as_dict() for s in src.statuses]
+src.close()
+src = EbpfSource(EbpfConfig(object_dir=objects), Resource(()))
+out["registry"] = [s.as_dict() for s in src.statuses]
+out["bcc_imported"] = "bcc" in sys.modules
+src.close()
+print(json.dumps(out))
+"""
+
+
+def _hidden(over: list, cover: str, core_dir: str) -> dict:
+    """HIDDEN run in a private mount namespace with `cover` bind-mounted over each path of `over`."""
+    mounts = " && ".join(f"mount --bind {cover} {path}" for path in over)
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f'{mounts} && exec "$0" -c "$1" "$2" "$3"', sys.executable, HIDDEN, core_dir,
+                           core_objects()], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@needs_root
+def test_without_btf_the_bcc_fallback_loads_the_probes(core_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    out = _hidden(["/sys/kernel/btf/vmlinux"], str(empty), core_dir)
+    (core,) = out["core"]
+    assert core["state"] == "off" and core["reason"].startswith("no BTF"), core
+    (core_test,) = out["core_test"]       # auto falls back to bcc, which has no source for it
+    assert core_test["loader"] == "bcc" and core_test["state"] == "off"
+    on = {s["name"]: s["loader"] for s in out["registry"] if s["state"] == "on"}
+    assert on == {name: "bcc" for name, cls in PROBES.items() if cls.default_enabled}, out["registry"]
+
+
+@needs_root
+def test_without_kernel_headers_probes_load_through_core(core_dir, tmp_path):
+    release = os.uname().release
+    hidden = [p for p in (f"/lib/modules/{release}/build", f"/lib/modules/{release}/source") if os.path.exists(p)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _hidden(hidden, str(empty), core_dir)
+    (core_test,) = out["core_test"]
+    assert (core_test["state"], core_test["loader"]) == ("on", "core"), core_test
+    registry = {s["name"]: s for s in out["registry"]}
+    built = [name for name, cls in PROBES.items() if cls.default_enabled
+             and os.path.exists(cls().object_file(core_objects()))]
+    for name in built:
+        assert (registry[name]["state"], registry[name]["loader"]) == ("on", "core"), registry[name]
+    for name in set(PROBES) - set(built):
+        assert registry[name]["state"] == "off"       # no headers for bcc, no object for CO-RE
+    assert out["bcc_imported"] == (len(built) < sum(cls.default_enabled for cls in PROBES.values()))

@@ -17,9 +17,9 @@ from agent.model import MetricKind
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.biolatency import (ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS, BioKey,
                                            BiolatencyProbe, DeviceNames, OPERATIONS,
-                                           accounting_flags)
+                                           accounting_params)
 from agent.sources.ebpf.loader import btf_facts, btf_member_offset, tracepoint_available
-from tests.ebpf_helpers import attached, misses
+from tests.ebpf_helpers import attached, checked_structs, misses
 
 
 @pytest.fixture(params=[ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS], ids=["io_start", "rq_issue"])
@@ -219,10 +219,7 @@ def test_counts_and_latency_equal_diskstats_on_root_disk(accounting_probe, workl
 
 
 def test_key_layout_matches_bpf(probe):
-    key = probe.hist.Key
-    assert ct.sizeof(key) == ct.sizeof(BioKey)
-    assert [(n, getattr(key, n).offset) for n, _ in key._fields_] == \
-        [(n, getattr(BioKey, n).offset) for n, _ in BioKey._fields_]
+    assert "bio_key" in checked_structs(probe)
 
 
 def test_fsynced_writes_and_direct_reads_on_root_device(probe):
@@ -319,16 +316,15 @@ def test_device_names(tmp_path):
     assert names.name(8 << 20 | 1) == "8:1"
 
 
-def test_accounting_flags_come_from_btf(tmp_path):
-    flags = accounting_flags()
-    if flags is None:
+def test_accounting_params_come_from_btf(tmp_path):
+    values = accounting_params()
+    if values is None:
         pytest.skip("no BTF, or it lacks what the accounting variant reads")
-    values = dict(f[2:].split("=") for f in flags if "=" in f)
+    assert values["BIO_ACCOUNTING"] is True
     # enum req_op values have not changed since they became an enum
-    assert (values["BIO_REQ_OP_FLUSH"], values["BIO_REQ_OP_DISCARD"], values["BIO_REQ_OP_SECURE_ERASE"]) == \
-        ("2", "3", "5")
-    assert values["BIO_RQ_RQ_FLAGS"] == str(btf_member_offset("request", "rq_flags"))
-    assert int(values["BIO_RQF_IO_STAT"]) != int(values["BIO_RQF_FLUSH_SEQ"])
+    assert (values["BIO_REQ_OP_FLUSH"], values["BIO_REQ_OP_DISCARD"], values["BIO_REQ_OP_SECURE_ERASE"]) == (2, 3, 5)
+    assert values["BIO_RQ_RQ_FLAGS"] == btf_member_offset("request", "rq_flags")
+    assert values["BIO_RQF_IO_STAT"] != values["BIO_RQF_FLUSH_SEQ"]
     bad = tmp_path / "vmlinux"
     bad.write_bytes(b"not btf")
     assert btf_facts([("request", "q")], ["REQ_OP_FLUSH"], path=str(bad)) is None

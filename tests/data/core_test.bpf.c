@@ -15,6 +15,9 @@ struct core_test_event {
     u32 pid;
     u32 ppid;
 };
+/* clang's BTF names only the types globals and maps use: this puts the ring record in the object's
+ * BTF, where the loader checks the Python dtype against it */
+struct core_test_event *unused_core_test_event __attribute__((unused));
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

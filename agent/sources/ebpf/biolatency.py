@@ -97,6 +97,7 @@ class BiolatencyProbe(Probe):
     description = "block I/O latency per device and operation (exponential histogram, ns)"
     tracepoints = ACCOUNTING_TRACEPOINTS + DRIVER_TRACEPOINTS   # either pair; see select_tracepoints
     default_enabled = True
+    structs = {"bio_key": BioKey, "exp2_bucket": histogram.Exp2Bucket}
 
     METRIC = "system.linux.disk.io.latency"
 

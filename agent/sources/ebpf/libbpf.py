@@ -29,11 +29,12 @@ import os
 import threading
 from typing import Mapping, Optional
 
+from agent.sources.ebpf import btf as btf_
+
 log = logging.getLogger("hostagent.ebpf.libbpf")
 
 LIBRARY = "libbpf.so.1"
 LOG_BYTES = 64 * 1024           # libbpf output kept for a failure message (verifier logs can be MBs)
-_BTF_KIND_VAR, _BTF_KIND_DATASEC = 14, 15
 _PRINT_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}   # LIBBPF_WARN, INFO, DEBUG
 
 
@@ -182,7 +183,7 @@ class BpfObject:
         btf = lib.bpf_object__btf(self._obj)
         if not btf:
             return {}
-        sec_id = lib.btf__find_by_name_kind(btf, b".rodata", _BTF_KIND_DATASEC)
+        sec_id = lib.btf__find_by_name_kind(btf, b".rodata", btf_.DATASEC)
         if sec_id <= 0:
             return {}
         sec = lib.btf__type_by_id(btf, sec_id)
@@ -191,7 +192,7 @@ class BpfObject:
         layout = {}
         for i in range(vlen):
             var = lib.btf__type_by_id(btf, infos[i].type)
-            if (var.contents.info >> 24) & 0x1F != _BTF_KIND_VAR:
+            if (var.contents.info >> 24) & 0x1F != btf_.VAR:
                 continue
             name = lib.btf__name_by_offset(btf, var.contents.name_off).decode()
             layout[name] = (infos[i].offset, infos[i].size)

@@ -28,6 +28,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+import numpy as np
+
+from agent.sources.ebpf import btf as btf_
 from agent.sources.ebpf import libbpf
 from agent.sources.ebpf.maps import BpfMap, prog_stats
 from agent.sources.ebpf.probe import BPF_DIR, Probe
@@ -130,10 +133,10 @@ def btf_problem(path: str = BTF_VMLINUX) -> Optional[str]:
     return None
 
 
-def core_problem(probe: Probe) -> Optional[str]:
-    """Why `probe` cannot be loaded as a CO-RE object here, or None."""
+def core_problem(probe: Probe, object_dir: str = "") -> Optional[str]:
+    """Why `probe` cannot be loaded as a CO-RE object from `object_dir` here, or None."""
     problem = btf_problem()
-    if problem is None and not os.path.isfile(probe.object_file):
+    if problem is None and not os.path.isfile(probe.object_file(object_dir)):
         problem = "object missing (run bpf/build.sh)"
     return problem or libbpf.problem()
 
@@ -196,97 +199,18 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
 
 # --- BTF: member offsets and enumerator values of the running kernel ------------------------
 
-_BTF_KIND_STRUCT, _BTF_KIND_UNION, _BTF_KIND_ENUM, _BTF_KIND_ENUM64 = 4, 5, 6, 19
-# bytes following the 12-byte btf_type header: fixed, and per vlen entry (linux/btf.h)
-_BTF_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}                   # INT, ARRAY, VAR, DECL_TAG
-_BTF_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # STRUCT, UNION, ENUM, FUNC_PROTO, DATASEC, ENUM64
-_TYPE = struct.Struct("<III")
-
-
-class BtfError(Exception):
-    pass
-
-
-def _btf_index(path: str):
-    """(raw BTF, string section start, type id -> position, struct name -> type id,
-    enumerator name -> value)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    magic, _version, _flags, hdr_len, type_off, type_len, str_off, _str_len = \
-        struct.unpack_from("<HBBIIIII", data, 0)
-    if magic != 0xEB9F:
-        raise BtfError(f"{path}: not BTF (magic {magic:#x})")
-    types_start = hdr_len + type_off
-    strings = hdr_len + str_off
-    offsets = [0]                     # type id -> position; id 0 is void
-    structs: dict = {}                # struct name -> type id (first complete definition)
-    enumerators: dict = {}            # enumerator name -> value (first definition)
-    pos, end = types_start, types_start + type_len
-    unpack = _TYPE.unpack_from
-
-    def name_at(off: int) -> bytes:
-        return data[strings + off:data.index(b"\0", strings + off)]
-
-    while pos < end:
-        name_off, info, _ = unpack(data, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        offsets.append(pos)
-        if kind == _BTF_KIND_STRUCT and name_off:
-            structs.setdefault(name_at(name_off), len(offsets) - 1)
-        elif kind == _BTF_KIND_ENUM:
-            for i in range(vlen):
-                e_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
-                enumerators.setdefault(name_at(e_name), value)
-        elif kind == _BTF_KIND_ENUM64:
-            for i in range(vlen):
-                e_name, lo, hi = unpack(data, pos + 12 + 12 * i)
-                enumerators.setdefault(name_at(e_name), hi << 32 | lo)
-        pos += 12 + _BTF_EXTRA.get(kind, 0) + _BTF_PER_VLEN.get(kind, 0) * vlen
-    return data, strings, offsets, structs, enumerators
-
-
-def _member_offset(index, struct_name: str, member: str) -> Optional[int]:
-    data, strings, offsets, structs, _ = index
-    type_id = structs.get(struct_name.encode())
-    if type_id is None:
-        return None
-    want = member.encode()
-
-    def name_at(off: int) -> bytes:
-        return data[strings + off:data.index(b"\0", strings + off)]
-
-    def find(tid: int, base: int) -> Optional[int]:
-        pos = offsets[tid]
-        _, info, _ = _TYPE.unpack_from(data, pos)
-        bitfields = info >> 31
-        for i in range(info & 0xFFFF):
-            name_off, mtype, moff = _TYPE.unpack_from(data, pos + 12 + 12 * i)
-            bit = moff & 0xFFFFFF if bitfields else moff
-            if name_off and name_at(name_off) == want:
-                return base + bit // 8
-            if not name_off and mtype < len(offsets):
-                kind = (_TYPE.unpack_from(data, offsets[mtype])[1] >> 24) & 0x1F
-                if kind in (_BTF_KIND_STRUCT, _BTF_KIND_UNION):
-                    found = find(mtype, base + bit // 8)
-                    if found is not None:
-                        return found
-        return None
-
-    return find(type_id, 0)
-
-
 def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[dict]:
     """From one parse of the running kernel's BTF (about 0.1 s for vmlinux), keeping only the
     answers: {(struct, member): byte offset} for each pair in `members` (members of anonymous
     structs and unions included) and {enumerator: value} for each name in `enumerators`, None
     where the kernel has no such thing. None as a whole when there is no readable BTF."""
     try:
-        index = _btf_index(path)
-    except (OSError, BtfError, struct.error) as e:
+        btf = btf_.Btf.from_file(path)
+    except (OSError, btf_.BtfError, struct.error, ValueError) as e:
         log.debug("btf_unavailable path=%s error=%s", path, e)
         return None
-    facts = {(s, m): _member_offset(index, s, m) for s, m in members}
-    facts.update({name: index[4].get(name.encode()) for name in enumerators})
+    facts = {(s, m): btf.member_offset(s, m) for s, m in members}
+    facts.update({name: btf.enumerator(name) for name in enumerators})
     return facts
 
 
@@ -324,9 +248,10 @@ class Plan:
     probe: Probe
     status: ProbeStatus
     tracepoints: tuple = ()
+    object_dir: str = ""          # ebpf.object_dir, for the CO-RE loader
 
 
-class _Host:
+class HostCheck:
     """The host's answers, each asked once per plan and only when a probe needs it."""
 
     @functools.cached_property
@@ -340,11 +265,11 @@ class _Host:
     def bcc_problem(self) -> Optional[str]:
         return bcc_problem() or headers_problem()
 
-    def loader(self, mode: str, probe: Probe) -> tuple[str, Optional[str]]:
+    def loader(self, mode: str, probe: Probe, object_dir: str = "") -> tuple[str, Optional[str]]:
         """(loader, why it cannot load `probe`) under `ebpf.loader: mode`."""
         if mode == BCC:
             return BCC, self.bcc_problem
-        core = core_problem(probe)
+        core = core_problem(probe, object_dir)
         if mode == CORE or core is None:
             return CORE, core
         if self.bcc_problem is None:
@@ -354,14 +279,14 @@ class _Host:
 
 def plan(cfg, probes=None) -> list[Plan]:
     """Each probe with its loader, the tracepoints it would use and whether it would load."""
-    host = _Host()
+    host = HostCheck()
     plans = []
     for name, probe in _probes(probes).items():
         tps = tuple(probe.tracepoints)
         loader = ""
         reason = _config_problem(cfg, name, probe) or host.problem
         if reason is None:
-            loader, reason = host.loader(cfg.loader, probe)
+            loader, reason = host.loader(cfg.loader, probe, cfg.object_dir)
         if reason is None:
             chosen = probe.select_tracepoints(tracepoint_available)
             if chosen is None:
@@ -370,7 +295,7 @@ def plan(cfg, probes=None) -> list[Plan]:
             else:
                 tps = tuple(chosen)
         status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description, loader)
-        plans.append(Plan(probe, status, tps))
+        plans.append(Plan(probe, status, tps, cfg.object_dir))
     return plans
 
 
@@ -527,15 +452,26 @@ def _load_bcc(probe: Probe, tps: tuple) -> BccObject:
     return BccObject(bpf)
 
 
+def _libbpf_error(text: str) -> str:
+    """The line of libbpf's output that says why: the verifier's last words before its
+    "processed N insns" summary, else libbpf's last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and " insns " in line and i:
+            return "verifier: " + lines[i - 1]
+    return lines[-1] if lines else ""
+
+
 def program_tracepoint(program: str) -> str:
     """The tracepoint a CO-RE program is for, from its name: sched__sched_switch -> sched:sched_switch."""
     return program.replace("__", ":", 1)
 
 
-def _load_core(probe: Probe, tps: tuple) -> CoreObject:
+def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
     others), set its parameters (.rodata) and map sizes, load and attach."""
-    obj = libbpf.BpfObject.open(probe.object_file)
+    path = probe.object_file(object_dir)
+    obj = libbpf.BpfObject.open(path)
     try:
         chosen = {}
         for name in obj.programs():
@@ -546,7 +482,7 @@ def _load_core(probe: Probe, tps: tuple) -> CoreObject:
                 obj.set_autoload(name, False)
         missing = [tp for tp in tps if tp not in chosen]
         if missing:
-            raise RuntimeError(f"{os.path.basename(probe.object_file)} has no program for " + ", ".join(missing))
+            raise RuntimeError(f"{os.path.basename(path)} has no program for " + ", ".join(missing))
         # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
         # tracepoint field checks: bpf_core_field_exists) are bcc's alone
         layout = obj.rodata_layout()
@@ -557,12 +493,47 @@ def _load_core(probe: Probe, tps: tuple) -> CoreObject:
         obj.attach()
     except libbpf.LibbpfError as e:
         obj.close()
-        last = [line for line in e.log.splitlines() if line.strip()][-1:]
-        raise RuntimeError(f"{e}" + (f" ({last[0].strip()[:200]})" if last else "")) from None
+        detail = _libbpf_error(e.log)
+        raise RuntimeError(f"{e}" + (f" ({detail[:200]})" if detail else "")) from None
     except BaseException:
         obj.close()
         raise
     return CoreObject(obj)
+
+
+def mirror_layout(mirror) -> tuple:
+    """(size, [(member, offset, size)]) of a ctypes Structure or a numpy structured dtype."""
+    if isinstance(mirror, type) and issubclass(mirror, ctypes.Structure):
+        return ctypes.sizeof(mirror), [(n, getattr(mirror, n).offset, getattr(mirror, n).size)
+                                   for n, *_ in mirror._fields_]
+    dtype = np.dtype(mirror)
+    members = sorted(((n, off, dt.itemsize) for n, (dt, off, *_) in dtype.fields.items()), key=lambda m: m[1])
+    return dtype.itemsize, members
+
+
+def layout_problems(probe: Probe, obj: LoadedObject) -> list:
+    """Where the probe's Python mirrors (Probe.structs) differ from the structs in the object's
+    BTF. A CO-RE object must have every struct; bcc's BTF keeps only its maps' types, so a
+    struct it lacks is not checked."""
+    if not probe.structs:
+        return []
+    fds = list(obj.program_fds().values())
+    btf = btf_.of_program(fds[0]) if fds else None
+    if btf is None:
+        return [] if obj.loader == BCC else ["the object has no BTF"]
+    problems = []
+    for name, mirror in probe.structs.items():
+        tid = btf.find(name)
+        if tid is None:
+            if obj.loader != BCC:
+                problems.append(f"struct {name} is not in the object")
+            continue
+        c = btf.size(tid), btf.layout(tid)
+        py = mirror_layout(mirror)
+        if c != py:
+            diff = [f"{a} != {b}" for a, b in zip(c[1], py[1]) if a != b][:1] or [f"size {c[0]} != {py[0]}"]
+            problems.append(f"struct {name} (C) and its Python mirror differ: {diff[0]}")
+    return problems
 
 
 def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
@@ -574,9 +545,13 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader)
 
     try:
-        obj = _load_core(probe, tps) if status.loader == CORE else _load_bcc(probe, tps)
+        obj = _load_core(probe, tps, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps)
     except Exception as e:
         return None, off(str(e))
+    problems = layout_problems(probe, obj)
+    if problems:
+        obj.close()
+        return None, off("layout mismatch: " + "; ".join(problems))
     try:
         probe.setup(obj)
     except Exception as e:

@@ -46,7 +46,7 @@ _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
 
 
-def _bpf(cmd: int, attr: ct.Structure) -> int:
+def bpf(cmd: int, attr: ct.Structure) -> int:
     nr = _SYS_BPF.get(platform.machine())
     if nr is None:
         raise OSError(errno.ENOSYS, f"bpf(2): unknown syscall number on {platform.machine()}")
@@ -100,13 +100,13 @@ class _MapInfo(ct.Structure):
 class _ProgInfo(ct.Structure):
     """struct bpf_prog_info up to recursion_misses (offsets checked in tests/test_ebpf_maps.py)."""
     _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("_a", ct.c_uint8 * 56),
-                ("name", ct.c_char * 16), ("_b", ct.c_uint8 * 112),
+                ("name", ct.c_char * 16), ("_b", ct.c_uint8 * 48), ("btf_id", ct.c_uint32), ("_c", ct.c_uint8 * 60),
                 ("run_time_ns", ct.c_uint64), ("run_cnt", ct.c_uint64), ("recursion_misses", ct.c_uint64)]
 
 
-def _info(fd: int, info: ct.Structure) -> ct.Structure:
+def obj_info(fd: int, info: ct.Structure) -> ct.Structure:
     attr = _InfoAttr(fd, ct.sizeof(info), ct.addressof(info))
-    _bpf(OBJ_GET_INFO_BY_FD, attr)
+    bpf(OBJ_GET_INFO_BY_FD, attr)
     return info
 
 
@@ -129,17 +129,22 @@ class ProgStats:
     recursion_misses: int
 
 
+def prog_btf_id(fd: int) -> int:
+    """The id of the BTF the program `fd` was loaded with (0: none)."""
+    return obj_info(fd, _ProgInfo()).btf_id
+
+
 def prog_stats(fd: int) -> ProgStats:
     """Time spent in and runs of the program `fd` (counted while stats are enabled), and the events
     it missed because another BPF program was running on that CPU."""
-    info = _info(fd, _ProgInfo())
+    info = obj_info(fd, _ProgInfo())
     return ProgStats(info.run_time_ns, info.run_cnt, info.recursion_misses)
 
 
 def enable_stats() -> int:
     """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while the
     returned fd is open (close it to turn stats off again)."""
-    return _bpf(ENABLE_STATS, _StatsAttr(BPF_STATS_RUN_TIME))
+    return bpf(ENABLE_STATS, _StatsAttr(BPF_STATS_RUN_TIME))
 
 
 class BpfMap:
@@ -156,7 +161,7 @@ class BpfMap:
 
     @classmethod
     def from_fd(cls, fd: int, name: str = "") -> "BpfMap":
-        info = _info(fd, _MapInfo())
+        info = obj_info(fd, _MapInfo())
         return cls(fd, name or info.name.decode(), info.type, info.key_size, info.value_size,
                    info.max_entries)
 
@@ -173,7 +178,7 @@ class BpfMap:
         """The value (all CPUs' copies for a per-CPU map), or None if there is no such key."""
         k, v = self._key(key), ct.create_string_buffer(self.buffer_size)
         try:
-            _bpf(MAP_LOOKUP_ELEM, _ElemAttr(self.fd, 0, _addr(k), _addr(v), 0))
+            bpf(MAP_LOOKUP_ELEM, _ElemAttr(self.fd, 0, _addr(k), _addr(v), 0))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -185,11 +190,12 @@ class BpfMap:
         if len(raw) != self.buffer_size:
             raise ValueError(f"map {self.name!r}: value is {self.buffer_size} bytes, got {len(raw)}")
         k, v = self._key(key), ct.create_string_buffer(raw, self.buffer_size)
-        _bpf(MAP_UPDATE_ELEM, _ElemAttr(self.fd, 0, _addr(k), _addr(v), flags))
+        bpf(MAP_UPDATE_ELEM, _ElemAttr(self.fd, 0, _addr(k), _addr(v), flags))
 
     def delete(self, key) -> bool:
         try:
-            _bpf(MAP_DELETE_ELEM, _ElemAttr(self.fd, 0, _addr(self._key(key)), 0, 0))
+            k = self._key(key)          # kept alive across the call
+            bpf(MAP_DELETE_ELEM, _ElemAttr(self.fd, 0, _addr(k), 0, 0))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
@@ -201,7 +207,7 @@ class BpfMap:
         key, nxt = None, ct.create_string_buffer(self.key_size)
         while True:
             try:
-                _bpf(MAP_GET_NEXT_KEY, _ElemAttr(self.fd, 0, _addr(key), _addr(nxt), 0))
+                bpf(MAP_GET_NEXT_KEY, _ElemAttr(self.fd, 0, _addr(key), _addr(nxt), 0))
             except OSError as e:
                 if e.errno == errno.ENOENT:
                     return
@@ -250,7 +256,7 @@ class BpfMap:
                               values.ctypes.data, chunk, self.fd, 0, 0)
             err = 0
             try:
-                _bpf(MAP_LOOKUP_BATCH, attr)
+                bpf(MAP_LOOKUP_BATCH, attr)
             except OSError as e:
                 err = e.errno
             n = attr.count

@@ -45,6 +45,7 @@ class OomProbe(RingProbe):
     tracepoints = (TRACEPOINT,)
     default_enabled = True
     rings = (("oom_events", OOM_EVENT),)       # HA_RING_OOM
+    structs = {"oom_event": OOM_EVENT}
     counters = {KILLS: ("{process}", "Processes the OOM killer chose as victims.", [()])}
 
     def __init__(self, ring_pages: int = 16):

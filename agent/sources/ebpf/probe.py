@@ -7,7 +7,7 @@ does not depend on the loader.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from agent.model import LogRecord, Metric
 
@@ -22,6 +22,9 @@ class Probe:
     # tracepoints as "category:event"; all must exist unless select_tracepoints() says otherwise
     tracepoints: tuple = ()
     default_enabled: bool = True
+    # C struct name -> its Python mirror (ctypes Structure for map keys and values, numpy dtype for
+    # ring records), checked member by member against the loaded object's BTF
+    structs: Mapping[str, object] = {}
 
     @property
     def source_file(self) -> str:
@@ -32,9 +35,9 @@ class Probe:
         Probes with alternatives (e.g. block_io_start vs block_rq_issue) override this."""
         return self.tracepoints if all(available(tp) for tp in self.tracepoints) else None
 
-    @property
-    def object_file(self) -> str:
-        return os.path.join(OBJECT_DIR, f"{self.name}.bpf.o")
+    def object_file(self, directory: str = "") -> str:
+        """The CO-RE object in `directory` (ebpf.object_dir; default bpf/build)."""
+        return os.path.join(directory or OBJECT_DIR, f"{self.name}.bpf.o")
 
     def params(self, tracepoints: tuple) -> dict:
         """The program's parameters for the chosen tracepoints, {NAME: int or bool}: `const

@@ -103,6 +103,7 @@ class ProcessProbe(RingProbe):
     tracepoints = ("task:task_newtask", "sched:sched_process_exec", "sched:sched_process_exit")
     default_enabled = True
     rings = (("exec_events", EXEC_EVENT), ("exit_events", EXIT_EVENT))   # HA_RING_EXEC, HA_RING_EXIT
+    structs = {"exec_event": EXEC_EVENT, "exit_event": EXIT_EVENT, "proc_info": ProcInfo}
     counters = {
         EXECS: ("{process}", "Successful execve calls.", [()]),
         EXITS: ("{process}", "Processes that ended, by how: exit status 0, another status, or a signal.",

@@ -18,6 +18,7 @@ class RunqlatProbe(Probe):
     description = "run-queue latency: how long runnable threads wait for a CPU (exponential histogram, ns)"
     tracepoints = ("sched:sched_wakeup", "sched:sched_wakeup_new", "sched:sched_switch")
     default_enabled = True
+    structs = {"runq_key": RunqKey, "exp2_bucket": histogram.Exp2Bucket}
 
     METRIC = "system.linux.cpu.runqueue.latency"
 

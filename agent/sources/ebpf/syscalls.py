@@ -86,6 +86,7 @@ class SyscallsProbe(Probe):
     description = "system calls per syscall, failed calls per errno, and a latency histogram per syscall (ns)"
     tracepoints = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
     default_enabled = False     # adds ~290 ns to every system call on the host (see module doc)
+    structs = {"syscall_key": SyscallKey, "syscall_error": SyscallError, "exp2_bucket": histogram.Exp2Bucket}
 
     CALLS = "system.linux.syscalls"
     ERRORS = "system.linux.syscall.errors"

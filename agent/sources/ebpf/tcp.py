@@ -43,6 +43,7 @@ class TcpProbe(Probe):
     tracepoints = ("tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack", "tcp:tcp_send_reset",
                    "tcp:tcp_receive_reset", "sock:inet_sock_set_state")
     default_enabled = True
+    structs = {"tcp_key": TcpKey, "exp2_bucket": histogram.Exp2Bucket}
 
     RETRANSMITS = "system.linux.tcp.retransmits"
     RESETS = "system.linux.tcp.resets"

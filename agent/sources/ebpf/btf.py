@@ -1,0 +1,192 @@
+"""BTF, the kernel's type format: the running kernel's (/sys/kernel/btf/vmlinux) and a loaded BPF
+object's (from the kernel, by its maps' btf_id), read the same way.
+
+    Btf(raw)                          parse a standalone BTF blob (linux/btf.h)
+      .find(name, kind) -> type id    first complete struct / union by name
+      .member_offset(struct, member)  byte offset, through anonymous structs and unions
+      .enumerator(name)               value of an enum constant
+      .layout(type id or name)        [(member, byte offset, byte size)] of a struct
+      .size(type id)
+    of_map(fd) -> (Btf, key type id, value type id)    a loaded map's object BTF
+    of_program(fd) -> Btf                              a loaded program's (its object's) BTF
+
+Layouts are what the probes' Python mirrors (ctypes keys, numpy ring records) are checked
+against when a probe loads (loader.check_layouts), so a record or key struct changed in C and not in
+Python turns the probe off with the difference instead of decoding garbage.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import struct
+from typing import Optional, Union
+
+from agent.sources.ebpf import maps
+
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+# bytes following the 12-byte btf_type header: fixed, and per vlen entry
+_EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
+_PER_VLEN = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
+_QUALIFIERS = frozenset({TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG})
+_TYPE = struct.Struct("<III")
+MAX_BTF = 64 << 20            # bound on BTF read from the kernel (vmlinux BTF is ~5 MB)
+
+
+class BtfError(Exception):
+    pass
+
+
+class Btf:
+    def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise BtfError("not BTF (too short)")
+        magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = \
+            struct.unpack_from("<HBBIIIII", data, 0)
+        if magic != 0xEB9F:
+            raise BtfError(f"not BTF (magic {magic:#x})")
+        self.data = data
+        self._strings = hdr_len + str_off
+        self._strings_end = self._strings + str_len
+        self.offsets = [0]                  # type id -> position; id 0 is void
+        self._by_name: dict = {}            # (name, kind) -> first type id (complete structs only)
+        self._enumerators: dict = {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        if end > len(data) or self._strings_end > len(data):
+            raise BtfError("BTF sections run past its end")
+        while pos < end:
+            name_off, info, _ = _TYPE.unpack_from(data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            self.offsets.append(pos)
+            if name_off and kind in (STRUCT, UNION):
+                self._by_name.setdefault((self.name_at(name_off), kind), len(self.offsets) - 1)
+            elif kind == ENUM:
+                for i in range(vlen):
+                    e_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
+                    self._enumerators.setdefault(self.name_at(e_name), value)
+            elif kind == ENUM64:
+                for i in range(vlen):
+                    e_name, lo, hi = _TYPE.unpack_from(data, pos + 12 + 12 * i)
+                    self._enumerators.setdefault(self.name_at(e_name), hi << 32 | lo)
+            pos += 12 + _EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
+
+    @classmethod
+    def from_file(cls, path: str) -> "Btf":
+        with open(path, "rb") as f:
+            return cls(f.read(MAX_BTF))
+
+    def name_at(self, off: int) -> str:
+        start = self._strings + off
+        return self.data[start:self.data.index(b"\0", start, self._strings_end)].decode()
+
+    def _header(self, tid: int) -> tuple:
+        if not 0 < tid < len(self.offsets):
+            raise BtfError(f"no type {tid}")
+        name_off, info, size_or_type = _TYPE.unpack_from(self.data, self.offsets[tid])
+        return name_off, (info >> 24) & 0x1F, info, size_or_type
+
+    def find(self, name: str, kind: int = STRUCT) -> Optional[int]:
+        return self._by_name.get((name, kind))
+
+    def enumerator(self, name: str) -> Optional[int]:
+        return self._enumerators.get(name)
+
+    def resolve(self, tid: int) -> int:
+        """`tid` with typedefs and qualifiers stripped."""
+        for _ in range(64):
+            _, kind, _, ref = self._header(tid)
+            if kind not in _QUALIFIERS:
+                return tid
+            tid = ref
+        raise BtfError("typedef loop")
+
+    def size(self, tid: int) -> int:
+        tid = self.resolve(tid)
+        _, kind, _, size = self._header(tid)
+        if kind == PTR:
+            return 8
+        if kind == ARRAY:
+            elem, _index, nelems = struct.unpack_from("<III", self.data, self.offsets[tid] + 12)
+            return nelems * self.size(elem)
+        return size
+
+    def _members(self, tid: int):
+        _, kind, info, _ = self._header(tid)
+        if kind not in (STRUCT, UNION):
+            raise BtfError(f"type {tid} is not a struct or union")
+        pos = self.offsets[tid]
+        for i in range(info & 0xFFFF):
+            name_off, mtype, moff = _TYPE.unpack_from(self.data, pos + 12 + 12 * i)
+            bit = moff & 0xFFFFFF if info >> 31 else moff       # kind_flag: bitfield size in the top byte
+            yield (self.name_at(name_off) if name_off else ""), mtype, bit // 8
+
+    def member_offset(self, struct_name: str, member: str) -> Optional[int]:
+        tid = self.find(struct_name)
+        return None if tid is None else self._find_member(tid, member, 0)
+
+    def _find_member(self, tid: int, member: str, base: int) -> Optional[int]:
+        for name, mtype, off in self._members(tid):
+            if name == member:
+                return base + off
+            if not name:
+                inner = self.resolve(mtype)
+                if self._header(inner)[1] in (STRUCT, UNION):
+                    found = self._find_member(inner, member, base + off)
+                    if found is not None:
+                        return found
+        return None
+
+    def layout(self, type_: Union[int, str]) -> list:
+        """[(member name, byte offset, byte size)] of a struct (by type id or name)."""
+        tid = self.find(type_) if isinstance(type_, str) else self.resolve(type_)
+        if tid is None:
+            raise BtfError(f"no struct {type_}")
+        return [(name, off, self.size(mtype)) for name, mtype, off in self._members(tid)]
+
+
+# --- a loaded object's BTF, from the kernel ------------------------------------------------------
+
+class _MapBtfInfo(ct.Structure):
+    """struct bpf_map_info up to btf_value_type_id."""
+    _fields_ = [("_a", ct.c_uint8 * 64), ("btf_id", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32)]
+
+
+class _BtfInfo(ct.Structure):
+    _fields_ = [("btf", ct.c_uint64), ("btf_size", ct.c_uint32), ("id", ct.c_uint32),
+                ("name", ct.c_uint64), ("name_len", ct.c_uint32), ("kernel_btf", ct.c_uint32)]
+
+
+class _IdAttr(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+BTF_GET_FD_BY_ID = 19
+
+
+def of_map(fd: int) -> Optional[tuple]:
+    """(Btf of the map's object, key type id, value type id), or None when the map has no BTF
+    (a loader that did not give it any)."""
+    info = maps.obj_info(fd, _MapBtfInfo())
+    if not info.btf_id:
+        return None
+    return by_id(info.btf_id), info.btf_key_type_id, info.btf_value_type_id
+
+
+def of_program(fd: int) -> Optional[Btf]:
+    """The BTF the program `fd` (and so its object) was loaded with, or None."""
+    btf_id = maps.prog_btf_id(fd)
+    return by_id(btf_id) if btf_id else None
+
+
+def by_id(btf_id: int) -> Btf:
+    btf_fd = maps.bpf(BTF_GET_FD_BY_ID, _IdAttr(btf_id, 0, 0))
+    try:
+        size = maps.obj_info(btf_fd, _BtfInfo()).btf_size
+        if size > MAX_BTF:
+            raise BtfError(f"object BTF of {size} bytes")
+        buf = ct.create_string_buffer(size)
+        maps.obj_info(btf_fd, _BtfInfo(ct.addressof(buf), size))
+    finally:
+        os.close(btf_fd)
+    return Btf(buf.raw)
