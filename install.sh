@@ -464,7 +464,7 @@ main() {
     local core=1 pkgs=(python3-venv ca-certificates)
     if ! installed libbpf1 && [[ -z $(candidate libbpf1) ]]; then
         core=0 bcc=1
-        say "no libbpf1 in the apt sources (Ubuntu 22.04 has only libbpf0, 0.5, which cannot load the CO-RE objects): the probes load through bcc"
+        say "no libbpf1 in the apt sources (Ubuntu 22.04 has only libbpf0, 0.5, which the CO-RE loader cannot use): the probes load through bcc"
     else
         build_tool_packages
         pkgs+=(libbpf1 "${BUILD_TOOLS[@]}")

@@ -33,9 +33,10 @@ exactly that version; build on the distribution release you install on.
 Dependencies: libbpf1 (the CO-RE loader opens libbpf.so.1). bcc (python3-bpfcc / python3-bcc)
 and kernel headers are only Suggested: they are the fallback for kernels without BTF
 (/sys/kernel/btf/vmlinux), and pull LLVM and clang (over 100 MB) onto every host that installs
-Recommends. Ubuntu 22.04 has only libbpf0 (0.5), which cannot read objects built against newer
-kernels' BTF (no BTF_KIND_TYPE_TAG/DECL_TAG before libbpf 0.6) and has no libbpf.so.1: build the
-package on Debian 12+ / Ubuntu 23.04+, where libbpf1 exists.
+Recommends. Ubuntu 22.04 has only libbpf0 (0.5): no libbpf.so.1, no bpf_object__next_program
+(libbpf 0.6) that the loader walks an object's programs with, and failed calls return error-encoded
+pointers instead of NULL and errno (the 1.0 convention; its opt-in, libbpf_set_strict_mode, is 0.6
+too). Build the package on Debian 12+ / Ubuntu 23.04+, where libbpf1 exists.
 """
 from __future__ import annotations
 
