@@ -8,6 +8,9 @@ Started side by side, each with its own temp dir, and measured over the same win
                             local receiver (a separate process, not counted)
   hostagent, all probes, bcc  the same with the probes compiled by bcc at start (`ebpf.loader: bcc`,
                             the fallback where a kernel has no BTF)
+  hostagent, all probes, file  all probes (CO-RE) with the default exporter, OTLP-JSON files in its temp
+                            dir: the agent as `hostagent run` starts it, gRPC never imported (its
+                            data is not counted: the receiver sees none)
   hostagent, default probes the same with the probes that are on by default (`syscalls` off)
   hostagent, psutil only    the same with `ebpf.enabled: false` (node_exporter has no eBPF)
   node_exporter             /usr/bin/prometheus-node-exporter (Debian's prometheus-node-exporter) with its
@@ -72,6 +75,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 AGENTS = (
     ("all-probes", {"ebpf": {"enabled": True, "loader": "core"}}),
     ("all-probes-bcc", {"ebpf": {"enabled": True, "loader": "bcc"}}),
+    ("all-probes-file", {"ebpf": {"enabled": True, "loader": "core"}, "exporter": {"type": "file"}}),
     ("default-probes", {"ebpf": {"enabled": True, "loader": "core"}}),
     ("psutil-only", {"ebpf": {"enabled": False}}),
 )
@@ -292,6 +296,9 @@ def agent_config(tmp: str, case: str, overrides: dict, port: int, probes: list) 
     }
     if case.startswith("all-probes"):
         cfg["ebpf"] = {**overrides["ebpf"], "probes": {name: {"enabled": True} for name in probes}}
+    if cfg["exporter"]["type"] == "file":
+        cfg["exporter"]["file"] = {"path": os.path.join(tmp, case, "metrics.jsonl"),
+                                   "logs_path": os.path.join(tmp, case, "logs.jsonl")}
     os.makedirs(os.path.join(tmp, case), exist_ok=True)
     path = os.path.join(tmp, case, "agent.yaml")
     with open(path, "w") as f:
@@ -370,6 +377,7 @@ def measure(minutes: float, quick: bool, log=print) -> dict:
                                         start_new_session=True)
                 m = Measured(case, proc, log_path)
                 m.ebpf = overrides["ebpf"]["enabled"]
+                m.to_receiver = overrides.get("exporter", {}).get("type") != "file"
                 agents.append(m)
                 procs.append(m)
 
@@ -385,7 +393,7 @@ def measure(minutes: float, quick: bool, log=print) -> dict:
                                       f"{m.name}: probes loaded", m.proc, m.log_path)
                     m.probes_on = line.split("ebpf_probes on=")[1].split()[0]
             loaded = time.monotonic()
-            ebpf_ports = [i for i, m in enumerate(agents) if m.ebpf]
+            ebpf_ports = [i for i, m in enumerate(agents) if m.ebpf and m.to_receiver]
             if not quick:
                 # a whole collection with eBPF metrics has been exported by every eBPF agent
                 wait_until(lambda: all(any(n.startswith("system.linux.") for n in receiver_status()[i]["names"])
@@ -462,14 +470,14 @@ def measure(minutes: float, quick: bool, log=print) -> dict:
              "rss_by_mapping_end": m.end.get("rss_by_mapping"),
              "exit_code": codes.get(m.name)}
         if m is not ne:
-            idx = agents.index(m)
-            got0, got1 = received0[idx], received1[idx]
-            r.update({"points_per_collection": (got1["points"] - got0["points"]) / intervals,
-                      "log_records_in_window": got1["log_records"] - got0["log_records"],
-                      "export_requests_in_window": (got1["metrics_requests"] - got0["metrics_requests"]
-                                                    + got1["logs_requests"] - got0["logs_requests"]),
-                      "ebpf_metrics_received": sorted(n for n in got1["names"] if n.startswith("system.linux.")),
-                      "probes_on": getattr(m, "probes_on", "-")})
+            r["probes_on"] = getattr(m, "probes_on", "-")
+            if m.to_receiver:           # (a file-exporting agent's data goes to its files)
+                got0, got1 = received0[agents.index(m)], received1[agents.index(m)]
+                r.update({"points_per_collection": (got1["points"] - got0["points"]) / intervals,
+                          "log_records_in_window": got1["log_records"] - got0["log_records"],
+                          "export_requests_in_window": (got1["metrics_requests"] - got0["metrics_requests"]
+                                                        + got1["logs_requests"] - got0["logs_requests"]),
+                          "ebpf_metrics_received": sorted(n for n in got1["names"] if n.startswith("system.linux."))})
             if m.ebpf:
                 r["kernel_bpf_cpu_s_per_min"] = (m.bpf1 - m.bpf0) / elapsed * 60 if stats_fd is not None else None
             if codes.get(m.name) != 0:
@@ -524,8 +532,8 @@ def rows(m: dict) -> list[dict]:
             "rss_target_met": ours["rss_steady_bytes"] / MB <= TARGET_RSS_MB,
             "rss_peak_target_mb": TARGET_PEAK_MB,
             "rss_peak_target_met": ours["rss_peak_bytes"] / MB <= TARGET_PEAK_MB,
-            "points_per_collection": ours["points_per_collection"],
-            "log_records_in_window": ours["log_records_in_window"],
+            "points_per_collection": ours.get("points_per_collection"),
+            "log_records_in_window": ours.get("log_records_in_window"),
             "probes_on": ours["probes_on"],
             "kernel_bpf_cpu_s_per_min": ours.get("kernel_bpf_cpu_s_per_min"),
             "interval_s": m["interval_s"], "window_s": m["window_s"], "collections": m["collections"],
