@@ -328,8 +328,8 @@ def test_apt_installs_the_deb_offline_and_starts_the_service(container):
 
 
 # Packages a CO-RE host does without: the compiler, LLVM, kernel headers, bcc.
-COMPILER_PACKAGES = re.compile(r"^(clang.*|llvm.*|libllvm.*|libclang.*|linux-headers-.*|python3-bpfcc|libbpfcc|"
-                               r"bpfcc-tools|gcc.*|cpp.*)$")
+COMPILER_PACKAGES = re.compile(r"^(clang(-\d+)?|llvm(-.*)?|libllvm\d+|libclang.*|linux-headers-.*|python3-bpfcc|libbpfcc|"
+                               r"bpfcc-tools|gcc(-\d+)?|cpp(-\d+)?)$")
 
 
 def test_probes_run_through_core_without_a_compiler_or_headers(container, request):
