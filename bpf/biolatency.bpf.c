@@ -58,8 +58,8 @@ struct bio_key {
 EXP2_HISTOGRAM(bio_latency, struct bio_key, BIO_MAX_KEYS);
 
 #ifndef HA_CORE
-static __always_inline struct exp2_bucket *bio_latency_lookup_or_try_init(struct bio_key *key,
-                                                                          struct exp2_bucket *zero)
+HA_MAP_FN struct exp2_bucket *bio_latency_lookup_or_try_init(struct bio_key *key,
+                                                             struct exp2_bucket *zero)
 {
     return bio_latency.lookup_or_try_init(key, zero);
 }
@@ -154,9 +154,9 @@ HA_RAW_TRACEPOINT(block_rq_complete)
 HA_LRU_HASH(bio_started, struct bio_request, u64, BIO_MAX_INFLIGHT);  /* -> start, ns */
 
 #ifndef HA_CORE
-static __always_inline u64 *bio_started_lookup(struct bio_request *r) { return bio_started.lookup(r); }
-static __always_inline int bio_started_update(struct bio_request *r, u64 *at) { return bio_started.update(r, at); }
-static __always_inline int bio_started_delete(struct bio_request *r) { return bio_started.delete(r); }
+HA_MAP_FN u64 *bio_started_lookup(struct bio_request *r) { return bio_started.lookup(r); }
+HA_MAP_FN int bio_started_update(struct bio_request *r, u64 *at) { return bio_started.update(r, at); }
+HA_MAP_FN int bio_started_delete(struct bio_request *r) { return bio_started.delete(r); }
 #endif
 
 /* rwbs as blk_fill_rwbs() writes it: an optional 'F' (preflush), then the operation letter

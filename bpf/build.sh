@@ -30,6 +30,10 @@ case $(uname -m) in
     *) echo "bpf/build.sh: unsupported architecture $(uname -m)" >&2; exit 1 ;;
 esac
 
+for tool in "$clang" "$strip"; do
+    command -v "$tool" >/dev/null || { echo "bpf/build.sh: $tool not found (CLANG=, LLVM_STRIP=)" >&2; exit 1; }
+done
+
 mkdir -p "$out"
 if [ -n "${VMLINUX_H:-}" ]; then
     cp "$VMLINUX_H" "$out/vmlinux.h"

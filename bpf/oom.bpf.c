@@ -50,10 +50,10 @@ const volatile u64 HA_OOM_WAKEUP_EVERY = 64;
 HA_RINGBUF(oom_events, HA_OOM_RING_PAGES);
 
 #ifndef HA_CORE
-static __always_inline void *oom_events_ringbuf_reserve(u64 size) { return oom_events.ringbuf_reserve(size); }
-static __always_inline void oom_events_ringbuf_submit(void *e, u64 flags) { oom_events.ringbuf_submit(e, flags); }
-static __always_inline u64 *ha_ringbuf_dropped_lookup(u32 *slot) { return ha_ringbuf_dropped.lookup(slot); }
-static __always_inline u64 *ha_ringbuf_unwoken_lookup(u32 *slot) { return ha_ringbuf_unwoken.lookup(slot); }
+HA_MAP_FN void *oom_events_ringbuf_reserve(u64 size) { return oom_events.ringbuf_reserve(size); }
+HA_MAP_FN void oom_events_ringbuf_submit(void *e, u64 flags) { oom_events.ringbuf_submit(e, flags); }
+HA_MAP_FN u64 *ha_ringbuf_dropped_lookup(u32 *slot) { return ha_ringbuf_dropped.lookup(slot); }
+HA_MAP_FN u64 *ha_ringbuf_unwoken_lookup(u32 *slot) { return ha_ringbuf_unwoken.lookup(slot); }
 #endif
 
 HA_TRACEPOINT(oom, mark_victim, mark_victim)

@@ -132,21 +132,21 @@ HA_LRU_HASH(pending_args, u32, struct exec_args, 1024);
 #endif
 
 #ifndef HA_CORE
-static __always_inline void *exec_events_ringbuf_reserve(u64 size) { return exec_events.ringbuf_reserve(size); }
-static __always_inline void exec_events_ringbuf_submit(void *e, u64 flags) { exec_events.ringbuf_submit(e, flags); }
-static __always_inline void *exit_events_ringbuf_reserve(u64 size) { return exit_events.ringbuf_reserve(size); }
-static __always_inline void exit_events_ringbuf_submit(void *e, u64 flags) { exit_events.ringbuf_submit(e, flags); }
-static __always_inline u64 *ha_ringbuf_dropped_lookup(u32 *slot) { return ha_ringbuf_dropped.lookup(slot); }
-static __always_inline u64 *ha_ringbuf_unwoken_lookup(u32 *slot) { return ha_ringbuf_unwoken.lookup(slot); }
-static __always_inline struct proc_info *procs_lookup(u32 *pid) { return procs.lookup(pid); }
-static __always_inline int procs_update(u32 *pid, struct proc_info *info) { return procs.update(pid, info); }
-static __always_inline int procs_delete(u32 *pid) { return procs.delete(pid); }
-static __always_inline u64 *forks_lookup(u32 *i) { return forks.lookup(i); }
+HA_MAP_FN void *exec_events_ringbuf_reserve(u64 size) { return exec_events.ringbuf_reserve(size); }
+HA_MAP_FN void exec_events_ringbuf_submit(void *e, u64 flags) { exec_events.ringbuf_submit(e, flags); }
+HA_MAP_FN void *exit_events_ringbuf_reserve(u64 size) { return exit_events.ringbuf_reserve(size); }
+HA_MAP_FN void exit_events_ringbuf_submit(void *e, u64 flags) { exit_events.ringbuf_submit(e, flags); }
+HA_MAP_FN u64 *ha_ringbuf_dropped_lookup(u32 *slot) { return ha_ringbuf_dropped.lookup(slot); }
+HA_MAP_FN u64 *ha_ringbuf_unwoken_lookup(u32 *slot) { return ha_ringbuf_unwoken.lookup(slot); }
+HA_MAP_FN struct proc_info *procs_lookup(u32 *pid) { return procs.lookup(pid); }
+HA_MAP_FN int procs_update(u32 *pid, struct proc_info *info) { return procs.update(pid, info); }
+HA_MAP_FN int procs_delete(u32 *pid) { return procs.delete(pid); }
+HA_MAP_FN u64 *forks_lookup(u32 *i) { return forks.lookup(i); }
 #ifdef HA_CAPTURE_ARGS
-static __always_inline struct exec_args *args_scratch_lookup(u32 *i) { return args_scratch.lookup(i); }
-static __always_inline struct exec_args *pending_args_lookup(u32 *tid) { return pending_args.lookup(tid); }
-static __always_inline int pending_args_update(u32 *tid, struct exec_args *a) { return pending_args.update(tid, a); }
-static __always_inline int pending_args_delete(u32 *tid) { return pending_args.delete(tid); }
+HA_MAP_FN struct exec_args *args_scratch_lookup(u32 *i) { return args_scratch.lookup(i); }
+HA_MAP_FN struct exec_args *pending_args_lookup(u32 *tid) { return pending_args.lookup(tid); }
+HA_MAP_FN int pending_args_update(u32 *tid, struct exec_args *a) { return pending_args.update(tid, a); }
+HA_MAP_FN int pending_args_delete(u32 *tid) { return pending_args.delete(tid); }
 #endif
 #endif
 

@@ -23,11 +23,11 @@ HA_LRU_HASH(runq_queued, u32, u64, RUNQ_MAX_THREADS);   /* tid -> queued at, ns 
 EXP2_HISTOGRAM(runq_latency, struct runq_key, EXP2_SLOTS);
 
 #ifndef HA_CORE
-static __always_inline u64 *runq_queued_lookup(u32 *tid) { return runq_queued.lookup(tid); }
-static __always_inline int runq_queued_update(u32 *tid, u64 *at) { return runq_queued.update(tid, at); }
-static __always_inline int runq_queued_delete(u32 *tid) { return runq_queued.delete(tid); }
-static __always_inline struct exp2_bucket *runq_latency_lookup_or_try_init(struct runq_key *key,
-                                                                            struct exp2_bucket *zero)
+HA_MAP_FN u64 *runq_queued_lookup(u32 *tid) { return runq_queued.lookup(tid); }
+HA_MAP_FN int runq_queued_update(u32 *tid, u64 *at) { return runq_queued.update(tid, at); }
+HA_MAP_FN int runq_queued_delete(u32 *tid) { return runq_queued.delete(tid); }
+HA_MAP_FN struct exp2_bucket *runq_latency_lookup_or_try_init(struct runq_key *key,
+                                                               struct exp2_bucket *zero)
 {
     return runq_latency.lookup_or_try_init(key, zero);
 }

@@ -6,8 +6,9 @@
  *
  * Signals the target ignores (result 1), that were already pending (2) or could not be queued
  * (3, 4) are not counted. HA_FATAL_SIGNALS is a bit mask (bit n = signal n) built by the agent
- * from its documented list (a parameter: -D under bcc, a .rodata global under CO-RE); the tracepoint does not say whether the target installed a handler,
- * which is why the list is fixed rather than decided per event. Tracepoint arguments only.
+ * from its documented list (a parameter: -D under bcc, a .rodata global under CO-RE); the
+ * tracepoint does not say whether the target installed a handler, which is why the list is fixed
+ * rather than decided per event. Tracepoint arguments only.
  */
 #include "hostagent.h"
 
@@ -25,7 +26,7 @@ const volatile u64 HA_FATAL_SIGNALS = 1ULL << 9;  /* SIGKILL */
 HA_PERCPU_ARRAY(fatal_signals, u64, HA_NSIG);  /* index: signal number */
 
 #ifndef HA_CORE
-static __always_inline u64 *fatal_signals_lookup(u32 *sig) { return fatal_signals.lookup(sig); }
+HA_MAP_FN u64 *fatal_signals_lookup(u32 *sig) { return fatal_signals.lookup(sig); }
 #endif
 
 HA_TRACEPOINT(signal, signal_generate, signal_generate)

@@ -38,7 +38,7 @@ struct syscall_error {
 HA_PERCPU_HASH(syscall_errors, struct syscall_error, u64, SYSCALL_MAX_ERRORS);
 
 #ifndef HA_CORE
-static __always_inline u64 *syscall_errors_lookup_or_try_init(struct syscall_error *key, u64 *zero)
+HA_MAP_FN u64 *syscall_errors_lookup_or_try_init(struct syscall_error *key, u64 *zero)
 {
     return syscall_errors.lookup_or_try_init(key, zero);
 }
@@ -77,7 +77,7 @@ static __always_inline int other_process(void)
 HA_PERCPU_ARRAY(syscall_counts, u64, SYSCALL_SLOTS);
 
 #ifndef HA_CORE
-static __always_inline u64 *syscall_counts_lookup(u32 *nr) { return syscall_counts.lookup(nr); }
+HA_MAP_FN u64 *syscall_counts_lookup(u32 *nr) { return syscall_counts.lookup(nr); }
 #endif
 
 HA_TRACEPOINT(raw_syscalls, sys_exit, sys_exit)
@@ -105,12 +105,12 @@ HA_TASK_STORAGE(syscall_starts, struct syscall_start);
 EXP2_HISTOGRAM(syscall_latency, struct syscall_key, SYSCALL_SLOTS * EXP2_SLOTS);
 
 #ifndef HA_CORE
-static __always_inline struct syscall_start *syscall_starts_task_storage_get(void *task, u64 flags)
+HA_MAP_FN struct syscall_start *syscall_starts_task_storage_get(void *task, u64 flags)
 {
     return syscall_starts.task_storage_get(task, 0, flags);
 }
-static __always_inline struct exp2_bucket *syscall_latency_lookup_or_try_init(struct syscall_key *key,
-                                                                              struct exp2_bucket *zero)
+HA_MAP_FN struct exp2_bucket *syscall_latency_lookup_or_try_init(struct syscall_key *key,
+                                                                 struct exp2_bucket *zero)
 {
     return syscall_latency.lookup_or_try_init(key, zero);
 }

@@ -5,7 +5,8 @@
  * sock:inet_sock_set_state between ESTABLISHED and CLOSE; it is only an identity, never read.
  * Parameters (set by agent/sources/ebpf/tcp.py; -D under bcc, .rodata under CO-RE):
  *   TARGET_PORT=n             count only traffic with local or remote port n (CO-RE: 0 = all)
- *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values
+ *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values (CO-RE:
+ *                             constants, the same on every architecture we build for)
  * Kernel facts, from the tracepoints' format files and BTF under bcc (-D), asked of the running
  * kernel's BTF by CO-RE relocations otherwise:
  *   TCP_RETRANSMIT_HAS_ERR    tcp_retransmit_skb has `err` (6.12+: it fires on failures too)
@@ -30,8 +31,12 @@
 
 #ifdef HA_CORE
 const volatile u16 TARGET_PORT = 0;
-const volatile int ERR_EBUSY = 16, ERR_EINVAL = 22, ERR_ENOMEM = 12, ERR_EHOSTUNREACH = 113,
-                   ERR_EAGAIN = 11;
+/* asm-generic/errno*.h, the values of every architecture build.sh knows */
+#define ERR_EBUSY 16
+#define ERR_EINVAL 22
+#define ERR_ENOMEM 12
+#define ERR_EHOSTUNREACH 113
+#define ERR_EAGAIN 11
 
 /* Before 6.12 tcp_retransmit_skb, and before 6.10 tcp_send_reset, were events of the class
  * tcp_event_sk_skb; libbpf matches this flavour (the part before ___) on those kernels. */
@@ -105,18 +110,12 @@ HA_HASH(tcp_connections, u64, struct tcp_connection, TCP_MAX_CONNECTIONS);
 EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, 2 * EXP2_SLOTS);
 
 #ifndef HA_CORE
-static __always_inline u64 *tcp_events_lookup(u32 *event) { return tcp_events.lookup(event); }
-static __always_inline struct tcp_connection *tcp_connections_lookup(u64 *sk)
-{
-    return tcp_connections.lookup(sk);
-}
-static __always_inline int tcp_connections_update(u64 *sk, struct tcp_connection *c)
-{
-    return tcp_connections.update(sk, c);
-}
-static __always_inline int tcp_connections_delete(u64 *sk) { return tcp_connections.delete(sk); }
-static __always_inline struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *key,
-                                                                           struct exp2_bucket *zero)
+HA_MAP_FN u64 *tcp_events_lookup(u32 *event) { return tcp_events.lookup(event); }
+HA_MAP_FN struct tcp_connection *tcp_connections_lookup(u64 *sk) { return tcp_connections.lookup(sk); }
+HA_MAP_FN int tcp_connections_update(u64 *sk, struct tcp_connection *c) { return tcp_connections.update(sk, c); }
+HA_MAP_FN int tcp_connections_delete(u64 *sk) { return tcp_connections.delete(sk); }
+HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *key,
+                                                              struct exp2_bucket *zero)
 {
     return tcp_lifetime.lookup_or_try_init(key, zero);
 }

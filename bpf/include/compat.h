@@ -16,7 +16,9 @@
  *
  * Tracepoint record fields
  *   HA_TP_STR(dst, field)   copy the __data_loc string `field` (bcc: data_loc_<field>,
- *                           vmlinux.h: __data_loc_<field>) into the char array dst.
+ *                           vmlinux.h: __data_loc_<field>) into the char array dst,
+ *                           NUL-terminated and truncated to sizeof(dst); the low 16 bits of a
+ *                           data_loc are the string's offset from the start of the record.
  *   HA_TP_HAS(field)        CO-RE: whether this kernel's record has `field`
  *                           (bpf_core_field_exists); bcc: 1, the probe tests its -D flag first.
  *
@@ -32,7 +34,7 @@
  *   HA_RINGBUF_SUBMIT(map, record, flags), HA_TASK_STORAGE_GET(map, task, flags).
  *   CO-RE: the bpf_map_* helpers. bcc rewrites `map.op(...)` only where it is written out in
  *   the probe's own file and never inside a macro, so under bcc these call map##_op(...),
- *   one-line functions the probe file defines in its `#ifndef HA_CORE` block.
+ *   one-line functions (HA_MAP_FN) the probe file defines in its `#ifndef HA_CORE` block.
  *
  * Parameters: what bcc gets as -D NAME=value is, under CO-RE, a `const volatile` global of the
  * same name in .rodata, set by the loader before load; each probe declares its own.
@@ -137,6 +139,9 @@ static __always_inline u32 bpf_log2l(u64 v)
 #define HA_LRU_HASH(name, key, value, n) BPF_TABLE("lru_hash", key, value, name, n)
 #define HA_TASK_STORAGE(name, value) BPF_TASK_STORAGE(name, value)
 #define HA_RINGBUF(name, pages) BPF_RINGBUF_OUTPUT(name, pages)
+
+/* how the probe files' one-line map functions are declared */
+#define HA_MAP_FN static __always_inline
 
 #define HA_LOOKUP(map, key) map##_lookup(key)
 #define HA_UPDATE(map, key, value) map##_update(key, value)

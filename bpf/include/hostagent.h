@@ -1,5 +1,5 @@
-/* Shared by hostagent's event probes (process, oom, signals): common typedefs, tracepoint string
- * reading, the ring-buffer drop counter and wakeup policy.
+/* Shared by hostagent's event probes (process, oom, signals): common typedefs, the ring-buffer
+ * drop counter and wakeup policy.
  *
  * Include it first, before any map is declared. Compilation modes:
  *   - CO-RE (HA_CORE) or bcc (the default), compat.h: the BPF helpers and maps below;
