@@ -232,6 +232,10 @@ class ScrapersConfig:
 @dataclass(frozen=True)
 class ProbeConfig:
     enabled: bool = True
+    # syscalls only: count calls and errors, no latency histogram (about half the cost per call)
+    counting_only: bool = False
+    # tcp only: count only traffic with this local or remote port (0: all)
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,9 +250,16 @@ class EbpfConfig:
 
     def validate(self, key: str) -> None:
         from agent.sources.ebpf.registry import PROBES
-        for name in self.probes:
+        for name, probe in self.probes.items():
             if name not in PROBES:
                 raise ConfigError(f"{key}.probes.{name}", "unknown probe" + _did_you_mean(name, PROBES))
+            if probe.counting_only and name != "syscalls":
+                raise ConfigError(f"{key}.probes.{name}.counting_only", "only the syscalls probe has this option")
+            if probe.port and name != "tcp":
+                raise ConfigError(f"{key}.probes.{name}.port", "only the tcp probe has this option")
+            if not 0 <= probe.port <= 65535:
+                raise ConfigError(f"{key}.probes.{name}.port", f"must be a port number 1..65535 or 0 (all), "
+                                  f"got {probe.port}")
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,14 @@ import shutil
 import subprocess
 import tempfile
 
+import numpy as np
+
 from agent.sources.ebpf.loader import (INCLUDE_DIR, ON, HostCheck, Plan, ProbeStatus, layout_problems, load_one, recursion_misses,
                                        tracepoint_available, unload)
 from agent.sources.ebpf.probe import BPF_DIR
+from agent.sources.ebpf.ringbuf import Ring, RingProbe
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 LOADER = os.environ.get("HOSTAGENT_TEST_EBPF_LOADER", "auto")
 CLANG = shutil.which("clang-14") or shutil.which("clang")
 BPFTOOL = shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
@@ -99,3 +103,24 @@ def checked_structs(probe) -> set:
     fds = list(probe.obj.program_fds().values())
     found = btf.of_program(fds[0])
     return {name for name in probe.structs if found is not None and found.find(name) is not None}
+
+
+# --- a small CO-RE program of the tests' own: tests/data/core_test.bpf.c ----------------------
+
+CORE_EVENT = np.dtype([("tag", "<u8"), ("pid", "<u4"), ("ppid", "<u4")])    # struct core_test_event
+
+
+class CoreTestProbe(RingProbe):
+    """tests/data/core_test.bpf.c: this process's getppid calls, counted and sent as records."""
+    name = "core_test"
+    tracepoints = ("syscalls:sys_enter_getppid",)
+    rings = (Ring("events", CORE_EVENT, 2, "EVENTS"),)
+
+    def params(self, tracepoints):
+        # the ring's and SOME_STRUCT_OFFSET are parameters the object does not declare: a CO-RE
+        # load leaves them out
+        return {**super().params(tracepoints), "target_tgid": os.getpid(), "tag": 77, "SOME_STRUCT_OFFSET": 12}
+
+    def setup(self, obj):
+        super().setup(obj)
+        self.calls, self.by_pid = obj.map("calls"), obj.map("by_pid")

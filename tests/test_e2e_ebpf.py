@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from tests.conftest import ROOT, agent_log, base_config, clean_env
+from tests.ebpf_helpers import ebpf_config
 from tests.otlp_receiver import attributes
 
 N = 20
@@ -25,7 +26,7 @@ def wait_for_log(proc, text, timeout=60):
 def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_receiver):
     probes = {name: {"enabled": name in ("syscalls", "process", "signals")}
               for name in ("runqlat", "biolatency", "syscalls", "tcp", "process", "oom", "signals")}
-    cfg = base_config(tmp_path, ebpf={"enabled": True, "probes": probes},
+    cfg = base_config(tmp_path, ebpf=ebpf_config(enabled=True, probes=probes),
                       exporter={"type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint}})
     proc = start_agent(cfg)
     wait_for_log(proc, "ebpf_probes on=")

@@ -19,11 +19,13 @@ from agent.model import Resource
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
 from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
+from agent.sources.ebpf.libbpf import LOG_BYTES
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.registry import PROBES
-from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe
-from tests.ebpf_helpers import compile_core, core_objects
+from agent.sources.ebpf.ringbuf import PAGE_SIZE
+from tests.ebpf_helpers import CORE_EVENT, DATA, CoreTestProbe, compile_core, core_objects
+from tests.conftest import hostagent
 from tests.helpers import finishes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,28 +288,6 @@ def test_loading_gives_back_the_compilers_code_pages():
 
 # --- CO-RE: precompiled objects through libbpf ------------------------------------------------
 
-CORE_EVENT = np.dtype([("tag", "<u8"), ("pid", "<u4"), ("ppid", "<u4")])    # struct core_test_event
-DATA = os.path.join(ROOT, "tests", "data")
-
-
-class CoreTestProbe(RingProbe):
-    """tests/data/core_test.bpf.c: this process's getppid calls, counted and sent as records."""
-    name = "core_test"
-    tracepoints = ("syscalls:sys_enter_getppid",)
-    rings = (("events", CORE_EVENT),)
-
-    def params(self, tracepoints):
-        # the last one is a parameter only a bcc build would take: a CO-RE load leaves it out
-        return {"target_tgid": os.getpid(), "tag": 77, "SOME_STRUCT_OFFSET": 12}
-
-    def map_sizes(self):
-        return {"events": 2 * PAGE_SIZE}
-
-    def setup(self, obj):
-        super().setup(obj)
-        self.calls, self.by_pid = obj.map("calls"), obj.map("by_pid")
-
-
 class RejectedProbe(Probe):
     name = "core_rejected"
     tracepoints = ("sched:sched_process_exec",)
@@ -384,6 +364,7 @@ def test_a_rejected_core_object_says_why_and_stops_no_other(core_dir, caplog):
         src.close()
     verifier = [r.getMessage() for r in caplog.records if r.name == "hostagent.ebpf.libbpf"]
     assert any("invalid mem access" in line for line in verifier), verifier   # the verifier's own words
+    assert max(map(len, verifier)) <= LOG_BYTES + 300        # a log of any length is cut to its end
 
 
 @needs_root
@@ -391,13 +372,10 @@ def test_a_record_layout_that_differs_from_the_object_turns_the_probe_off(core_d
     fds = _bpf_fds()
     stale = CoreTestProbe()
     stale.structs = {"core_test_event": np.dtype([("tag", "<u8"), ("pid", "<u4"), ("tid", "<u4")])}
-    missing = CoreTestProbe()
-    missing.structs = {"no_such_event": CORE_EVENT}
     good = CoreTestProbe()
     good.structs = {"core_test_event": CORE_EVENT}
     for probe, reason in ((stale, "layout mismatch: struct core_test_event (C) and its Python mirror differ: "
                                   "('ppid', 12, 4) != ('tid', 12, 4)"),
-                          (missing, "layout mismatch: struct no_such_event is not in the object"),
                           (good, "")):
         src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), Resource(()), probes={"core_test": probe})
         try:
@@ -425,7 +403,7 @@ import json, sys
 from agent.config import EbpfConfig
 from agent.model import Resource
 from agent.sources.ebpf import EbpfSource, check
-from tests.test_ebpf_loader import CoreTestProbe
+from tests.ebpf_helpers import CoreTestProbe
 core_dir, objects = sys.argv[1], sys.argv[2]
 out = {"core": [s.as_dict() for s in check(EbpfConfig(loader="core", object_dir=core_dir), {"core_test": CoreTestProbe()})]}
 src = EbpfSource(EbpfConfig(object_dir=core_dir), Resource(()), probes={"core_test": CoreTestProbe()})
@@ -479,3 +457,51 @@ def test_without_kernel_headers_probes_load_through_core(core_dir, tmp_path):
     for name in set(PROBES) - set(built):
         assert registry[name]["state"] == "off"       # no headers for bcc, no object for CO-RE
     assert out["bcc_imported"] == (len(built) < sum(cls.default_enabled for cls in PROBES.values()))
+
+
+def test_the_probes_doc_table_is_the_registry():
+    """docs/probes.md's table lists every registered probe, in order, with its default, its
+    tracepoints, and documents every metric the probe declares."""
+    import re
+    doc = open(os.path.join(ROOT, "docs", "probes.md")).read()
+    rows = re.findall(r"^\| \[(\w+)\]\(#\1\) \| (on|\*\*off\*\*) \| (.*?) \| (.*?) \|$", doc, re.M)
+    assert [name for name, *_ in rows] == list(PROBES)
+    for name, default, tracepoints, _ in rows:
+        cls = PROBES[name]
+        assert (default == "on") == cls.default_enabled, name
+        assert set(re.findall(r"`(\w+:\w+)`", tracepoints)) == set(cls.tracepoints), name
+        assert cls.metrics and all(f"`{metric}`" in doc for metric in cls.metrics), name
+        assert f"\n## {name}\n" in doc, name
+
+
+@needs_root
+def test_probe_options_from_config():
+    from agent.sources.ebpf.loader import plan
+    cfg = EbpfConfig(probes={"syscalls": ProbeConfig(enabled=True, counting_only=True),
+                             "tcp": ProbeConfig(port=443)})
+    plans = {p.status.name: p for p in plan(cfg)}
+    assert plans["syscalls"].status.tracepoints == ("raw_syscalls:sys_exit",)      # no latency programs
+    assert plans["syscalls"].probe.programs(plans["syscalls"].tracepoints) == ("raw_syscalls__sys_exit",)
+    assert plans["tcp"].probe.params(plans["tcp"].tracepoints)["TARGET_PORT"] == 443
+    default = {p.status.name: p for p in plan(EbpfConfig(probes={"syscalls": ProbeConfig(enabled=True)}))}
+    assert default["syscalls"].probe.latency and "TARGET_PORT" not in default["tcp"].probe.params(())
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"tcp": {"counting_only": True}}, "ebpf.probes.tcp.counting_only: only the syscalls probe has this option"),
+    ({"syscalls": {"port": 80}}, "ebpf.probes.syscalls.port: only the tcp probe has this option"),
+    ({"tcp": {"port": 70000}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got 70000"),
+    ({"tcp": {"port": -1}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got -1"),
+])
+def test_probe_options_are_checked(tmp_path, section, message):
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"probes": section}}))
+    res = hostagent("check-config", str(path))
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_unknown_loader_is_a_config_error(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"loader": "llvm"}}))
+    res = hostagent("check-config", str(path))
+    assert res.returncode == 2 and "ebpf.loader" in res.stderr and "auto, core, bcc" in res.stderr, res.stderr

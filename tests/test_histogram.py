@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from agent.sources.ebpf import histogram as h
@@ -173,8 +174,8 @@ def test_batch_and_iteration_read_the_same(bpf_values):
     for v in range(0, 5000, 7):
         libc.lseek(MAGIC_FD, v, 0)
     table = BpfMap.from_fd(bpf_values[b"values"].map_fd, "values")
-    k1, v1 = table._read_batch(h.np.dtype(Key), table.words(), chunk=4)   # many small chunks
-    k2, v2 = table._read_iter(h.np.dtype(Key), table.words())
+    k1, v1 = table._read_batch(np.dtype(Key), table.words(), chunk=4)   # many small chunks
+    k2, v2 = table._read_iter(np.dtype(Key), table.words())
     assert sorted(zip(k1["slot"].tolist(), map(tuple, v1.tolist()))) == \
         sorted(zip(k2["slot"].tolist(), map(tuple, v2.tolist())))
     assert int(v1[:, 0].sum()) == len(range(0, 5000, 7))

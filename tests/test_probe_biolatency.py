@@ -1,7 +1,6 @@
 """biolatency on the real kernel: per operation, what /proc/diskstats counts on the root disk
 (O_DIRECT|O_DSYNC writes, fsync-heavy random writes, direct reads, concurrent fsyncs), with the
 latency the kernel accounts; exact counts of plain direct I/O on a loop device of the test's own."""
-import ctypes as ct
 import mmap
 import os
 import random

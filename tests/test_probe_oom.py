@@ -111,5 +111,5 @@ def test_oom_kill_in_a_memory_cgroup_gives_one_record():
     assert LIMIT // 2 < a["linux.oom.rss.anon"] <= LIMIT
     assert a["linux.oom.total_vm"] >= a["linux.oom.rss.anon"]
     assert a["linux.oom.trigger.pid"] == hog.pid                    # it was allocating itself
-    assert after - before == 1
+    assert after - before >= 1          # the counter is host-wide: other OOM kills meanwhile count too
     assert dict(exit_.attributes)["linux.process.exit.signal"] == "SIGKILL"

@@ -1,5 +1,4 @@
 """runqlat on the real kernel: CPU contention makes the run-queue latency histogram grow."""
-import ctypes as ct
 import os
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
+from agent.sources.ebpf.runqlat import RunqlatProbe
 from tests.ebpf_helpers import attached, checked_structs
 
 

@@ -1,5 +1,4 @@
 """syscalls on the real kernel: exact counts and errors for one process (-DTARGET_TGID)."""
-import ctypes as ct
 import os
 import subprocess
 import sys
@@ -8,8 +7,7 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf.syscalls import (SyscallError, SyscallKey, SyscallsProbe, errno_name,
-                                         syscall_name, syscall_names)
+from agent.sources.ebpf.syscalls import SyscallsProbe, errno_name, syscall_name, syscall_names
 from tests.ebpf_helpers import attached, checked_structs
 
 FAILING, SUCCEEDING = 1000, 300

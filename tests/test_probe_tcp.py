@@ -2,7 +2,6 @@
 retransmitted segments equal TcpRetransSegs (a bulk transfer over a veth pair with GSO at its
 defaults, and small messages over loopback), opens and lifetimes match the connections made, a
 connection refused is one reset each way."""
-import ctypes as ct
 import errno
 import json
 import os
@@ -16,7 +15,7 @@ import pytest
 
 from agent.model import MetricKind
 from agent.sources.ebpf.loader import btf_member_offset, cflags, tracepoint_available, tracepoint_fields
-from agent.sources.ebpf.tcp import UNSIZED, TcpKey, TcpProbe
+from agent.sources.ebpf.tcp import UNSIZED, TcpProbe
 from tests.ebpf_helpers import attached, checked_structs, misses
 
 CONNECTIONS, MESSAGES = 8, 20

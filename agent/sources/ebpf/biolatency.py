@@ -100,6 +100,7 @@ class BiolatencyProbe(Probe):
     structs = {"bio_key": BioKey, "exp2_bucket": histogram.Exp2Bucket}
 
     METRIC = "system.linux.disk.io.latency"
+    metrics = (METRIC,)
 
     def __init__(self, devices: Optional[DeviceNames] = None):
         self.devices = devices or DeviceNames()
@@ -110,6 +111,11 @@ class BiolatencyProbe(Probe):
         if all(map(available, DRIVER_TRACEPOINTS)):
             return DRIVER_TRACEPOINTS
         return None
+
+    def programs(self, tracepoints: tuple) -> tuple:
+        if tuple(tracepoints) == ACCOUNTING_TRACEPOINTS:       # raw tracepoints: they read the request
+            return ("raw_tp__block_io_done", "raw_tp__block_rq_complete")
+        return super().programs(tracepoints)
 
     def params(self, tracepoints: tuple) -> dict:
         if tuple(tracepoints) != ACCOUNTING_TRACEPOINTS:

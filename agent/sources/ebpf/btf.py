@@ -49,26 +49,38 @@ class Btf:
         self._strings = hdr_len + str_off
         self._strings_end = self._strings + str_len
         self.offsets = [0]                  # type id -> position; id 0 is void
-        self._by_name: dict = {}            # (name, kind) -> first type id (complete structs only)
-        self._enumerators: dict = {}
+        # names are kept as string-section offsets (BTF strings are deduplicated) and only the
+        # names asked for are looked up: decoding every name would triple the parse time
+        self._by_name: dict = {}            # (name offset, kind) -> first struct/union type id
+        self._enums: list = []              # (position, vlen, kind) of every enum
+        self._enumerators: Optional[dict] = None
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         if end > len(data) or self._strings_end > len(data):
             raise BtfError("BTF sections run past its end")
+        unpack, offsets, by_name, enums = _TYPE.unpack_from, self.offsets, self._by_name, self._enums
+        extra = [12 + _EXTRA.get(k, 0) for k in range(32)]
+        per_vlen = [_PER_VLEN.get(k, 0) for k in range(32)]
         while pos < end:
-            name_off, info, _ = _TYPE.unpack_from(data, pos)
+            name_off, info, _ = unpack(data, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            self.offsets.append(pos)
-            if name_off and kind in (STRUCT, UNION):
-                self._by_name.setdefault((self.name_at(name_off), kind), len(self.offsets) - 1)
-            elif kind == ENUM:
-                for i in range(vlen):
-                    e_name, value = struct.unpack_from("<Ii", data, pos + 12 + 8 * i)
-                    self._enumerators.setdefault(self.name_at(e_name), value)
-            elif kind == ENUM64:
-                for i in range(vlen):
-                    e_name, lo, hi = _TYPE.unpack_from(data, pos + 12 + 12 * i)
-                    self._enumerators.setdefault(self.name_at(e_name), hi << 32 | lo)
-            pos += 12 + _EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
+            offsets.append(pos)
+            if kind == STRUCT or kind == UNION:
+                if name_off and (name_off, kind) not in by_name:
+                    by_name[(name_off, kind)] = len(offsets) - 1
+            elif kind == ENUM or kind == ENUM64:
+                enums.append((pos, vlen, kind))
+            pos += extra[kind] + per_vlen[kind] * vlen
+
+    def _name_offsets(self, name: str) -> list:
+        """Where `name` sits in the string section (a NUL-terminated string)."""
+        found, needle = [], b"\0" + name.encode() + b"\0"
+        at = self.data.find(needle, self._strings - 1, self._strings_end)
+        while at >= 0:
+            found.append(at + 1 - self._strings)
+            at = self.data.find(needle, at + 1, self._strings_end)
+        if self.data[self._strings:self._strings + len(needle) - 1] == needle[1:]:
+            found.append(0)
+        return found
 
     @classmethod
     def from_file(cls, path: str) -> "Btf":
@@ -86,10 +98,22 @@ class Btf:
         return name_off, (info >> 24) & 0x1F, info, size_or_type
 
     def find(self, name: str, kind: int = STRUCT) -> Optional[int]:
-        return self._by_name.get((name, kind))
+        ids = [self._by_name[(off, kind)] for off in self._name_offsets(name) if (off, kind) in self._by_name]
+        return min(ids) if ids else None
 
     def enumerator(self, name: str) -> Optional[int]:
-        return self._enumerators.get(name)
+        if self._enumerators is None:           # {name offset: value}, first definition wins
+            self._enumerators = {}
+            for pos, vlen, kind in self._enums:
+                for i in range(vlen):
+                    if kind == ENUM:
+                        e_name, value = struct.unpack_from("<Ii", self.data, pos + 12 + 8 * i)
+                    else:
+                        e_name, lo, hi = _TYPE.unpack_from(self.data, pos + 12 + 12 * i)
+                        value = hi << 32 | lo
+                    self._enumerators.setdefault(e_name, value)
+        values = [self._enumerators[off] for off in self._name_offsets(name) if off in self._enumerators]
+        return values[0] if values else None
 
     def resolve(self, tid: int) -> int:
         """`tid` with typedefs and qualifiers stripped."""

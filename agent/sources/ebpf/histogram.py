@@ -14,8 +14,6 @@ from __future__ import annotations
 import ctypes as ct
 from typing import Callable, Iterable, Mapping, Optional
 
-import numpy as np
-
 from agent.model import Attributes, ExponentialHistogramPoint
 
 # mirrors of bpf/include/maps.h

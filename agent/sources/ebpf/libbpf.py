@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import os
+import platform
 import threading
 from typing import Mapping, Optional
 
@@ -34,7 +35,11 @@ from agent.sources.ebpf import btf as btf_
 log = logging.getLogger("hostagent.ebpf.libbpf")
 
 LIBRARY = "libbpf.so.1"
-LOG_BYTES = 64 * 1024           # libbpf output kept for a failure message (verifier logs can be MBs)
+LOG_BYTES = 64 * 1024           # libbpf output kept (and logged per message): verifier logs can be MBs
+MAX_MESSAGE = 16 << 20          # the most one message can be: libbpf's verifier log buffer is at most 16 MiB
+# va_copy of a va_list argument, by architecture: on x86-64 it is a copy of the 24-byte struct the
+# argument points to; elsewhere a message longer than the first buffer keeps its beginning only
+_VA_LIST_BYTES = {"x86_64": 24}.get(platform.machine())
 _PRINT_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}   # LIBBPF_WARN, INFO, DEBUG
 
 
@@ -62,18 +67,32 @@ _libc = ct.CDLL(None)
 _libc.vsnprintf.argtypes = [ct.c_char_p, ct.c_size_t, ct.c_char_p, ct.c_void_p]
 
 
+def _format(fmt: bytes, args: int) -> str:
+    """printf(fmt, args...) of a libbpf message, whole up to MAX_MESSAGE bytes."""
+    buf = ct.create_string_buffer(4096)
+    saved = ct.create_string_buffer(ct.string_at(args, _VA_LIST_BYTES), _VA_LIST_BYTES) if _VA_LIST_BYTES else None
+    n = _libc.vsnprintf(buf, len(buf), fmt, args)
+    if n >= len(buf) and saved is not None:
+        buf = ct.create_string_buffer(min(n, MAX_MESSAGE) + 1)
+        _libc.vsnprintf(buf, len(buf), fmt, ct.addressof(saved))
+    return buf.value.decode("utf-8", "replace")
+
+
+def _tail(text: str) -> str:
+    """`text` cut to about LOG_BYTES: its first line and its end, where the verifier's error is."""
+    if len(text) <= LOG_BYTES:
+        return text
+    head = text[:text.find("\n") + 1 or 200][:200]
+    return f"{head}... {len(text) - len(head) - LOG_BYTES} bytes left out ...\n{text[-LOG_BYTES:]}"
+
+
 @_PRINT_FN
 def _print(level, fmt, args):
-    buf = ct.create_string_buffer(1024)
-    _libc.vsnprintf(buf, len(buf), fmt, args)
-    text = buf.value.decode("utf-8", "replace")
+    text = _tail(_format(fmt, args))
     log.log(_PRINT_LEVELS.get(level, logging.DEBUG), "%s", text.rstrip("\n"))
     kept = getattr(_capture, "text", None)
-    if kept is not None:
-        kept.append(text)
-        _capture.size += len(text)
-        while _capture.size > LOG_BYTES and len(kept) > 1:     # keep the end: the error is last
-            _capture.size -= len(kept.pop(0))
+    if kept is not None:                # keep the last 2 * LOG_BYTES: the error is at the end
+        _capture.text = (kept + text)[-2 * LOG_BYTES:]
     return 0
 
 
@@ -127,11 +146,11 @@ class _Captured:
     """libbpf's messages printed by this thread during a call, for the error."""
 
     def __enter__(self):
-        _capture.text, _capture.size = [], 0
+        _capture.text = ""
         return self
 
     def __exit__(self, *exc):
-        self.text = "".join(_capture.text)
+        self.text = _capture.text
         _capture.text = None
         return False
 

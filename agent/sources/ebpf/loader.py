@@ -199,13 +199,20 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
 
 # --- BTF: member offsets and enumerator values of the running kernel ------------------------
 
+@functools.lru_cache(maxsize=1)
+def _kernel_btf(path: str) -> btf_.Btf:
+    """The running kernel's BTF, parsed once per plan or load (about 0.1 s); plan() and load()
+    drop it when done, so its ~10 MB index is not kept."""
+    return btf_.Btf.from_file(path)
+
+
 def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[dict]:
     """From one parse of the running kernel's BTF (about 0.1 s for vmlinux), keeping only the
     answers: {(struct, member): byte offset} for each pair in `members` (members of anonymous
     structs and unions included) and {enumerator: value} for each name in `enumerators`, None
     where the kernel has no such thing. None as a whole when there is no readable BTF."""
     try:
-        btf = btf_.Btf.from_file(path)
+        btf = _kernel_btf(path)
     except (OSError, btf_.BtfError, struct.error, ValueError) as e:
         log.debug("btf_unavailable path=%s error=%s", path, e)
         return None
@@ -224,11 +231,12 @@ def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) ->
 
 # --- the registry, filtered by config --------------------------------------------------------
 
-def _probes(probes) -> dict:
+def _probes(cfg, probes) -> dict:
+    """{name: Probe}: registry classes (or the given ones) created with their config section."""
     if probes is None:
         from agent.sources.ebpf.registry import PROBES
         probes = PROBES
-    return {name: (p() if isinstance(p, type) else p) for name, p in probes.items()}
+    return {name: (p.create(cfg.probes.get(name)) if isinstance(p, type) else p) for name, p in probes.items()}
 
 
 def _config_problem(cfg, name: str, probe: Probe) -> Optional[str]:
@@ -281,7 +289,7 @@ def plan(cfg, probes=None) -> list[Plan]:
     """Each probe with its loader, the tracepoints it would use and whether it would load."""
     host = HostCheck()
     plans = []
-    for name, probe in _probes(probes).items():
+    for name, probe in _probes(cfg, probes).items():
         tps = tuple(probe.tracepoints)
         loader = ""
         reason = _config_problem(cfg, name, probe) or host.problem
@@ -301,7 +309,10 @@ def plan(cfg, probes=None) -> list[Plan]:
 
 def check(cfg, probes=None) -> list[ProbeStatus]:
     """Which probes would load on this host and why the others would not. Loads nothing."""
-    return [p.status for p in plan(cfg, probes)]
+    try:
+        return [p.status for p in plan(cfg, probes)]
+    finally:
+        _kernel_btf.cache_clear()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -462,27 +473,20 @@ def _libbpf_error(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def program_tracepoint(program: str) -> str:
-    """The tracepoint a CO-RE program is for, from its name: sched__sched_switch -> sched:sched_switch."""
-    return program.replace("__", ":", 1)
-
-
 def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
     others), set its parameters (.rodata) and map sizes, load and attach."""
     path = probe.object_file(object_dir)
     obj = libbpf.BpfObject.open(path)
     try:
-        chosen = {}
-        for name in obj.programs():
-            tp = program_tracepoint(name)
-            if tp in tps:
-                chosen[tp] = name
-            else:
-                obj.set_autoload(name, False)
-        missing = [tp for tp in tps if tp not in chosen]
+        wanted = probe.programs(tps)
+        programs = obj.programs()
+        missing = [name for name in wanted if name not in programs]
         if missing:
-            raise RuntimeError(f"{os.path.basename(path)} has no program for " + ", ".join(missing))
+            raise RuntimeError(f"{os.path.basename(path)} has no program " + ", ".join(missing))
+        for name in programs:
+            if name not in wanted:
+                obj.set_autoload(name, False)
         # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
         # tracepoint field checks: bpf_core_field_exists) are bcc's alone
         layout = obj.rodata_layout()
@@ -513,8 +517,9 @@ def mirror_layout(mirror) -> tuple:
 
 def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     """Where the probe's Python mirrors (Probe.structs) differ from the structs in the object's
-    BTF. A CO-RE object must have every struct; bcc's BTF keeps only its maps' types, so a
-    struct it lacks is not checked."""
+    BTF. The BTF has the types of maps and globals: a map's key and value structs always; a ring
+    record only when the program names it in a global (clang leaves out types used only by local
+    variables), else it is not checked; bcc's BTF keeps only its maps' types."""
     if not probe.structs:
         return []
     fds = list(obj.program_fds().values())
@@ -525,8 +530,7 @@ def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     for name, mirror in probe.structs.items():
         tid = btf.find(name)
         if tid is None:
-            if obj.loader != BCC:
-                problems.append(f"struct {name} is not in the object")
+            log.debug("layout_not_checked probe=%s struct=%s reason=\"not in the object's BTF\"", probe.name, name)
             continue
         c = btf.size(tid), btf.layout(tid)
         py = mirror_layout(mirror)
@@ -567,11 +571,14 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
 def load(cfg, probes=None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
     """Load, attach and set up every probe that check() says would load."""
     loaded, statuses = [], []
-    for p in plan(cfg, probes):
-        lp, status = load_one(p)
-        statuses.append(status)
-        if lp is not None:
-            loaded.append(lp)
+    try:
+        for p in plan(cfg, probes):
+            lp, status = load_one(p)
+            statuses.append(status)
+            if lp is not None:
+                loaded.append(lp)
+    finally:
+        _kernel_btf.cache_clear()
     log_statuses(statuses)
     if any(s.loader == BCC for s in statuses):
         release_compiler_memory()

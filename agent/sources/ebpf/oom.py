@@ -14,7 +14,7 @@ import numpy as np
 
 from agent.model import LogRecord, Severity, now_ns
 from agent.sources.ebpf.loader import tracepoint_fields
-from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
+from agent.sources.ebpf.ringbuf import Ring, RingProbe, cstr
 
 TRACEPOINT = "oom:mark_victim"
 
@@ -44,25 +44,21 @@ class OomProbe(RingProbe):
     description = "OOM-killer victims (log records) and kills (counter)"
     tracepoints = (TRACEPOINT,)
     default_enabled = True
-    rings = (("oom_events", OOM_EVENT),)       # HA_RING_OOM
     structs = {"oom_event": OOM_EVENT}
+    metrics = (KILLS,)
     counters = {KILLS: ("{process}", "Processes the OOM killer chose as victims.", [()])}
 
     def __init__(self, ring_pages: int = 16):
-        self.ring_pages = ring_pages
+        self.rings = (Ring("oom_events", OOM_EVENT, ring_pages, "OOM"),)     # 64 KiB: 630 records
         self.args: frozenset = frozenset()
 
     def params(self, tracepoints: tuple) -> dict:
         fields = tracepoint_fields(TRACEPOINT)
         self.args = frozenset(name for name in (*OPTIONAL_ARGS, "comm") if name in fields)
-        params = {"HA_OOM_RING_PAGES": self.ring_pages,
-                  "HA_OOM_WAKEUP_EVERY": wakeup_every(self.ring_pages * PAGE_SIZE, OOM_EVENT.itemsize)}
+        params = super().params(tracepoints)
         params.update({f"HA_TP_HAS_{name}": True for name in sorted(self.args)})
         params["HA_TP_LOC_comm"] = "comm" in fields and fields["comm"].data_loc
         return params
-
-    def map_sizes(self) -> dict:
-        return {"oom_events": self.ring_pages * PAGE_SIZE}
 
     def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:
         observed = now_ns()

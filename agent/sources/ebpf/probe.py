@@ -25,6 +25,14 @@ class Probe:
     # C struct name -> its Python mirror (ctypes Structure for map keys and values, numpy dtype for
     # ring records), checked member by member against the loaded object's BTF
     structs: Mapping[str, object] = {}
+    # the metrics it exports (docs/probes.md is checked against these and the rest of the class)
+    metrics: tuple = ()
+
+    @classmethod
+    def create(cls, options) -> "Probe":
+        """The probe as configured: `options` is its ebpf.probes.<name> section (ProbeConfig),
+        None when the config does not list it."""
+        return cls()
 
     @property
     def source_file(self) -> str:
@@ -44,6 +52,12 @@ class Probe:
         volatile` globals of the same name under CO-RE (those the object declares), -D flags
         under bcc (True defines NAME, False leaves it out). Never edit the BPF text."""
         return {}
+
+    def programs(self, tracepoints: tuple) -> tuple:
+        """The CO-RE object's programs that implement the chosen tracepoints (the loader turns
+        autoload off for the rest): one `category__event` per tracepoint, unless the probe's
+        variant attaches raw tracepoints (`raw_tp__event`)."""
+        return tuple(tp.replace(":", "__", 1) for tp in tracepoints)
 
     def map_sizes(self) -> dict:
         """{map name: max_entries} set before a CO-RE load (bcc gets them through params())."""

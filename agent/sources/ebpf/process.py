@@ -39,7 +39,7 @@ from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, no
 from agent.sources.identity import CLOCK_TICK_NS, CgroupPaths, Redactor, proc_stat, split_argv, user_name
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
 from agent.sources.ebpf.maps import BPF_NOEXIST
-from agent.sources.ebpf.ringbuf import PAGE_SIZE, RingProbe, cstr, wakeup_every
+from agent.sources.ebpf.ringbuf import Ring, RingProbe, cstr
 from agent.sources.ebpf.signals import signal_name
 
 log = logging.getLogger("hostagent.ebpf")
@@ -102,8 +102,8 @@ class ProcessProbe(RingProbe):
     description = "process exec and exit (log records); processes created, execs, exits by class"
     tracepoints = ("task:task_newtask", "sched:sched_process_exec", "sched:sched_process_exit")
     default_enabled = True
-    rings = (("exec_events", EXEC_EVENT), ("exit_events", EXIT_EVENT))   # HA_RING_EXEC, HA_RING_EXIT
     structs = {"exec_event": EXEC_EVENT, "exit_event": EXIT_EVENT, "proc_info": ProcInfo}
+    metrics = (FORKS, EXECS, EXITS)
     counters = {
         EXECS: ("{process}", "Successful execve calls.", [()]),
         EXITS: ("{process}", "Processes that ended, by how: exit status 0, another status, or a signal.",
@@ -114,7 +114,9 @@ class ProcessProbe(RingProbe):
 
     def __init__(self, exec_ring_pages: int = 1024, exit_ring_pages: int = 128, procs_max: int = 65536,
                  enrichment: EnrichmentConfig = EnrichmentConfig()):
-        self.exec_ring_pages, self.exit_ring_pages, self.procs_max = exec_ring_pages, exit_ring_pages, procs_max
+        self.rings = (Ring("exec_events", EXEC_EVENT, exec_ring_pages, "EXEC"),
+                      Ring("exit_events", EXIT_EVENT, exit_ring_pages, "EXIT"))
+        self.procs_max = procs_max
         self.exit_codes = False
         self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
         self.cgroups: Optional[CgroupPaths] = None
@@ -128,11 +130,7 @@ class ProcessProbe(RingProbe):
         return base + self.argv_tracepoints
 
     def params(self, tracepoints: tuple) -> dict:
-        exec_bytes, exit_bytes = self.exec_ring_pages * PAGE_SIZE, self.exit_ring_pages * PAGE_SIZE
-        params = {"HA_EXEC_RING_PAGES": self.exec_ring_pages,
-                  "HA_EXIT_RING_PAGES": self.exit_ring_pages,
-                  "HA_EXEC_WAKEUP_EVERY": wakeup_every(exec_bytes, EXEC_EVENT.itemsize),
-                  "HA_EXIT_WAKEUP_EVERY": wakeup_every(exit_bytes, EXIT_EVENT.itemsize),
+        params = {**super().params(tracepoints),
                   "HA_PROCS_MAX": self.procs_max,
                   "HA_EXIT_HAS_GROUP_DEAD": "group_dead" in tracepoint_fields("sched:sched_process_exit"),
                   "HA_CAPTURE_ARGS": self.argv_tracepoints[0] in tracepoints}
@@ -145,8 +143,7 @@ class ProcessProbe(RingProbe):
         return params
 
     def map_sizes(self) -> dict:
-        return {"exec_events": self.exec_ring_pages * PAGE_SIZE,
-                "exit_events": self.exit_ring_pages * PAGE_SIZE, "procs": self.procs_max}
+        return {**super().map_sizes(), "procs": self.procs_max}
 
     def setup(self, obj) -> None:
         super().setup(obj)

@@ -40,6 +40,7 @@ import mmap
 import os
 import select
 import time
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
 
@@ -314,20 +315,48 @@ class PollSchedule:
 
 # --- probes that send records ----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Ring:
+    """One ring buffer of a probe, declared once: everything the BPF program is told about it
+    comes from here (RingProbe.params, RingProbe.map_sizes).
+
+    `param` names its parameters in the program: HA_<param>_RING_PAGES (its size, under bcc),
+    HA_<param>_WAKEUP_EVERY (wakeup_every() for that size and record) and HA_RING_<param> (its
+    slot in the ha_ringbuf_dropped counters: its position in the probe's `rings`)."""
+    map: str
+    record: np.dtype
+    pages: int
+    param: str
+
+    @property
+    def size(self) -> int:
+        return self.pages * PAGE_SIZE
+
+
 class RingProbe(Probe):
     """A probe whose BPF program sends records through ring buffers.
 
-    `rings` lists (map name, record dtype); a ring's position in it is its slot in the
-    ha_ringbuf_dropped counter (the HA_RING_* constants of the BPF program). `decode()` turns a
+    `rings` lists its Ring specs (set per instance when sizes are options); a ring's position in
+    it is its slot in the ha_ringbuf_dropped counter. `decode()` turns a
     drained batch into log records and may count with `self.count()`; `counters` describes those
     counters. The reader thread is the only writer of the counts: it publishes an immutable
     snapshot once per poll that changed them, and collect() reads whichever snapshot is current,
     so neither side takes a lock.
     """
-    rings: tuple = ()
+    rings: tuple = ()           # of Ring
     ring_order: tuple = ()      # ring names in the order a pass drains them (default: `rings`)
     # metric name -> (unit, description, attribute sets reported as 0 before the first event)
     counters: Mapping[str, tuple] = {}
+
+    def params(self, tracepoints: tuple) -> dict:
+        params = {}
+        for slot, ring in enumerate(self.rings):
+            params.update({f"HA_{ring.param}_RING_PAGES": ring.pages, f"HA_RING_{ring.param}": slot,
+                           f"HA_{ring.param}_WAKEUP_EVERY": wakeup_every(ring.size, ring.record.itemsize)})
+        return params
+
+    def map_sizes(self) -> dict:
+        return {ring.map: ring.size for ring in self.rings}
 
     def setup(self, obj) -> None:
         super().setup(obj)
@@ -337,12 +366,12 @@ class RingProbe(Probe):
         self.ring_buffers: list = []
         self._boot_to_wall = 0
         try:
-            for name, record in self.rings:
-                self.ring_buffers.append(RingBuffer.from_map(obj.map(name), record))
+            for ring in self.rings:
+                self.ring_buffers.append(RingBuffer.from_map(obj.map(ring.map), ring.record))
         except BaseException:
             self.close()
             raise
-        order = self.ring_order or [name for name, _ in self.rings]
+        order = self.ring_order or [ring.map for ring in self.rings]
         self._drain_order = sorted(self.ring_buffers, key=lambda ring: order.index(ring.name))
 
     def decode(self, ring: str, batch: np.ndarray, boot_to_wall: int) -> list[LogRecord]:

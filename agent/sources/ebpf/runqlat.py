@@ -21,6 +21,7 @@ class RunqlatProbe(Probe):
     structs = {"runq_key": RunqKey, "exp2_bucket": histogram.Exp2Bucket}
 
     METRIC = "system.linux.cpu.runqueue.latency"
+    metrics = (METRIC,)
 
     def setup(self, obj) -> None:
         super().setup(obj)

@@ -52,6 +52,7 @@ class SignalsProbe(Probe):
     description = "fatal signals generated, by signal (counter)"
     tracepoints = ("signal:signal_generate",)
     default_enabled = True
+    metrics = (METRIC,)
 
     def __init__(self, signals=FATAL_SIGNALS):
         self.signals = tuple(sorted(int(s) for s in signals))

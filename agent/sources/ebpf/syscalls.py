@@ -91,14 +91,23 @@ class SyscallsProbe(Probe):
     CALLS = "system.linux.syscalls"
     ERRORS = "system.linux.syscall.errors"
     DURATION = "system.linux.syscall.duration"
+    metrics = (CALLS, ERRORS, DURATION)
 
     def __init__(self, latency: bool = True, target_tgid: Optional[int] = None):
         self.latency = latency
         self.target_tgid = target_tgid
 
+    @classmethod
+    def create(cls, options) -> "SyscallsProbe":
+        return cls(latency=not (options and options.counting_only))
+
     def select_tracepoints(self, available):
         wanted = self.tracepoints if self.latency else ("raw_syscalls:sys_exit",)
         return wanted if all(available(tp) for tp in wanted) else None
+
+    def programs(self, tracepoints: tuple) -> tuple:
+        # latency: raw tracepoints on both (no argument record is built); counting: sys_exit's
+        return ("raw_tp__sys_enter", "raw_tp__sys_exit") if self.latency else super().programs(tracepoints)
 
     def params(self, tracepoints: tuple) -> dict:
         params = {"SYSCALL_LATENCY": self.latency}

@@ -49,6 +49,7 @@ class TcpProbe(Probe):
     RESETS = "system.linux.tcp.resets"
     OPENED = "system.linux.tcp.connections.opened"
     DURATION = "system.linux.tcp.connection.duration"
+    metrics = (RETRANSMITS, RESETS, OPENED, DURATION)
 
     def __init__(self, target_port: Optional[int] = None):
         self.target_port = target_port
@@ -62,6 +63,10 @@ class TcpProbe(Probe):
                 "Retransmitted TCP skbs whose segment count could not be read (no BTF), "
                 "each counted as one segment."),
         }
+
+    @classmethod
+    def create(cls, options) -> "TcpProbe":
+        return cls(target_port=(options.port or None) if options else None)
 
     def params(self, tracepoints: tuple) -> dict:
         params = {"TCP_RETRANSMIT_HAS_ERR": "err" in tracepoint_fields("tcp:tcp_retransmit_skb"),
