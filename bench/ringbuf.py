@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 
 from bench.common import parser, write_json  # noqa: E402
 
-from agent.sources.ebpf.loader import INCLUDE_DIR  # noqa: E402
+from agent.sources.ebpf.loader import INCLUDE_DIR, BccObject  # noqa: E402
+from agent.sources.ebpf.maps import BpfMap  # noqa: E402
 from agent.sources.ebpf import POLL_INTERVAL  # noqa: E402
 from agent.sources.ebpf.ringbuf import Poller, PollSchedule, RingBuffer, read_drops, wakeup_every  # noqa: E402
 
@@ -228,7 +229,7 @@ def run_mode(mode: str, generator: str, seconds: float, rate: int) -> dict:
     elif mode == "b":
         b[b"events"].open_ring_buffer(cb_ring)
     else:
-        ring = RingBuffer.from_table(b[b"events"], EVENT, "events")
+        ring = RingBuffer.from_map(BpfMap.from_fd(b[b"events"].map_fd, "events"), EVENT)
         poller = Poller([ring.fd])
 
     def consume():
@@ -262,7 +263,7 @@ def run_mode(mode: str, generator: str, seconds: float, rate: int) -> dict:
     if stats_fd is not None:
         os.close(stats_fd)
     if mode != "a":
-        state["lost"] = read_drops(b, 1)[0]
+        state["lost"] = read_drops(BccObject(b), 1)[0]
     deadline = time.monotonic() + 5           # let the consumer finish what is buffered
     while state["consumed"] + state["lost"] < produced and time.monotonic() < deadline:
         time.sleep(0.01)

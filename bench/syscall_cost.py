@@ -105,22 +105,20 @@ def measure(loop: Loop, calls: int, repeats: int) -> float:
 
 class HostagentProbe:
     def __init__(self, latency: bool):
-        from agent.sources.ebpf.probe import BPF_DIR
         from agent.sources.ebpf.syscalls import SyscallsProbe
         self.probe = SyscallsProbe(latency=latency)
-        self.bpf_dir = BPF_DIR
 
     def __enter__(self):
-        from bcc import BPF
+        from agent.sources.ebpf.loader import BCC, ON, Plan, ProbeStatus, load_one
         tps = self.probe.select_tracepoints(lambda tp: True)
-        self.bpf = BPF(src_file=self.probe.source_file.encode(),
-                       cflags=[f"-I{self.bpf_dir}/include", *self.probe.cflags(tps)])
-        self.probe.setup(self.bpf)
+        self.loaded, status = load_one(Plan(self.probe, ProbeStatus(self.probe.name, tps, ON, loader=BCC), tps))
+        if self.loaded is None:
+            raise RuntimeError(f"syscalls probe did not load: {status.reason}")
         return self
 
     def __exit__(self, *exc):
-        self.probe.close()
-        self.bpf.cleanup()
+        from agent.sources.ebpf.loader import unload
+        unload([self.loaded])
 
 
 class Syscount:

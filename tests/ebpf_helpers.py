@@ -98,10 +98,8 @@ def misses(p, *programs) -> int:
 def checked_structs(probe) -> set:
     """The structs of `probe.structs` the loaded object's BTF has, after checking that each equals
     its Python mirror (member names, offsets and sizes)."""
-    from agent.sources.ebpf import btf
     assert layout_problems(probe, probe.obj) == []
-    fds = list(probe.obj.program_fds().values())
-    found = btf.of_program(fds[0])
+    found = probe.obj.btf()
     return {name for name in probe.structs if found is not None and found.find(name) is not None}
 
 

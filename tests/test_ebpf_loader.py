@@ -17,14 +17,14 @@ import pytest
 from agent.config import EbpfConfig, ProbeConfig
 from agent.model import Resource
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
-from agent.sources.ebpf.loader import (btf_member_offset, privilege_problem, tracepoint_available,
+from agent.sources.ebpf.loader import (btf_member_offset, layout_problems, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
 from agent.sources.ebpf.libbpf import LOG_BYTES
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.registry import PROBES
 from agent.sources.ebpf.ringbuf import PAGE_SIZE
-from tests.ebpf_helpers import CORE_EVENT, DATA, CoreTestProbe, compile_core, core_objects
+from tests.ebpf_helpers import CORE_EVENT, DATA, CoreTestProbe, attached, compile_core, core_objects
 from tests.conftest import hostagent
 from tests.helpers import finishes
 
@@ -505,3 +505,65 @@ def test_unknown_loader_is_a_config_error(tmp_path):
     path.write_text(json.dumps({"ebpf": {"loader": "llvm"}}))
     res = hostagent("check-config", str(path))
     assert res.returncode == 2 and "ebpf.loader" in res.stderr and "auto, core, bcc" in res.stderr, res.stderr
+
+
+WITHOUT_SYS_ADMIN = """
+import json, sys
+from agent.config import EbpfConfig
+from agent.model import Resource
+from agent.sources.ebpf import EbpfSource
+src = EbpfSource(EbpfConfig(loader=sys.argv[1], object_dir=sys.argv[2]), Resource(()))
+names = {m.name for g in src.collect() for m in g.metrics}
+print(json.dumps({"statuses": [s.as_dict() for s in src.statuses], "metrics": sorted(names)}))
+src.close()
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("loader", ["core", "bcc"])
+def test_probes_load_with_the_units_capabilities(loader):
+    """The packaged unit keeps CAP_BPF and CAP_PERFMON, not CAP_SYS_ADMIN: every default probe
+    loads and is checked all the same; run-time stats, which need CAP_SYS_ADMIN, are not exported."""
+    if loader == "core" and not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    caps = "-all,+bpf,+perfmon,+dac_read_search,+sys_ptrace"
+    proc = subprocess.run(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-c",
+                           WITHOUT_SYS_ADMIN, loader, core_objects()], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    on = {s["name"]: s["loader"] for s in out["statuses"] if s["state"] == "on"}
+    assert on == {name: loader for name, cls in PROBES.items() if cls.default_enabled}, out["statuses"]
+    assert "hostagent.ebpf.skipped_events" in out["metrics"]
+    if open("/proc/sys/kernel/bpf_stats_enabled").read().strip() == "0":
+        assert "hostagent.ebpf.runs" not in out["metrics"]
+
+
+@needs_root
+@pytest.mark.parametrize("loader", ["core", "bcc"])
+@pytest.mark.parametrize("name", list(PROBES))
+def test_every_registered_probe_loads_under_each_loader(name, loader):
+    """Each probe of the registry, on each loader: it loads, its structs equal their Python
+    mirrors where the object's BTF has them, and a collection works."""
+    if loader == "core" and not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    with attached(PROBES[name].create(None), loader=loader) as probe:
+        assert probe.obj.loader == loader
+        assert layout_problems(probe, probe.obj) == []
+        probe.collect(time.time_ns(), time.time_ns())
+        probe.poll()
+
+
+def test_probes_command_says_which_loader_and_why(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"loader": "core", "object_dir": str(tmp_path)}}))
+    res = hostagent("probes", "--json", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    statuses = json.loads(res.stdout)
+    assert {s["name"] for s in statuses} == set(PROBES)
+    for s in statuses:
+        assert s["state"] == "off"
+        if PROBES[s["name"]].default_enabled and os.geteuid() == 0:
+            assert (s["loader"], s["reason"]) == ("core", "object missing (run bpf/build.sh)"), s
+    table = hostagent("probes", "--config", str(path)).stdout.splitlines()
+    assert table[0].split()[:3] == ["PROBE", "STATE", "LOADER"]

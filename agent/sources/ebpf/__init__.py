@@ -32,6 +32,7 @@ SCOPE = Scope("hostagent/ebpf")
 DROPPED = "hostagent.ebpf.ringbuf.dropped"
 READ = "hostagent.ebpf.ringbuf.records"
 SKIPPED = "hostagent.ebpf.skipped_events"
+STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 RUN_TIME = "hostagent.ebpf.run_time"
 RUNS = "hostagent.ebpf.runs"
 
@@ -56,6 +57,9 @@ class EbpfSource(Source):
         self.start_ns = now_ns()
         self._stats_fd = self._enable_stats()
         self._loaded, self.statuses = load(cfg, probes)
+        if not self._loaded and self._stats_fd is not None:     # nothing to time
+            os.close(self._stats_fd)
+            self._stats_fd = None
         self._thread: Optional[threading.Thread] = None
         self._poller = None
         self._closed = False
@@ -65,9 +69,20 @@ class EbpfSource(Source):
     def _enable_stats() -> Optional[int]:
         try:
             return enable_stats()
-        except OSError as e:            # before Linux 5.8, or not permitted: run time stays 0
-            log.info("ebpf_stats_unavailable error=%s", e)
+        except OSError as e:    # before Linux 5.8, or without CAP_SYS_ADMIN (the packaged unit)
+            log.info("ebpf_stats_unavailable error=\"%s\" (hostagent.ebpf.run_time and .runs are exported "
+                     "only while sysctl kernel.bpf_stats_enabled=1)", e.strerror or e)
             return None
+
+    def _stats_on(self) -> bool:
+        """Whether the kernel is timing BPF programs: our BPF_ENABLE_STATS fd, or the sysctl."""
+        if self._stats_fd is not None:
+            return True
+        try:
+            with open(STATS_SYSCTL) as f:
+                return f.read().strip() == "1"
+        except OSError:
+            return False
 
     @property
     def probes(self) -> dict:
@@ -148,11 +163,12 @@ class EbpfSource(Source):
             metrics.append(Metric(SKIPPED, "Events a probe's programs missed because another BPF program "
                                   "was running on that CPU (the kernel's recursion_misses).", "{event}",
                                   MetricKind.SUM, skipped, monotonic=True))
-            metrics.append(Metric(RUN_TIME, "Time a probe's BPF programs ran in the kernel, over all CPUs "
-                                  "(counted while the agent runs).", "ns", MetricKind.SUM, run_time,
-                                  monotonic=True))
-            metrics.append(Metric(RUNS, "Times a probe's BPF programs ran (counted while the agent runs).",
-                                  "{run}", MetricKind.SUM, runs, monotonic=True))
+            if self._stats_on():        # else the kernel counts nothing: no zeros that look measured
+                metrics.append(Metric(RUN_TIME, "Time a probe's BPF programs ran in the kernel, over all CPUs "
+                                      "(counted while BPF stats are on).", "ns", MetricKind.SUM, run_time,
+                                      monotonic=True))
+                metrics.append(Metric(RUNS, "Times a probe's BPF programs ran (counted while BPF stats are on).",
+                                      "{run}", MetricKind.SUM, runs, monotonic=True))
         return [MetricGroup(self.resource, SCOPE, metrics)] if metrics else []
 
     # --- shutdown --------------------------------------------------------------------------

@@ -124,14 +124,16 @@ class Btf:
             tid = ref
         raise BtfError("typedef loop")
 
-    def size(self, tid: int) -> int:
+    def size(self, tid: int, depth: int = 0) -> int:
+        if depth > 32:
+            raise BtfError("arrays nest too deep")
         tid = self.resolve(tid)
         _, kind, _, size = self._header(tid)
         if kind == PTR:
             return 8
         if kind == ARRAY:
             elem, _index, nelems = struct.unpack_from("<III", self.data, self.offsets[tid] + 12)
-            return nelems * self.size(elem)
+            return nelems * self.size(elem, depth + 1)
         return size
 
     def _members(self, tid: int):
@@ -146,16 +148,18 @@ class Btf:
 
     def member_offset(self, struct_name: str, member: str) -> Optional[int]:
         tid = self.find(struct_name)
-        return None if tid is None else self._find_member(tid, member, 0)
+        return None if tid is None else self._find_member(tid, member, 0, 0)
 
-    def _find_member(self, tid: int, member: str, base: int) -> Optional[int]:
+    def _find_member(self, tid: int, member: str, base: int, depth: int) -> Optional[int]:
+        if depth > 32:                      # anonymous members nest a few levels; a cycle is broken BTF
+            raise BtfError("anonymous members nest too deep")
         for name, mtype, off in self._members(tid):
             if name == member:
                 return base + off
             if not name:
                 inner = self.resolve(mtype)
                 if self._header(inner)[1] in (STRUCT, UNION):
-                    found = self._find_member(inner, member, base + off)
+                    found = self._find_member(inner, member, base + off, depth + 1)
                     if found is not None:
                         return found
         return None

@@ -15,7 +15,7 @@ not go through libbpf at all (maps.py uses bpf(2) on the fds), so both loaders s
     obj.load()                            relocate against the running kernel's BTF, verify;
                                           LibbpfError carries libbpf's log (the verifier's) on failure
     obj.attach()                          attach every loaded program by its section
-    obj.map_fd(name) / obj.program_fds()
+    obj.map_fd(name) / obj.program_fds() / obj.btf_data()
     obj.close()                           detach, unload, close every fd
 
 libbpf's messages go to the `hostagent.ebpf.libbpf` logger (debug; warnings and errors at their
@@ -49,6 +49,14 @@ class LibbpfError(Exception):
     def __init__(self, message: str, log_text: str = ""):
         super().__init__(message)
         self.log = log_text
+
+
+class _OpenOpts(ct.Structure):
+    """struct bpf_object_open_opts of libbpf 1.x (newer versions take this size as is)."""
+    _fields_ = [("sz", ct.c_size_t), ("object_name", ct.c_char_p), ("relaxed_maps", ct.c_bool),
+                ("pin_root_path", ct.c_char_p), ("_stub", ct.c_uint32), ("kconfig", ct.c_char_p),
+                ("btf_custom_path", ct.c_char_p), ("kernel_log_buf", ct.c_char_p),
+                ("kernel_log_size", ct.c_size_t), ("kernel_log_level", ct.c_uint32)]
 
 
 class _BtfType(ct.Structure):
@@ -114,7 +122,7 @@ def library():
         lib = ct.CDLL(LIBRARY, use_errno=True)
         p, i, s, b = ct.c_void_p, ct.c_int, ct.c_char_p, ct.c_bool
         for name, restype, argtypes in (
-                ("bpf_object__open_file", p, [s, p]),
+                ("bpf_object__open_file", p, [s, ct.POINTER(_OpenOpts)]),
                 ("bpf_object__load", i, [p]),
                 ("bpf_object__close", None, [p]),
                 ("bpf_object__btf", p, [p]),
@@ -134,6 +142,7 @@ def library():
                 ("btf__find_by_name_kind", i, [p, s, ct.c_uint32]),
                 ("btf__type_by_id", ct.POINTER(_BtfType), [p, ct.c_uint32]),
                 ("btf__name_by_offset", s, [p, ct.c_uint32]),
+                ("btf__raw_data", p, [p, ct.POINTER(ct.c_uint32)]),
                 ("libbpf_set_print", p, [_PRINT_FN])):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
@@ -168,11 +177,18 @@ class BpfObject:
         self._links: list = []
 
     @classmethod
-    def open(cls, path: str) -> "BpfObject":
+    def open(cls, path: str, kernel_btf: Optional[str] = None) -> "BpfObject":
+        """`kernel_btf`: relocate against this BTF file (the running kernel's) and never look in
+        kernel modules' BTF, which libbpf 1.1 cannot list without CAP_SYS_ADMIN: a relocation
+        with no candidate in vmlinux (a struct flavour for other kernels) then fails the load
+        under the packaged unit's CAP_BPF + CAP_PERFMON."""
         lib = library()
+        opts = _OpenOpts(sz=ct.sizeof(_OpenOpts))
+        if kernel_btf:
+            opts.btf_custom_path = kernel_btf.encode()
         with _Captured() as c:
             ct.set_errno(0)
-            handle = lib.bpf_object__open_file(path.encode(), None)
+            handle = lib.bpf_object__open_file(path.encode(), ct.byref(opts))
         if not handle:
             raise _errno_error(f"open {path}", c, ct.get_errno())
         return cls(lib, handle, path)
@@ -217,6 +233,16 @@ class BpfObject:
             layout[name] = (infos[i].offset, infos[i].size)
         return layout
 
+    def btf_data(self) -> Optional[bytes]:
+        """The object's own BTF, as raw bytes (None if it has none). Read from libbpf's memory:
+        asking the kernel for a loaded object's BTF by id needs CAP_SYS_ADMIN."""
+        btf = self._lib.bpf_object__btf(self._obj)
+        if not btf:
+            return None
+        size = ct.c_uint32(0)
+        data = self._lib.btf__raw_data(btf, ct.byref(size))
+        return ct.string_at(data, size.value) if data else None
+
     def set_rodata(self, values: Mapping[str, int]) -> None:
         """Set `const volatile` globals before load. Every name must be a .rodata variable of the
         object; integers are stored little-endian in the variable's size (range-checked)."""
@@ -235,7 +261,10 @@ class BpfObject:
             offset, width = layout[name]
             if offset + width > size.value:
                 raise LibbpfError(f"{self.path}: .rodata variable {name} lies outside the section")
-            raw = int(value).to_bytes(width, "little", signed=int(value) < 0)
+            try:
+                raw = int(value).to_bytes(width, "little", signed=int(value) < 0)
+            except OverflowError:
+                raise LibbpfError(f"{self.path}: {name}={value} does not fit its {width} bytes") from None
             ct.memmove(base + offset, raw, width)
 
     def set_max_entries(self, name: str, entries: int) -> None:

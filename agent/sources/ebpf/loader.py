@@ -339,6 +339,10 @@ class LoadedObject:
         """{program name: fd}."""
         raise NotImplementedError
 
+    def btf(self) -> Optional["btf_.Btf"]:
+        """The object's BTF (its types), or None where it has none or it cannot be read."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -356,6 +360,10 @@ class CoreObject(LoadedObject):
     def program_fds(self) -> dict:
         return self.obj.program_fds()
 
+    def btf(self) -> Optional["btf_.Btf"]:
+        data = self.obj.btf_data()
+        return btf_.Btf(data) if data else None
+
     def close(self) -> None:
         self.obj.close()
 
@@ -372,6 +380,15 @@ class BccObject(LoadedObject):
 
     def program_fds(self) -> dict:
         return {name.decode(): fn.fd for name, fn in self.bpf.funcs.items()}
+
+    def btf(self) -> Optional["btf_.Btf"]:
+        # bcc keeps its BTF to itself: ask the kernel, which takes CAP_SYS_ADMIN (EPERM under
+        # CAP_BPF + CAP_PERFMON alone; then nothing is checked)
+        fds = list(self.program_fds().values())
+        try:
+            return btf_.of_program(fds[0]) if fds else None
+        except PermissionError:
+            return None
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -477,7 +494,7 @@ def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
     others), set its parameters (.rodata) and map sizes, load and attach."""
     path = probe.object_file(object_dir)
-    obj = libbpf.BpfObject.open(path)
+    obj = libbpf.BpfObject.open(path, kernel_btf=BTF_VMLINUX)
     try:
         wanted = probe.programs(tps)
         programs = obj.programs()
@@ -522,8 +539,7 @@ def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     variables), else it is not checked; bcc's BTF keeps only its maps' types."""
     if not probe.structs:
         return []
-    fds = list(obj.program_fds().values())
-    btf = btf_.of_program(fds[0]) if fds else None
+    btf = obj.btf()
     if btf is None:
         return [] if obj.loader == BCC else ["the object has no BTF"]
     problems = []
@@ -552,7 +568,10 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         obj = _load_core(probe, tps, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps)
     except Exception as e:
         return None, off(str(e))
-    problems = layout_problems(probe, obj)
+    try:
+        problems = layout_problems(probe, obj)
+    except (OSError, btf_.BtfError, struct.error, ValueError) as e:
+        problems = [f"cannot read the object's BTF: {e}"]
     if problems:
         obj.close()
         return None, off("layout mismatch: " + "; ".join(problems))
