@@ -60,7 +60,14 @@ keyring=()
 [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] && keyring=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
 
 for old in "$CACHE/$SUITE"-*; do
-    [[ -e $old ]] && { say "removing $old (another package list)"; rm -rf --one-file-system "$old"; }
+    [[ -e $old && $old != "$root.tmp" ]] || continue
+    # a container booted from it (another checkout's test run) has it mounted: leave it for now
+    if grep -qF "$old" /proc/mounts; then
+        say "keeping $old (another package list, in use)"
+        continue
+    fi
+    say "removing $old (another package list)"
+    rm -rf --one-file-system "$old"
 done
 tmp=$root.tmp
 rm -rf --one-file-system "$tmp"
