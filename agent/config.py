@@ -250,6 +250,8 @@ class EbpfConfig:
 
     def validate(self, key: str) -> None:
         from agent.sources.ebpf.registry import PROBES
+        if self.object_dir and not os.path.isabs(self.object_dir):
+            raise ConfigError(f"{key}.object_dir", f"must be an absolute path, got {self.object_dir!r}")
         for name, probe in self.probes.items():
             if name not in PROBES:
                 raise ConfigError(f"{key}.probes.{name}", "unknown probe" + _did_you_mean(name, PROBES))

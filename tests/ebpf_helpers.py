@@ -79,7 +79,7 @@ def attached(probe, available=tracepoint_available, loader=None):
     tps = probe.select_tracepoints(available)
     assert tps is not None, f"{probe.name}: its tracepoints are missing on this kernel"
     object_dir = core_objects() if loader != "bcc" else ""
-    kind, reason = HostCheck().loader(loader, probe, object_dir)
+    kind, reason, _ = HostCheck().loader(loader, probe, object_dir)
     assert reason is None, f"{probe.name} cannot load with {loader}: {reason}"
     status = ProbeStatus(probe.name, tps, ON, "", probe.description, kind)
     loaded, status = load_one(Plan(probe, status, tps, object_dir))

@@ -19,6 +19,7 @@ from agent.model import Resource
 from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
 from agent.sources.ebpf.loader import (btf_member_offset, layout_problems, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
+from agent.sources.ebpf import libbpf
 from agent.sources.ebpf.libbpf import LOG_BYTES
 from agent.sources.ebpf.probe import Probe
 from agent.sources.ebpf.process import ProcessProbe
@@ -351,6 +352,8 @@ def test_core_object_loads_with_its_parameters_and_reads_through_the_map_layer(c
 @needs_root
 def test_a_rejected_core_object_says_why_and_stops_no_other(core_dir, caplog):
     caplog.set_level(logging.DEBUG, logger="hostagent.ebpf")
+    # bcc uses the same system libbpf and sets its own print function (or none) at times
+    libbpf.library().libbpf_set_print(libbpf._PRINT_FN())                 # a NULL function: no messages
     good = CoreTestProbe()
     src = EbpfSource(EbpfConfig(loader="core", object_dir=core_dir), Resource(()),
                      probes={"core_rejected": RejectedProbe(), "core_test": good})
@@ -391,9 +394,11 @@ def test_loader_choice_and_its_reasons(core_dir, tmp_path):
     core_probe = {"core_test": CoreTestProbe()}
     missing = check(EbpfConfig(loader="core", object_dir=str(tmp_path)), core_probe)[0]
     assert (missing.state, missing.loader, missing.reason) == ("off", "core", "object missing (run bpf/build.sh)")
-    assert check(EbpfConfig(object_dir=core_dir), core_probe)[0].loader == "core"      # auto: CO-RE first
+    first = check(EbpfConfig(object_dir=core_dir), core_probe)[0]
+    assert (first.loader, first.fallback) == ("core", "")                               # auto: CO-RE first
     fallback = check(EbpfConfig(object_dir=str(tmp_path)), bcc_probe)[0]
     assert (fallback.state, fallback.loader) == ("on", "bcc")                           # auto: else bcc
+    assert fallback.fallback == "object missing (run bpf/build.sh)"                     # ... and why
     forced = check(EbpfConfig(loader="bcc", object_dir=core_dir), core_probe)[0]
     assert forced.loader == "bcc"
 
@@ -438,6 +443,7 @@ def test_without_btf_the_bcc_fallback_loads_the_probes(core_dir, tmp_path):
     assert core_test["loader"] == "bcc" and core_test["state"] == "off"
     on = {s["name"]: s["loader"] for s in out["registry"] if s["state"] == "on"}
     assert on == {name: "bcc" for name, cls in PROBES.items() if cls.default_enabled}, out["registry"]
+    assert all(s["fallback"].startswith("no BTF") for s in out["registry"] if s["state"] == "on")
 
 
 @needs_root
@@ -488,14 +494,17 @@ def test_probe_options_from_config():
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"tcp": {"counting_only": True}}, "ebpf.probes.tcp.counting_only: only the syscalls probe has this option"),
-    ({"syscalls": {"port": 80}}, "ebpf.probes.syscalls.port: only the tcp probe has this option"),
-    ({"tcp": {"port": 70000}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got 70000"),
-    ({"tcp": {"port": -1}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got -1"),
+    ({"probes": {"tcp": {"counting_only": True}}},
+     "ebpf.probes.tcp.counting_only: only the syscalls probe has this option"),
+    ({"probes": {"syscalls": {"port": 80}}}, "ebpf.probes.syscalls.port: only the tcp probe has this option"),
+    ({"probes": {"tcp": {"port": 70000}}},
+     "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got 70000"),
+    ({"probes": {"tcp": {"port": -1}}}, "ebpf.probes.tcp.port: must be a port number 1..65535 or 0 (all), got -1"),
+    ({"object_dir": "bpf/build"}, "ebpf.object_dir: must be an absolute path, got 'bpf/build'"),
 ])
 def test_probe_options_are_checked(tmp_path, section, message):
     path = tmp_path / "agent.yaml"
-    path.write_text(json.dumps({"ebpf": {"probes": section}}))
+    path.write_text(json.dumps({"ebpf": section}))
     res = hostagent("check-config", str(path))
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
@@ -550,6 +559,10 @@ def test_every_registered_probe_loads_under_each_loader(name, loader):
     with attached(PROBES[name].create(None), loader=loader) as probe:
         assert probe.obj.loader == loader
         assert layout_problems(probe, probe.obj) == []
+        if loader == "core":                  # the other variant's maps are not made
+            for unused in probe.unused_maps(tuple(probe.select_tracepoints(tracepoint_available))):
+                with pytest.raises(KeyError):
+                    probe.obj.map(unused)
         probe.collect(time.time_ns(), time.time_ns())
         probe.poll()
 

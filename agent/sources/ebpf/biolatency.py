@@ -117,6 +117,9 @@ class BiolatencyProbe(Probe):
             return ("raw_tp__block_io_done", "raw_tp__block_rq_complete")
         return super().programs(tracepoints)
 
+    def unused_maps(self, tracepoints: tuple) -> tuple:
+        return ("bio_started",) if tuple(tracepoints) == ACCOUNTING_TRACEPOINTS else ()
+
     def params(self, tracepoints: tuple) -> dict:
         if tuple(tracepoints) != ACCOUNTING_TRACEPOINTS:
             return {}

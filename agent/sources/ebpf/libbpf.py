@@ -10,6 +10,7 @@ not go through libbpf at all (maps.py uses bpf(2) on the fds), so both loaders s
     obj = BpfObject.open(path)            parse the ELF, nothing in the kernel yet
     obj.set_rodata({"name": value})       `const volatile` globals, by name (the object's BTF)
     obj.set_max_entries(map, n)           size a map before load
+    obj.set_autocreate(map, False)        leave out a map no loaded program uses
     obj.programs()                        {program name: section}
     obj.set_autoload(name, False)         leave a program out of the load
     obj.load()                            relocate against the running kernel's BTF, verify;
@@ -139,6 +140,7 @@ def library():
                 ("bpf_link__destroy", i, [p]),
                 ("bpf_map__initial_value", p, [p, ct.POINTER(ct.c_size_t)]),
                 ("bpf_map__set_max_entries", i, [p, ct.c_uint32]),
+                ("bpf_map__set_autocreate", i, [p, b]),
                 ("btf__find_by_name_kind", i, [p, s, ct.c_uint32]),
                 ("btf__type_by_id", ct.POINTER(_BtfType), [p, ct.c_uint32]),
                 ("btf__name_by_offset", s, [p, ct.c_uint32]),
@@ -155,6 +157,8 @@ class _Captured:
     """libbpf's messages printed by this thread during a call, for the error."""
 
     def __enter__(self):
+        # bcc uses the same system libbpf and sets its own print function when it loads a probe
+        library().libbpf_set_print(_print)
         _capture.text = ""
         return self
 
@@ -275,6 +279,15 @@ class BpfObject:
         err = self._lib.bpf_map__set_max_entries(m, entries)
         if err:
             raise LibbpfError(f"{self.path}: max_entries of {name}: {os.strerror(-err)}")
+
+    def set_autocreate(self, name: str, create: bool) -> None:
+        """Whether the map `name` is created at load (its fd is then -1: map_fd raises KeyError)."""
+        m = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise LibbpfError(f"{self.path}: no map {name!r}")
+        err = self._lib.bpf_map__set_autocreate(m, create)
+        if err:
+            raise LibbpfError(f"{self.path}: autocreate of {name}: {os.strerror(-err)}")
 
     def load(self) -> None:
         with _Captured() as c:

@@ -58,6 +58,7 @@ class ProbeStatus:
     reason: str = ""
     description: str = ""
     loader: str = ""          # core or bcc: the loader that loads (or would load) it
+    fallback: str = ""        # ebpf.loader auto chose bcc: why not CO-RE
 
     @property
     def on(self) -> bool:
@@ -65,7 +66,7 @@ class ProbeStatus:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "state": self.state, "loader": self.loader, "reason": self.reason,
-                "tracepoints": list(self.tracepoints), "description": self.description}
+                "fallback": self.fallback, "tracepoints": list(self.tracepoints), "description": self.description}
 
 
 # --- host features ---------------------------------------------------------------------------
@@ -273,16 +274,17 @@ class HostCheck:
     def bcc_problem(self) -> Optional[str]:
         return bcc_problem() or headers_problem()
 
-    def loader(self, mode: str, probe: Probe, object_dir: str = "") -> tuple[str, Optional[str]]:
-        """(loader, why it cannot load `probe`) under `ebpf.loader: mode`."""
+    def loader(self, mode: str, probe: Probe, object_dir: str = "") -> tuple[str, Optional[str], str]:
+        """(loader, why it cannot load `probe`, why not CO-RE when auto falls back to bcc) under
+        `ebpf.loader: mode`."""
         if mode == BCC:
-            return BCC, self.bcc_problem
+            return BCC, self.bcc_problem, ""
         core = core_problem(probe, object_dir)
         if mode == CORE or core is None:
-            return CORE, core
+            return CORE, core, ""
         if self.bcc_problem is None:
-            return BCC, None
-        return "", f"{core}; bcc fallback: {self.bcc_problem}"
+            return BCC, None, core
+        return "", f"{core}; bcc fallback: {self.bcc_problem}", ""
 
 
 def plan(cfg, probes=None) -> list[Plan]:
@@ -291,10 +293,10 @@ def plan(cfg, probes=None) -> list[Plan]:
     plans = []
     for name, probe in _probes(cfg, probes).items():
         tps = tuple(probe.tracepoints)
-        loader = ""
+        loader, fallback = "", ""
         reason = _config_problem(cfg, name, probe) or host.problem
         if reason is None:
-            loader, reason = host.loader(cfg.loader, probe, cfg.object_dir)
+            loader, reason, fallback = host.loader(cfg.loader, probe, cfg.object_dir)
         if reason is None:
             chosen = probe.select_tracepoints(tracepoint_available)
             if chosen is None:
@@ -302,7 +304,7 @@ def plan(cfg, probes=None) -> list[Plan]:
                 reason = "tracepoint missing on this kernel: " + ", ".join(missing or tps)
             else:
                 tps = tuple(chosen)
-        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description, loader)
+        status = ProbeStatus(name, tps, OFF if reason else ON, reason or "", probe.description, loader, fallback)
         plans.append(Plan(probe, status, tps, cfg.object_dir))
     return plans
 
@@ -510,6 +512,8 @@ def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
         obj.set_rodata({k: v for k, v in probe.params(tps).items() if k in layout})
         for name, entries in probe.map_sizes().items():
             obj.set_max_entries(name, entries)
+        for name in probe.unused_maps(tps):
+            obj.set_autocreate(name, False)
         obj.load()
         obj.attach()
     except libbpf.LibbpfError as e:
@@ -562,7 +566,7 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return None, status
 
     def off(reason: str) -> ProbeStatus:
-        return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader)
+        return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader, status.fallback)
 
     try:
         obj = _load_core(probe, tps, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps)
@@ -674,6 +678,9 @@ def log_statuses(statuses: list[ProbeStatus]) -> None:
     log.info("ebpf_probes on=%s off=%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-")
     if off:
         log.warning("ebpf_probes_off %s", " ".join(f"{s.name}={json.dumps(s.reason)}" for s in off))
+    fallbacks = [s for s in statuses if s.fallback]
+    if fallbacks:       # bcc costs a compile per probe and LLVM's memory: say why CO-RE was not used
+        log.info("ebpf_bcc_fallback %s", " ".join(f"{s.name}={json.dumps(s.fallback)}" for s in fallbacks))
 
 
 def format_table(statuses: list[ProbeStatus]) -> str:

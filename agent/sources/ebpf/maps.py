@@ -5,10 +5,12 @@ is the one way the probes read them, so no probe module depends on either loader
 
     BpfMap.from_fd(fd, name)      type, key/value sizes and max_entries from the kernel (map info)
       .lookup(key) / .update(key, value, flags) / .delete(key) / .keys()
-      .lookup_batch(key_dtype)    every entry, BPF_MAP_LOOKUP_BATCH where the kernel has it
+      .read(key_dtype)            every entry, BPF_MAP_LOOKUP_BATCH where the kernel has it
       .sum(key)                   a per-CPU value summed over the CPUs, as u64
     prog_stats(fd)                a program's run_time_ns, run_cnt, recursion_misses
+    prog_btf_id(fd)               the id of the BTF it was loaded with
     enable_stats()                BPF_ENABLE_STATS: an fd; run-time stats are on while it is open
+    bpf(cmd, attr), obj_info(fd, info)   the system call, for btf.py
 
 Keys and values are bytes, ctypes objects, numpy scalars or ints. Errors are OSError with
 the kernel's errno.
@@ -37,7 +39,6 @@ BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 # map types whose values have one copy per possible CPU
 PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH = 5, 6, 10
 _PERCPU_TYPES = frozenset({PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH})
-RINGBUF = 27
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _NO_BATCH = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, 524})  # 524: ENOTSUPP

@@ -59,6 +59,11 @@ class Probe:
         variant attaches raw tracepoints (`raw_tp__event`)."""
         return tuple(tp.replace(":", "__", 1) for tp in tracepoints)
 
+    def unused_maps(self, tracepoints: tuple) -> tuple:
+        """Maps of the CO-RE object that only the variant not chosen uses: not created (an LRU
+        hash is preallocated whether used or not)."""
+        return ()
+
     def map_sizes(self) -> dict:
         """{map name: max_entries} set before a CO-RE load (bcc gets them through params())."""
         return {}

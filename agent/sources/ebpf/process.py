@@ -142,6 +142,10 @@ class ProcessProbe(RingProbe):
             log.warning("process_exit_codes_unavailable reason=\"no BTF at /sys/kernel/btf/vmlinux\"")
         return params
 
+    def unused_maps(self, tracepoints: tuple) -> tuple:
+        # command lines: 1024 argument buffers of 2 KiB, preallocated
+        return () if self.argv_tracepoints[0] in tracepoints else ("args_scratch", "pending_args")
+
     def map_sizes(self) -> dict:
         return {**super().map_sizes(), "procs": self.procs_max}
 

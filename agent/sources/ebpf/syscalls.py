@@ -109,6 +109,9 @@ class SyscallsProbe(Probe):
         # latency: raw tracepoints on both (no argument record is built); counting: sys_exit's
         return ("raw_tp__sys_enter", "raw_tp__sys_exit") if self.latency else super().programs(tracepoints)
 
+    def unused_maps(self, tracepoints: tuple) -> tuple:
+        return ("syscall_counts",) if self.latency else ("syscall_starts", "syscall_latency")
+
     def params(self, tracepoints: tuple) -> dict:
         params = {"SYSCALL_LATENCY": self.latency}
         if self.target_tgid is not None:
