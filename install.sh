@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # install.sh: from a fresh Debian 12 / Ubuntu 22.04+ host to a working hostagent in this checkout.
 #
-#   ./install.sh          bcc, kernel headers (linked where bcc looks), tracefs, .venv with hostagent
-#   ./install.sh --dev    the same plus what the tests need: pytest, bpfcc-tools, nftables, rpm, a C
-#                         compiler, ... and a VictoriaMetrics binary at .cache/bin/victoria-metrics
+#   ./install.sh          the BPF build tools (clang-14, llvm-14, libbpf-dev, bpftool) and the probes' CO-RE objects
+#                         (bpf/build/*.bpf.o), libbpf1, tracefs, .venv with hostagent; bcc and kernel
+#                         headers (linked where bcc looks) only where the kernel has no BTF
+#   ./install.sh --dev    the same plus what the tests need: bcc and headers always (the probe tests run
+#                         under both loaders), pytest, bpfcc-tools, nftables, rpm, a C compiler, ...
+#                         and a VictoriaMetrics binary at .cache/bin/victoria-metrics
 #
 # Idempotent: a second run checks everything, changes nothing and takes a few seconds.
 # Every failure prints "install.sh: <what failed>: <hint>" and exits non-zero.
@@ -28,10 +31,14 @@ usage() {
     cat <<'EOF'
 usage: ./install.sh [--dev]
 
-Installs the distro's bcc (python3-bpfcc), python3-venv and kernel headers, links the headers
-where bcc looks for them, mounts tracefs, and installs hostagent into <checkout>/.venv.
+Installs the BPF build tools (clang-14, llvm-14, libbpf-dev, bpftool), builds the probes' CO-RE objects
+(bpf/build.sh -> bpf/build/*.bpf.o), installs libbpf1 and python3-venv, mounts tracefs, and installs
+hostagent into <checkout>/.venv. Where the kernel has no BTF (/sys/kernel/btf/vmlinux absent), the
+probes load through bcc instead: then it also installs bcc (python3-bpfcc) and kernel headers and
+links the headers where bcc looks for them.
 
-  --dev    also install the test dependencies (pytest, bpfcc-tools, nftables, iproute2, python3-seccomp,
+  --dev    also install bcc and kernel headers whatever the kernel (the probe tests run under both
+           loaders) and the test dependencies (pytest, bpfcc-tools, nftables, iproute2, python3-seccomp,
            e2fsprogs, rpm, systemd, systemd-container, debootstrap, a C compiler, ...) and a VictoriaMetrics binary at
            .cache/bin/victoria-metrics (Debian: from trixie, added as an apt source pinned low)
 EOF
@@ -213,6 +220,51 @@ setup_headers() {
     fi
 }
 
+# --- CO-RE objects -------------------------------------------------------------------------------
+
+BTF=/sys/kernel/btf/vmlinux
+
+# The build tools: clang-14 (the release the programs are tested with; plain clang where the distro
+# has no clang-14) and its llvm-strip, libbpf's headers, and bpftool (bpf/build.sh makes vmlinux.h
+# with it). Ubuntu has no bpftool package: its bpftool is in linux-tools-<kernel>, through
+# linux-tools-common's wrapper.
+BUILD_TOOLS=()
+
+build_tool_packages() {
+    BUILD_TOOLS=(clang-14 llvm-14 libbpf-dev)
+    installed clang-14 || [[ -n $(candidate clang-14) ]] || BUILD_TOOLS=(clang llvm libbpf-dev)
+    if installed bpftool || [[ -n $(candidate bpftool) ]]; then
+        BUILD_TOOLS+=(bpftool)
+    elif [[ $FAMILY == ubuntu ]]; then
+        BUILD_TOOLS+=(linux-tools-common "linux-tools-$(uname -r)")
+    else
+        die "no bpftool package in the apt sources" "bpf/build.sh needs bpftool to generate vmlinux.h; install it by hand"
+    fi
+}
+
+# True when every bpf/*.bpf.c has its object in bpf/build, at least as new as the newest program
+# or shared header: a second run does not compile again.
+objects_fresh() {
+    local src newest
+    newest=$(stat -c %Y "$ROOT"/bpf/*.bpf.c "$ROOT"/bpf/include/* 2>/dev/null | sort -n | tail -n 1)
+    for src in "$ROOT"/bpf/*.bpf.c; do
+        src=$(basename "$src")
+        [[ -f $ROOT/bpf/build/${src%.c}.o && $(stat -c %Y "$ROOT/bpf/build/${src%.c}.o") -ge $newest ]] || return 1
+    done
+}
+
+build_objects() {
+    [[ -f $ROOT/bpf/build.sh ]] \
+        || die "bpf/build.sh is missing" "the checkout is incomplete; check out the whole repository"
+    if objects_fresh; then
+        say "BPF objects: bpf/build/*.bpf.o are up to date"
+        return 0
+    fi
+    say "BPF objects: bpf/build.sh (CO-RE, for any kernel with BTF)"
+    CLANG=${CLANG:-${BUILD_TOOLS[0]}} bash "$ROOT/bpf/build.sh" "$ROOT/bpf/build" \
+        || die "bpf/build.sh failed" "see the compiler output above; clang-14, llvm-14, libbpf-dev and bpftool must be installed"
+}
+
 # --- tracefs ------------------------------------------------------------------------------------
 
 setup_tracefs() {
@@ -374,8 +426,13 @@ setup_victoria_metrics() {
 # --- checks -------------------------------------------------------------------------------------
 
 verify() {
-    "$VENV/bin/python" -c 'import bcc, agent' \
-        || die "'import bcc, agent' fails in $VENV" "bcc comes from python3-bpfcc under /usr/lib/python3/dist-packages; the venv must use $SYS_PYTHON with --system-site-packages"
+    local bcc=$1
+    "$VENV/bin/python" -c 'import agent' \
+        || die "'import agent' fails in $VENV" "see the error above; re-run ./install.sh after fixing it"
+    if [[ $bcc == 1 ]]; then
+        "$VENV/bin/python" -c 'import bcc' \
+            || die "'import bcc' fails in $VENV" "bcc comes from python3-bpfcc under /usr/lib/python3/dist-packages; the venv must use $SYS_PYTHON with --system-site-packages"
+    fi
     local v
     v=$("$VENV/bin/hostagent" version) \
         || die "'$VENV/bin/hostagent version' failed" "see the error above; re-run ./install.sh after fixing it"
@@ -395,15 +452,37 @@ main() {
     detect_os
     require_root "$@"
 
-    local pkgs=(python3-bpfcc python3-venv ca-certificates)
+    # The run side of CO-RE is libbpf1 alone. bcc and kernel headers are the fallback where the
+    # kernel has no BTF, and the tests' second loader.
+    local bcc=$dev
+    if [[ ! -e $BTF ]]; then
+        bcc=1
+        say "kernel without BTF ($BTF absent): the probes load through bcc, which needs kernel headers"
+    fi
+    # Fresh hosts (containers, minimal images) have no package lists at all.
+    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update
+    local core=1 pkgs=(python3-venv ca-certificates)
+    if ! installed libbpf1 && [[ -z $(candidate libbpf1) ]]; then
+        core=0 bcc=1
+        say "no libbpf1 in the apt sources (Ubuntu 22.04 has only libbpf0, 0.5, which the CO-RE loader cannot use): the probes load through bcc"
+    else
+        build_tool_packages
+        pkgs+=(libbpf1 "${BUILD_TOOLS[@]}")
+    fi
+    if [[ $bcc == 1 ]]; then
+        pkgs+=(python3-bpfcc)
+    fi
     if [[ $dev == 1 ]]; then
         pkgs+=(bpfcc-tools nftables iproute2 e2fsprogs util-linux procps gcc libc6-dev curl rpm systemd python3-seccomp prometheus-node-exporter
               systemd-container debootstrap)
     fi
-    # Fresh hosts (containers, minimal images) have no package lists at all.
-    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update
     apt_install "${pkgs[@]}"
-    setup_headers
+    if [[ $core == 1 ]]; then
+        build_objects
+    fi
+    if [[ $bcc == 1 ]]; then
+        setup_headers
+    fi
     setup_tracefs
     if [[ $dev == 1 ]]; then
         setup_trixie
@@ -412,7 +491,7 @@ main() {
     if [[ $dev == 1 ]]; then
         setup_victoria_metrics
     fi
-    verify
+    verify "$bcc"
     say "done in $((SECONDS - start))s"
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints the path of a Debian 12 root that boots systemd under systemd-nspawn, for
 # tests/test_systemd_container.py: debootstrap minbase with systemd and what the hostagent .deb
-# depends on, so the package installs with apt inside and without network.
+# depends on (and nothing it only suggests), so the package installs with apt inside and without
+# network.
 #
 # Built once (about 3 minutes) and cached under /var/cache/hostagent-test/, keyed by a hash of the
 # suite and the package list: a change to either builds a new root and removes the old one. The
@@ -15,9 +16,10 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${HOSTAGENT_TEST_CACHE:-/var/cache/hostagent-test}
 SUITE=bookworm
-# systemd as PID 1, then packaging/build.py's Depends (python3-bpfcc; procps for the unit's
-# /bin/kill): the test installs the .deb offline, so a new dependency must be added here too.
-PACKAGES=systemd,systemd-sysv,dbus,python3,python3-bpfcc,procps
+# systemd as PID 1, then packaging/build.py's Depends (libbpf1 for the CO-RE loader; procps for
+# the unit's /bin/kill): the test installs the .deb offline, so a new dependency must be added here
+# too. No python3-bpfcc, clang, LLVM or kernel headers: the test shows the probes run without them.
+PACKAGES=systemd,systemd-sysv,dbus,python3,libbpf1,procps
 
 say()  { echo "systemd-root: $*" >&2; }
 fail() { echo "systemd-root: $1: $2" >&2; exit 1; }
@@ -58,7 +60,14 @@ keyring=()
 [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] && keyring=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
 
 for old in "$CACHE/$SUITE"-*; do
-    [[ -e $old ]] && { say "removing $old (another package list)"; rm -rf --one-file-system "$old"; }
+    [[ -e $old && $old != "$root.tmp" ]] || continue
+    # a container booted from it (another checkout's test run) has it mounted: leave it for now
+    if grep -qF "$old" /proc/mounts; then
+        say "keeping $old (another package list, in use)"
+        continue
+    fi
+    say "removing $old (another package list)"
+    rm -rf --one-file-system "$old"
 done
 tmp=$root.tmp
 rm -rf --one-file-system "$tmp"

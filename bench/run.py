@@ -59,6 +59,7 @@ SUITE = [
     "export",
     "network",
     "memory",
+    "loaders",
     "agent",
 ]
 

@@ -9,9 +9,14 @@
 What goes in the package:
 
     /opt/hostagent/agent/         the application (source and byte code)
+    /opt/hostagent/bpf/build/     the probes' CO-RE objects (<name>.bpf.o), compiled here by bpf/build.sh
+                                  against the build host's BTF and relocated by libbpf at load time
+                                  on the target: no compiler, LLVM or kernel headers there
     /opt/hostagent/bpf/           the BPF C programs, beside agent/ where the probes look for them
+                                  (the bcc fallback compiles them where a kernel has no BTF)
     /opt/hostagent/venv/          a virtualenv on the distro Python (--system-site-packages: bcc's
-                                  Python module comes only from the distro) with the dependencies
+                                  Python module, for the fallback, comes only from the distro) with
+                                  the dependencies
     /usr/bin/hostagent            -> /opt/hostagent/venv/bin/hostagent
     /etc/hostagent/agent.yaml     the default config (a conffile / %config(noreplace))
     <unitdir>/hostagent.service   /lib/systemd/system (deb), %{_unitdir} (rpm)
@@ -24,6 +29,14 @@ own path are the scripts in venv/bin and pyvenv.cfg (rewritten here) and the sou
 byte code (compiled here with the final paths). The build fails if the staging path is left in
 any file. The interpreter is bound to the build host's Python X.Y, so the package depends on
 exactly that version; build on the distribution release you install on.
+
+Dependencies: libbpf1 (the CO-RE loader opens libbpf.so.1). bcc (python3-bpfcc / python3-bcc)
+and kernel headers are only Suggested: they are the fallback for kernels without BTF
+(/sys/kernel/btf/vmlinux), and pull LLVM and clang (over 100 MB) onto every host that installs
+Recommends. Ubuntu 22.04 has only libbpf0 (0.5): no libbpf.so.1, no bpf_object__next_program
+(libbpf 0.6) that the loader walks an object's programs with, and failed calls return error-encoded
+pointers instead of NULL and errno (the 1.0 convention; its opt-in, libbpf_set_strict_mode, is 0.6
+too). Build the package on Debian 12+ / Ubuntu 23.04+, where libbpf1 exists.
 """
 from __future__ import annotations
 
@@ -117,8 +130,27 @@ def python_info(python: str) -> dict:
 
 
 def copy_tree(src: str, dst: str) -> None:
+    # bpf/build holds a checkout's own objects (and vmlinux.h): the package's are built afresh
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(
-        "__pycache__", "*.pyc", "*.pyo", "*.egg-info", ".*"))
+        "__pycache__", "*.pyc", "*.pyo", "*.egg-info", ".*", "build"))
+
+
+def build_objects(app: str, workdir: str | None) -> None:
+    """bpf/build.sh compiles every bpf/<name>.bpf.c; only the objects ship (not vmlinux.h)."""
+    sources = sorted(n[:-len(".c")] for n in os.listdir(os.path.join(ROOT, "bpf")) if n.endswith(".bpf.c"))
+    out = tempfile.mkdtemp(prefix="hostagent-bpf-", dir=workdir)
+    try:
+        log(f"BPF objects: bpf/build.sh ({len(sources)} programs)")
+        run(["bash", os.path.join(ROOT, "bpf", "build.sh"), out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        missing = [n for n in sources if not os.path.isfile(os.path.join(out, n + ".o"))]
+        if missing:
+            raise BuildError(f"bpf/build.sh wrote no object for {', '.join(missing)}")
+        dest = os.path.join(app, "bpf", "build")
+        os.makedirs(dest)
+        for name in sources:
+            shutil.copy(os.path.join(out, name + ".o"), dest)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def stamp_version(app: str, version: str) -> None:
@@ -189,7 +221,7 @@ def smoke_test(stage_root: str, venv: str, config: str) -> None:
         except ImportError:
             bcc = None
             print("build: note: bcc is not importable on this build host (python3-bpfcc); "
-                  "the package depends on it", file=sys.stderr)
+                  "it is the fallback for kernels without BTF", file=sys.stderr)
         missing = []
         for mod in pkgutil.walk_packages(agent.__path__, "agent."):
             if mod.name.endswith(".__main__"):
@@ -282,6 +314,7 @@ def _stage(args, unitdir: str, stage_root: str, proj: dict, py: dict) -> dict:
     for d in APP_DIRS:
         copy_tree(os.path.join(ROOT, d), os.path.join(app, d))
     stamp_version(app, args.version)
+    build_objects(app, args.workdir)
     venv = build_venv(stage_root, args.python, proj["dependencies"], args.wheel_cache)
 
     etc = stage_root + "/etc/hostagent"
@@ -322,13 +355,13 @@ def build_deb(args) -> str:
     root, facts = stage(args, "/lib/systemd/system")
     try:
         major, minor = map(int, facts["python"].split("."))
-        # procps: /bin/kill, the unit's ExecReload (not Essential: minimal images lack it)
-        depends = [f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})", "python3-bpfcc", "procps"]
-        # Kernel headers for bcc must match the running kernel, which no static dependency can
-        # name: the distro's meta package (Ubuntu: linux-headers-generic, Debian:
-        # linux-headers-<arch>) tracks the current kernel. Recommended, not required: without
-        # headers (and without in-kernel kheaders) the probes are off and host metrics still run.
-        recommends = [f"linux-headers-generic | linux-headers-{arch}"]
+        # libbpf1: the CO-RE loader; procps: /bin/kill, the unit's ExecReload (not Essential:
+        # minimal images lack it)
+        depends = [f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{minor + 1})", "libbpf1", "procps"]
+        # The bcc fallback, for kernels without BTF: bcc and headers that match the running
+        # kernel (the distro's meta package tracks it). Suggested, not Recommended, so that apt's
+        # defaults put no compiler on a host (see the module's docstring).
+        suggests = ["python3-bpfcc", f"linux-headers-generic | linux-headers-{arch}"]
         debian = os.path.join(root, "DEBIAN")
         os.makedirs(debian)
         size_kib = sum((os.lstat(os.path.join(d, f)).st_size + 1023) // 1024
@@ -340,7 +373,7 @@ def build_deb(args) -> str:
             "Maintainer": args.maintainer,
             "Installed-Size": str(size_kib),
             "Depends": ", ".join(depends),
-            "Recommends": ", ".join(recommends),
+            "Suggests": ", ".join(suggests),
             "Section": "admin",
             "Priority": "optional",
             "Description": SUMMARY + "\n" + "\n".join(

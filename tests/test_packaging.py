@@ -114,6 +114,32 @@ LAYOUT = ["/opt/hostagent/agent/cli.py", "/opt/hostagent/agent/__main__.py",
           "/usr/bin/hostagent", "/usr/share/doc/hostagent/operations.md"]
 
 
+# What the target needs no more with CO-RE: a compiler, LLVM, kernel headers, bcc.
+COMPILER_PACKAGES = {"python3-bpfcc", "libbpfcc", "bpfcc-tools", "clang", "clang-14", "llvm", "libllvm14",
+                     "libclang-cpp14", "linux-headers-generic", "linux-headers-amd64", "linux-headers-arm64"}
+EM_BPF = 247
+
+
+def package_names(field: str) -> set:
+    """The package names in a Depends-like field (alternatives included, versions dropped)."""
+    return {alt.split("(")[0].strip() for dep in field.split(",") for alt in dep.split("|") if alt.strip()}
+
+
+def bpf_objects() -> list:
+    """The object each bpf/<name>.bpf.c compiles to."""
+    return sorted(n[:-len(".c")] + ".o" for n in os.listdir(os.path.join(ROOT, "bpf")) if n.endswith(".bpf.c"))
+
+
+def test_deb_ships_bpf_objects(built, tmp_path):
+    sh("dpkg-deb", "--extract", built["deb"], str(tmp_path))
+    for name in bpf_objects():
+        with open(tmp_path / "opt/hostagent/bpf/build" / name, "rb") as f:
+            header = f.read(20)
+        # an ELF relocatable object for the BPF machine, little-endian on this host
+        assert header[:4] == b"\x7fELF" and int.from_bytes(header[16:18], "little") == 1, name
+        assert int.from_bytes(header[18:20], "little") == EM_BPF, name
+
+
 def test_deb_layout_and_metadata(built):
     entries = deb_entries(built["deb"])
     for path in LAYOUT + [DEB_UNIT]:
@@ -125,18 +151,26 @@ def test_deb_layout_and_metadata(built):
     assert all(owner == "root/root" for _, _, _, owner in entries.values())
     # every BPF program of the checkout sits beside the agent package, where the probes look
     for name in os.listdir(os.path.join(ROOT, "bpf")):
-        assert f"/opt/hostagent/bpf/{name}" in entries
+        if name != "build":  # a checkout's own objects: the package builds its own
+            assert f"/opt/hostagent/bpf/{name}" in entries
+    # ... with its CO-RE object, and nothing else from the build (vmlinux.h stays on the build host)
+    assert {p for p in entries if p.startswith("/opt/hostagent/bpf/build/")} == \
+        {f"/opt/hostagent/bpf/build/{name}" for name in bpf_objects()}
     # byte code ships (nothing is written under /opt at run time), pip does not
     assert "/opt/hostagent/agent/__pycache__" in entries
     assert not any("/site-packages/pip/" in p or p.endswith("/bin/pip") for p in entries)
 
     fields = {k: sh("dpkg-deb", "--field", built["deb"], k).stdout.strip()
-              for k in ("Package", "Architecture", "Depends", "Recommends")}
+              for k in ("Package", "Architecture", "Depends", "Recommends", "Suggests")}
     assert fields["Package"] == "hostagent"
-    assert "python3-bpfcc" in fields["Depends"]
     major, minor = sh("/usr/bin/python3", "-c", "import sys; print(*sys.version_info[:2])").stdout.split()
     assert f"python3 (>= {major}.{minor})" in fields["Depends"]
-    assert "linux-headers" in fields["Recommends"]
+    # CO-RE: libbpf1 on the target; bcc and headers (the fallback, with LLVM and clang) are only
+    # suggested, so that apt installs no compiler with the package
+    depends = package_names(fields["Depends"])
+    assert "libbpf1" in depends
+    assert not (depends | package_names(fields["Recommends"])) & COMPILER_PACKAGES, fields
+    assert {"python3-bpfcc", "linux-headers-generic"} <= package_names(fields["Suggests"])
 
     control = tempfile.mkdtemp()
     try:
@@ -175,8 +209,10 @@ def test_rpm_layout_and_metadata(built):
     assert {p for p, e in entries.items() if e[0] != "d"} == deb_files
 
     requires = sh("rpm", "-qp", "--requires", built["rpm"]).stdout
-    assert "python3-bcc" in requires and "python(abi) =" in requires
-    assert "kernel-devel" in sh("rpm", "-qp", "--recommends", built["rpm"]).stdout
+    assert "libbpf.so.1" in requires and "python(abi) =" in requires
+    assert "bcc" not in requires and not sh("rpm", "-qp", "--recommends", built["rpm"]).stdout.strip()
+    suggests = sh("rpm", "-qp", "--suggests", built["rpm"]).stdout
+    assert "python3-bcc" in suggests and "kernel-devel" in suggests
     scripts = sh("rpm", "-qp", "--scripts", built["rpm"]).stdout
     assert "check-config" in scripts and "systemctl" in scripts
 

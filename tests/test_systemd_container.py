@@ -1,7 +1,8 @@
 """hostagent.service under a real systemd. PID 1 of the test machine need not be systemd: a Debian 12
 root (.ci/systemd-root.sh, cached under /var/cache/hostagent-test) boots with systemd-nspawn, the
-checkout's .deb is installed in it with apt, and the unit is driven with systemctl as an
-administrator drives it: start (Type=notify), the eBPF probes under the unit's sandbox, reload, the
+checkout's .deb is installed in it with apt (--no-install-recommends), and the unit is driven with
+systemctl as an administrator drives it: start (Type=notify), the eBPF probes under the unit's
+sandbox loaded through CO-RE on a root without clang, LLVM, kernel headers or bcc, reload, the
 watchdog, the journal, `systemd-analyze security`, stop/start with a backlog in the persistent
 queue, purge. The tests share one container (module scope) and run in file order; each leaves the
 service running with the base test config.
@@ -9,9 +10,9 @@ service running with the base test config.
 The container: --volatile=overlay (the cached root stays read-only; changes go to a tmpfs that
 disappears at power-off), its own network namespace (the agent's health port and the test
 receiver see nothing of the host's), CAP_BPF and CAP_PERFMON and the bpf and perf_event_open
-system calls passed in (systemd-nspawn withholds them by default), the host's kernel headers
-(/lib/modules, /usr/src) bound read-only and tracefs mounted for bcc, and its own cgroup below one this
-module creates and removes. What a container cannot show (the unit's sandbox on a host kernel with
+system calls passed in (systemd-nspawn withholds them by default), tracefs mounted (libbpf finds
+the tracepoints there), no kernel headers (the host's /lib/modules and /usr/src stay outside), and its
+own cgroup below one this module creates and removes. What a container cannot show (the unit's sandbox on a host kernel with
 the host's processes) stays in test_packaging.py with packaging/unit-sandbox.py.
 
 Needs root, systemd-nspawn (systemd-container), debootstrap and, for the first build of the root,
@@ -113,10 +114,9 @@ class Container:
 
     def boot(self, timeout: float = 120) -> float:
         started = time.monotonic()
-        binds = [f"--bind-ro={p}" for p in ("/lib/modules", "/usr/src") if os.path.isdir(p)]
         nspawn = ["systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit", "--volatile=overlay",
                   "--private-network", "--console=pipe", f"--machine={self.name}", "--directory", self.root,
-                  "--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf perf_event_open", *binds]
+                  "--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf perf_event_open"]
         for cg in self.cgroups:
             os.mkdir(cg)
         # join the cgroups first, then become systemd-nspawn
@@ -134,6 +134,7 @@ class Container:
                         self.leader = int(pid)
             time.sleep(0.1)
         # systemd-nspawn mounts /sys/kernel over a bind of tracefs: mount it inside, as install.sh does
+        # (/sys/kernel/btf/vmlinux, which CO-RE relocates against, is there either way)
         if os.path.ismount("/sys/kernel/tracing"):
             self.sh("mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing")
         # empty until PID 1 answers on its socket
@@ -326,6 +327,30 @@ def test_apt_installs_the_deb_offline_and_starts_the_service(container):
         assert owner in needed, f"{key} runs {program} from {owner}, which hostagent does not depend on ({depends})"
 
 
+# Packages a CO-RE host does without: the compiler, LLVM, kernel headers, bcc.
+COMPILER_PACKAGES = re.compile(r"^(clang(-\d+)?|llvm(-.*)?|libllvm\d+|libclang.*|linux-headers-.*|python3-bpfcc|libbpfcc|"
+                               r"bpfcc-tools|gcc(-\d+)?|cpp(-\d+)?)$")
+
+
+def test_probes_run_through_core_without_a_compiler_or_headers(container, request):
+    installed = container.sh("dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev}\n").stdout.splitlines()
+    names = [line.split()[0] for line in installed if line.split()[1:2] == ["ii"]]
+    assert not [n for n in names if COMPILER_PACKAGES.match(n)], names
+    assert container.sh("sh", "-c", "command -v clang clang-14 llc gcc", check=False).stdout.strip() == ""
+    krel = os.uname().release
+    assert not os.path.lexists(container.path(f"/lib/modules/{krel}/build"))
+    assert not os.path.lexists(container.path(f"/lib/modules/{krel}/source"))
+    assert container.sh("python3", "-c", "import bcc", check=False).returncode != 0, "bcc is importable"
+    assert os.path.exists(container.path("/sys/kernel/btf/vmlinux"))
+    # every probe `hostagent probes` shows on loads through CO-RE
+    rows = json.loads(container.sh("hostagent", "probes", "--json").stdout)
+    on = {p["name"]: p.get("loader") for p in rows if p["state"] == "on"}
+    assert on and set(on.values()) == {"core"}, rows
+    text = container.sh("hostagent", "probes").stdout
+    assert all(re.search(rf"^{name}\s+on\s+core\b", text, re.M) for name in on), text
+    report(request, f"probes on through CO-RE without compiler or headers: {sorted(on)}")
+
+
 def test_start_reaches_active_only_after_ready(container):
     assert container.show("Type") == "notify"
     container.systemctl("stop", UNIT)
@@ -355,7 +380,7 @@ def test_probes_load_under_the_unit_sandbox(container, request):
     assert expected, f"no probe can load in the container: {everything}"
     # the service, under hostagent.service's sandbox: the same probes load
     invocation = container.show("InvocationID")
-    # bcc compiles the probes after READY=1: slow on a busy machine
+    # the probes load after READY=1
     m = container.wait_journal(r"ebpf_probes on=(\S*)", invocation, timeout=180)
     assert set(m.group(1).split(",")) == expected, m.group(0)
     # ... and their data is exported
