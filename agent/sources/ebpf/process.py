@@ -147,8 +147,9 @@ class ProcessProbe(RingProbe):
         return params
 
     def unused_maps(self, tracepoints: tuple) -> tuple:
-        # command lines: 1024 argument buffers of 2 KiB, preallocated
-        return () if self.argv_tracepoints[0] in tracepoints else ("args_scratch", "pending_args")
+        # command lines: argument buffers of 2 KiB, preallocated (the exec program still looks
+        # in pending_args, which stays empty without the argv programs)
+        return () if self.argv_tracepoints[0] in tracepoints else ("args_scratch",)
 
     def map_sizes(self) -> dict:
         return {**super().map_sizes(), "procs": self.procs_max}
