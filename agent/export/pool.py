@@ -61,7 +61,6 @@ class Endpoint:
         self.up = True
         self.failures = 0
         self.retry_at = 0.0
-        self.last_error = ""
         self.tls_error = ""  # the TLS error already logged, until the endpoint works again
         self.conn = None
         stats.up.observe(self.attrs, lambda: 1 if self.up else 0)
@@ -140,7 +139,6 @@ class EndpointPool:
 
     def failed(self, ep: Endpoint, error: str) -> None:
         with self._lock:
-            ep.last_error = error
             ep.failures += 1
             ep.retry_at = time.monotonic() + health_backoff(ep.failures)
             if ep.up and self.multiple:

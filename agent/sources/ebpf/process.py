@@ -117,7 +117,6 @@ class ProcessProbe(RingProbe):
         self.rings = (Ring("exec_events", EXEC_EVENT, exec_ring_pages, "EXEC"),
                       Ring("exit_events", EXIT_EVENT, exit_ring_pages, "EXIT"))
         self.procs_max = procs_max
-        self.exit_codes = False
         self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
         self.cgroups: Optional[CgroupPaths] = None
 
@@ -139,7 +138,6 @@ class ProcessProbe(RingProbe):
                   "HA_EXIT_HAS_GROUP_DEAD": "group_dead" in tracepoint_fields("sched:sched_process_exit"),
                   "HA_CAPTURE_ARGS": self.argv_tracepoints[0] in tracepoints}
         offset = btf_member_offset("task_struct", "exit_code")
-        self.exit_codes = offset is not None
         if offset is not None:
             params["HA_TASK_EXIT_CODE_OFFSET"] = offset
         else:
