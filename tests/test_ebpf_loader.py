@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -582,3 +583,21 @@ def test_probes_command_says_which_loader_and_why(tmp_path):
             assert (s["loader"], s["reason"]) == ("core", "object missing (run bpf/build.sh)"), s
     table = hostagent("probes", "--config", str(path)).stdout.splitlines()
     assert table[0].split()[:3] == ["PROBE", "STATE", "LOADER"]
+
+
+@needs_root
+def test_a_damaged_object_file_turns_off_its_probe_only(tmp_path):
+    """Object files are outside data: a file of random bytes and an empty one each turn off their
+    own probe with a reason in words, and the other probes load."""
+    objects = tmp_path / "objects"
+    shutil.copytree(core_objects(), objects)
+    (objects / "runqlat.bpf.o").write_bytes(os.urandom(4096))
+    (objects / "signals.bpf.o").write_bytes(b"")
+    src = EbpfSource(EbpfConfig(loader="core", object_dir=str(objects)), SelfMetrics(), Resource(()))
+    try:
+        statuses = {s.name: s for s in src.statuses}
+        for name in ("runqlat", "signals"):
+            assert not statuses[name].on and "BPF object format invalid" in statuses[name].reason, statuses[name]
+        assert all(statuses[name].on for name in ("biolatency", "tcp", "process", "oom")), statuses
+    finally:
+        src.close()

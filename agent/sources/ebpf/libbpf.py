@@ -145,6 +145,7 @@ def library():
                 ("btf__type_by_id", ct.POINTER(_BtfType), [p, ct.c_uint32]),
                 ("btf__name_by_offset", s, [p, ct.c_uint32]),
                 ("btf__raw_data", p, [p, ct.POINTER(ct.c_uint32)]),
+                ("libbpf_strerror", i, [i, ct.c_char_p, ct.c_size_t]),
                 ("libbpf_set_print", p, [_PRINT_FN])):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
@@ -168,8 +169,15 @@ class _Captured:
         return False
 
 
+def strerror(err: int) -> str:
+    """An errno, or one of libbpf's own (4000 and up, e.g. a file that is no BPF object), in words."""
+    buf = ct.create_string_buffer(128)
+    library().libbpf_strerror(abs(err), buf, len(buf))
+    return buf.value.decode(errors="replace") or os.strerror(abs(err))
+
+
 def _errno_error(what: str, captured: _Captured, err: int) -> LibbpfError:
-    detail = os.strerror(err) if err else "failed"
+    detail = strerror(err) if err else "failed"
     return LibbpfError(f"{what}: {detail}", captured.text)
 
 
@@ -214,7 +222,7 @@ class BpfObject:
             raise LibbpfError(f"{self.path}: no program {name!r}")
         err = self._lib.bpf_program__set_autoload(prog, autoload)
         if err:
-            raise LibbpfError(f"{self.path}: autoload {name}: {os.strerror(-err)}")
+            raise LibbpfError(f"{self.path}: autoload {name}: {strerror(err)}")
 
     def rodata_layout(self) -> dict:
         """{variable name: (offset, size)} of the object's .rodata section, from its BTF DATASEC."""
@@ -278,7 +286,7 @@ class BpfObject:
             raise LibbpfError(f"{self.path}: no map {name!r}")
         err = self._lib.bpf_map__set_max_entries(m, entries)
         if err:
-            raise LibbpfError(f"{self.path}: max_entries of {name}: {os.strerror(-err)}")
+            raise LibbpfError(f"{self.path}: max_entries of {name}: {strerror(err)}")
 
     def set_autocreate(self, name: str, create: bool) -> None:
         """Whether the map `name` is created at load (its fd is then -1: map_fd raises KeyError)."""
@@ -287,7 +295,7 @@ class BpfObject:
             raise LibbpfError(f"{self.path}: no map {name!r}")
         err = self._lib.bpf_map__set_autocreate(m, create)
         if err:
-            raise LibbpfError(f"{self.path}: autocreate of {name}: {os.strerror(-err)}")
+            raise LibbpfError(f"{self.path}: autocreate of {name}: {strerror(err)}")
 
     def load(self) -> None:
         with _Captured() as c:
