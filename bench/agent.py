@@ -41,7 +41,6 @@ import gzip
 import http.client
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,7 +51,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import parser, write_json  # noqa: E402
+from bench.common import parser, stop, write_json  # noqa: E402
 
 CATEGORY = "whole agent"
 
@@ -276,14 +275,7 @@ class Measured:
         self.rss.append(proc_mem(self.proc.pid)["rss"])
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop(self.proc, 30)
 
 
 def agent_config(tmp: str, case: str, overrides: dict, port: int, probes: list) -> str:

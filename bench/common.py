@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 
 
 def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
@@ -30,3 +32,15 @@ def finish(args, category: str, results: list, print_table) -> int:
     if args.json:
         write_json(args.json, {"category": category, "results": results})
     return 0
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after `timeout` seconds; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.agent import agent_python, enable_bpf_stats, wait_until  # noqa: E402
-from bench.common import finish, parser  # noqa: E402
+from bench.common import finish, parser, stop  # noqa: E402
 
 CATEGORY = "ebpf loaders"
 BASELINE = "the bcc fallback (ebpf.loader: bcc): the same programs compiled at start"
@@ -100,13 +99,8 @@ class Agent:
         return json.loads(m.group(1)) if m else "no reason logged"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, 30)
 
 
 def probes_on(line: str) -> list:

@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.common import finish, parser  # noqa: E402
+from bench.common import finish, parser, stop  # noqa: E402
 
 CATEGORY = "network"
 DELAY_MS = 5.0
@@ -119,13 +119,7 @@ class Receiver:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 10)
         try:
             with open(self._port_file + ".count") as f:
                 self.counts = json.load(f)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import parser, write_json  # noqa: E402
+from bench.common import parser, stop, write_json  # noqa: E402
 
 LOOP_C = r"""
 #include <stdio.h>
@@ -138,13 +137,7 @@ class Syscount:
         return self
 
     def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 10)
         self.proc.stdout.close()
 
 
