@@ -28,6 +28,10 @@ class Workload:
 
 
 HOST = Workload("host", "/", ())
+# an id whose cgroup is gone and was never seen alive (kept apart from the host, never dropped)
+UNRESOLVED = Workload("unresolved", "", (("process.linux.cgroup", "unresolved"),))
+# the key kernel maps use for what did not fit (bpf/include/maps.h HA_CGROUP_OVERFLOW)
+CGROUP_OVERFLOW = 0xFFFFFFFFFFFFFFFF
 
 
 def classify(path: str) -> Workload:
@@ -74,6 +78,14 @@ class WorkloadResolver:
                 return None
             workload = self.learn(cgroup_id, path)
         return workload
+
+    def resolve(self, cgroup_id: int) -> Workload:
+        """workload(), with UNRESOLVED for an id that cannot be resolved."""
+        return self.workload(cgroup_id) or UNRESOLVED
+
+    def alive(self, cgroup_id: int) -> bool:
+        """Whether the cgroup still exists (its kernel map entries may then still grow)."""
+        return self.paths.path(cgroup_id) is not None
 
     def _remember(self, cgroup_id: int, workload: Workload) -> None:
         if cgroup_id not in self._known and len(self._known) >= self.cache_size:
