@@ -22,7 +22,7 @@ from agent.logs import LoggingConfig
 from agent.pipeline.batcher import BatchConfig
 from agent.procfs.identity import EnrichmentConfig
 from agent.resource import ResourceConfig
-from agent.sources import host
+from agent.sources import cgroups, host
 from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.process import ProcessScraper, ProcessScraperConfig
@@ -39,6 +39,8 @@ SCRAPERS = {f.type: f for f in (
     Factory("processes", host.ScraperConfig, host.ProcessesScraper),
     Factory("process", ProcessScraperConfig, ProcessScraper),
     Factory("system", host.ScraperConfig, host.SystemScraper),
+    Factory("pressure", cgroups.PressureScraperConfig, cgroups.PressureScraper),
+    Factory("cgroups", cgroups.CgroupScraperConfig, cgroups.CgroupUsageScraper),
 )}
 
 # sources loaded in the background once the scrapers run, each with a config section of its name

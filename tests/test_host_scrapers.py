@@ -41,6 +41,8 @@ from tests.helpers import finishes
 
 RESOURCE = Resource((("service.name", "test"), ("host.name", "test-host")))
 HOST_SCRAPERS = ("cpu", "disk", "filesystem", "load", "memory", "network", "paging", "processes", "system")
+# not the Collector's (semantic conventions and proposals): tests/test_pressure.py, tests/test_cgroup_usage.py
+OWN_SCRAPERS = ("pressure", "cgroups")
 HZ = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 
@@ -221,7 +223,7 @@ def host_lacks(scraper: str, all_metrics: bool) -> set:
 # --- the table against the spec ---------------------------------------------------------------
 
 def test_metric_table_is_the_collectors():
-    assert set(METRICS) == set(spec.SCRAPERS)
+    assert set(METRICS) == set(spec.SCRAPERS) | set(OWN_SCRAPERS)
     for scraper, metrics in spec.SCRAPERS.items():
         assert METRICS[scraper] == {name: s.enabled for name, s in metrics.items()}, scraper
         for d in TABLE[scraper]:
@@ -242,7 +244,7 @@ def test_config_validation_knows_every_metric():
 
 def test_build_scrapers_follows_config():
     names = [s.name for s in build_scrapers(ScrapersConfig(), SelfMetrics(), RESOURCE)]
-    assert names == list(HOST_SCRAPERS)  # process is opt-in
+    assert names == list(HOST_SCRAPERS) + list(OWN_SCRAPERS)  # process is opt-in
     cfg = ScrapersConfig(process=ProcessScraperConfig(enabled=True), cpu=ScraperConfig(enabled=False))
     names = [s.name for s in build_scrapers(cfg, SelfMetrics(), RESOURCE)]
     assert "process" in names and "cpu" not in names

@@ -178,6 +178,24 @@ TABLE: dict = {
     "system": (
         _gauge("system.uptime", "s", float, "The time the system has been running"),
     ),
+    # not the Collector's: the semantic-conventions proposal for Linux PSI (agent/sources/cgroups.py)
+    "pressure": tuple(
+        _sum(f"system.{resource}.linux.pressure.total", "s", float, True,
+             f"Total time tasks were stalled waiting for {what} (some: at least one task, full: "
+             f"all non-idle tasks at once), of the host or of a workload's cgroup.")
+        for resource, what in (("cpu", "a CPU"), ("memory", "memory"), ("io", "I/O"),
+                               ("irq", "a CPU taken by interrupts"))),
+    # not the Collector's: per workload, as cAdvisor; container.* of the semantic conventions for
+    # containers, the same under cgroup.* for services, scopes and slices (agent/sources/cgroups.py)
+    "cgroups": tuple(d for prefix, who in (("container", "container"), ("cgroup", "workload's cgroup"))
+                     for d in (
+        _sum(f"{prefix}.cpu.time", "s", float, True, f"Total CPU time consumed by the {who}, by mode."),
+        _sum(f"{prefix}.memory.usage", "By", int, False, f"Memory usage of the {who}."),
+        _sum(f"{prefix}.memory.working_set", "By", int, False,
+             f"Memory usage of the {who} less its inactive file pages."),
+        _sum(f"{prefix}.disk.io", "By", int, True, f"Disk bytes transferred by the {who}."),
+        _sum(f"{prefix}.disk.operations", "{operation}", int, True, f"Disk operations of the {who}."),
+    )),
 }
 
 # scraper name -> {metric name: enabled by default}; config validation checks switches against it

@@ -1,0 +1,146 @@
+"""Pressure stall information and per-workload resource usage, read from procfs and cgroupfs.
+
+- `pressure`: the host's /proc/pressure/{cpu,memory,io,irq} and each workload's cgroup v2
+  {cpu,memory,io}.pressure, as cumulative stall time in seconds. Names follow the OpenTelemetry
+  semantic-conventions proposal for Linux PSI (open-telemetry/semantic-conventions#3528, for issue
+  #2995): `system.<resource>.linux.pressure.total` with `system.linux.pressure.stall_type`.
+- `cgroups`: each workload's CPU time, memory usage and working set, block I/O bytes and operations
+  per device, as cAdvisor reads them: the semantic conventions' `container.*` metrics for
+  containers, the same names under `cgroup.*` for services, scopes and slices (docs/metrics.md).
+
+A workload is found by walking the cgroup v2 hierarchy (agent/procfs/cgroupfs.py), bounded in
+depth, directories and time; what a bound leaves out is counted in the agent's own metrics.
+Values are the kernel's hierarchical totals of the workload's own cgroup.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from agent.config import Duration, check_ranges
+from agent.model import Resource
+from agent.procfs import cgroupfs
+from agent.procfs.identity import cgroup2_mount
+from agent.sources.host import HostScraper, Points, ScraperConfig, log
+
+STALL_TYPE = "system.linux.pressure.stall_type"
+HOST_PRESSURE = "/proc/pressure/"
+HOST_RESOURCES = ("cpu", "memory", "io", "irq")  # irq: kernels with CONFIG_IRQ_TIME_ACCOUNTING, 6.1+
+DEVICE_CACHE = 4096  # device numbers -> names kept; a host has far fewer block devices
+
+
+@dataclass(frozen=True)
+class CgroupScraperConfig(ScraperConfig):
+    # bounds of one walk over the cgroup v2 hierarchy (per scrape)
+    max_depth: int = 8
+    max_cgroups: int = 10000
+    max_workloads: int = 1000
+    walk_timeout: Duration = Duration(1.0)
+
+    RANGES: ClassVar[dict] = {"max_depth": (1, 64), "max_cgroups": (1, 1_000_000),
+                              "max_workloads": (1, 100_000),
+                              "walk_timeout": (Duration(0.01), Duration(60.0))}
+
+    def validate(self, key: str) -> None:
+        check_ranges(self, key)
+
+
+@dataclass(frozen=True)
+class PressureScraperConfig(CgroupScraperConfig):
+    # per-workload pressure besides the host's
+    workloads: bool = True
+
+
+class WorkloadScraper(HostScraper):
+    """A scraper over the workloads' own cgroups."""
+
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        super().__init__(cfg, telemetry, resource)
+        self.limits = cgroupfs.Limits(cfg.max_depth, cfg.max_cgroups, cfg.max_workloads, float(cfg.walk_timeout))
+        mount = cgroup2_mount()
+        self.v2_root = os.fsencode(mount) if mount else None
+        self.reader = cgroupfs.Reader(self.v2_root, cgroupfs.v1_mounts(), self._unreadable)
+        self._skipped = telemetry.counter(
+            "hostagent.scraper.cgroup.skipped", "{item}",
+            "Workloads and cgroup files left out of a scrape: reason=workloads (over max_workloads), "
+            "duplicate (a name that reads the same as another's), unreadable (a file that could not be "
+            "read or held none of the expected values).")
+        self._truncated = telemetry.counter(
+            "hostagent.scraper.cgroup.walk.truncated", "{walk}",
+            "Walks over the cgroup hierarchy that stopped at a limit (limit=depth, cgroups or time); "
+            "workloads beyond it were not reported.")
+
+    def _unreadable(self, path: bytes, error: BaseException) -> None:
+        self._skipped.add(1, (("scraper", self.name), ("reason", "unreadable")))
+        log.debug("cgroup file skipped scraper=%s path=%r error=%r", self.name, path, error)
+
+    def workloads(self) -> list:
+        """[(Workload, relative path bytes)] of this scrape."""
+        if self.v2_root is None:
+            return []
+        walk = cgroupfs.walk(self.v2_root, self.limits)
+        for limit in sorted(walk.truncated):
+            self._truncated.add(1, (("scraper", self.name), ("limit", limit)))
+        for reason, count in walk.skipped.items():
+            self._skipped.add(count, (("scraper", self.name), ("reason", reason)))
+        return walk.workloads
+
+
+def _add_pressure(p: Points, resource: str, totals: dict, attributes: tuple) -> None:
+    for stall_type, microseconds in totals.items():
+        p.add(f"system.{resource}.linux.pressure.total", microseconds / 1e6,
+              attributes + ((STALL_TYPE, stall_type),))
+
+
+class PressureScraper(WorkloadScraper):
+    name = "pressure"
+
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        super().__init__(cfg, telemetry, resource)
+        self.per_workload = cfg.workloads
+
+    def scrape(self, p: Points) -> None:
+        for resource in HOST_RESOURCES:
+            path = HOST_PRESSURE + resource
+            if resource == "irq" and not os.path.exists(path):
+                continue
+            with self.guard(path):
+                _add_pressure(p, resource, cgroupfs.parse_pressure(cgroupfs.read_text(path)), ())
+        if self.per_workload:
+            for workload, rel in self.workloads():
+                for resource, totals in self.reader.pressure(rel).items():
+                    _add_pressure(p, resource, totals, workload.attributes)
+
+
+class CgroupUsageScraper(WorkloadScraper):
+    name = "cgroups"
+
+    def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
+        super().__init__(cfg, telemetry, resource)
+        self._devices: dict = {}
+
+    def device(self, number: str) -> str:
+        name = self._devices.get(number)
+        if name is None:
+            if len(self._devices) >= DEVICE_CACHE:
+                self._devices.clear()
+            name = self._devices[number] = cgroupfs.device_name(number)
+        return name
+
+    def scrape(self, p: Points) -> None:
+        for workload, rel in self.workloads():
+            prefix = "container." if workload.kind == "container" else "cgroup."
+            attrs = workload.attributes
+            u = self.reader.usage(rel)
+            for mode, seconds in u.cpu.items():
+                p.add(prefix + "cpu.time", seconds, attrs + (("cpu.mode", mode),))
+            for what, value in u.memory.items():
+                p.add(f"{prefix}memory.{what}", value, attrs)
+            for number, (rbytes, wbytes, rios, wios) in sorted(u.io.items()):
+                device = (("system.device", self.device(number)),)
+                read, write = (("disk.io.direction", "read"),), (("disk.io.direction", "write"),)
+                p.add(prefix + "disk.io", rbytes, attrs + device + read)
+                p.add(prefix + "disk.io", wbytes, attrs + device + write)
+                p.add(prefix + "disk.operations", rios, attrs + device + read)
+                p.add(prefix + "disk.operations", wios, attrs + device + write)
