@@ -28,6 +28,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from agent.config import merge
 from agent.export.encoding import Payload, encode_metrics
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
+from agent.procfs.cgroupfs import v1_mounts
+from agent.procfs.identity import cgroup2_mount
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, attributes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +230,57 @@ def remove_cgroups(*paths) -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+class OwnCgroups:
+    """cgroups a test makes under the cgroup v2 mount, with the same paths in the v1 hierarchies
+    named in `v1` (cpuacct, memory, blkio), as systemd makes them on hybrid hosts; and processes
+    started in them. close() kills the processes and removes the cgroups, innermost first."""
+
+    def __init__(self, v1=()):
+        self.v2 = cgroup2_mount()
+        assert self.v2, "no cgroup2 mount"
+        mounts = v1_mounts()
+        self.roots = [self.v2] + [mounts[c] for c in v1 if c in mounts]
+        self.made: list = []
+        self.procs: list = []
+
+    def make(self, rel, v1: bool = True):
+        """mkdir every level of `rel` (str or bytes, from the v2 root) that is not there yet."""
+        rel = os.fsencode(rel)
+        for root in self.roots if v1 else self.roots[:1]:
+            path = os.fsencode(root)
+            for part in rel.strip(b"/").split(b"/"):
+                path += b"/" + part
+                if not os.path.isdir(path):
+                    os.mkdir(path)
+                    self.made.append(path)
+        return rel
+
+    def move(self, rel, pid: int) -> None:
+        rel = os.fsencode(rel)
+        for root in self.roots:
+            if os.path.isdir(os.fsencode(root) + rel):
+                with open(os.fsencode(root) + rel + b"/cgroup.procs", "w") as f:
+                    f.write(str(pid))
+
+    def start(self, rel, code: str) -> subprocess.Popen:
+        """A Python child running `code`, moved into `rel` before it reads its first stdin line
+        (code that must run inside the cgroup waits for it: `sys.stdin.readline()`)."""
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        self.move(rel, proc.pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+        remove_cgroups(*reversed(self.made))
 
 
 class RecordingEvent(threading.Event):

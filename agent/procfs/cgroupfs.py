@@ -309,12 +309,14 @@ class Reader:
             for device, v in (self._parsed(path, parse_io_stat) or {}).items():
                 u.io[device] = (v.get("rbytes", 0), v.get("wbytes", 0), v.get("rios", 0), v.get("wios", 0))
             return
-        nbytes = self._v1("blkio", rel, "blkio.throttle.io_service_bytes_recursive")
-        if nbytes is None:
+        # v1 blkio counts a device's I/O in its bfq stats when bfq schedules it, and in its
+        # throttle stats only once a throttle limit is set on it (6.x sets throttling up lazily):
+        # per device the bfq figures, else the throttle ones (runc's order, less the gone CFQ's)
+        if "blkio" not in self.v1:
             return
-        by_bytes = self._parsed(nbytes, parse_blkio) or {}
-        by_ops = self._parsed(self._v1("blkio", rel, "blkio.throttle.io_serviced_recursive"), parse_blkio) or {}
-        for device in by_bytes.keys() | by_ops.keys():
-            b, o = by_bytes.get(device, {}), by_ops.get(device, {})
-            u.io[device] = (b.get("Read", 0), b.get("Write", 0), o.get("Read", 0), o.get("Write", 0))
-
+        for policy in ("throttle", "bfq"):
+            by_bytes = self._parsed(self._v1("blkio", rel, f"blkio.{policy}.io_service_bytes_recursive"), parse_blkio) or {}
+            by_ops = self._parsed(self._v1("blkio", rel, f"blkio.{policy}.io_serviced_recursive"), parse_blkio) or {}
+            for device in by_bytes.keys() | by_ops.keys():
+                b, o = by_bytes.get(device, {}), by_ops.get(device, {})
+                u.io[device] = (b.get("Read", 0), b.get("Write", 0), o.get("Read", 0), o.get("Write", 0))
