@@ -263,11 +263,11 @@ def test_walk_finds_each_workloads_own_cgroup_breadth_first(tmp_path):
     tree = {b"system.slice": {b"a.service": {b"sub": {}}, b"docker-" + cid.encode() + b".scope": {b"init": {}}},
             b"user.slice": {b"user-1.slice": {b"user@1.service": {b"app.slice": {b"b.service": {}}}}}}
     w = walk_tree(tmp_path, tree, cgroupfs.Limits())
-    paths = [wl.path for wl, _ in w.workloads]
+    paths = [wl.path for wl, _, _ in w.workloads]
     assert sorted(paths) == ["/system.slice", "/system.slice/a.service", f"/system.slice/docker-{cid}.scope",
                              "/user.slice", "/user.slice/user-1.slice/user@1.service"]
     assert [p.count("/") for p in paths] == sorted(p.count("/") for p in paths)  # shallowest first
-    kinds = {wl.path: wl.kind for wl, _ in w.workloads}
+    kinds = {wl.path: wl.kind for wl, _, _ in w.workloads}
     assert kinds[f"/system.slice/docker-{cid}.scope"] == "container" and kinds["/system.slice/a.service"] == "service"
     assert not w.truncated and not w.skipped
 
@@ -288,7 +288,7 @@ def test_walk_limits_are_counted(tmp_path):
 def test_walk_names_that_read_the_same_are_one_workload(tmp_path):
     """b"\\xff" is shown as the text \\xff; a directory literally named so reads the same."""
     w = walk_tree(tmp_path, {b"\\xff": {}, b"\xff": {}}, cgroupfs.Limits())
-    assert [wl.path for wl, _ in w.workloads] == ["/\\xff"]
+    assert [wl.path for wl, _, _ in w.workloads] == ["/\\xff"]
     assert w.skipped["duplicate"] == 1
 
 
@@ -337,3 +337,35 @@ def test_a_file_larger_than_the_limit_is_read_to_the_limit(tmp_path):
     path.write_bytes(b"inactive_file 5\n" + b"x 1\n" * (cgroupfs.FILE_LIMIT // 4 + 100))
     text = cgroupfs.read_text(os.fsencode(path))
     assert len(text) == cgroupfs.FILE_LIMIT and cgroupfs.parse_flat(text)["inactive_file"] == 5
+
+
+def test_a_workloads_points_start_when_its_cgroup_was_made(cgroups):
+    """There at the first scrape: its points start at boot, as the host's. Made later: at the
+    scrape before the one that saw it first. Made again at the same path (counters back at 0):
+    the start moves on, so a backend sees the reset."""
+    tag = f"hostagent-usage-start-{os.getpid()}"
+    old, new = f"/{tag}.slice/old.service", f"/{tag}.slice/new.service"
+    cgroups.make(old)
+    source = scraper()
+
+    def starts(scraped_at) -> dict:
+        out: dict = {}
+        for g in scraped_at:
+            for m in g.metrics:
+                for p in m.points:
+                    if m.name == "cgroup.cpu.time":
+                        out.setdefault(dict(p.attributes)["process.linux.cgroup"], set()).add(p.start_time_ns)
+        return out
+
+    first = source.collect()
+    first_time = first[0].metrics[0].points[0].time_ns
+    assert starts(first)["0::" + old] == {source.start_ns}
+    cgroups.make(new)
+    second = source.collect()
+    second_time = second[0].metrics[0].points[0].time_ns
+    assert starts(second)["0::" + old] == {source.start_ns}
+    assert starts(second)["0::" + new] == {first_time}
+    for root in cgroups.roots:
+        os.rmdir(f"{root}{new}")
+    cgroups.make(new)
+    assert starts(source.collect())["0::" + new] == {second_time}

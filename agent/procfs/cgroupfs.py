@@ -146,7 +146,7 @@ class Limits:
 
 @dataclass
 class Walk:
-    workloads: list = field(default_factory=list)       # [(Workload, path relative to the root, bytes)]
+    workloads: list = field(default_factory=list)       # [(Workload, path relative to the root (bytes), inode)]
     truncated: set = field(default_factory=set)          # limits the walk hit: depth, cgroups, time
     skipped: collections.Counter = field(default_factory=collections.Counter)  # workloads left out, by reason
     listed: int = 0                                       # directories listed
@@ -158,12 +158,12 @@ def walk(root: bytes, limits: Limits, clock: Callable[[], float] = time.monotoni
     out = Walk()
     deadline = clock() + limits.timeout_s
     seen: set = set()
-    queue = collections.deque([(b"", 0)])
+    queue = collections.deque([(b"", 0, 0)])
     while queue:
         if clock() > deadline:
             out.truncated.add("time")
             break
-        rel, depth = queue.popleft()
+        rel, depth, inode = queue.popleft()
         if rel:
             path = rel.decode("utf-8", "backslashreplace")
             workload = classify(path)
@@ -174,9 +174,9 @@ def walk(root: bytes, limits: Limits, clock: Callable[[], float] = time.monotoni
                     out.skipped["workloads"] += 1
                 else:
                     seen.add(path)
-                    out.workloads.append((workload, rel))
+                    out.workloads.append((workload, rel, inode))
         budget = (limits.max_cgroups - out.listed + 1) // 2
-        for name in _subdirs(root + rel):
+        for name, child_inode in _subdirs(root + rel):
             if depth >= limits.max_depth:
                 out.truncated.add("depth")
                 break
@@ -185,18 +185,19 @@ def walk(root: bytes, limits: Limits, clock: Callable[[], float] = time.monotoni
                 break
             budget -= 1
             out.listed += 1
-            queue.append((rel + b"/" + name, depth + 1))
+            queue.append((rel + b"/" + name, depth + 1, child_inode))
     return out
 
 
 def _subdirs(path: bytes):
-    """Names of the subdirectories of `path`; none if it is gone or unreadable."""
+    """(name, inode) of the subdirectories of `path`; none if it is gone or unreadable. A
+    cgroup's inode number is its id: a cgroup made again at the same path has another."""
     try:
         with os.scandir(path) as entries:
             for entry in entries:
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        yield entry.name
+                        yield entry.name, entry.inode()
                 except OSError:
                     continue
     except OSError:

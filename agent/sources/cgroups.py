@@ -61,6 +61,8 @@ class WorkloadScraper(HostScraper):
         mount = cgroup2_mount()
         self.v2_root = os.fsencode(mount) if mount else None
         self.reader = cgroupfs.Reader(self.v2_root, cgroupfs.v1_mounts(), self._unreadable)
+        self._starts: dict = {}  # workload path -> (cgroup inode, start of its points)
+        self._last_ns = None     # time of the previous scrape
         self._skipped = telemetry.counter(
             "hostagent.scraper.cgroup.skipped", "{item}",
             "Workloads and cgroup files left out of a scrape: reason=workloads (over max_workloads), "
@@ -75,8 +77,13 @@ class WorkloadScraper(HostScraper):
         self._skipped.add(1, (("scraper", self.name), ("reason", "unreadable")))
         log.debug("cgroup file skipped scraper=%s path=%r error=%r", self.name, path, error)
 
-    def workloads(self) -> list:
-        """[(Workload, relative path bytes)] of this scrape."""
+    def workloads(self, p: Points) -> list:
+        """[(Workload, relative path bytes, start time of its cumulative points)] of this scrape.
+
+        A workload's counters start at 0 when its cgroup is made. Its points start at boot when
+        it was there at the first scrape, else at the scrape before the one that first saw its
+        cgroup (made since then; a cgroup made again at the same path is a new one: its id, the
+        directory's inode, differs), so a backend sees the reset."""
         if self.v2_root is None:
             return []
         walk = cgroupfs.walk(self.v2_root, self.limits)
@@ -84,13 +91,27 @@ class WorkloadScraper(HostScraper):
             self._truncated.add(1, (("scraper", self.name), ("limit", limit)))
         for reason, count in walk.skipped.items():
             self._skipped.add(count, (("scraper", self.name), ("reason", reason)))
-        return walk.workloads
+        first_start = self.start_ns if self._last_ns is None else self._last_ns
+        starts, out = {}, []
+        for workload, rel, inode in walk.workloads:
+            known = self._starts.get(workload.path)
+            start = known[1] if known is not None and known[0] == inode else first_start
+            starts[workload.path] = (inode, start)
+            out.append((workload, rel, start))
+        if walk.truncated or walk.skipped:
+            # workloads a limit hid this time keep their start for when they are seen again
+            for path, known in self._starts.items():
+                if len(starts) >= 2 * self.limits.max_workloads:
+                    break
+                starts.setdefault(path, known)
+        self._starts, self._last_ns = starts, p.time_ns
+        return out
 
 
-def _add_pressure(p: Points, resource: str, totals: dict, attributes: tuple) -> None:
+def _add_pressure(p: Points, resource: str, totals: dict, attributes: tuple, start_ns=None) -> None:
     for stall_type, microseconds in totals.items():
         p.add(f"system.{resource}.linux.pressure.total", microseconds / 1e6,
-              attributes + ((STALL_TYPE, stall_type),))
+              attributes + ((STALL_TYPE, stall_type),), start_ns)
 
 
 class PressureScraper(WorkloadScraper):
@@ -108,9 +129,9 @@ class PressureScraper(WorkloadScraper):
             with self.guard(path):
                 _add_pressure(p, resource, cgroupfs.parse_pressure(cgroupfs.read_text(path)), ())
         if self.per_workload:
-            for workload, rel in self.workloads():
+            for workload, rel, start in self.workloads(p):
                 for resource, totals in self.reader.pressure(rel).items():
-                    _add_pressure(p, resource, totals, workload.attributes)
+                    _add_pressure(p, resource, totals, workload.attributes, start)
 
 
 class CgroupUsageScraper(WorkloadScraper):
@@ -129,18 +150,18 @@ class CgroupUsageScraper(WorkloadScraper):
         return name
 
     def scrape(self, p: Points) -> None:
-        for workload, rel in self.workloads():
+        for workload, rel, start in self.workloads(p):
             prefix = "container." if workload.kind == "container" else "cgroup."
             attrs = workload.attributes
             u = self.reader.usage(rel)
             for mode, seconds in u.cpu.items():
-                p.add(prefix + "cpu.time", seconds, attrs + (("cpu.mode", mode),))
+                p.add(prefix + "cpu.time", seconds, attrs + (("cpu.mode", mode),), start)
             for what, value in u.memory.items():
-                p.add(f"{prefix}memory.{what}", value, attrs)
+                p.add(f"{prefix}memory.{what}", value, attrs, start)
             for number, (rbytes, wbytes, rios, wios) in sorted(u.io.items()):
                 device = (("system.device", self.device(number)),)
                 read, write = (("disk.io.direction", "read"),), (("disk.io.direction", "write"),)
-                p.add(prefix + "disk.io", rbytes, attrs + device + read)
-                p.add(prefix + "disk.io", wbytes, attrs + device + write)
-                p.add(prefix + "disk.operations", rios, attrs + device + read)
-                p.add(prefix + "disk.operations", wios, attrs + device + write)
+                p.add(prefix + "disk.io", rbytes, attrs + device + read, start)
+                p.add(prefix + "disk.io", wbytes, attrs + device + write, start)
+                p.add(prefix + "disk.operations", rios, attrs + device + read, start)
+                p.add(prefix + "disk.operations", wios, attrs + device + write, start)

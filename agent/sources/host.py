@@ -272,11 +272,12 @@ class Points:
     def wants(self, *names: str) -> bool:
         return any(name in self._points for name in names)
 
-    def add(self, name: str, value, attributes: tuple = ()) -> None:
+    def add(self, name: str, value, attributes: tuple = (), start_ns: Optional[int] = None) -> None:
+        """`start_ns`: a cumulative point's own start (a workload's cgroup), else the scrape's."""
         points = self._points.get(name)
         if points is not None:
             points.append(NumberPoint(attributes, self._defs[name].value_type(value),
-                                      self.start_ns, self.time_ns))
+                                      self.start_ns if start_ns is None else start_ns, self.time_ns))
 
     def metrics(self) -> list:
         out = []
