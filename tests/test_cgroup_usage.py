@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 
 import pytest
+from google.protobuf import json_format
 from hypothesis import given, settings, strategies as st
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from agent.model import Resource
 from agent.procfs import cgroupfs
 from agent.selfmetrics import SelfMetrics
 from agent.sources.cgroups import CgroupScraperConfig, CgroupUsageScraper, PressureScraper, PressureScraperConfig
-from tests.helpers import OwnCgroups, finishes, wait_until
+from tests.helpers import OwnCgroups, agent_log, base_config, finishes, wait_until
+from tests.otlp_receiver import attributes
 
 RESOURCE = Resource((("service.name", "test"),))
 MiB = 1 << 20
@@ -369,3 +373,68 @@ def test_a_workloads_points_start_when_its_cgroup_was_made(cgroups):
         os.rmdir(f"{root}{new}")
     cgroups.make(new)
     assert starts(source.collect())["0::" + new] == {second_time}
+
+
+def test_the_agent_exports_workload_usage_and_pressure(tmp_path, start_agent, cgroups):
+    """Through `hostagent run` and the OTLP file exporter: a container's usage under container.*,
+    a service's under cgroup.*, the host's and both workloads' pressure, names as text."""
+    tag = f"hostagent-usage-e2e-{os.getpid()}"
+    a, b, cid = names(tag)
+    weird = b"/" + tag.encode() + b"-\xff.slice"
+    for rel in (a, b, weird):
+        cgroups.make(rel)
+    cgroups.start(a, BUSY)
+    off = {name: {"enabled": False} for name in ("cpu", "disk", "filesystem", "load", "memory", "network",
+                                                 "paging", "processes", "system")}
+    proc = start_agent(base_config(tmp_path, scrapers=off))
+    path = tmp_path / "out" / "metrics.jsonl"
+
+    def exported() -> dict:
+        """{(metric, process.linux.cgroup or None): (unit, monotonic or None, attributes)}"""
+        out = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                req = json_format.Parse(line, ExportMetricsServiceRequest())
+                for rm in req.resource_metrics:
+                    for sm in rm.scope_metrics:
+                        for m in sm.metrics:
+                            for p in m.sum.data_points:
+                                attrs = attributes(p)
+                                out[(m.name, attrs.get("process.linux.cgroup"))] = (m.unit, m.sum.is_monotonic, attrs)
+        return out
+
+    want = {("container.cpu.time", "0::" + a), ("cgroup.memory.usage", "0::" + b),
+            ("system.cpu.linux.pressure.total", None), ("system.cpu.linux.pressure.total", "0::" + a),
+            ("system.io.linux.pressure.total", "0::" + b)}
+    assert wait_until(lambda: want <= exported().keys(), 60, proc), sorted(exported())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, agent_log(proc)
+    got = exported()
+    unit, monotonic, attrs = got[("container.cpu.time", "0::" + a)]
+    assert (unit, monotonic, attrs["container.id"]) == ("s", True, cid)
+    assert attrs["cpu.mode"] in ("user", "kernel")
+    unit, monotonic, attrs = got[("cgroup.memory.usage", "0::" + b)]
+    assert (unit, monotonic, attrs["linux.systemd.unit"]) == ("By", False, f"{tag}-b.service")
+    assert ("system.cpu.linux.pressure.total", f"0::/{tag}-\\xff.slice") in got
+    assert got[("system.cpu.linux.pressure.total", None)][2].keys() == {"system.linux.pressure.stall_type"}
+
+
+def test_without_cgroup_v2_the_v1_hierarchies_are_walked(cgroups, monkeypatch):
+    """A v1-only host (no cgroup2 mount): workloads are found in the v1 cpuacct hierarchy and
+    their CPU time and memory read from v1 files; there is no per-workload pressure."""
+    monkeypatch.setattr("agent.sources.cgroups.cgroup2_mount", lambda: None)
+    tag = f"hostagent-usage-v1-{os.getpid()}"
+    a, _, cid = names(tag)
+    cgroups.make(a)
+    child = cgroups.start(a, TOUCH_64MIB)
+    assert finishes(child.stdout.readline) == "ready\n"
+    base = v1("cpuacct") + a
+    before = [int(open(f"{base}/cpuacct.usage_{m}").read()) for m in ("user", "sys")]
+    scraped = scrape(scraper())
+    after = [int(open(f"{base}/cpuacct.usage_{m}").read()) for m in ("user", "sys")]
+    for i, mode in enumerate(("user", "kernel")):
+        value = of(scraped, "container.cpu.time", a, cpu_mode=mode, container_id=cid)
+        assert before[i] <= round(value * 1e9) <= after[i]
+    assert of(scraped, "container.memory.usage", a) >= 64 * MiB
+    assert not [k for k in scrape(PressureScraper(PressureScraperConfig(), SelfMetrics(), RESOURCE))
+                if dict(k[1]).get("process.linux.cgroup")]

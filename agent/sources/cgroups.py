@@ -59,8 +59,11 @@ class WorkloadScraper(HostScraper):
         super().__init__(cfg, telemetry, resource)
         self.limits = cgroupfs.Limits(cfg.max_depth, cfg.max_cgroups, cfg.max_workloads, float(cfg.walk_timeout))
         mount = cgroup2_mount()
-        self.v2_root = os.fsencode(mount) if mount else None
-        self.reader = cgroupfs.Reader(self.v2_root, cgroupfs.v1_mounts(), self._unreadable)
+        v1 = cgroupfs.v1_mounts()
+        self.reader = cgroupfs.Reader(os.fsencode(mount) if mount else None, v1, self._unreadable)
+        # without cgroup v2 (a v1-only host) the workloads are the same paths in a v1 hierarchy
+        walk_root = mount or v1.get("cpuacct") or v1.get("memory")
+        self.walk_root = os.fsencode(walk_root) if walk_root else None
         self._starts: dict = {}  # workload path -> (cgroup inode, start of its points)
         self._last_ns = None     # time of the previous scrape
         self._skipped = telemetry.counter(
@@ -84,9 +87,9 @@ class WorkloadScraper(HostScraper):
         it was there at the first scrape, else at the scrape before the one that first saw its
         cgroup (made since then; a cgroup made again at the same path is a new one: its id, the
         directory's inode, differs), so a backend sees the reset."""
-        if self.v2_root is None:
+        if self.walk_root is None:
             return []
-        walk = cgroupfs.walk(self.v2_root, self.limits)
+        walk = cgroupfs.walk(self.walk_root, self.limits)
         for limit in sorted(walk.truncated):
             self._truncated.add(1, (("scraper", self.name), ("limit", limit)))
         for reason, count in walk.skipped.items():
@@ -128,7 +131,7 @@ class PressureScraper(WorkloadScraper):
                 continue
             with self.guard(path):
                 _add_pressure(p, resource, cgroupfs.parse_pressure(cgroupfs.read_text(path)), ())
-        if self.per_workload:
+        if self.per_workload and self.reader.v2_root is not None:  # PSI of cgroups is v2's
             for workload, rel, start in self.workloads(p):
                 for resource, totals in self.reader.pressure(rel).items():
                     _add_pressure(p, resource, totals, workload.attributes, start)
