@@ -438,3 +438,56 @@ def test_without_cgroup_v2_the_v1_hierarchies_are_walked(cgroups, monkeypatch):
     assert of(scraped, "container.memory.usage", a) >= 64 * MiB
     assert not [k for k in scrape(PressureScraper(PressureScraperConfig(), SelfMetrics(), RESOURCE))
                 if dict(k[1]).get("process.linux.cgroup")]
+
+
+def test_workloads_not_read_within_the_timeout_are_counted(cgroups, monkeypatch):
+    """The timeout covers the reads too: a clock that jumps 0.4 s at each look lets two of five
+    workloads be read within 1 s; the other three are counted, none is half read."""
+    tag = f"hostagent-usage-slow-{os.getpid()}"
+    for i in range(5):
+        cgroups.make(f"/{tag}-{i}.slice", v1=False)
+    clock = iter(range(10**6))
+    telemetry = SelfMetrics()
+    source = scraper(telemetry)
+    skipped = telemetry.counter("hostagent.scraper.cgroup.skipped", "{item}", "")
+    walk = cgroupfs.walk(source.walk_root, source.limits)
+    ours = [wl for wl, _, _ in walk.workloads if wl.path.startswith(f"/{tag}-")]
+    assert len(ours) == 5
+    monkeypatch.setattr("agent.sources.cgroups.time.monotonic", lambda: next(clock) * 0.4)
+    scraped = scrape(source)
+    reported = {dict(a).get("process.linux.cgroup") for _, a in scraped}
+    assert len(reported) == 2
+    assert skipped.value((("scraper", "cgroups"), ("reason", "time"))) == len(walk.workloads) - 2
+
+
+FILE_TEXT = st.one_of(TEXT, st.integers(min_value=-(1 << 70), max_value=1 << 70).map(str),
+                      st.sampled_from(["nan", "inf", "max", "-0", "1e30", "", "\x00" * 10]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({name: FILE_TEXT for name in (
+    "cpu.stat", "memory.current", "memory.stat", "io.stat", "cpu.pressure", "memory.pressure", "io.pressure")}))
+def test_reader_takes_hostile_files_without_raising(tmp_path_factory, files):
+    """A cgroup whose files hold anything: the reader returns what parses as 64-bit counters and
+    counts each file that held none of what it looks for."""
+    root = tmp_path_factory.mktemp("cg")
+    os.mkdir(root / "w")
+    for name, text in files.items():
+        (root / "w" / name).write_text(text, errors="surrogateescape")
+    unreadable = []
+    reader = cgroupfs.Reader(os.fsencode(root), {}, lambda path, error: unreadable.append(os.fsdecode(os.path.basename(path))))
+    usage = reader.usage(b"/w")
+    pressure = reader.pressure(b"/w")
+    for seconds in usage.cpu.values():
+        assert 0 <= seconds < (1 << 64) / 1e6
+    for value in usage.memory.values():
+        assert type(value) is int and 0 <= value < 1 << 64
+    assert usage.memory.get("working_set", 0) <= usage.memory.get("usage", 0)
+    for device, values in usage.io.items():
+        assert all(type(v) is int and 0 <= v < 1 << 64 for v in values)
+    for totals in pressure.values():
+        assert all(type(v) is int and 0 <= v < 1 << 64 for v in totals.values())
+    assert ("cpu.stat" in unreadable) == (not usage.cpu)
+    assert ("memory.current" in unreadable) == ("usage" not in usage.memory)
+    for resource in ("cpu", "memory", "io"):
+        assert (f"{resource}.pressure" in unreadable) == (resource not in pressure)

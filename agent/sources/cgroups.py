@@ -15,6 +15,7 @@ Values are the kernel's hierarchical totals of the workload's own cgroup.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,11 +37,12 @@ class CgroupScraperConfig(ScraperConfig):
     max_depth: int = 8
     max_cgroups: int = 10000
     max_workloads: int = 1000
-    walk_timeout: Duration = Duration(1.0)
+    # time the walk and the reads of the workloads' files may take
+    timeout: Duration = Duration(1.0)
 
     RANGES: ClassVar[dict] = {"max_depth": (1, 64), "max_cgroups": (1, 1_000_000),
                               "max_workloads": (1, 100_000),
-                              "walk_timeout": (Duration(0.01), Duration(60.0))}
+                              "timeout": (Duration(0.01), Duration(60.0))}
 
     def validate(self, key: str) -> None:
         check_ranges(self, key)
@@ -57,7 +59,7 @@ class WorkloadScraper(HostScraper):
 
     def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
         super().__init__(cfg, telemetry, resource)
-        self.limits = cgroupfs.Limits(cfg.max_depth, cfg.max_cgroups, cfg.max_workloads, float(cfg.walk_timeout))
+        self.limits = cgroupfs.Limits(cfg.max_depth, cfg.max_cgroups, cfg.max_workloads, float(cfg.timeout))
         mount = cgroup2_mount()
         v1 = cgroupfs.v1_mounts()
         self.reader = cgroupfs.Reader(os.fsencode(mount) if mount else None, v1, self._unreadable)
@@ -69,8 +71,8 @@ class WorkloadScraper(HostScraper):
         self._skipped = telemetry.counter(
             "hostagent.scraper.cgroup.skipped", "{item}",
             "Workloads and cgroup files left out of a scrape: reason=workloads (over max_workloads), "
-            "duplicate (a name that reads the same as another's), unreadable (a file that could not be "
-            "read or held none of the expected values).")
+            "time (not read within the timeout), duplicate (a name that reads the same as another's), "
+            "unreadable (a file that could not be read or held none of the expected values).")
         self._truncated = telemetry.counter(
             "hostagent.scraper.cgroup.walk.truncated", "{walk}",
             "Walks over the cgroup hierarchy that stopped at a limit (limit=depth, cgroups or time); "
@@ -78,17 +80,25 @@ class WorkloadScraper(HostScraper):
 
     def _unreadable(self, path: bytes, error: BaseException) -> None:
         self._skipped.add(1, (("scraper", self.name), ("reason", "unreadable")))
-        log.debug("cgroup file skipped scraper=%s path=%r error=%r", self.name, path, error)
+        kind = ("cgroup file", type(error).__name__, getattr(error, "errno", None))
+        if kind in self._reported:
+            log.debug("cgroup file skipped scraper=%s path=%r error=%r", self.name, path, error)
+            return
+        self._reported.add(kind)
+        log.warning("cgroup file skipped scraper=%s path=%r error=%r (further errors of this kind are "
+                    "logged at debug level)", self.name, path, error)
 
-    def workloads(self, p: Points) -> list:
-        """[(Workload, relative path bytes, start time of its cumulative points)] of this scrape.
+    def workloads(self, p: Points):
+        """(Workload, relative path bytes, start time of its cumulative points) of this scrape,
+        until the timeout (the walk's and the caller's reads together): the rest are counted.
 
         A workload's counters start at 0 when its cgroup is made. Its points start at boot when
         it was there at the first scrape, else at the scrape before the one that first saw its
         cgroup (made since then; a cgroup made again at the same path is a new one: its id, the
         directory's inode, differs), so a backend sees the reset."""
         if self.walk_root is None:
-            return []
+            return
+        deadline = time.monotonic() + self.limits.timeout_s
         walk = cgroupfs.walk(self.walk_root, self.limits)
         for limit in sorted(walk.truncated):
             self._truncated.add(1, (("scraper", self.name), ("limit", limit)))
@@ -108,7 +118,11 @@ class WorkloadScraper(HostScraper):
                     break
                 starts.setdefault(path, known)
         self._starts, self._last_ns = starts, p.time_ns
-        return out
+        for i, item in enumerate(out):
+            if time.monotonic() > deadline:
+                self._skipped.add(len(out) - i, (("scraper", self.name), ("reason", "time")))
+                return
+            yield item
 
 
 def _add_pressure(p: Points, resource: str, totals: dict, attributes: tuple, start_ns=None) -> None:
