@@ -152,7 +152,7 @@ class Limits:
     max_depth: int = 8          # levels below the root that are listed
     max_cgroups: int = 10000    # directories listed per walk
     max_workloads: int = 1000   # workloads returned per walk
-    timeout_s: float = 1.0      # time per walk
+    timeout_s: float = 1.0      # time per walk (the scrapers read the workloads within it too)
 
 
 @dataclass
