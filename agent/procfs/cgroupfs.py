@@ -24,7 +24,7 @@ from agent.procfs.workload import classify
 
 FILE_LIMIT = 64 * 1024  # io.stat of a host with many devices is a few KiB, memory.stat ~2 KiB
 U64_MAX = (1 << 64) - 1
-PRESSURE_RESOURCES = ("cpu", "memory", "io")  # a cgroup's *.pressure files (irq only at the root)
+PRESSURE_RESOURCES = ("cpu", "memory", "io", "irq")  # a cgroup's *.pressure files (irq: 6.2+, some kernels)
 V1_CONTROLLERS = ("cpuacct", "memory", "blkio")
 
 
@@ -258,16 +258,20 @@ class Reader:
         if self.v2_root is None:
             return out
         for resource in PRESSURE_RESOURCES:
-            values = self._parsed(b"%s%s/%s.pressure" % (self.v2_root, rel, resource.encode()), parse_pressure, ("some",))
+            path = b"%s%s/%s.pressure" % (self.v2_root, rel, resource.encode())
+            values = self._parsed(path, parse_pressure)
             if values:
                 out[resource] = values
+            elif values is not None:
+                self.unreadable(path, ValueError("no some or full total"))
         return out
 
-    def usage(self, rel: bytes) -> Usage:
+    def usage(self, rel: bytes, cpu: bool = True, memory: bool = True, io: bool = True) -> Usage:
+        """What the cgroup at `rel` used; only the parts asked for are read."""
         u = Usage()
-        self._cpu(rel, u)
-        self._memory(rel, u)
-        self._io(rel, u)
+        for wanted, read in ((cpu, self._cpu), (memory, self._memory), (io, self._io)):
+            if wanted:
+                read(rel, u)
         return u
 
     def _v2(self, rel: bytes, name: str) -> Optional[bytes]:

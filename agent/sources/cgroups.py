@@ -167,10 +167,14 @@ class CgroupUsageScraper(WorkloadScraper):
         return name
 
     def scrape(self, p: Points) -> None:
+        parts = {part: p.wants(*(f"{prefix}.{m}" for prefix in ("container", "cgroup") for m in metrics))
+                 for part, metrics in (("cpu", ("cpu.time",)),
+                                       ("memory", ("memory.usage", "memory.working_set")),
+                                       ("io", ("disk.io", "disk.operations")))}
         for workload, rel, start in self.workloads(p):
             prefix = "container." if workload.kind == "container" else "cgroup."
             attrs = workload.attributes
-            u = self.reader.usage(rel)
+            u = self.reader.usage(rel, **parts)
             for mode, seconds in u.cpu.items():
                 p.add(prefix + "cpu.time", seconds, attrs + (("cpu.mode", mode),), start)
             for what, value in u.memory.items():
