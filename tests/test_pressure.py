@@ -18,12 +18,12 @@ from agent.model import Resource
 from agent.procfs import cgroupfs
 from agent.selfmetrics import SelfMetrics
 from agent.sources.cgroups import PressureScraper, PressureScraperConfig
-from tests.helpers import ROOT, OwnCgroups, wait_until
+from tests.helpers import ROOT, OwnCgroups, finishes, wait_until
 
 RESOURCE = Resource((("service.name", "test"),))
 STALL = "system.linux.pressure.stall_type"
 BUSY = "import sys; sys.stdin.readline()\nwhile True: pass"
-SLEEPER = "import sys, time; sys.stdin.readline(); time.sleep(600)"
+SLEEPER = "import sys, time; sys.stdin.readline(); print('asleep', flush=True); time.sleep(600)"
 
 
 @pytest.fixture
@@ -79,7 +79,9 @@ def test_a_busy_workloads_cpu_pressure_grows_and_a_sleepers_does_not(cgroups):
     b = f"/{tag}.slice/{tag}-sleeper.service"
     cgroups.make(a)
     cgroups.make(b)
-    cgroups.start(b, SLEEPER)
+    # B's first scrape once its task sleeps: its start-up, under the load of A (and of whatever
+    # else this host runs), may wait for a CPU too
+    assert finishes(cgroups.start(b, SLEEPER).stdout.readline) == "asleep\n"
     source = scraper()
     v2 = cgroups.v2
     first = points(source)
