@@ -18,6 +18,8 @@ from google.protobuf import json_format
 from hypothesis import given, settings, strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
+from agent import config
+from agent.components import Config
 from agent.model import Resource
 from agent.procfs import cgroupfs
 from agent.selfmetrics import SelfMetrics
@@ -508,3 +510,14 @@ def test_metrics_switched_off_are_not_exported(cgroups):
                                SelfMetrics(), RESOURCE)
     names_ = {name for name, _ in scrape(pressure)}
     assert "system.cpu.linux.pressure.total" not in names_ and "system.io.linux.pressure.total" in names_
+
+
+def test_limits_out_of_range_are_config_errors():
+    cfg = config.build(Config, {"scrapers": {"cgroups": {"max_workloads": 5, "timeout": "250ms"},
+                                             "pressure": {"workloads": False}}})
+    assert cfg.scrapers.cgroups.max_workloads == 5 and cfg.scrapers.cgroups.timeout == 0.25
+    assert cfg.scrapers.pressure.workloads is False
+    for section, key, value in (("cgroups", "max_depth", 0), ("pressure", "max_cgroups", 0),
+                                ("cgroups", "timeout", "0s"), ("pressure", "max_workloads", 10**6)):
+        with pytest.raises(config.ConfigError, match=rf"^scrapers\.{section}\.{key}: must be at least"):
+            config.build(Config, {"scrapers": {section: {key: value}}})
