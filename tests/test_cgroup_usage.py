@@ -250,7 +250,7 @@ def test_hostile_hierarchy_keeps_the_scrape_bounded_and_the_other_workloads(cgro
             value.encode("utf-8")  # valid text
         assert "0::" + neighbour in cgroup_values
         assert f"0::/{tag}.slice/{long_unit}" in cgroup_values
-        assert "0::/" + tag + "-\\xff\\xfe\\x80.slice" in cgroup_values
+        assert "0::/" + tag + "-\ufffd\ufffd\ufffd.slice" in cgroup_values
         assert f"0::/{tag}.slice" in cgroup_values  # the crowd and the chain are in their slice
         assert truncated.value((("scraper", source.name), ("limit", "cgroups"))) == 1
         assert truncated.value((("scraper", source.name), ("limit", "depth"))) == 1
@@ -293,10 +293,11 @@ def test_walk_limits_are_counted(tmp_path):
 
 
 def test_walk_names_that_read_the_same_are_one_workload(tmp_path):
-    """b"\\xff" is shown as the text \\xff; a directory literally named so reads the same."""
-    w = walk_tree(tmp_path, {b"\\xff": {}, b"\xff": {}}, cgroupfs.Limits())
-    assert [wl.path for wl, _, _ in w.workloads] == ["/\\xff"]
-    assert w.skipped["duplicate"] == 1
+    """Bytes that are not UTF-8 read as U+FFFD: b"\\xff", b"\\xfe" and "\\ufffd" itself read the
+    same. The first is reported, the others counted."""
+    w = walk_tree(tmp_path, {b"\xff": {}, b"\xfe": {}, "\ufffd".encode(): {}}, cgroupfs.Limits())
+    assert [wl.path for wl, _, _ in w.workloads] == ["/\ufffd"]
+    assert w.skipped["duplicate"] == 2
 
 
 # --- parsers against hostile text ------------------------------------------------------------------------
@@ -418,7 +419,7 @@ def test_the_agent_exports_workload_usage_and_pressure(tmp_path, start_agent, cg
     assert attrs["cpu.mode"] in ("user", "kernel")
     unit, monotonic, attrs = got[("cgroup.memory.usage", "0::" + b)]
     assert (unit, monotonic, attrs["linux.systemd.unit"]) == ("By", False, f"{tag}-b.service")
-    assert ("system.cpu.linux.pressure.total", f"0::/{tag}-\\xff.slice") in got
+    assert ("system.cpu.linux.pressure.total", f"0::/{tag}-\ufffd.slice") in got
     assert got[("system.cpu.linux.pressure.total", None)][2].keys() == {"system.linux.pressure.stall_type"}
 
 

@@ -4,7 +4,8 @@ walk() goes breadth-first down the cgroup v2 hierarchy to the directories that a
 own cgroup (workload.classify(path).path == path), bounded in depth, in directories listed and in
 time; a directory with many children takes at most half of the listing budget left, so thousands
 of siblings in one cgroup cannot hide the workloads beside it. Names are bytes: a name that is not
-UTF-8 is shown with backslash escapes (b"\\xff" -> "\\\\xff") and still read by its real bytes.
+UTF-8 is shown with U+FFFD for each such byte, as everywhere in the agent (so a workload has the
+same attributes in every signal), and still read by its real bytes.
 
 The readers parse the kernel's files leniently: a line or value that does not parse (garbage, a
 number beyond 64 bits, "nan") is left out, never raised, and a file is read up to FILE_LIMIT bytes.
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from agent.procfs.identity import decoded
 from agent.procfs.workload import classify
 
 FILE_LIMIT = 64 * 1024  # io.stat of a host with many devices is a few KiB, memory.stat ~2 KiB
@@ -176,7 +178,7 @@ def walk(root: bytes, limits: Limits, clock: Callable[[], float] = time.monotoni
             break
         rel, depth, inode = queue.popleft()
         if rel:
-            path = rel.decode("utf-8", "backslashreplace")
+            path = decoded(rel)
             workload = classify(path)
             if workload.path == path:
                 if path in seen:
