@@ -522,3 +522,21 @@ def test_limits_out_of_range_are_config_errors():
                                 ("cgroups", "timeout", "0s"), ("pressure", "max_workloads", 10**6)):
         with pytest.raises(config.ConfigError, match=rf"^scrapers\.{section}\.{key}: must be at least"):
             config.build(Config, {"scrapers": {section: {key: value}}})
+
+
+NAME = st.binary(min_size=1, max_size=255).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+TREE = st.recursive(st.just({}), lambda children: st.dictionaries(NAME, children, max_size=4), max_leaves=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(TREE, st.integers(min_value=1, max_value=6), st.integers(min_value=1, max_value=40),
+       st.integers(min_value=1, max_value=10))
+def test_walk_over_any_names_and_shapes_stays_within_its_limits(tmp_path_factory, tree, depth, cgroups_, workloads):
+    root = tmp_path_factory.mktemp("tree")
+    w = walk_tree(root, tree, cgroupfs.Limits(max_depth=depth, max_cgroups=cgroups_, max_workloads=workloads))
+    assert w.listed <= cgroups_ and len(w.workloads) <= workloads
+    for workload, rel, _ in w.workloads:
+        assert rel.count(b"/") <= depth and os.path.isdir(os.fsencode(root) + rel)
+        for _, value in workload.attributes:
+            value.encode("utf-8")
+    assert len({wl.path for wl, _, _ in w.workloads}) == len(w.workloads)
