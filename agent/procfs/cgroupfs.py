@@ -254,12 +254,12 @@ class Reader:
             return None
         return values
 
-    def pressure(self, rel: bytes) -> dict:
+    def pressure(self, rel: bytes, resources: tuple = PRESSURE_RESOURCES) -> dict:
         """{resource: {"some"|"full": microseconds}} of the cgroup at `rel` (v2 only)."""
         out = {}
         if self.v2_root is None:
             return out
-        for resource in PRESSURE_RESOURCES:
+        for resource in resources:
             path = b"%s%s/%s.pressure" % (self.v2_root, rel, resource.encode())
             values = self._parsed(path, parse_pressure)
             if values:

@@ -139,15 +139,16 @@ class PressureScraper(WorkloadScraper):
         self.per_workload = cfg.workloads
 
     def scrape(self, p: Points) -> None:
-        for resource in HOST_RESOURCES:
+        resources = tuple(r for r in HOST_RESOURCES if p.wants(f"system.{r}.linux.pressure.total"))
+        for resource in resources:
             path = HOST_PRESSURE + resource
             if resource == "irq" and not os.path.exists(path):
                 continue
             with self.guard(path):
                 _add_pressure(p, resource, cgroupfs.parse_pressure(cgroupfs.read_text(path)), ())
-        if self.per_workload and self.reader.v2_root is not None:  # PSI of cgroups is v2's
+        if self.per_workload and self.reader.v2_root is not None and resources:  # PSI of cgroups is v2's
             for workload, rel, start in self.workloads(p):
-                for resource, totals in self.reader.pressure(rel).items():
+                for resource, totals in self.reader.pressure(rel, resources).items():
                     _add_pressure(p, resource, totals, workload.attributes, start)
 
 
