@@ -214,7 +214,7 @@ def test_disk_io_of_a_container_writing_to_a_loop_device(cgroups, loop_device, a
 
 # --- hostile hierarchies ---------------------------------------------------------------------------
 
-def test_hostile_hierarchy_keeps_the_scrape_bounded_and_the_other_workloads(cgroups):
+def test_hostile_hierarchy_keeps_the_scrape_bounded_and_the_other_workloads(cgroups, caplog):
     """A top-level cgroup named with bytes that are not UTF-8, a service with a 255-byte name,
     a chain 100 levels deep and 2,000 siblings in one cgroup: both scrapers finish, stop at their
     limits (counted), and still report the other workloads, each name as valid text."""
@@ -254,6 +254,10 @@ def test_hostile_hierarchy_keeps_the_scrape_bounded_and_the_other_workloads(cgro
         assert f"0::/{tag}.slice" in cgroup_values  # the crowd and the chain are in their slice
         assert truncated.value((("scraper", source.name), ("limit", "cgroups"))) == 1
         assert truncated.value((("scraper", source.name), ("limit", "depth"))) == 1
+        warned = [r.getMessage() for r in caplog.records if f"scraper={source.name} limit=" in r.getMessage()]
+        assert len(warned) == 2  # once per limit
+        finishes(scrape, source)
+        assert len([r for r in caplog.records if f"scraper={source.name} limit=" in r.getMessage()]) == 2
 
 
 def walk_tree(tmp_path, tree: dict, limits: cgroupfs.Limits, clock=time.monotonic) -> cgroupfs.Walk:

@@ -102,6 +102,11 @@ class WorkloadScraper(HostScraper):
         walk = cgroupfs.walk(self.walk_root, self.limits)
         for limit in sorted(walk.truncated):
             self._truncated.add(1, (("scraper", self.name), ("limit", limit)))
+            if ("walk", limit) not in self._reported:
+                self._reported.add(("walk", limit))
+                log.warning("cgroup walk stopped at a limit scraper=%s limit=%s (%d workloads found; "
+                            "see scrapers.%s in docs/configuration.md; logged once)",
+                            self.name, limit, len(walk.workloads), self.name)
         for reason, count in walk.skipped.items():
             self._skipped.add(count, (("scraper", self.name), ("reason", reason)))
         first_start = self.start_ns if self._last_ns is None else self._last_ns
