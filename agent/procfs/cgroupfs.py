@@ -254,6 +254,16 @@ class Reader:
             return None
         return values
 
+    def _value(self, path: bytes) -> Optional[int]:
+        """A file that holds one counter (memory.current, cpuacct.usage_user)."""
+        text = self._text(path)
+        if text is None:
+            return None
+        value = counter(text.strip())
+        if value is None:
+            self.unreadable(path, ValueError("not a counter"))
+        return value
+
     def pressure(self, rel: bytes, resources: tuple = PRESSURE_RESOURCES) -> dict:
         """{resource: {"some"|"full": microseconds}} of the cgroup at `rel` (v2 only)."""
         out = {}
@@ -294,11 +304,11 @@ class Reader:
             if stat:
                 u.cpu = {"user": stat["user_usec"] / 1e6, "kernel": stat["system_usec"] / 1e6}
             return
-        user, kernel = self._v1("cpuacct", rel, "cpuacct.usage_user"), self._v1("cpuacct", rel, "cpuacct.usage_sys")
-        if user is not None:
-            values = [self._parsed(p, lambda t: {"ns": counter(t.strip())}) for p in (user, kernel)]
-            if all(v is not None and v["ns"] is not None for v in values):
-                u.cpu = {"user": values[0]["ns"] / 1e9, "kernel": values[1]["ns"] / 1e9}
+        if "cpuacct" in self.v1:
+            user = self._value(self._v1("cpuacct", rel, "cpuacct.usage_user"))
+            kernel = self._value(self._v1("cpuacct", rel, "cpuacct.usage_sys"))
+            if user is not None and kernel is not None:
+                u.cpu = {"user": user / 1e9, "kernel": kernel / 1e9}
 
     def _memory(self, rel: bytes, u: Usage) -> None:
         # as cAdvisor: working set = usage - inactive file pages (never below 0)
@@ -310,16 +320,13 @@ class Reader:
             if usage is None:
                 return
             stat, inactive = self._v1("memory", rel, "memory.stat"), "total_inactive_file"
-        value = self._parsed(usage, lambda t: {"bytes": counter(t.strip())})
+        value = self._value(usage)
         if value is None:
             return
-        if value["bytes"] is None:
-            self.unreadable(usage, ValueError("not a counter"))
-            return
+        u.memory["usage"] = value
         stats = self._parsed(stat, parse_flat, (inactive,))
-        u.memory["usage"] = value["bytes"]
         if stats is not None:
-            u.memory["working_set"] = max(0, value["bytes"] - stats[inactive])
+            u.memory["working_set"] = max(0, value - stats[inactive])
 
     def _io(self, rel: bytes, u: Usage) -> None:
         path = self._v2(rel, "io.stat")
