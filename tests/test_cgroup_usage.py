@@ -544,3 +544,26 @@ def test_walk_over_any_names_and_shapes_stays_within_its_limits(tmp_path_factory
         for _, value in workload.attributes:
             value.encode("utf-8")
     assert len({wl.path for wl, _, _ in w.workloads}) == len(w.workloads)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.fixed_dictionaries({name: FILE_TEXT for name in (
+    "cpuacct/w/cpuacct.usage_user", "cpuacct/w/cpuacct.usage_sys", "memory/w/memory.usage_in_bytes",
+    "memory/w/memory.stat", "blkio/w/blkio.throttle.io_service_bytes_recursive",
+    "blkio/w/blkio.bfq.io_serviced_recursive")}))
+def test_reader_takes_hostile_v1_files_without_raising(tmp_path_factory, files):
+    root = tmp_path_factory.mktemp("v1")
+    for controller in ("cpuacct", "memory", "blkio"):
+        os.makedirs(root / controller / "w")
+    for name, text in files.items():
+        (root / name).write_text(text, errors="surrogateescape")
+    unreadable = []
+    reader = cgroupfs.Reader(None, {c: str(root / c) for c in ("cpuacct", "memory", "blkio")},
+                             lambda path, error: unreadable.append(os.fsdecode(os.path.basename(path))))
+    usage = reader.usage(b"/w")
+    assert all(0 <= v < (1 << 64) / 1e9 for v in usage.cpu.values())
+    assert all(type(v) is int and 0 <= v < 1 << 64 for v in usage.memory.values())
+    assert all(type(v) is int and 0 <= v < 1 << 64 for values in usage.io.values() for v in values)
+    assert ("memory.usage_in_bytes" in unreadable) == ("usage" not in usage.memory)
+    assert (bool({"cpuacct.usage_user", "cpuacct.usage_sys"} & set(unreadable))) == (not usage.cpu)
+    assert reader.pressure(b"/w") == {}
