@@ -184,11 +184,13 @@ class WorkloadResolver:
     def _remember(self, cgroup_id: int, entry) -> None:
         evicted = 0
         with self._lock:
+            if cgroup_id in self._known:
+                self._known.move_to_end(cgroup_id)
+            else:                              # make room first: never more than cache_size, even briefly
+                while len(self._known) >= self.cache_size:
+                    self._known.popitem(last=False)
+                    evicted += 1
             self._known[cgroup_id] = entry
-            self._known.move_to_end(cgroup_id)
-            while len(self._known) > self.cache_size:
-                self._known.popitem(last=False)
-                evicted += 1
             self.evicted += evicted
         if evicted and self._evicted is not None:
             self._evicted.add(evicted)
