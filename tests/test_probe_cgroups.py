@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 
 import pytest
@@ -14,7 +15,7 @@ from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.cgroups import CGROUP_EVENT, CREATED, PATH_LEN, TRUNCATED, CgroupsProbe
 from agent.sources.ebpf.ringbuf import cstr
 from tests.ebpf_helpers import attached
-from tests.helpers import ROOT, assert_c_layout, remove_cgroups, v2_cgroup_root
+from tests.helpers import ROOT, assert_c_layout, finishes, remove_cgroups, v2_cgroup_root
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs and creates cgroups")
 LOADERS = pytest.mark.parametrize("loader", ["core", "bcc"])
@@ -141,3 +142,35 @@ def test_a_path_longer_than_the_record_is_looked_up_in_the_kernel_and_counted():
         assert resolver.path(gone_ids[gone_deep[1]]) == gone_deep[1]
         assert resolver.unresolved >= 1
         assert probe.counts[(CREATED, ())] >= len(deep) + len(gone_deep)
+
+
+@needs_root
+def test_the_reader_and_another_thread_resolving_at_once_neither_block_nor_lose_a_cgroup():
+    """The ring reader polls while a collection thread resolves ids of cgroups already removed
+    (each miss makes it read the ring too): every id resolves to its own path, nothing hangs."""
+    resolver = WorkloadResolver(SelfMetrics())
+    stop = threading.Event()
+    with attached(CgroupsProbe.create(None, workloads=resolver)) as probe:
+        def reader():
+            while not stop.wait(0.001):
+                probe.poll()
+
+        def churn_and_resolve():
+            top = "/" + unique("race-")
+            made = {}
+            with cgroups(top):
+                for i in range(300):
+                    with cgroups(f"{top}/s{i}.service") as ids:
+                        made.update(ids)
+                    assert resolver.path(ids[f"{top}/s{i}.service"]) == f"{top}/s{i}.service"
+            return made
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            made = finishes(churn_and_resolve)
+        finally:
+            stop.set()
+            t.join()
+    assert {resolver.path(i) for i in made.values()} == set(made)
+    assert resolver.unresolved == 0
