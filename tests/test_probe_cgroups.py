@@ -174,3 +174,31 @@ def test_the_reader_and_another_thread_resolving_at_once_neither_block_nor_lose_
             t.join()
     assert {resolver.path(i) for i in made.values()} == set(made)
     assert resolver.unresolved == 0
+
+
+@needs_root
+def test_hostile_cgroup_names_resolve_with_invalid_bytes_replaced():
+    """Names of 255 bytes, names that are not UTF-8, a name that looks like a container's: learned
+    from the records exactly as the kernel would name them, with U+FFFD for each invalid byte."""
+    resolver = WorkloadResolver(SelfMetrics())
+    root = os.fsencode(v2_cgroup_root())
+    top = b"/" + unique("bad-").encode()
+    names = [top, top + b"/" + b"\xff\xfebad\x80.service", top + b"/" + b"n" * 255,
+             top + b"/" + b"n" * 255 + b"/docker-" + b"E" * 64 + b".scope"]
+    made = []
+    with attached(CgroupsProbe.create(None, workloads=resolver)):
+        try:
+            for name in names:
+                os.mkdir(root + name)
+                made.append(root + name)
+            ids = {name: os.stat(root + name).st_ino for name in names}
+        finally:
+            remove_cgroups(*reversed(made))
+        for name, cgroup_id in ids.items():
+            assert resolver.path(cgroup_id) == name.decode("utf-8", "replace"), name
+    top_text = top.decode()
+    assert resolver.resolve(ids[names[1]]).attributes == (
+        ("linux.systemd.unit", "\ufffd\ufffdbad\ufffd.service"),
+        ("process.linux.cgroup", f"0::{top_text}/\ufffd\ufffdbad\ufffd.service"))
+    assert resolver.resolve(ids[names[3]]).kind == "service"   # upper-case hex: a scope, not a container
+    assert resolver.unresolved == 0
