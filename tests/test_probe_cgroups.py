@@ -13,7 +13,7 @@ import pytest
 from agent.procfs.workload import UNRESOLVED, WorkloadResolver
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.cgroups import CGROUP_EVENT, CREATED, PATH_LEN, TRUNCATED, CgroupsProbe
-from agent.sources.ebpf.ringbuf import cstr
+from agent.sources.ebpf.ringbuf import cstr, read_drops
 from tests.ebpf_helpers import attached
 from tests.helpers import ROOT, assert_c_layout, finishes, remove_cgroups, v2_cgroup_root
 
@@ -202,3 +202,22 @@ def test_hostile_cgroup_names_resolve_with_invalid_bytes_replaced():
         ("process.linux.cgroup", f"0::{top_text}/\ufffd\ufffdbad\ufffd.service"))
     assert resolver.resolve(ids[names[3]]).kind == "service"   # upper-case hex: a scope, not a container
     assert resolver.unresolved == 0
+
+
+@needs_root
+def test_records_lost_to_a_full_ring_are_counted_and_their_cgroups_counted_unresolved():
+    """A ring of one page (7 records) and 41 cgroups created and removed before it is read: the
+    records that did not fit are counted as dropped, and their cgroups, gone and never learned,
+    as unresolved; the others resolve exactly."""
+    resolver = WorkloadResolver(SelfMetrics())
+    top = "/" + unique("full-")
+    subs = [f"{top}/s{i}.service" for i in range(40)]
+    with attached(CgroupsProbe(ring_pages=1, workloads=resolver)) as probe:
+        with cgroups(top, *subs) as ids:
+            pass
+        resolved = {s: resolver.path(ids[s]) for s in subs}      # the first miss reads the ring
+        (dropped,) = read_drops(probe.obj, 1)
+    lost = [s for s, p in resolved.items() if p is None]
+    assert all(p == s for s, p in resolved.items() if p is not None)
+    assert len(lost) >= len(subs) + 1 - 7 and resolver.unresolved == len(lost)
+    assert dropped >= len(lost)
