@@ -222,6 +222,17 @@ def test_ids_of_live_cgroups_resolve_from_the_kernel_and_gone_unknown_ones_are_c
     assert telemetry.counter(UNRESOLVED_METRIC, "", "").value() == resolver.unresolved == 2
 
 
+def test_a_failing_sync_hook_costs_no_answer():
+    resolver = WorkloadResolver(paths=CgroupPaths(mount=""))
+    resolver.learn(gone_id(1), "/a.service")
+
+    def broken():
+        raise RuntimeError("ring gone")
+    resolver.set_sync(broken)
+    assert resolver.resolve(gone_id(2)) is UNRESOLVED and resolver.resolve(gone_id(3)) is UNRESOLVED
+    assert resolver.resolve(gone_id(1)) == unit("/a.service") and resolver.unresolved == 2
+
+
 def test_the_resolver_is_safe_to_share_between_threads():
     resolver = WorkloadResolver(cache_size=500, paths=CgroupPaths(mount=""))
     errors = []

@@ -24,11 +24,14 @@ cgroup lives). Bounded: at most `cache_size` ids are kept, least recently used f
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from agent.procfs.identity import UNIT_SUFFIXES, CgroupPaths, cgroup_attributes, container_id, decoded
+
+log = logging.getLogger("hostagent.workload")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class WorkloadResolver:
         self._known: collections.OrderedDict = collections.OrderedDict()   # id -> (path, Workload) or None
         self._lock = threading.Lock()
         self._sync: Optional[Callable[[], object]] = None
+        self._sync_failed = False              # said once
         self.unresolved = self.evicted = 0
         self._unresolved = self._evicted = None
         if telemetry is not None:
@@ -161,7 +165,12 @@ class WorkloadResolver:
         if entry is self._MISS:
             sync = self._sync
             if sync is not None:
-                sync()                         # takes the probe's lock, then ours: never the other way
+                try:
+                    sync()                     # takes the probe's lock, then ours: never the other way
+                except Exception:              # the caller's own data must not be lost to it
+                    if not self._sync_failed:
+                        self._sync_failed = True
+                        log.exception("workload_sync_failed")
                 entry = self._lookup(cgroup_id)
         if entry is self._MISS:
             self._ask_kernel(cgroup_id)
