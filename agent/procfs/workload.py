@@ -34,7 +34,7 @@ from agent.procfs.identity import UNIT_SUFFIXES, CgroupPaths, cgroup_attributes,
 log = logging.getLogger("hostagent.workload")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Workload:
     kind: str            # "container" | "service" | "slice" | "host" | "unresolved"
     path: str            # the workload's own cgroup: every cgroup under it collapses into it
@@ -47,7 +47,7 @@ UNRESOLVED = Workload("unresolved", "", (("process.linux.cgroup", "unresolved"),
 # the key kernel maps use for what did not fit (bpf/include/maps.h HA_CGROUP_OVERFLOW)
 CGROUP_OVERFLOW = 0xFFFFFFFFFFFFFFFF
 
-# ids remembered: a busy Kubernetes node has a few thousand cgroups; an entry takes about 1 KiB
+# ids remembered: a busy Kubernetes node has a few thousand cgroups; an entry takes 0.6-1 KiB
 CACHE_SIZE = 8192
 
 UNRESOLVED_METRIC = "hostagent.ebpf.workload.unresolved"
@@ -86,7 +86,8 @@ class WorkloadResolver:
     def __init__(self, telemetry=None, cache_size: int = CACHE_SIZE, paths: Optional[CgroupPaths] = None):
         self.paths = paths if paths is not None else CgroupPaths()
         self.cache_size = max(1, cache_size)
-        self._known: collections.OrderedDict = collections.OrderedDict()   # id -> (path, Workload) or None
+        # id -> (its path, None when it is the workload's own; Workload), or None: unresolved
+        self._known: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self._sync: Optional[Callable[[], object]] = None
         self._sync_failed = False              # said once
@@ -118,7 +119,8 @@ class WorkloadResolver:
             return self._ask_kernel(cgroup_id)
         path = decoded(path)
         workload = classify(path)
-        self._remember(cgroup_id, (path, workload))
+        # most cgroups are their workload's own: keep the path once
+        self._remember(cgroup_id, (None if path == workload.path else path, workload))
         return workload
 
     def workload(self, cgroup_id: int) -> Optional[Workload]:
@@ -133,7 +135,7 @@ class WorkloadResolver:
     def path(self, cgroup_id: int) -> Optional[str]:
         """The cgroup's own path (not its workload's); None when it cannot be resolved."""
         entry = self._entry(cgroup_id)
-        return None if entry is None else entry[0]
+        return None if entry is None else entry[0] or entry[1].path
 
     def attributes(self, cgroup_id: int) -> tuple:
         """identity.cgroup_attributes() of the cgroup's own path (what a process's records carry:
