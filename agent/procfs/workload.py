@@ -115,13 +115,16 @@ class WorkloadResolver:
     def learn(self, cgroup_id: int, path: Optional[str]) -> Optional[Workload]:
         """Remember that `cgroup_id` is the cgroup at `path`; path None: not known (cut short),
         ask the kernel now, while the cgroup may still exist. The workload, or None."""
-        if path is None:
-            return self._ask_kernel(cgroup_id)
+        entry = self._ask_kernel(cgroup_id) if path is None else self._learn(cgroup_id, path)
+        return None if entry is None else entry[1]
+
+    def _learn(self, cgroup_id: int, path) -> tuple:
         path = decoded(path)
         workload = classify(path)
         # most cgroups are their workload's own: keep the path once
-        self._remember(cgroup_id, (None if path == workload.path else path, workload))
-        return workload
+        entry = (None if path == workload.path else path, workload)
+        self._remember(cgroup_id, entry)
+        return entry
 
     def workload(self, cgroup_id: int) -> Optional[Workload]:
         """The cgroup's workload; None when the id is unknown and its cgroup is gone."""
@@ -175,34 +178,45 @@ class WorkloadResolver:
                         log.exception("workload_sync_failed")
                 entry = self._lookup(cgroup_id)
         if entry is self._MISS:
-            self._ask_kernel(cgroup_id)
-            entry = self._lookup(cgroup_id)
-        return None if entry is self._MISS else entry
+            return self._ask_kernel(cgroup_id)
+        return entry
 
-    def _ask_kernel(self, cgroup_id: int) -> Optional[Workload]:
+    def _ask_kernel(self, cgroup_id: int):
+        """(path, Workload) from the kernel, or None, then remembered as unresolved (final: the
+        cgroup is gone, or hidden from us) and counted once."""
         path = self.paths.path(cgroup_id)
         if path is not None:
-            return self.learn(cgroup_id, path)
-        with self._lock:                       # gone (or hidden from us): final, counted once
-            known = cgroup_id in self._known
-        if not known:
-            self._remember(cgroup_id, None)
-            self.unresolved += 1
+            return self._learn(cgroup_id, path)
+        with self._lock:
+            new = cgroup_id not in self._known
+            if new:
+                self.unresolved += 1
+                evicted = self._insert(cgroup_id, None)
+        if new:
+            self._count_evicted(evicted)
             if self._unresolved is not None:
                 self._unresolved.add(1)
         return None
 
     def _remember(self, cgroup_id: int, entry) -> None:
-        evicted = 0
         with self._lock:
-            if cgroup_id in self._known:
-                self._known.move_to_end(cgroup_id)
-            else:                              # make room first: never more than cache_size, even briefly
-                while len(self._known) >= self.cache_size:
-                    self._known.popitem(last=False)
-                    evicted += 1
-            self._known[cgroup_id] = entry
-            self.evicted += evicted
+            evicted = self._insert(cgroup_id, entry)
+        self._count_evicted(evicted)
+
+    def _insert(self, cgroup_id: int, entry) -> int:
+        """Put an entry (the lock held); how many were evicted to make room."""
+        evicted = 0
+        if cgroup_id in self._known:
+            self._known.move_to_end(cgroup_id)
+        else:                                  # make room first: never more than cache_size, even briefly
+            while len(self._known) >= self.cache_size:
+                self._known.popitem(last=False)
+                evicted += 1
+        self._known[cgroup_id] = entry
+        self.evicted += evicted
+        return evicted
+
+    def _count_evicted(self, evicted: int) -> None:
         if evicted and self._evicted is not None:
             self._evicted.add(evicted)
 
