@@ -233,6 +233,23 @@ def test_a_failing_sync_hook_costs_no_answer():
     assert resolver.resolve(gone_id(1)) == unit("/a.service") and resolver.unresolved == 2
 
 
+def test_threads_asking_about_the_same_gone_ids_count_each_once():
+    telemetry = SelfMetrics()
+    resolver = WorkloadResolver(telemetry, paths=CgroupPaths(mount=""))
+    barrier = threading.Barrier(8)
+
+    def ask():
+        barrier.wait()
+        for i in range(200):
+            assert resolver.resolve(gone_id(i)) is UNRESOLVED
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert resolver.unresolved == telemetry.counter(UNRESOLVED_METRIC, "", "").value() == 200
+
+
 def test_the_resolver_is_safe_to_share_between_threads():
     resolver = WorkloadResolver(cache_size=500, paths=CgroupPaths(mount=""))
     errors = []
