@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent import futures
 
 import grpc
@@ -21,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
@@ -29,7 +30,7 @@ from agent.config import merge
 from agent.export.encoding import Payload, encode_metrics
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.procfs.cgroupfs import v1_mounts
-from agent.procfs.identity import cgroup2_mount
+from agent.procfs.identity import cgroup2_mount, container_id
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, attributes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -480,3 +481,71 @@ def assert_c_layout(source: str, struct: str, layout) -> None:
         size, offsets = ctypes.sizeof(layout), {n: getattr(layout, n).offset for n in members}
     c_size, c_offsets = c_layout(source, struct, members)
     assert (c_size, c_offsets) == (size, offsets)
+
+
+# --- cgroups: short-lived ones, and what the file exporter wrote --------------------------------
+
+def v2_cgroup_root() -> str:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup/unified on a hybrid host)."""
+    root = cgroup2_mount()
+    assert root, "no cgroup2 mount"
+    return root
+
+
+def _enter_cgroup(directory: str):
+    def enter():
+        with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+            f.write("0")
+    return enter
+
+
+# cgroup layouts as container runtimes and systemd make them; {run} is unique to the test run,
+# {id} a fresh 64-hex container id
+CGROUP_LAYOUTS = (
+    "hostagent-test-{run}.slice/docker-{id}.scope",                        # docker, systemd driver
+    "hostagent-test-{run}/docker/{id}",                                    # docker, cgroupfs driver
+    "hostagent-test-{run}.slice/pod{run}/cri-containerd-{id}.scope",       # kubelet, systemd driver
+    "hostagent-test-{run}.slice/libpod-{id}.scope/container",              # podman
+    "hostagent-test-{run}.slice/hostagent-test-{run}.service",             # a systemd service
+)
+
+
+def short_lived_cgroups(n: int, layouts=CGROUP_LAYOUTS, command=("/bin/true",), lifetime: float = 0.05) -> list:
+    """Create n cgroups one after the other under the v2 mount, each for about `lifetime`
+    seconds: make its directory chain, run `command` inside and wait for it, then remove the
+    chain. Returns one dict per cgroup: pid (of the command), path (relative to the v2 root), id
+    (its cgroup id: the directory's inode), container_id (or None)."""
+    root = v2_cgroup_root()
+    out = []
+    for i in range(n):
+        relative = "/" + layouts[i % len(layouts)].format(run=f"wl{os.getpid()}-{i}-{uuid.uuid4().hex[:6]}",
+                                                            id=uuid.uuid4().hex + uuid.uuid4().hex)
+        path = root + relative
+        born = time.monotonic()
+        try:
+            os.makedirs(path)
+            cid = os.stat(path).st_ino
+            child = subprocess.Popen(list(command), preexec_fn=_enter_cgroup(path))
+            child.wait()
+            time.sleep(max(0.0, lifetime - (time.monotonic() - born)))
+        finally:
+            chain = []
+            while path != root:
+                chain.append(path)
+                path = os.path.dirname(path)
+            remove_cgroups(*chain)
+        out.append({"pid": child.pid, "path": relative, "id": cid, "container_id": container_id(relative)})
+    return out
+
+
+def file_requests(path: str, kind):
+    """The export requests (`kind`: ExportLogsServiceRequest or ExportMetricsServiceRequest) the
+    file exporter wrote to `path` (its rotated files included), oldest first."""
+    out = []
+    for name in [f"{path}.{i}" for i in range(9, 0, -1)] + [path]:
+        if os.path.exists(name):
+            with open(name) as f:
+                for line in f:
+                    if line.endswith("\n"):             # a last line may be being written
+                        out.append(json_format.Parse(line, kind()))
+    return out

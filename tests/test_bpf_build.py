@@ -25,6 +25,7 @@ EXPECTED = {
     "signals": ({"signal__signal_generate": "tp/signal/signal_generate"},
                 {"fatal_signals"} | RING_MAPS),
     "oom": ({"oom__mark_victim": "tp/oom/mark_victim"}, {"oom_events"} | RING_MAPS),
+    "cgroups": ({"cgroup__cgroup_mkdir": "tp/cgroup/cgroup_mkdir"}, {"cgroup_events"} | RING_MAPS),
     "process": ({"task__task_newtask": "tp/task/task_newtask",
                  "sched__sched_process_exec": "tp/sched/sched_process_exec",
                  "sched__sched_process_exit": "tp/sched/sched_process_exit",

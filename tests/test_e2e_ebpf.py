@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 
+from agent.sources.ebpf.registry import PROBES
 from tests.ebpf_helpers import ebpf_config
 from tests.helpers import ROOT, agent_log, base_config, clean_env, wait_for_log
 from tests.otlp_receiver import attributes
@@ -17,8 +18,7 @@ N = 20
 
 
 def test_exec_exit_and_signals_reach_the_receiver(tmp_path, start_agent, grpc_receiver):
-    probes = {name: {"enabled": name in ("syscalls", "process", "signals")}
-              for name in ("runqlat", "biolatency", "syscalls", "tcp", "process", "oom", "signals")}
+    probes = {name: {"enabled": name in ("syscalls", "process", "signals")} for name in PROBES}
     cfg = base_config(tmp_path, ebpf=ebpf_config(enabled=True, probes=probes),
                       exporter={"type": "otlp", "otlp": {"endpoint": grpc_receiver.endpoint}})
     proc = start_agent(cfg)
@@ -81,7 +81,7 @@ def test_unprivileged_agent_exports_host_metrics_and_says_which_probes_are_off()
                              env=clean_env(), capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         statuses = json.loads(res.stdout)
-        assert len(statuses) == 7 and all(s["state"] == "off" and s["reason"] for s in statuses)
+        assert len(statuses) == len(PROBES) and all(s["state"] == "off" and s["reason"] for s in statuses)
         log = open(f"{out}/agent.log", "w+")
         proc = subprocess.Popen([*drop, sys.executable, "-m", "agent", "run", "--config", f"{out}/agent.yaml"],
                                 cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -24,6 +24,7 @@ from agent.procfs.identity import (CLOCK_TICK_NS, EnrichmentConfig, boot_to_wall
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.process import iso8601
+from agent.sources.ebpf.registry import PROBES
 from agent.sources.process import ProcessScraperConfig
 from tests.helpers import HOSTAGENT, ROOT, Events, base_config, clean_env, remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
@@ -232,8 +233,7 @@ def agent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("enrich")
     receiver = HttpReceiver().start()
     cfg = base_config(tmp, ebpf={"enabled": True, "probes": {
-        name: {"enabled": name == "process"} for name in ("runqlat", "biolatency", "syscalls", "tcp", "process",
-                                                          "oom", "signals")}},
+        name: {"enabled": name == "process"} for name in PROBES}},
         exporter={"type": "otlp", "otlp": {"endpoint": receiver.endpoint, "protocol": "http/protobuf",
                                            "compression": "gzip"}})
     path = tmp / "agent.yaml"

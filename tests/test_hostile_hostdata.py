@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from agent.export.encoding import MAX_DEPTH, EncodingCounters, encode
 from agent.model import Batch, LogGroup, LogRecord, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.selfmetrics import SelfMetrics
+from agent.sources.ebpf.registry import PROBES
 from tests.helpers import HOSTAGENT, ROOT, base_config, clean_env, remove_cgroups
 from tests.otlp_receiver import HttpReceiver, attributes
 
@@ -179,8 +180,7 @@ def test_a_cgroup_and_a_binary_named_with_invalid_bytes_cost_no_other_data(tmp_p
     binary = os.path.join(os.fsencode(str(tmp_path)), BAD + b"-" + tag.encode())
     shutil.copy("/bin/sleep", binary)
     cfg = base_config(tmp_path, ebpf={"enabled": True, "probes": {
-        name: {"enabled": name == "process"} for name in ("runqlat", "biolatency", "syscalls", "tcp", "process",
-                                                          "oom", "signals")}},
+        name: {"enabled": name == "process"} for name in PROBES}},
         scrapers={"process": {"enabled": True, "include": [f"bad.*-{tag}"]}},
         exporter={"type": "otlp", "otlp": {"endpoint": receiver.endpoint, "protocol": "http/protobuf"}})
     (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))

@@ -14,8 +14,11 @@ from agent.model import Resource, Severity
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
+from agent.procfs.workload import WorkloadResolver
+from agent.sources.ebpf.cgroups import CgroupsProbe
 from agent.sources.ebpf.process import EXEC_EVENT, EXIT_EVENT, ProcessProbe, ProcInfo, exit_status
-from tests.helpers import ROOT, Events, assert_c_layout
+from tests.ebpf_helpers import attached
+from tests.helpers import ROOT, Events, assert_c_layout, short_lived_cgroups
 
 SOURCE = os.path.join(ROOT, "bpf", "process.bpf.c")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
@@ -155,3 +158,27 @@ def test_process_older_than_the_probe_has_parent_and_start():
     assert a["process.parent_pid"] == os.getpid() and a["process.exit.code"] == 0
     assert a["process.executable.name"] == "true"
     assert 0.15 < a["linux.process.lifetime"] < 30
+
+
+# --- cgroups ---------------------------------------------------------------------------------------
+
+@needs_root
+def test_records_of_a_cgroup_removed_before_they_are_read_carry_its_cgroup():
+    """No reader thread: the records are read after their cgroups are gone, as happens to a
+    container that lives 50 ms. The resolver the cgroups probe feeds still names each cgroup."""
+    resolver = WorkloadResolver(SelfMetrics())
+    with attached(CgroupsProbe.create(None, workloads=resolver)), \
+            attached(ProcessProbe.create(None, workloads=resolver)) as probe:
+        ran = short_lived_cgroups(10, lifetime=0)
+        records = probe.poll()
+    by_pid = {}
+    for r in records:
+        by_pid.setdefault(dict(r.attributes)["process.pid"], []).append(r)
+    for cg in ran:
+        mine = by_pid.get(cg["pid"], [])
+        assert sorted(r.event_name for r in mine) == ["process.exec", "process.exit"], cg
+        for r in mine:
+            a = dict(r.attributes)
+            assert a["process.linux.cgroup"] == "0::" + cg["path"], a
+            assert a.get("container.id") == cg["container_id"], a
+    assert resolver.unresolved == 0

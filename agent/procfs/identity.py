@@ -7,9 +7,9 @@ container and systemd unit -- as OpenTelemetry attributes.
   (enrichment.redaction in the config).
 - `cgroup_attributes(path)`: process.linux.cgroup, container.id (docker, containerd, cri-o,
   podman, nerdctl; cgroup v1 and v2 layouts) and linux.systemd.unit from a cgroup path.
-- `CgroupPaths`: cgroup v2 id (what bpf_get_current_cgroup_id() returns) -> path and those
-  attributes, through open_by_handle_at() on the cgroup2 mount: exact, even after the process is
-  gone (not after its cgroup is).
+- `CgroupPaths`: cgroup v2 id (what bpf_get_current_cgroup_id() returns) -> path, through
+  open_by_handle_at() on the cgroup2 mount: exact, even after the process is gone (not after its
+  cgroup is: agent/procfs/workload.py remembers the paths of cgroups that may go).
 - `read_process(pid)`: the same attributes from /proc, with the process's start time, so a caller
   can tell the process it asked about from a later one that got the same pid.
 
@@ -20,11 +20,13 @@ are not UTF-8. They are decoded where they are read, each invalid byte becoming 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fnmatch
 import functools
 import os
 import pwd
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Mapping, Optional
@@ -294,7 +296,7 @@ def _hide_matches(pattern, text: str) -> str:
 # a container's cgroup directory: <64 hex>, or <runtime>-<64 hex>[.scope]; conmon's is not one
 _CONTAINER_DIR = re.compile(
     r"(?:(?:docker|cri-containerd|crio|libpod|containerd|nerdctl|cri-o)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?")
-_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")   # systemd units that hold processes
 
 
 def container_id(path: str) -> Optional[str]:
@@ -311,7 +313,7 @@ def container_id(path: str) -> Optional[str]:
 def systemd_unit(path: str) -> Optional[str]:
     """The innermost systemd unit in a cgroup path (nginx.service, session-3.scope)."""
     for part in reversed(path.split("/")):
-        if part.endswith(_UNIT_SUFFIXES):
+        if part.endswith(UNIT_SUFFIXES):
             return part
     return None
 
@@ -372,54 +374,52 @@ def cgroup2_mount() -> Optional[str]:
 
 
 class CgroupPaths:
-    """cgroup v2 id -> path relative to the cgroup2 root ("/system.slice/x.service").
-    Needs CAP_DAC_READ_SEARCH (open_by_handle_at); ids are never reused, so answers are kept
-    (the `cache_size` most recent)."""
+    """cgroup v2 id -> path relative to the cgroup2 root ("/system.slice/x.service"), asked of
+    the kernel each time (open_by_handle_at; callers keep the answers: workload.WorkloadResolver).
+    Needs CAP_DAC_READ_SEARCH. Thread-safe: close() waits for a lookup using the mount's fd."""
 
-    def __init__(self, mount: Optional[str] = None, cache_size: int = 4096):
+    def __init__(self, mount: Optional[str] = None):
         self.mount = mount if mount is not None else cgroup2_mount()
         self._mount_fd = -1
         self._libc = ctypes.CDLL(None, use_errno=True)
-        self._attributes: dict = {}           # id -> cgroup_attributes() of its path
-        self.cache_size = cache_size
+        self._lock = threading.Lock()
         if self.mount:
             try:
                 self._mount_fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 self.mount = None
 
-    def path(self, cgroup_id: int) -> Optional[str]:
-        """The path, or None: no such cgroup (any more), no cgroup2 mount, or no permission."""
-        if self._mount_fd < 0 or not cgroup_id:
-            return None
+    def find(self, cgroup_id: int) -> tuple[Optional[str], bool]:
+        """(the path or None, whether the kernel says there is no such cgroup any more). None and
+        False: no cgroup2 mount, no permission, or another error (the cgroup may exist)."""
+        if not cgroup_id:
+            return None, True
         handle = _FileHandle(8, FILEID_KERNFS, cgroup_id)
-        fd = self._libc.open_by_handle_at(self._mount_fd, ctypes.byref(handle), O_PATH)
+        with self._lock:
+            if self._mount_fd < 0:
+                return None, False
+            fd = self._libc.open_by_handle_at(self._mount_fd, ctypes.byref(handle), O_PATH)
+            err = ctypes.get_errno()
         if fd < 0:
-            return None
+            return None, err in (errno.ESTALE, errno.ENOENT)
         try:
             full = decoded(os.readlink(f"/proc/self/fd/{fd}".encode()))
+        except OSError:
+            return None, False
         finally:
             os.close(fd)
         relative = os.path.relpath(full, self.mount)
-        return "/" if relative == "." else "/" + relative
+        return ("/" if relative == "." else "/" + relative), False
 
-    def attributes(self, cgroup_id: int) -> tuple:
-        """cgroup_attributes() of the cgroup's path; () when path() has none (not kept: the
-        answer may come later)."""
-        attrs = self._attributes.get(cgroup_id)
-        if attrs is None:
-            path = self.path(cgroup_id)
-            if path is None:
-                return ()
-            if len(self._attributes) >= self.cache_size:
-                self._attributes.pop(next(iter(self._attributes)))
-            attrs = self._attributes[cgroup_id] = cgroup_attributes(path)
-        return attrs
+    def path(self, cgroup_id: int) -> Optional[str]:
+        """The path, or None: no such cgroup (any more), no cgroup2 mount, or no permission."""
+        return self.find(cgroup_id)[0]
 
     def close(self) -> None:
-        if self._mount_fd >= 0:
-            os.close(self._mount_fd)
-            self._mount_fd = -1
+        with self._lock:
+            if self._mount_fd >= 0:
+                os.close(self._mount_fd)
+                self._mount_fd = -1
 
 
 # --- /proc ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Optional
 
 from agent.model import Batch, LogGroup, Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope, now_ns
 from agent.procfs.identity import EnrichmentConfig
+from agent.procfs.workload import WorkloadResolver
 from agent.sources import Emit, Source
 from agent.sources.ebpf import loader
 from agent.sources.ebpf.loader import ProbeStatus, format_table, load, program_stats, unload
@@ -59,8 +60,12 @@ class EbpfSource(Source):
                  enrichment: EnrichmentConfig = EnrichmentConfig()):
         """`telemetry`: the agent's own metrics; `probes` overrides the registry ({name: Probe class
         or instance}); `enrichment` says whether and how the process probe records command lines."""
+        # one cgroup id -> workload resolver for every probe (None: host-wide attribution)
+        self.workloads = (WorkloadResolver(telemetry) if getattr(cfg, "attribution", "workload") == "workload"
+                          and cfg.enabled else None)
         if probes is None:
-            probes = {name: cls.create(cfg.probes.get(name), telemetry, enrichment) for name, cls in PROBES.items()}
+            probes = {name: cls.create(cfg.probes.get(name), telemetry, enrichment, self.workloads)
+                      for name, cls in PROBES.items()}
         self.resource = resource
         self.poll_interval = poll_interval
         self.start_ns = now_ns()
@@ -202,6 +207,8 @@ class EbpfSource(Source):
             poller.close()
         unload(self._loaded)
         self._loaded = []
+        if self.workloads is not None:
+            self.workloads.close()
         if self._stats_fd is not None:
             os.close(self._stats_fd)
             self._stats_fd = None

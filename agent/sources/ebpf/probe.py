@@ -29,10 +29,12 @@ class Probe:
     metrics: tuple = ()
 
     @classmethod
-    def create(cls, options, telemetry=None, enrichment=None) -> "Probe":
+    def create(cls, options, telemetry=None, enrichment=None, workloads=None) -> "Probe":
         """The probe as configured: `options` is its ebpf.probes.<name> section (ProbeConfig), None
         when the config does not list it; `telemetry` (the agent's own metrics) and `enrichment`
-        (EnrichmentConfig) for the probes that need them, None for a probe only described."""
+        (EnrichmentConfig) for the probes that need them, None for a probe only described;
+        `workloads` (procfs.workload.WorkloadResolver) when data is attributed to workloads,
+        None for host-wide attribution."""
         return cls()
 
     @property

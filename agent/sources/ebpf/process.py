@@ -35,8 +35,8 @@ from typing import Optional
 import numpy as np
 
 from agent.model import LogRecord, Metric, MetricKind, NumberPoint, Severity, now_ns
-from agent.procfs.identity import (CLOCK_TICK_NS, CgroupPaths, EnrichmentConfig, Redactor, proc_stat, split_argv,
-                                   user_name)
+from agent.procfs.identity import CLOCK_TICK_NS, EnrichmentConfig, Redactor, proc_stat, split_argv, user_name
+from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.loader import btf_member_offset, tracepoint_fields
 from agent.sources.ebpf.maps import BPF_NOEXIST
 from agent.sources.ebpf.ringbuf import Ring, RingProbe, cstr
@@ -113,16 +113,20 @@ class ProcessProbe(RingProbe):
     argv_tracepoints = ("syscalls:sys_enter_execve", "syscalls:sys_enter_execveat")
 
     def __init__(self, exec_ring_pages: int = 1024, exit_ring_pages: int = 128, procs_max: int = 65536,
-                 enrichment: EnrichmentConfig = EnrichmentConfig()):
+                 enrichment: EnrichmentConfig = EnrichmentConfig(), workloads: Optional[WorkloadResolver] = None):
         self.rings = (Ring("exec_events", EXEC_EVENT, exec_ring_pages, "EXEC"),
                       Ring("exit_events", EXIT_EVENT, exit_ring_pages, "EXIT"))
         self.procs_max = procs_max
         self.redact = Redactor(enrichment.redaction) if enrichment.command_line else None
-        self.cgroups: Optional[CgroupPaths] = None
+        # cgroup id -> path: the agent's resolver, which the cgroups probe feeds, so records of
+        # a cgroup removed before they are read still name it; else one of our own, which
+        # knows only cgroups that still exist when their records are read
+        self.workloads = workloads
+        self._own_workloads = False
 
     @classmethod
-    def create(cls, options, telemetry=None, enrichment=None) -> "ProcessProbe":
-        return cls() if enrichment is None else cls(enrichment=enrichment)
+    def create(cls, options, telemetry=None, enrichment=None, workloads=None) -> "ProcessProbe":
+        return cls(enrichment=enrichment or EnrichmentConfig(), workloads=workloads)
 
     def select_tracepoints(self, available) -> Optional[tuple]:
         """The argv tracepoints are optional: without them (or with command lines off) exec
@@ -156,7 +160,8 @@ class ProcessProbe(RingProbe):
         super().setup(obj)
         self.forks = obj.map("forks")
         self._seed(obj.map("procs"))
-        self.cgroups = CgroupPaths()
+        if self.workloads is None:
+            self.workloads, self._own_workloads = WorkloadResolver(), True
 
     def _seed(self, procs) -> None:
         """Parent and start time of the processes that existed before the probe was attached
@@ -207,7 +212,7 @@ class ProcessProbe(RingProbe):
                 attrs.append(("process.owner", owner))
             if start_ns:
                 attrs.append(("process.creation.time", iso8601(start_ns + boot_to_wall)))
-            attrs += self.cgroups.attributes(cgroup_id)
+            attrs += self.workloads.attributes(cgroup_id)
             out.append(LogRecord(time_ns + boot_to_wall, f"process {pid} executed {path}", tuple(attrs),
                                  Severity.INFO, "process.exec", observed))
         self.count(EXECS, (), len(out))
@@ -244,15 +249,16 @@ class ProcessProbe(RingProbe):
                 attrs += [("process.creation.time", iso8601(start_ns + boot_to_wall)),
                           ("linux.process.lifetime", max(time_ns - start_ns, 0) / 1e9)]
             attrs.append(("process.exit.time", iso8601(wall)))
-            attrs += self.cgroups.attributes(cgroup_id)
+            attrs += self.workloads.attributes(cgroup_id)
             out.append(LogRecord(wall, body, tuple(attrs), severity, "process.exit", observed))
         for cls, n in classes.items():
             self.count(EXITS, _CLASS_ATTRS[cls], n)
         return out
 
     def close(self) -> None:
-        if self.cgroups is not None:
-            self.cgroups.close()
+        if self._own_workloads:
+            self.workloads.close()
+            self.workloads, self._own_workloads = None, False
         super().close()
 
     # --- metrics (collection thread) -------------------------------------------------------

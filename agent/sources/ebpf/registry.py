@@ -5,6 +5,7 @@ Adding a probe is one line in PROBES. The order is the order of `hostagent probe
 from __future__ import annotations
 
 from agent.sources.ebpf.biolatency import BiolatencyProbe
+from agent.sources.ebpf.cgroups import CgroupsProbe
 from agent.sources.ebpf.oom import OomProbe
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.runqlat import RunqlatProbe
@@ -17,6 +18,7 @@ PROBES = {
     "biolatency": BiolatencyProbe,
     "syscalls": SyscallsProbe,
     "tcp": TcpProbe,
+    "cgroups": CgroupsProbe,
     "process": ProcessProbe,
     "oom": OomProbe,
     "signals": SignalsProbe,

@@ -98,7 +98,7 @@ class SyscallsProbe(Probe):
         self.target_tgid = target_tgid
 
     @classmethod
-    def create(cls, options, telemetry=None, enrichment=None) -> "SyscallsProbe":
+    def create(cls, options, telemetry=None, enrichment=None, workloads=None) -> "SyscallsProbe":
         return cls(latency=not (options and options.counting_only))
 
     def select_tracepoints(self, available):
