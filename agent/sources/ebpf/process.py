@@ -121,7 +121,7 @@ class ProcessProbe(RingProbe):
         self.cgroups: Optional[CgroupPaths] = None
 
     @classmethod
-    def create(cls, options, telemetry=None, enrichment=None) -> "ProcessProbe":
+    def create(cls, options, telemetry=None, enrichment=None, workloads=None) -> "ProcessProbe":
         return cls() if enrichment is None else cls(enrichment=enrichment)
 
     def select_tracepoints(self, available) -> Optional[tuple]:

@@ -68,7 +68,7 @@ class TcpProbe(Probe):
         }
 
     @classmethod
-    def create(cls, options, telemetry=None, enrichment=None) -> "TcpProbe":
+    def create(cls, options, telemetry=None, enrichment=None, workloads=None) -> "TcpProbe":
         return cls(telemetry=telemetry, target_port=(options.port or None) if options else None)
 
     def params(self, tracepoints: tuple) -> dict:
