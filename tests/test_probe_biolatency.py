@@ -14,45 +14,56 @@ import pytest
 
 from agent.model import MetricKind
 from agent.sources.ebpf import histogram
-from agent.sources.ebpf.biolatency import (ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS, BioKey,
-                                           BiolatencyProbe, DeviceNames, OPERATIONS,
+from agent.procfs.workload import WorkloadResolver
+from agent.sources.ebpf import histogram
+from agent.sources.ebpf.biolatency import (ACCOUNTING_OWNER, ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS,
+                                           BioKey, BiolatencyProbe, DeviceNames, OPERATIONS,
                                            accounting_params)
 from agent.sources.ebpf.loader import btf_facts, btf_member_offset, tracepoint_available
 from tests.ebpf_helpers import attached, checked_structs, misses
 
+# ebpf.attribution: the probe keyed by cgroup (the default) and host-wide
+ATTRIBUTIONS = {"workload": WorkloadResolver, "host": lambda: None}
+
+
+@pytest.fixture(params=ATTRIBUTIONS)
+def attribution(request):
+    return request.param
+
 
 @pytest.fixture(params=[ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS], ids=["io_start", "rq_issue"])
-def probe(request):
+def probe(request, attribution):
     """The probe compiled, attached and set up by the loader, once per tracepoint pair
-    (the other pair hidden from select_tracepoints); always unloaded."""
-    wanted = request.param
+    (the other pair hidden from select_tracepoints) and attribution; always unloaded."""
+    wanted = request.param + ((ACCOUNTING_OWNER,) if request.param == ACCOUNTING_TRACEPOINTS else ())
     if not all(tracepoint_available(tp) for tp in wanted):
         pytest.skip(f"{wanted} not on this kernel")
-    with attached(BiolatencyProbe(), lambda tp: tp in wanted) as p:
+    with attached(BiolatencyProbe(workloads=ATTRIBUTIONS[attribution]()), lambda tp: tp in wanted) as p:
         yield p
 
 
 @pytest.fixture
-def accounting_probe():
+def accounting_probe(attribution):
     """The accounting variant (block_io_done + block_rq_complete, reading the request through BTF)."""
     if not all(tracepoint_available(tp) for tp in ACCOUNTING_TRACEPOINTS):
         pytest.skip(f"{ACCOUNTING_TRACEPOINTS} not on this kernel")
-    probe = BiolatencyProbe()
-    if probe.select_tracepoints(tracepoint_available) != ACCOUNTING_TRACEPOINTS:
+    probe = BiolatencyProbe(workloads=ATTRIBUTIONS[attribution]())
+    if probe.select_tracepoints(tracepoint_available)[:2] != ACCOUNTING_TRACEPOINTS:
         pytest.skip("the running kernel's BTF lacks what the accounting variant reads")
     with attached(probe) as p:
         yield p
 
 
 def counts(p) -> dict:
-    """{(device, operation): count} from the probe's metric."""
+    """{(device, operation): count} from the probe's metric, summed over workloads."""
     out = {}
     for m in p.collect(time.time_ns(), 0):
         assert (m.name, m.unit, m.kind) == (BiolatencyProbe.METRIC, "ns", MetricKind.EXPONENTIAL_HISTOGRAM)
         for pt in m.points:
             a = dict(pt.attributes)
             assert sum(pt.positive_counts) + pt.zero_count == pt.count
-            out[(a["device"], a["operation"])] = pt.count
+            key = (a["device"], a["operation"])
+            out[key] = out.get(key, 0) + pt.count
     return out
 
 
@@ -91,9 +102,9 @@ def diskstats(disk: str) -> dict:
 
 
 def agent_view(p, disk: str) -> dict:
-    """{operation: (count, milliseconds)} of `disk` from the probe's histograms."""
+    """{operation: (count, milliseconds)} of `disk` from the probe's histograms, summed over workloads."""
     out = {}
-    for (dev, op), buckets in histogram.read_exp2(p.hist, BioKey).items():
+    for (_, (dev, op)), buckets in p.attribution.histogram(p.hist, p.overflow, BioKey).items():
         if p.devices.name(dev) == disk:
             name = OPERATIONS.get(op, "other")
             count, total = out.get(name, (0, 0))

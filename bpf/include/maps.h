@@ -99,7 +99,9 @@ const volatile bool COUNT_EVENTS = false;
 
 #define HA_CGROUP_CURRENT() (HA_BY_CGROUP ? bpf_get_current_cgroup_id() : 0)
 
+#if defined(HA_CORE) || defined(BPF_PERCPU_ARRAY)    /* a plain C compiler checking layouts: no maps */
 HA_PERCPU_ARRAY(ha_events, u64, 1);
+#endif
 
 static __always_inline void ha_count_event(u64 *counter)
 {
