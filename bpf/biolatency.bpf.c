@@ -151,7 +151,6 @@ HA_LRU_HASH(bio_owner, u64, u64, BIO_MAX_INFLIGHT);     /* request pointer -> cg
 #ifndef HA_CORE
 HA_MAP_FN u64 *bio_owner_lookup(u64 *rq) { return bio_owner.lookup(rq); }
 HA_MAP_FN int bio_owner_update(u64 *rq, u64 *cgroup) { return bio_owner.update(rq, cgroup); }
-HA_MAP_FN int bio_owner_delete(u64 *rq) { return bio_owner.delete(rq); }
 #endif
 
 /* block_io_start(struct request *rq): in the submitting task */
@@ -163,15 +162,16 @@ HA_RAW_TRACEPOINT(block_io_start)
 }
 #endif
 
-/* the issuing task's cgroup, remembered at block_io_start (0 when not seen); forgotten */
+/* the issuing task's cgroup, remembered at block_io_start (0 when not seen). Not deleted: requests
+ * are preallocated per tag and reused, so the next start of the same request overwrites its entry,
+ * and the LRU bounds the rest; only requests that start without block_io_start (passthrough, the
+ * flush machinery's) could meet a stale entry, and those are not counted as such. */
 static __always_inline u64 owner(u64 rq)
 {
 #if defined(HA_CORE) || defined(BY_CGROUP)
     if (HA_BY_CGROUP) {
-        u64 *cgroup = HA_LOOKUP(bio_owner, &rq), id = cgroup ? *cgroup : 0;
-        if (cgroup)
-            HA_DELETE(bio_owner, &rq);
-        return id;
+        u64 *cgroup = HA_LOOKUP(bio_owner, &rq);
+        return cgroup ? *cgroup : 0;
     }
 #endif
     return 0;

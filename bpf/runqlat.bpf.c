@@ -8,9 +8,11 @@
  * captured when the thread is queued and kept with the queue time, because neither end of the
  * wait runs in the thread's own context: a wakeup runs in the waker's (or an interrupt's), and
  * sched_switch runs in the thread being switched out. So:
- *   - woken threads: the wakeup tracepoints are attached raw, whose argument is the woken task,
- *     and its task->cgroups->dfl_cgrp->kn->id is read (CO-RE: BPF_CORE_READ; bcc: the member
- *     offsets from the kernel's BTF, RUNQ_TASK_* below, as -D parameters);
+ *   - woken threads: the wakeup tracepoints' argument is the woken task, and its
+ *     task->cgroups->dfl_cgrp->kn->id is read. CO-RE: BTF-typed tracepoints (tp_btf), where that
+ *     is a chain of direct loads relocated by libbpf, no helper call per hop; bcc: raw
+ *     tracepoints and bpf_probe_read_kernel() at the member offsets from the kernel's BTF
+ *     (RUNQ_TASK_* below, -D parameters);
  *   - preempted threads: sched_switch runs in them (`current` is prev), so their own cgroup.
  * Capturing at queue time rather than at switch-in costs the same one read per wait, and is what
  * the wait belongs to: a thread moved to another cgroup while queued is counted where it waited.
@@ -101,14 +103,27 @@ HA_TRACEPOINT(sched, sched_wakeup_new, sched_wakeup_template)
 }
 #endif
 
-/* by cgroup: raw tracepoints, sched_wakeup(struct task_struct *p), sched_wakeup_new(p) */
-#if defined(HA_CORE) || defined(BY_CGROUP)
+/* by cgroup: sched_wakeup(struct task_struct *p), sched_wakeup_new(p) */
 #ifdef HA_CORE
 static __always_inline void woken(struct task_struct *p)
 {
-    queued(BPF_CORE_READ(p, pid), BPF_CORE_READ(p, cgroups, dfl_cgrp, kn, id));
+    queued(p->pid, p->cgroups->dfl_cgrp->kn->id);
 }
-#else
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(tp_btf__sched_wakeup, struct task_struct *p)
+{
+    woken(p);
+    return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(tp_btf__sched_wakeup_new, struct task_struct *p)
+{
+    woken(p);
+    return 0;
+}
+#elif defined(BY_CGROUP)
 /* RUNQ_TASK_PID, RUNQ_TASK_CGROUPS, RUNQ_CSS_SET_DFL_CGRP, RUNQ_CGROUP_KN, RUNQ_KERNFS_NODE_ID:
  * member offsets from the kernel's BTF (agent/sources/ebpf/runqlat.py) */
 static __always_inline void woken(void *p)
@@ -123,7 +138,6 @@ static __always_inline void woken(void *p)
         bpf_probe_read_kernel(&id, sizeof(id), kn + RUNQ_KERNFS_NODE_ID);
     queued(pid, id);
 }
-#endif
 
 HA_RAW_TRACEPOINT(sched_wakeup)
 {

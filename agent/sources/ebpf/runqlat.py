@@ -3,10 +3,13 @@ per workload: the workload of the thread that waited."""
 from __future__ import annotations
 
 import ctypes as ct
+import logging
 
 from agent.model import Metric, MetricKind
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.loader import btf_facts
+
+log = logging.getLogger("hostagent.ebpf")
 
 # -D name -> the member whose offset bcc's program reads the woken task's cgroup through
 # (bpf/runqlat.bpf.c; CO-RE relocates the same reads itself)
@@ -42,21 +45,22 @@ class RunqlatProbe(histogram.KeyedProbe):
     metrics = (METRIC,)
 
     def programs(self, tracepoints: tuple) -> tuple:
-        if self.attribution.by_cgroup:      # the wakeups raw: their argument is the woken task
-            return ("raw_tp__sched_wakeup", "raw_tp__sched_wakeup_new", "sched__sched_switch")
+        if self.attribution.by_cgroup:      # BTF-typed wakeups: their argument is the woken task
+            return ("tp_btf__sched_wakeup", "tp_btf__sched_wakeup_new", "sched__sched_switch")
         return super().programs(tracepoints)
 
     def params(self, tracepoints: tuple) -> dict:
-        params = super().params(tracepoints)
+        offsets = {}
         if self.attribution.by_cgroup:
             facts = btf_facts(BTF_MEMBERS.values())
             offsets = {flag: None if facts is None else facts[member] for flag, member in BTF_MEMBERS.items()}
             missing = sorted(flag for flag, v in offsets.items() if v is None)
-            if missing:     # bcc only: CO-RE relocates these reads and ignores the values
-                raise RuntimeError("attribution by workload needs the task's cgroup from the kernel's BTF, "
-                                   f"which lacks {', '.join(missing)} (ebpf.attribution: host)")
-            params.update(offsets)
-        return params
+            if missing:     # bcc without BTF (CO-RE has it, relocates these reads and ignores the values)
+                log.warning("runqlat_attribution_unavailable reason=\"the kernel's BTF lacks %s\" "
+                            "(host-wide run-queue latency)", ",".join(missing))
+                self.attribution = histogram.Attribution(None)
+                offsets = {}
+        return {**super().params(tracepoints), **offsets}
 
     def setup(self, obj) -> None:
         super().setup(obj)
