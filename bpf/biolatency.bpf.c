@@ -31,11 +31,11 @@
  * issued the I/O. Completion runs in interrupt context, where `current` is whoever was running,
  * so the cgroup is taken in process context and remembered per request until completion:
  *   - accounting: at block_io_start (blk_account_io_start(), called by the task submitting the
- *     bio while it becomes a request), in bio_owner {request pointer -> cgroup}; the flush
+ *     bio while it becomes a request), in bio_owners (below); the flush
  *     machinery's own flush requests belong to no one task and go to the root cgroup (the host);
  *   - driver: at block_rq_issue, with the start time. A request the block layer hands to the
  *     driver later from a kblockd worker is attributed to that worker's cgroup (the host).
- * A request whose start was not seen (in flight at load, or evicted) has cgroup 0: unresolved.
+ * A request whose start was not seen (in flight at load, or its slot reused) has cgroup 0: unresolved.
  */
 #include "maps.h"
 
@@ -145,33 +145,55 @@ static __always_inline u32 stat_group(u32 op)
 
 #define RQF(bit) (1U << (bit))
 
+/* Who started each request in flight (BY_CGROUP): a table indexed by the request's address, each
+ * slot naming the request it holds, so a completion only takes the cgroup of its own request.
+ * Not a hash map: an array slot is one inlined address computation and two stores, where a hash
+ * update took ~4x this program's other work (docs/performance.md, "Attribution"). Two requests in
+ * flight at once on the same slot (requests are preallocated per tag, one cache line or more
+ * apart, and 65,536 slots span 4 MiB of them) make the older one's completion unresolved
+ * (cgroup 0), never lost; only a start and a completion of two such requests racing on two CPUs
+ * could hand one the other's cgroup. */
+#define BIO_OWNER_SLOTS 65536      /* a power of two */
+
+struct bio_owner {
+    u64 rq;         /* the request's address */
+    u64 cgroup;
+};
+
 #if defined(HA_CORE) || defined(BY_CGROUP)
-HA_LRU_HASH(bio_owner, u64, u64, BIO_MAX_INFLIGHT);     /* request pointer -> cgroup */
+HA_ARRAY(bio_owners, struct bio_owner, BIO_OWNER_SLOTS);
 
 #ifndef HA_CORE
-HA_MAP_FN u64 *bio_owner_lookup(u64 *rq) { return bio_owner.lookup(rq); }
-HA_MAP_FN int bio_owner_update(u64 *rq, u64 *cgroup) { return bio_owner.update(rq, cgroup); }
+HA_MAP_FN struct bio_owner *bio_owners_lookup(u32 *slot) { return bio_owners.lookup(slot); }
 #endif
+
+static __always_inline u32 owner_slot(u64 rq)
+{
+    return (u32)(rq >> 6) & (BIO_OWNER_SLOTS - 1);
+}
 
 /* block_io_start(struct request *rq): in the submitting task */
 HA_RAW_TRACEPOINT(block_io_start)
 {
-    u64 rq = ctx->args[0], cgroup = bpf_get_current_cgroup_id();
-    HA_UPDATE(bio_owner, &rq, &cgroup);
+    u64 rq = ctx->args[0];
+    u32 slot = owner_slot(rq);
+    struct bio_owner *o = HA_LOOKUP(bio_owners, &slot);
+    if (o) {
+        o->rq = rq;
+        o->cgroup = bpf_get_current_cgroup_id();
+    }
     return 0;
 }
 #endif
 
-/* the issuing task's cgroup, remembered at block_io_start (0 when not seen). Not deleted: requests
- * are preallocated per tag and reused, so the next start of the same request overwrites its entry,
- * and the LRU bounds the rest; only requests that start without block_io_start (passthrough, the
- * flush machinery's) could meet a stale entry, and those are not counted as such. */
+/* the issuing task's cgroup, remembered at block_io_start; 0 when not seen */
 static __always_inline u64 owner(u64 rq)
 {
 #if defined(HA_CORE) || defined(BY_CGROUP)
     if (HA_BY_CGROUP) {
-        u64 *cgroup = HA_LOOKUP(bio_owner, &rq);
-        return cgroup ? *cgroup : 0;
+        u32 slot = owner_slot(rq);
+        struct bio_owner *o = HA_LOOKUP(bio_owners, &slot);
+        return o && o->rq == rq ? o->cgroup : 0;
     }
 #endif
     return 0;

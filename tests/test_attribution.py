@@ -18,7 +18,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.model import Resource
 from agent.procfs.identity import cgroup2_mount
@@ -27,12 +30,13 @@ from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import MAP_OVERFLOW, EbpfSource
 from agent.sources.ebpf.biolatency import BiolatencyProbe
 from agent.sources.ebpf.config import EbpfConfig
-from agent.sources.ebpf.histogram import OVERFLOW_ATTRIBUTES
+from agent.sources.ebpf.histogram import OVERFLOW_ATTRIBUTES, Attribution, Exp2Bucket
 from agent.sources.ebpf.maps import BpfMap
 from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
 from agent.sources.ebpf.syscalls import SyscallsProbe
 from tests.ebpf_helpers import attached, ebpf_config, misses
 from tests.test_probe_biolatency import diskstats, loop_device  # noqa: F401 (a fixture)
+from tests.test_ebpf_maps import new_map
 from tests.test_probe_syscalls import FAILING, SUCCEEDING
 
 MOUNT = cgroup2_mount()
@@ -290,3 +294,58 @@ def test_overflow_loses_nothing(cgroups):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# --- folding gone cgroups (user space against a map made here) -------------------------------
+
+PERCPU_HASH = 5
+STEP = st.one_of(st.tuples(st.just("add"), st.integers(0, 2), st.integers(0, 65), st.integers(1, 1000)),
+                 st.tuples(st.just("remove"), st.integers(0, 2)),
+                 st.tuples(st.just("collect")))
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=st.lists(STEP, max_size=25))
+def test_gone_cgroups_fold_into_exact_totals(steps):
+    """Whatever is written for three cgroups, whichever of them go and whenever the agent reads:
+    each workload's histogram is everything written for it, and after a read no entry of a gone
+    cgroup is left in the map."""
+    hist = new_map(PERCPU_HASH, ct.sizeof(RunqKey), ct.sizeof(Exp2Bucket), 1024)
+    overflow = new_map(PERCPU_HASH, ct.sizeof(RunqKey), ct.sizeof(Exp2Bucket), 64)
+    hist.name, overflow.name = "runq_latency", "runq_latency_overflow"      # as the probe's maps
+    groups = [Cgroup(f"fold{i}") for i in range(3)]
+    attribution = Attribution(WorkloadResolver())
+    truth: dict = {}
+    try:
+        for g in groups:
+            attribution.workloads.resolve(g.id)      # seen alive, as a running agent sees them
+        for step in steps:
+            if step[0] == "add" and os.path.exists(groups[step[1]].path):
+                _, i, slot, n = step
+                add(hist, RunqKey(groups[i].id, slot), n)
+                into = truth.setdefault(groups[i].workload.attributes, {}).setdefault(slot, [0, 0])
+                into[0] += n
+                into[1] += n * 3
+            elif step[0] == "remove":
+                groups[step[1]].remove()
+            elif step[0] == "collect":
+                attribution.histogram(hist, overflow, RunqKey)
+                gone = {g.id for g in groups if not os.path.exists(g.path)}
+                assert not gone & kernel_cgroups(hist)
+        read = attribution.histogram(hist, overflow, RunqKey)
+        assert {w: b for (w, _), b in read.items()} == truth
+    finally:
+        for g in groups:
+            g.remove()
+        attribution.workloads.close()
+        os.close(hist.fd)
+        os.close(overflow.fd)
+
+
+def add(m, key, n) -> None:
+    """count += n, sum += 3n on CPU 0 of the per-CPU {count, sum} at `key`."""
+    raw = m.lookup(key)
+    words = list(np.frombuffer(raw, dtype=np.uint64)) if raw else [0] * (m.buffer_size // 8)
+    words[0] += n
+    words[1] += 3 * n
+    m.update(key, np.array(words, dtype=np.uint64).tobytes())

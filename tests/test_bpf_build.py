@@ -48,7 +48,7 @@ EXPECTED = {
                     "block__block_rq_issue": "tp/block/block_rq_issue",
                     "block__block_rq_complete": "tp/block/block_rq_complete",
                     "raw_tp__block_io_start": "raw_tp/block_io_start"},
-                   {"bio_started", "bio_owner"} | KEYED_MAPS("bio_latency")),
+                   {"bio_started", "bio_owners"} | KEYED_MAPS("bio_latency")),
     "tcp": ({"tcp__tcp_retransmit_skb": "tp/tcp/tcp_retransmit_skb",
              "tcp__tcp_retransmit_synack": "tp/tcp/tcp_retransmit_synack",
              "tcp__tcp_send_reset": "tp/tcp/tcp_send_reset",

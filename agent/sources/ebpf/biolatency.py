@@ -137,8 +137,8 @@ class BiolatencyProbe(histogram.KeyedProbe):
 
     def unused_maps(self, tracepoints: tuple) -> tuple:
         if self._is_accounting(tracepoints):
-            return ("bio_started",) + (() if self.attribution.by_cgroup else ("bio_owner",))
-        return ("bio_owner",)
+            return ("bio_started",) + (() if self.attribution.by_cgroup else ("bio_owners",))
+        return ("bio_owners",)
 
     def params(self, tracepoints: tuple) -> dict:
         params = super().params(tracepoints)
