@@ -35,9 +35,7 @@ from agent.sources.ebpf.maps import BpfMap
 from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
 from agent.sources.ebpf.syscalls import SyscallsProbe
 from tests.ebpf_helpers import attached, ebpf_config, misses
-from tests.test_probe_biolatency import diskstats, loop_device  # noqa: F401 (a fixture)
-from tests.test_ebpf_maps import new_map
-from tests.test_probe_syscalls import FAILING, SUCCEEDING
+from tests.helpers import diskstats, loop_device, new_map  # noqa: F401 (a fixture)
 
 MOUNT = cgroup2_mount()
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not MOUNT, reason="needs root and a cgroup v2 mount")
@@ -230,6 +228,9 @@ def test_biolatency_direct_writes_are_attributed_to_the_writer(cgroups, loop_dev
 
 # --- syscalls --------------------------------------------------------------------------------
 
+FAILING, SUCCEEDING = 1000, 300
+
+# FAILING fchdir() on a closed fd (EBADF) and SUCCEEDING getppid() calls; Python itself makes neither
 CALLER = f"""
 import os
 for _ in range({FAILING}):
@@ -305,16 +306,17 @@ STEP = st.one_of(st.tuples(st.just("add"), st.integers(0, 2), st.integers(0, 65)
 
 
 @settings(max_examples=25, deadline=None)
-@given(steps=st.lists(STEP, max_size=25))
-def test_gone_cgroups_fold_into_exact_totals(steps):
+@given(steps=st.lists(STEP, max_size=25), fold_limit=st.sampled_from([2, 16384]))
+def test_gone_cgroups_fold_into_exact_totals(steps, fold_limit):
     """Whatever is written for three cgroups, whichever of them go and whenever the agent reads:
     each workload's histogram is everything written for it, and after a read no entry of a gone
-    cgroup is left in the map."""
+    cgroup is left in the map. With room for only 2 folded keys, what does not fit goes to the
+    overflow series: the total stays exact and is counted as overflowed."""
     hist = new_map(PERCPU_HASH, ct.sizeof(RunqKey), ct.sizeof(Exp2Bucket), 1024)
     overflow = new_map(PERCPU_HASH, ct.sizeof(RunqKey), ct.sizeof(Exp2Bucket), 64)
     hist.name, overflow.name = "runq_latency", "runq_latency_overflow"      # as the probe's maps
     groups = [Cgroup(f"fold{i}") for i in range(3)]
-    attribution = Attribution(WorkloadResolver())
+    attribution = Attribution(WorkloadResolver(), fold_limit=fold_limit)
     truth: dict = {}
     try:
         for g in groups:
@@ -332,8 +334,23 @@ def test_gone_cgroups_fold_into_exact_totals(steps):
                 attribution.histogram(hist, overflow, RunqKey)
                 gone = {g.id for g in groups if not os.path.exists(g.path)}
                 assert not gone & kernel_cgroups(hist)
-        read = attribution.histogram(hist, overflow, RunqKey)
-        assert {w: b for (w, _), b in read.items()} == truth
+        read = {w: b for (w, _), b in attribution.histogram(hist, overflow, RunqKey).items()}
+        overflowed = read.pop(OVERFLOW_ATTRIBUTES, {})
+        assert attribution.overflowed["runq_latency"] == sum(c for c, _ in overflowed.values())
+        if fold_limit > 1000:
+            assert read == truth and not overflowed
+        for w, buckets in read.items():         # each workload: at most what was written for it
+            for slot, (c, t) in buckets.items():
+                assert c <= truth[w][slot][0] and t <= truth[w][slot][1]
+        total = {}
+        for buckets in list(read.values()) + [overflowed]:
+            for slot, (c, t) in buckets.items():
+                total[slot] = [total.get(slot, [0, 0])[0] + c, total.get(slot, [0, 0])[1] + t]
+        expected = {}
+        for buckets in truth.values():
+            for slot, (c, t) in buckets.items():
+                expected[slot] = [expected.get(slot, [0, 0])[0] + c, expected.get(slot, [0, 0])[1] + t]
+        assert total == expected
     finally:
         for g in groups:
             g.remove()

@@ -4,7 +4,6 @@ latency the kernel accounts; exact counts of plain direct I/O on a loop device o
 import mmap
 import os
 import random
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from agent.sources.ebpf.biolatency import (ACCOUNTING_OWNER, ACCOUNTING_TRACEPOI
                                            accounting_params)
 from agent.sources.ebpf.loader import btf_facts, btf_member_offset, tracepoint_available
 from tests.ebpf_helpers import attached, checked_structs, misses
+from tests.helpers import diskstats, loop_device  # noqa: F401 (a fixture)
 
 # ebpf.attribution: the probe keyed by cgroup (the default) and host-wide
 ATTRIBUTIONS = {"workload": WorkloadResolver, "host": lambda: None}
@@ -87,18 +87,6 @@ def direct_buffer(size=4096):
 
 PROGRAMS = ("block_io_done", "block_rq_issue", "block_rq_complete")
 OPS = ("read", "write", "flush", "discard")
-
-
-def diskstats(disk: str) -> dict:
-    """{operation: (completed, milliseconds)} of `disk` in /proc/diskstats."""
-    with open("/proc/diskstats") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == disk:
-                v = list(map(int, fields[3:]))
-                return {"read": (v[0], v[3]), "write": (v[4], v[7]), "discard": (v[11], v[14]),
-                        "flush": (v[15], v[16])}
-    raise AssertionError(f"{disk} not in /proc/diskstats")
 
 
 def agent_view(p, disk: str) -> dict:
@@ -260,24 +248,6 @@ def test_fsynced_writes_and_direct_reads_on_root_device(probe):
     assert grew("read") >= n
     if open(f"/sys/block/{disk}/queue/write_cache").read().strip() == "write back":
         assert grew("flush") >= n
-
-
-@pytest.fixture
-def loop_device(tmp_path):
-    """A loop device over a 16 MiB file, ours alone; detached afterwards."""
-    if shutil.which("losetup") is None:
-        pytest.skip("needs losetup")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    try:
-        subprocess.run(["udevadm", "settle"], capture_output=True, timeout=10) \
-            if shutil.which("udevadm") else None
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
 
 
 def test_exact_counts_on_own_loop_device(probe, loop_device):

@@ -141,14 +141,21 @@ def counts_of(groups: Exp2Buckets) -> dict:
 Keyed = dict
 
 
+# Keys of gone cgroups' totals kept per map (a histogram key is {workload, fields, slot}: about
+# 250 workloads of 66 slots); beyond, a gone cgroup's values are folded into the overflow series.
+FOLD_LIMIT = 16384
+
+
 class Attribution:
     """A probe's cgroup-keyed maps read by workload. `workloads` (a WorkloadResolver) None: the
     program runs without BY_CGROUP, every key's cgroup is 0 and points carry no workload."""
 
-    def __init__(self, workloads=None):
+    def __init__(self, workloads=None, fold_limit: int = FOLD_LIMIT):
         self.workloads = workloads
+        self.fold_limit = fold_limit
         self._folded: dict = {}          # map name -> Keyed: the final values of gone cgroups
-        self.overflowed: dict = {}       # map name -> events counted under HA_CGROUP_OVERFLOW
+        self._folded_over: dict = {}     # map name -> events folded into the overflow series
+        self.overflowed: dict = {}       # map name -> events in the overflow series
 
     @property
     def by_cgroup(self) -> bool:
@@ -173,6 +180,9 @@ class Attribution:
                     if cgroup not in alive:
                         alive[cgroup] = self.workloads.alive(cgroup)
                     if not alive[cgroup]:
+                        if key not in folded and len(folded) >= self.fold_limit:
+                            key = (OVERFLOW_ATTRIBUTES, key[1])
+                            self._folded_over[m.name] = self._folded_over.get(m.name, 0) + words[0]
                         _add(folded, key, words)
                         gone.append(keys[i].tobytes())
                         continue
@@ -183,7 +193,8 @@ class Attribution:
             _add(out, key, words)
         if overflow is not None:
             extra = self.read(overflow, key_type)
-            self.overflowed[m.name] = sum(words[0] for words in extra.values())
+            self.overflowed[m.name] = (sum(words[0] for words in extra.values())
+                                       + self._folded_over.get(m.name, 0))
             for (_, f), words in extra.items():
                 _add(out, (OVERFLOW_ATTRIBUTES, f), words)
         return out
