@@ -35,7 +35,7 @@ from agent.sources.ebpf.maps import BpfMap
 from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
 from agent.sources.ebpf.syscalls import SyscallsProbe
 from tests.ebpf_helpers import attached, ebpf_config, misses
-from tests.helpers import diskstats, loop_device, new_map  # noqa: F401 (a fixture)
+from tests.helpers import diskstats, hostagent, loop_device, new_map  # noqa: F401 (a fixture)
 
 MOUNT = cgroup2_mount()
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not MOUNT, reason="needs root and a cgroup v2 mount")
@@ -366,3 +366,29 @@ def add(m, key, n) -> None:
     words[0] += n
     words[1] += 3 * n
     m.update(key, np.array(words, dtype=np.uint64).tobytes())
+
+
+# --- config ----------------------------------------------------------------------------------
+
+def test_attribution_config(tmp_path):
+    """ebpf.attribution: workload (the default) gives the probes one resolver, host none; anything
+    else is refused in one line, status 2."""
+    assert EbpfConfig().attribution == "workload"
+    bad = tmp_path / "agent.yaml"
+    bad.write_text("ebpf:\n  attribution: pods\n")
+    out = hostagent("check-config", str(bad))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "hostagent: config: ebpf.attribution: must be one of workload, host, got 'pods'"
+    for attribution, keyed in (("workload", True), ("host", False)):
+        source = EbpfSource(EbpfConfig(enabled=False, attribution=attribution), SelfMetrics(), Resource(()))
+        try:
+            assert (source.workloads is not None) == keyed
+        finally:
+            source.close()
+    resolver = WorkloadResolver()
+    try:
+        for cls in (RunqlatProbe, BiolatencyProbe, SyscallsProbe):
+            assert cls.create(None, workloads=resolver).attribution.workloads is resolver
+            assert cls.create(None).params(())["BY_CGROUP"] is False
+    finally:
+        resolver.close()
