@@ -52,7 +52,7 @@ def merged(points) -> ExponentialHistogramPoint:
 
 
 def test_key_layout_matches_bpf(probe):
-    assert "runq_key" in checked_structs(probe)
+    assert {"runq_key", "runq_wait"} <= checked_structs(probe)
 
 
 def test_cpu_contention_grows_histogram(probe):
