@@ -36,6 +36,7 @@ SCALE = 0
 # the attribute of a series that stands for what did not fit (as the pipeline's cardinality limit)
 OVERFLOW_ATTRIBUTES = (("otel.metric.overflow", True),)
 KEY_CGROUP, KEY_PAD = "cgroup", "pad"      # key fields that are not attributes
+NO_CGROUP = 0      # an event whose owner the program did not see (unresolved); never "gone"
 
 
 class Exp2Bucket(ct.Structure):
@@ -176,7 +177,7 @@ class Attribution:
                 if not any(words):
                     continue
                 key = (self._attributes(cgroup), tuple(c[i] for c in columns))
-                if self.workloads is not None and cgroup != CGROUP_OVERFLOW:
+                if self.workloads is not None and cgroup not in (NO_CGROUP, CGROUP_OVERFLOW):
                     if cgroup not in alive:
                         alive[cgroup] = self.workloads.alive(cgroup)
                     if not alive[cgroup]:
