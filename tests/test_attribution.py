@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from agent.model import Resource
 from agent.procfs.identity import cgroup2_mount
-from agent.procfs.workload import WorkloadResolver, classify
+from agent.procfs.workload import CGROUP_OVERFLOW, WorkloadResolver, classify
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf import MAP_OVERFLOW, EbpfSource
 from agent.sources.ebpf.biolatency import BiolatencyProbe
@@ -392,3 +392,35 @@ def test_attribution_config(tmp_path):
             assert cls.create(None).params(())["BY_CGROUP"] is False
     finally:
         resolver.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 65), st.integers(1, 2**32)),
+                        max_size=60))
+def test_any_cgroup_id_is_read_bounded_and_exact(entries):
+    """Cgroup ids that name no cgroup (any u64, 0 and the overflow id included), as a damaged or
+    foreign map could hold: every count is exported once (unresolved, overflow or folded), the
+    folded keys stay within the limit, and the map keeps no entry of a cgroup that is not alive."""
+    hist = new_map(PERCPU_HASH, ct.sizeof(RunqKey), ct.sizeof(Exp2Bucket), 128)
+    overflow = new_map(PERCPU_HASH, ct.sizeof(RunqKey), ct.sizeof(Exp2Bucket), 128)
+    hist.name, overflow.name = "runq_latency", "runq_latency_overflow"
+    attribution = Attribution(WorkloadResolver(), fold_limit=8)
+    try:
+        written = {}
+        for cgroup, slot, n in entries:
+            add(hist, RunqKey(cgroup, slot), n)
+            written[slot] = written.get(slot, 0) + n
+        for _ in range(2):          # a second read: folded totals are not counted twice
+            read = attribution.histogram(hist, overflow, RunqKey)
+            counts = {}
+            for buckets in read.values():
+                for slot, (c, _) in buckets.items():
+                    counts[slot] = counts.get(slot, 0) + c
+            assert counts == written
+            assert len(attribution._folded["runq_latency"]) <= 8 + 66      # the limit, then overflow keys
+            assert kernel_cgroups(hist) <= {0, CGROUP_OVERFLOW} | {c for c in kernel_cgroups(hist)
+                                                                   if attribution.workloads.alive(c)}
+    finally:
+        attribution.workloads.close()
+        os.close(hist.fd)
+        os.close(overflow.fd)
