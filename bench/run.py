@@ -60,6 +60,7 @@ SUITE = [
     "network",
     "memory",
     "loaders",
+    "attribution",
     "agent",
 ]
 

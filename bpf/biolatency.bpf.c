@@ -26,6 +26,16 @@
  * The two ways are variants: bcc compiles one (-DBIO_ACCOUNTING or not); a CO-RE object holds
  * both, raw_tp__block_io_done and raw_tp__block_rq_complete (accounting) and
  * block__block_rq_issue and block__block_rq_complete (driver), and the loader loads one pair.
+ *
+ * With BY_CGROUP (bpf/include/maps.h) the histogram is also keyed by the cgroup of the task that
+ * issued the I/O. Completion runs in interrupt context, where `current` is whoever was running,
+ * so the cgroup is taken in process context and remembered per request until completion:
+ *   - accounting: at block_io_start (blk_account_io_start(), called by the task submitting the
+ *     bio while it becomes a request), in bio_owners (below); the flush
+ *     machinery's own flush requests belong to no one task and go to the root cgroup (the host);
+ *   - driver: at block_rq_issue, with the start time. A request the block layer hands to the
+ *     driver later from a kblockd worker is attributed to that worker's cgroup (the host).
+ * A request whose start was not seen (in flight at load, or its slot reused) has cgroup 0: unresolved.
  */
 #include "maps.h"
 
@@ -34,8 +44,10 @@
                                       completion was never seen is evicted (LRU) */
 #endif
 #ifndef BIO_MAX_KEYS
-#define BIO_MAX_KEYS (1024 * EXP2_SLOTS)   /* {device, operation} pairs x slots */
+#define BIO_MAX_KEYS (1024 * EXP2_SLOTS)   /* {cgroup, device, operation} x slots; the loader sets it */
 #endif
+#define BIO_HOST_KEYS (1024 * EXP2_SLOTS)  /* {device, operation} x slots: the overflow's key space */
+#define BIO_ROOT_CGROUP 1                  /* the root cgroup's id (its kernfs node is the first) */
 
 /* operations; agent/sources/ebpf/biolatency.py names them */
 #define BIO_OP_READ 0
@@ -50,12 +62,14 @@ struct bio_request {
 };
 
 struct bio_key {
+    u64 cgroup;     /* the issuing task's (BY_CGROUP), else 0 */
     u32 dev;        /* kernel dev_t: major << 20 | minor */
     u32 op;
     u32 slot;
+    u32 pad;
 };
 
-EXP2_HISTOGRAM(bio_latency, struct bio_key, BIO_MAX_KEYS);
+EXP2_KEYED_HISTOGRAM(bio_latency, struct bio_key, BIO_MAX_KEYS, BIO_HOST_KEYS);
 
 #ifndef HA_CORE
 HA_MAP_FN struct exp2_bucket *bio_latency_lookup_or_try_init(struct bio_key *key,
@@ -63,13 +77,19 @@ HA_MAP_FN struct exp2_bucket *bio_latency_lookup_or_try_init(struct bio_key *key
 {
     return bio_latency.lookup_or_try_init(key, zero);
 }
+HA_MAP_FN struct exp2_bucket *bio_latency_overflow_lookup_or_try_init(struct bio_key *key,
+                                                                      struct exp2_bucket *zero)
+{
+    return bio_latency_overflow.lookup_or_try_init(key, zero);
+}
+HA_MAP_FN u64 *ha_events_lookup(u32 *i) { return ha_events.lookup(i); }
 #endif
 
-static __always_inline void record(u32 dev, u32 op, u64 delta)
+static __always_inline void record(u64 cgroup, u32 dev, u32 op, u64 delta)
 {
-    struct bio_key key = {.dev = dev, .op = op, .slot = exp2_slot(delta)};
+    struct bio_key key = {.cgroup = cgroup, .dev = dev, .op = op, .slot = exp2_slot(delta)};
     struct exp2_bucket zero = {};
-    exp2_add(HA_LOOKUP_OR_TRY_INIT(bio_latency, &key, &zero), delta);
+    exp2_add(HA_KEYED_LOOKUP_OR_TRY_INIT(bio_latency, &key, &zero), delta);
 }
 
 #ifdef HA_CORE
@@ -125,15 +145,70 @@ static __always_inline u32 stat_group(u32 op)
 
 #define RQF(bit) (1U << (bit))
 
+/* Who started each request in flight (BY_CGROUP): a table indexed by the request's address, each
+ * slot naming the request it holds, so a completion only takes the cgroup of its own request.
+ * Not a hash map: an array slot is one inlined address computation and two stores, where a hash
+ * update took ~4x this program's other work (docs/performance.md, "Attribution"). Two requests in
+ * flight at once on the same slot (requests are preallocated per tag, one cache line or more
+ * apart, and 65,536 slots span 4 MiB of them) make the older one's completion unresolved
+ * (cgroup 0), never lost; only a start and a completion of two such requests racing on two CPUs
+ * could hand one the other's cgroup. */
+#define BIO_OWNER_SLOTS 65536      /* a power of two */
+
+struct bio_owner {
+    u64 rq;         /* the request's address */
+    u64 cgroup;
+};
+
+#if defined(HA_CORE) || defined(BY_CGROUP)
+HA_ARRAY(bio_owners, struct bio_owner, BIO_OWNER_SLOTS);
+
+#ifndef HA_CORE
+HA_MAP_FN struct bio_owner *bio_owners_lookup(u32 *slot) { return bio_owners.lookup(slot); }
+#endif
+
+static __always_inline u32 owner_slot(u64 rq)
+{
+    return (u32)(rq >> 6) & (BIO_OWNER_SLOTS - 1);
+}
+
+/* block_io_start(struct request *rq): in the submitting task */
+HA_RAW_TRACEPOINT(block_io_start)
+{
+    u64 rq = ctx->args[0];
+    u32 slot = owner_slot(rq);
+    struct bio_owner *o = HA_LOOKUP(bio_owners, &slot);
+    if (o) {
+        o->rq = rq;
+        o->cgroup = bpf_get_current_cgroup_id();
+    }
+    return 0;
+}
+#endif
+
+/* the issuing task's cgroup, remembered at block_io_start; 0 when not seen */
+static __always_inline u64 owner(u64 rq)
+{
+#if defined(HA_CORE) || defined(BY_CGROUP)
+    if (HA_BY_CGROUP) {
+        u32 slot = owner_slot(rq);
+        struct bio_owner *o = HA_LOOKUP(bio_owners, &slot);
+        return o && o->rq == rq ? o->cgroup : 0;
+    }
+#endif
+    return 0;
+}
+
 /* block_io_done(struct request *rq) */
 HA_RAW_TRACEPOINT(block_io_done)
 {
     struct request_facts f = {};
+    u64 cgroup = owner(ctx->args[0]);
     if (!read_request((void *)ctx->args[0], &f))
         return 0;
     if ((f.rq_flags & (RQF(BIO_RQF_IO_STAT) | RQF(BIO_RQF_FLUSH_SEQ))) != RQF(BIO_RQF_IO_STAT))
         return 0;       /* not accounted, or a step of a flush sequence */
-    record(f.dev, stat_group(f.op), bpf_ktime_get_ns() - f.start_ns);
+    record(cgroup, f.dev, stat_group(f.op), bpf_ktime_get_ns() - f.start_ns);
     return 0;
 }
 
@@ -145,17 +220,22 @@ HA_RAW_TRACEPOINT(block_rq_complete)
         return 0;
     if (f.op != BIO_REQ_OP_FLUSH || !(f.rq_flags & RQF(BIO_RQF_FLUSH_SEQ)))
         return 0;       /* only the flush machinery's flush requests */
-    record(f.dev, BIO_OP_FLUSH, bpf_ktime_get_ns() - f.start_ns);
+    record(HA_BY_CGROUP ? BIO_ROOT_CGROUP : 0, f.dev, BIO_OP_FLUSH, bpf_ktime_get_ns() - f.start_ns);
     return 0;
 }
 #endif
 
 #if defined(HA_CORE) || !defined(BIO_ACCOUNTING)
-HA_LRU_HASH(bio_started, struct bio_request, u64, BIO_MAX_INFLIGHT);  /* -> start, ns */
+struct bio_start {
+    u64 at;         /* ns */
+    u64 cgroup;     /* the issuing task's (BY_CGROUP), else 0 */
+};
+
+HA_LRU_HASH(bio_started, struct bio_request, struct bio_start, BIO_MAX_INFLIGHT);
 
 #ifndef HA_CORE
-HA_MAP_FN u64 *bio_started_lookup(struct bio_request *r) { return bio_started.lookup(r); }
-HA_MAP_FN int bio_started_update(struct bio_request *r, u64 *at) { return bio_started.update(r, at); }
+HA_MAP_FN struct bio_start *bio_started_lookup(struct bio_request *r) { return bio_started.lookup(r); }
+HA_MAP_FN int bio_started_update(struct bio_request *r, struct bio_start *s) { return bio_started.update(r, s); }
 HA_MAP_FN int bio_started_delete(struct bio_request *r) { return bio_started.delete(r); }
 #endif
 
@@ -184,8 +264,8 @@ HA_TRACEPOINT(block, block_rq_issue, block_rq)
 {
     struct bio_request req = {.dev = args->dev,
                               .sector = RWBS_OP(args) == BIO_OP_FLUSH ? 0 : args->sector};
-    u64 now = bpf_ktime_get_ns();
-    HA_UPDATE(bio_started, &req, &now);
+    struct bio_start start = {.at = bpf_ktime_get_ns(), .cgroup = HA_CGROUP_CURRENT()};
+    HA_UPDATE(bio_started, &req, &start);
     return 0;
 }
 
@@ -193,12 +273,12 @@ HA_TRACEPOINT(block, block_rq_complete, block_rq_completion)
 {
     u32 op = RWBS_OP(args), dev = args->dev;
     struct bio_request req = {.dev = dev, .sector = op == BIO_OP_FLUSH ? 0 : args->sector};
-    u64 *at = HA_LOOKUP(bio_started, &req);
-    if (!at)
+    struct bio_start *start = HA_LOOKUP(bio_started, &req);
+    if (!start)
         return 0;       /* not sent to the driver: the end of a flush sequence */
-    u64 delta = bpf_ktime_get_ns() - *at;
+    u64 delta = bpf_ktime_get_ns() - start->at, cgroup = start->cgroup;
     HA_DELETE(bio_started, &req);
-    record(dev, op, delta);
+    record(cgroup, dev, op, delta);
     return 0;
 }
 #endif

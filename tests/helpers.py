@@ -6,6 +6,7 @@ import ctypes
 import datetime
 import ipaddress
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ from concurrent import futures
 
 import grpc
 import numpy as np
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,6 +33,8 @@ from agent.export.encoding import Payload, encode_metrics
 from agent.model import Metric, MetricGroup, MetricKind, NumberPoint, Resource, Scope
 from agent.procfs.cgroupfs import v1_mounts
 from agent.procfs.identity import cgroup2_mount, container_id
+from agent.sources.ebpf import maps
+from agent.sources.ebpf.maps import BpfMap
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, attributes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -549,3 +553,47 @@ def file_requests(path: str, kind):
                     if line.endswith("\n"):             # a last line may be being written
                         out.append(json_format.Parse(line, kind()))
     return out
+# --- block devices and BPF maps of the tests' own -----------------------------------------------
+
+def diskstats(disk: str) -> dict:
+    """{operation: (completed, milliseconds)} of `disk` in /proc/diskstats."""
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == disk:
+                v = list(map(int, fields[3:]))
+                return {"read": (v[0], v[3]), "write": (v[4], v[7]), "discard": (v[11], v[14]),
+                        "flush": (v[15], v[16])}
+    raise AssertionError(f"{disk} not in /proc/diskstats")
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a 16 MiB file, ours alone; detached afterwards."""
+    if shutil.which("losetup") is None:
+        pytest.skip("needs losetup")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["udevadm", "settle"], capture_output=True, timeout=10) \
+            if shutil.which("udevadm") else None
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+BPF_MAP_CREATE = 0
+
+
+class _CreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+def new_map(map_type: int, key_size: int, value_size: int, max_entries: int) -> BpfMap:
+    """A BPF map made here in the kernel (the caller closes its fd)."""
+    fd = maps.bpf(BPF_MAP_CREATE, _CreateAttr(map_type, key_size, value_size, max_entries, 0))
+    return BpfMap.from_fd(fd)

@@ -17,11 +17,18 @@ BUILD = os.path.join(BPF_DIR, "build.sh")
 
 # probe -> (programs {name: section}, maps); the loader relies on these names (bpf/README.md)
 RING_MAPS = {"ha_ringbuf_dropped", "ha_ringbuf_unwoken"}
+
+
+def KEYED_MAPS(*names) -> set:
+    """Maps keyed by cgroup with their overflow companions, and maps.h's event counter."""
+    return {"ha_events"} | set(names) | {f"{n}_overflow" for n in names}
 EXPECTED = {
     "runqlat": ({"sched__sched_wakeup": "tp/sched/sched_wakeup",
                  "sched__sched_wakeup_new": "tp/sched/sched_wakeup_new",
-                 "sched__sched_switch": "tp/sched/sched_switch"},
-                {"runq_queued", "runq_latency"}),
+                 "sched__sched_switch": "tp/sched/sched_switch",
+                 "tp_btf__sched_wakeup": "tp_btf/sched_wakeup",
+                 "tp_btf__sched_wakeup_new": "tp_btf/sched_wakeup_new"},
+                {"runq_queued", "runq_latency"} | KEYED_MAPS("runq_latency")),
     "signals": ({"signal__signal_generate": "tp/signal/signal_generate"},
                 {"fatal_signals"} | RING_MAPS),
     "oom": ({"oom__mark_victim": "tp/oom/mark_victim"}, {"oom_events"} | RING_MAPS),
@@ -35,18 +42,20 @@ EXPECTED = {
     "syscalls": ({"raw_syscalls__sys_exit": "tp/raw_syscalls/sys_exit",
                   "raw_tp__sys_enter": "raw_tp/sys_enter",
                   "raw_tp__sys_exit": "raw_tp/sys_exit"},
-                 {"syscall_errors", "syscall_counts", "syscall_starts", "syscall_latency"}),
+                 {"syscall_counts", "syscall_starts"}
+                 | KEYED_MAPS("syscall_errors", "syscall_calls", "syscall_latency")),
     "biolatency": ({"raw_tp__block_io_done": "raw_tp/block_io_done",
                     "raw_tp__block_rq_complete": "raw_tp/block_rq_complete",
                     "block__block_rq_issue": "tp/block/block_rq_issue",
-                    "block__block_rq_complete": "tp/block/block_rq_complete"},
-                   {"bio_latency", "bio_started"}),
+                    "block__block_rq_complete": "tp/block/block_rq_complete",
+                    "raw_tp__block_io_start": "raw_tp/block_io_start"},
+                   {"bio_started", "bio_owners"} | KEYED_MAPS("bio_latency")),
     "tcp": ({"tcp__tcp_retransmit_skb": "tp/tcp/tcp_retransmit_skb",
              "tcp__tcp_retransmit_synack": "tp/tcp/tcp_retransmit_synack",
              "tcp__tcp_send_reset": "tp/tcp/tcp_send_reset",
              "tcp__tcp_receive_reset": "tp/tcp/tcp_receive_reset",
              "sock__inet_sock_set_state": "tp/sock/inet_sock_set_state"},
-            {"tcp_events", "tcp_connections", "tcp_lifetime"}),
+            {"tcp_events", "tcp_connections", "tcp_lifetime"} | KEYED_MAPS()),
 }
 
 TOOLS = ("clang-14", "bpftool")

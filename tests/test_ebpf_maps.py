@@ -11,26 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.sources.ebpf import maps
-from agent.sources.ebpf.maps import BPF_EXIST, BPF_NOEXIST, BpfMap
+from agent.sources.ebpf.maps import BPF_EXIST, BPF_NOEXIST
+from tests.helpers import new_map
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates BPF maps")
 
 HASH, ARRAY = 1, 2
-MAP_CREATE = 0
-
-
-class _CreateAttr(ct.Structure):
-    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
-                ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32)]
 
 
 class Pair(ct.Structure):
     _fields_ = [("a", ct.c_uint32), ("b", ct.c_uint32)]
-
-
-def new_map(map_type: int, key_size: int, value_size: int, max_entries: int) -> BpfMap:
-    fd = maps.bpf(MAP_CREATE, _CreateAttr(map_type, key_size, value_size, max_entries, 0))
-    return BpfMap.from_fd(fd)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ latency the kernel accounts; exact counts of plain direct I/O on a loop device o
 import mmap
 import os
 import random
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -14,45 +13,57 @@ import pytest
 
 from agent.model import MetricKind
 from agent.sources.ebpf import histogram
-from agent.sources.ebpf.biolatency import (ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS, BioKey,
-                                           BiolatencyProbe, DeviceNames, OPERATIONS,
+from agent.procfs.workload import WorkloadResolver
+from agent.sources.ebpf import histogram
+from agent.sources.ebpf.biolatency import (ACCOUNTING_OWNER, ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS,
+                                           BioKey, BiolatencyProbe, DeviceNames, OPERATIONS,
                                            accounting_params)
 from agent.sources.ebpf.loader import btf_facts, btf_member_offset, tracepoint_available
 from tests.ebpf_helpers import attached, checked_structs, misses
+from tests.helpers import diskstats, loop_device  # noqa: F401 (a fixture)
+
+# ebpf.attribution: the probe keyed by cgroup (the default) and host-wide
+ATTRIBUTIONS = {"workload": WorkloadResolver, "host": lambda: None}
+
+
+@pytest.fixture(params=ATTRIBUTIONS)
+def attribution(request):
+    return request.param
 
 
 @pytest.fixture(params=[ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS], ids=["io_start", "rq_issue"])
-def probe(request):
+def probe(request, attribution):
     """The probe compiled, attached and set up by the loader, once per tracepoint pair
-    (the other pair hidden from select_tracepoints); always unloaded."""
-    wanted = request.param
+    (the other pair hidden from select_tracepoints) and attribution; always unloaded."""
+    wanted = request.param + ((ACCOUNTING_OWNER,) if request.param == ACCOUNTING_TRACEPOINTS else ())
     if not all(tracepoint_available(tp) for tp in wanted):
         pytest.skip(f"{wanted} not on this kernel")
-    with attached(BiolatencyProbe(), lambda tp: tp in wanted) as p:
+    with attached(BiolatencyProbe(workloads=ATTRIBUTIONS[attribution]()), lambda tp: tp in wanted) as p:
         yield p
 
 
 @pytest.fixture
-def accounting_probe():
+def accounting_probe(attribution):
     """The accounting variant (block_io_done + block_rq_complete, reading the request through BTF)."""
     if not all(tracepoint_available(tp) for tp in ACCOUNTING_TRACEPOINTS):
         pytest.skip(f"{ACCOUNTING_TRACEPOINTS} not on this kernel")
-    probe = BiolatencyProbe()
-    if probe.select_tracepoints(tracepoint_available) != ACCOUNTING_TRACEPOINTS:
+    probe = BiolatencyProbe(workloads=ATTRIBUTIONS[attribution]())
+    if probe.select_tracepoints(tracepoint_available)[:2] != ACCOUNTING_TRACEPOINTS:
         pytest.skip("the running kernel's BTF lacks what the accounting variant reads")
     with attached(probe) as p:
         yield p
 
 
 def counts(p) -> dict:
-    """{(device, operation): count} from the probe's metric."""
+    """{(device, operation): count} from the probe's metric, summed over workloads."""
     out = {}
     for m in p.collect(time.time_ns(), 0):
         assert (m.name, m.unit, m.kind) == (BiolatencyProbe.METRIC, "ns", MetricKind.EXPONENTIAL_HISTOGRAM)
         for pt in m.points:
             a = dict(pt.attributes)
             assert sum(pt.positive_counts) + pt.zero_count == pt.count
-            out[(a["device"], a["operation"])] = pt.count
+            key = (a["device"], a["operation"])
+            out[key] = out.get(key, 0) + pt.count
     return out
 
 
@@ -78,22 +89,10 @@ PROGRAMS = ("block_io_done", "block_rq_issue", "block_rq_complete")
 OPS = ("read", "write", "flush", "discard")
 
 
-def diskstats(disk: str) -> dict:
-    """{operation: (completed, milliseconds)} of `disk` in /proc/diskstats."""
-    with open("/proc/diskstats") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == disk:
-                v = list(map(int, fields[3:]))
-                return {"read": (v[0], v[3]), "write": (v[4], v[7]), "discard": (v[11], v[14]),
-                        "flush": (v[15], v[16])}
-    raise AssertionError(f"{disk} not in /proc/diskstats")
-
-
 def agent_view(p, disk: str) -> dict:
-    """{operation: (count, milliseconds)} of `disk` from the probe's histograms."""
+    """{operation: (count, milliseconds)} of `disk` from the probe's histograms, summed over workloads."""
     out = {}
-    for (dev, op), buckets in histogram.read_exp2(p.hist, BioKey).items():
+    for (_, (dev, op)), buckets in p.attribution.histogram(p.hist, p.overflow, BioKey).items():
         if p.devices.name(dev) == disk:
             name = OPERATIONS.get(op, "other")
             count, total = out.get(name, (0, 0))
@@ -249,24 +248,6 @@ def test_fsynced_writes_and_direct_reads_on_root_device(probe):
     assert grew("read") >= n
     if open(f"/sys/block/{disk}/queue/write_cache").read().strip() == "write back":
         assert grew("flush") >= n
-
-
-@pytest.fixture
-def loop_device(tmp_path):
-    """A loop device over a 16 MiB file, ours alone; detached afterwards."""
-    if shutil.which("losetup") is None:
-        pytest.skip("needs losetup")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    try:
-        subprocess.run(["udevadm", "settle"], capture_output=True, timeout=10) \
-            if shutil.which("udevadm") else None
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
 
 
 def test_exact_counts_on_own_loop_device(probe, loop_device):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from agent.model import MetricKind
+from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.syscalls import SyscallsProbe, errno_name, syscall_name, syscall_names
 from tests.ebpf_helpers import attached, checked_structs
 
@@ -41,11 +42,31 @@ def child():
         proc.wait()
 
 
+# ebpf.attribution: the probe keyed by cgroup (the default) and host-wide
+ATTRIBUTIONS = {"workload": WorkloadResolver, "host": lambda: None}
+
+
+@pytest.fixture(params=ATTRIBUTIONS)
+def attribution(request):
+    return request.param
+
+
 @pytest.fixture(params=[False, True], ids=["count", "latency"])
-def probe(request, child):
-    """The probe limited to `child`, compiled, attached and set up by the loader."""
-    with attached(SyscallsProbe(latency=request.param, target_tgid=child.pid)) as p:
+def probe(request, child, attribution):
+    """The probe limited to `child`, compiled, attached and set up by the loader, per attribution."""
+    with attached(SyscallsProbe(latency=request.param, target_tgid=child.pid,
+                                workloads=ATTRIBUTIONS[attribution]())) as p:
         yield p
+
+
+def summed(points, names) -> dict:
+    """{values of the attributes `names`: value or count}, summed over workloads."""
+    out = {}
+    for pt in points:
+        a = dict(pt.attributes)
+        key = tuple(a[n] for n in names)
+        out[key] = out.get(key, 0) + (pt.count if hasattr(pt, "count") else pt.value)
+    return out
 
 
 def metrics_by_name(p, start):
@@ -61,17 +82,17 @@ def test_exact_counts_and_errors_for_one_process(probe, child):
 
     calls = ms[SyscallsProbe.CALLS]
     assert (calls.kind, calls.monotonic, calls.unit) == (MetricKind.SUM, True, "{call}")
-    counts = {dict(pt.attributes)["syscall"]: pt.value for pt in calls.points}
-    assert counts["fchdir"] == FAILING
-    assert counts["getppid"] == SUCCEEDING
+    counts = summed(calls.points, ["syscall"])
+    assert counts[("fchdir",)] == FAILING
+    assert counts[("getppid",)] == SUCCEEDING
 
-    errors = {tuple(v for _, v in pt.attributes): pt.value for pt in ms[SyscallsProbe.ERRORS].points}
+    errors = summed(ms[SyscallsProbe.ERRORS].points, ["syscall", "error.type"])
     assert errors[("fchdir", "EBADF")] == FAILING
     assert not [k for k in errors if k[0] == "getppid"]
 
     if probe.latency:
-        durations = {dict(pt.attributes)["syscall"]: pt for pt in ms[SyscallsProbe.DURATION].points}
-        d = durations["fchdir"]
+        # one process: one workload
+        [d] = [pt for pt in ms[SyscallsProbe.DURATION].points if dict(pt.attributes)["syscall"] == "fchdir"]
         assert d.count == FAILING
         assert sum(d.positive_counts) + d.zero_count == FAILING
         assert 0 < d.sum / d.count < 1e9
@@ -90,7 +111,7 @@ def test_other_processes_are_not_counted(probe, child):
 
 
 def test_key_layouts_match_bpf(probe):
-    assert {"syscall_error"} | ({"syscall_key"} if probe.latency else set()) <= checked_structs(probe)
+    assert {"syscall_error"} | ({"syscall_key"} if probe.latency else {"syscall_call"}) <= checked_structs(probe)
 
 
 def test_names():

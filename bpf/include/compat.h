@@ -23,7 +23,7 @@
  *                           (bpf_core_field_exists); bcc: 1, the probe tests its -D flag first.
  *
  * Maps (names are the map names, the same under both)
- *   HA_PERCPU_ARRAY(name, value, n), HA_HASH(name, key, value, n) (grows with use),
+ *   HA_ARRAY(name, value, n), HA_PERCPU_ARRAY(name, value, n), HA_HASH(name, key, value, n) (grows with use),
  *   HA_PERCPU_HASH(name, key, value, n) (grows with use), HA_LRU_HASH(name, key, value, n),
  *   HA_RINGBUF(name, pages), HA_TASK_STORAGE(name, value).
  *   Under CO-RE the sizes are defaults: the loader sets max_entries before load.
@@ -72,6 +72,7 @@ char LICENSE[] SEC("license") = "GPL";
         __uint(map_flags, flags);                                \
     } name SEC(".maps")
 
+#define HA_ARRAY(name, value, n) HA_MAP(BPF_MAP_TYPE_ARRAY, name, u32, value, n, 0)
 #define HA_PERCPU_ARRAY(name, value, n) HA_MAP(BPF_MAP_TYPE_PERCPU_ARRAY, name, u32, value, n, 0)
 #define HA_HASH(name, key, value, n) HA_MAP(BPF_MAP_TYPE_HASH, name, key, value, n, BPF_F_NO_PREALLOC)
 #define HA_PERCPU_HASH(name, key, value, n) \
@@ -132,6 +133,7 @@ static __always_inline u32 bpf_log2l(u64 v)
     bpf_probe_read_kernel_str((dst), sizeof(dst), (void *)args + (args->data_loc_##field & 0xFFFF))
 #define HA_TP_HAS(field) 1
 
+#define HA_ARRAY(name, value, n) BPF_ARRAY(name, value, n)
 #define HA_PERCPU_ARRAY(name, value, n) BPF_PERCPU_ARRAY(name, value, n)
 #define HA_HASH(name, key, value, n) BPF_F_TABLE("hash", key, value, name, n, BPF_F_NO_PREALLOC)
 #define HA_PERCPU_HASH(name, key, value, n) \

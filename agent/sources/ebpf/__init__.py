@@ -41,6 +41,7 @@ SKIPPED = "hostagent.ebpf.skipped_events"
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 RUN_TIME = "hostagent.ebpf.run_time"
 RUNS = "hostagent.ebpf.runs"
+MAP_OVERFLOW = "hostagent.ebpf.map.overflow"
 
 POLL_INTERVAL = 0.2       # longest wait between passes over the rings (ringbuf.PollSchedule)
 
@@ -59,12 +60,11 @@ class EbpfSource(Source):
     def __init__(self, cfg, telemetry, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL,
                  enrichment: EnrichmentConfig = EnrichmentConfig()):
         """`telemetry`: the agent's own metrics; `probes` overrides the registry ({name: Probe class
-        or instance}); `enrichment` says whether and how the process probe records command lines."""
-        # one cgroup id -> workload resolver for every probe (None: host-wide attribution)
-        self.workloads = (WorkloadResolver(telemetry) if getattr(cfg, "attribution", "workload") == "workload"
-                          and cfg.enabled else None)
+        or instance}); `enrichment` says whether and how the process probe records command lines.
+        With `ebpf.attribution: workload` one WorkloadResolver serves every probe."""
+        self.workloads = WorkloadResolver(telemetry) if cfg.enabled and cfg.attribution == "workload" else None
         if probes is None:
-            probes = {name: cls.create(cfg.probes.get(name), telemetry, enrichment, self.workloads)
+            probes = {name: cls.create(cfg.probes.get(name), telemetry, enrichment, workloads=self.workloads)
                       for name, cls in PROBES.items()}
         self.resource = resource
         self.poll_interval = poll_interval
@@ -146,7 +146,7 @@ class EbpfSource(Source):
             return []
         now = now_ns()
         metrics: list = []
-        dropped, read, ring_skipped, skipped, run_time, runs = [], [], [], [], [], []
+        dropped, read, ring_skipped, skipped, run_time, runs, overflow = [], [], [], [], [], [], []
         for lp in self._loaded:
             name = lp.status.name
             try:
@@ -155,6 +155,8 @@ class EbpfSource(Source):
                 log.exception("ebpf_collect_failed probe=%s", name)
             ns, count, misses = program_stats(lp.obj)
             attrs = (("probe", name),)
+            for map_name, n in lp.probe.map_overflows().items():
+                overflow.append(NumberPoint(attrs + (("map", map_name),), n, self.start_ns, now))
             skipped.append(NumberPoint(attrs, misses, self.start_ns, now))
             run_time.append(NumberPoint(attrs, ns, self.start_ns, now))
             runs.append(NumberPoint(attrs, count, self.start_ns, now))
@@ -175,6 +177,10 @@ class EbpfSource(Source):
             metrics.append(Metric(RING_SKIPPED, "Ring buffer records the agent skipped, by reason: discarded (a "
                                   "program gave the record up) or invalid (its length is not the record's).",
                                   "{record}", MetricKind.SUM, ring_skipped, monotonic=True))
+        if overflow:
+            metrics.append(Metric(MAP_OVERFLOW, "Events a probe counted in its overflow series "
+                                  "(otel.metric.overflow=true) because its map keyed by cgroup was full.",
+                                  "{event}", MetricKind.SUM, overflow, monotonic=True))
         if skipped:
             metrics.append(Metric(SKIPPED, "Events a probe's programs missed because another BPF program "
                                   "was running on that CPU (the kernel's recursion_misses).", "{event}",

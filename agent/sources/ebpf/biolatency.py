@@ -1,4 +1,5 @@
-"""biolatency: block I/O latency per device and operation (bpf/biolatency.bpf.c)."""
+"""biolatency: block I/O latency per device and operation (bpf/biolatency.bpf.c), per workload:
+the workload of the task that issued the I/O."""
 from __future__ import annotations
 
 import ctypes as ct
@@ -9,7 +10,6 @@ from typing import Optional
 from agent.model import Metric, MetricKind
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.loader import btf_facts
-from agent.sources.ebpf.probe import Probe
 
 log = logging.getLogger("hostagent.ebpf")
 
@@ -17,6 +17,8 @@ log = logging.getLogger("hostagent.ebpf")
 # (raw tracepoints, reading the request). Otherwise: commands handed to the driver, issue to complete.
 ACCOUNTING_TRACEPOINTS = ("block:block_io_done", "block:block_rq_complete")
 DRIVER_TRACEPOINTS = ("block:block_rq_issue", "block:block_rq_complete")
+# by workload, the accounting variant also remembers who started each request
+ACCOUNTING_OWNER = "block:block_io_start"
 
 # -D name -> what BTF must say for the accounting variant (see bpf/biolatency.bpf.c)
 BTF_MEMBERS = {
@@ -59,7 +61,13 @@ MINOR_BITS = 20     # the kernel's dev_t: major << 20 | minor
 
 class BioKey(ct.Structure):
     """struct bio_key"""
-    _fields_ = [("dev", ct.c_uint32), ("op", ct.c_uint32), ("slot", ct.c_uint32)]
+    _fields_ = [("cgroup", ct.c_uint64), ("dev", ct.c_uint32), ("op", ct.c_uint32), ("slot", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class BioStart(ct.Structure):
+    """struct bio_start"""
+    _fields_ = [("at", ct.c_uint64), ("cgroup", ct.c_uint64)]
 
 
 class DeviceNames:
@@ -92,53 +100,67 @@ class DeviceNames:
         return None
 
 
-class BiolatencyProbe(Probe):
+class BiolatencyProbe(histogram.KeyedProbe):
     name = "biolatency"
     description = "block I/O latency per device and operation (exponential histogram, ns)"
-    tracepoints = ACCOUNTING_TRACEPOINTS + DRIVER_TRACEPOINTS   # either pair; see select_tracepoints
+    # either pair (see select_tracepoints), block_io_start with the accounting pair by workload
+    tracepoints = ACCOUNTING_TRACEPOINTS + (ACCOUNTING_OWNER,) + DRIVER_TRACEPOINTS
     default_enabled = True
-    structs = {"bio_key": BioKey, "exp2_bucket": histogram.Exp2Bucket}
+    structs = {"bio_key": BioKey, "bio_start": BioStart, "exp2_bucket": histogram.Exp2Bucket}
+    MAX_KEYS = "BIO_MAX_KEYS"
+    keyed_maps = ("bio_latency",)
 
     METRIC = "system.linux.disk.io.latency"
     metrics = (METRIC,)
 
-    def __init__(self, devices: Optional[DeviceNames] = None):
+    def __init__(self, devices: Optional[DeviceNames] = None, **keyed):
+        super().__init__(**keyed)
         self.devices = devices or DeviceNames()
 
+    def _accounting(self) -> tuple:
+        return ACCOUNTING_TRACEPOINTS + ((ACCOUNTING_OWNER,) if self.attribution.by_cgroup else ())
+
     def select_tracepoints(self, available):
-        if all(map(available, ACCOUNTING_TRACEPOINTS)) and accounting_params() is not None:
-            return ACCOUNTING_TRACEPOINTS
+        if all(map(available, self._accounting())) and accounting_params() is not None:
+            return self._accounting()
         if all(map(available, DRIVER_TRACEPOINTS)):
             return DRIVER_TRACEPOINTS
         return None
 
+    def _is_accounting(self, tracepoints: tuple) -> bool:
+        return tuple(tracepoints[:2]) == ACCOUNTING_TRACEPOINTS
+
     def programs(self, tracepoints: tuple) -> tuple:
-        if tuple(tracepoints) == ACCOUNTING_TRACEPOINTS:       # raw tracepoints: they read the request
-            return ("raw_tp__block_io_done", "raw_tp__block_rq_complete")
+        if self._is_accounting(tracepoints):       # raw tracepoints: they read the request
+            return tuple("raw_tp__" + tp.partition(":")[2] for tp in tracepoints)
         return super().programs(tracepoints)
 
     def unused_maps(self, tracepoints: tuple) -> tuple:
-        return ("bio_started",) if tuple(tracepoints) == ACCOUNTING_TRACEPOINTS else ()
+        if self._is_accounting(tracepoints):
+            return ("bio_started",) + (() if self.attribution.by_cgroup else ("bio_owners",))
+        return ("bio_owners",)
 
     def params(self, tracepoints: tuple) -> dict:
-        if tuple(tracepoints) != ACCOUNTING_TRACEPOINTS:
-            return {}
-        params = accounting_params()
-        if params is None:
+        params = super().params(tracepoints)
+        if not self._is_accounting(tracepoints):
+            return params
+        accounting = accounting_params()
+        if accounting is None:
             raise RuntimeError("the running kernel's BTF lacks what the accounting variant reads")
-        return params
+        return {**params, **accounting}
 
     def setup(self, obj) -> None:
         super().setup(obj)
         self.hist = obj.map("bio_latency")
+        self.overflow = obj.map("bio_latency_overflow")
 
     def _attributes(self, raw: tuple):
         dev, op = raw
         return (("device", self.devices.name(dev)), ("operation", OPERATIONS.get(op, "other")))
 
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
-        groups = histogram.read_exp2(self.hist, BioKey)
-        points = histogram.exp2_points(groups, self._attributes, start_ns, now_ns)
+        groups = self.attribution.histogram(self.hist, self.overflow, BioKey)
+        points = histogram.exp2_points(groups, histogram.by_workload(self._attributes), start_ns, now_ns)
         if not points:
             return []
         return [Metric(self.METRIC, "Block I/O request latency, per device and operation.", "ns",

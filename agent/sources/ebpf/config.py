@@ -26,6 +26,9 @@ class EbpfConfig:
     loader: Literal["auto", "core", "bcc"] = "auto"
     # where the CO-RE objects are; empty: bpf/build next to the agent's code (bpf/build.sh's output)
     object_dir: str = ""
+    # workload: the kernel keys runqlat, biolatency and syscalls by cgroup and the points carry
+    # their workload (container, systemd unit or slice); host: host-wide series only
+    attribution: Literal["workload", "host"] = "workload"
     # per-probe switches; a probe not listed keeps its default (see docs/probes.md)
     probes: Mapping[str, ProbeConfig] = frozen_dict()
 

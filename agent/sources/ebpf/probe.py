@@ -33,8 +33,8 @@ class Probe:
         """The probe as configured: `options` is its ebpf.probes.<name> section (ProbeConfig), None
         when the config does not list it; `telemetry` (the agent's own metrics) and `enrichment`
         (EnrichmentConfig) for the probes that need them, None for a probe only described;
-        `workloads` (procfs.workload.WorkloadResolver) when data is attributed to workloads,
-        None for host-wide attribution."""
+        `workloads` (agent.procfs.workload.WorkloadResolver) for the probes that attribute their
+        data to workloads, None for host-wide series (ebpf.attribution: host)."""
         return cls()
 
     @property
@@ -79,6 +79,11 @@ class Probe:
     def collect(self, now_ns: int, start_ns: int) -> list[Metric]:
         """Read in-kernel aggregates once per collection interval."""
         return []
+
+    def map_overflows(self) -> dict:
+        """{map name: events counted under the overflow cgroup because the map was full}, for
+        the probes whose maps are keyed by cgroup (bpf/include/maps.h)."""
+        return {}
 
     def poll(self) -> list[LogRecord]:
         """Drain discrete events (ring buffer records) as log records; called by the reader thread."""
