@@ -569,7 +569,8 @@ def diskstats(disk: str) -> dict:
 
 @pytest.fixture
 def loop_device(tmp_path):
-    """A loop device over a 16 MiB file, ours alone; detached afterwards."""
+    """A loop device over a 16 MiB file, ours alone; its I/O scheduler put back and the device
+    detached afterwards."""
     if shutil.which("losetup") is None:
         pytest.skip("needs losetup")
     image = tmp_path / "disk.img"
@@ -577,11 +578,16 @@ def loop_device(tmp_path):
         f.truncate(16 << 20)
     dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
                          capture_output=True, text=True).stdout.strip()
+    scheduler = f"/sys/block/{os.path.basename(dev)}/queue/scheduler"
+    with open(scheduler) as f:
+        chosen = f.read().split("[", 1)[-1].split("]", 1)[0]
     try:
         subprocess.run(["udevadm", "settle"], capture_output=True, timeout=10) \
             if shutil.which("udevadm") else None
         yield dev
     finally:
+        with open(scheduler, "w") as f:
+            f.write(chosen)
         subprocess.run(["losetup", "-d", dev], check=True)
 
 

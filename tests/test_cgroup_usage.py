@@ -25,7 +25,7 @@ from agent.procfs import cgroupfs
 from agent.selfmetrics import SelfMetrics
 from agent.sources.cgroups import CgroupScraperConfig, CgroupUsageScraper, PressureScraper, PressureScraperConfig
 from agent.sources.host import MetricSwitch
-from tests.helpers import OwnCgroups, agent_log, base_config, finishes, wait_until
+from tests.helpers import OwnCgroups, agent_log, base_config, finishes, loop_device, wait_until  # noqa: F401 (a fixture)
 from tests.otlp_receiver import attributes
 
 RESOURCE = Resource((("service.name", "test"),))
@@ -141,25 +141,6 @@ def test_memory_of_a_container_touching_64_mib(cgroups):
     assert working_set <= usage
     assert min(before[0], after[0]) <= usage <= max(before[0], after[0])
     assert min(before[1], after[1]) <= working_set <= max(before[1], after[1])
-
-
-@pytest.fixture
-def loop_device(tmp_path):
-    """A loop device over a 16 MiB file, ours alone; its scheduler put back and detached afterwards."""
-    if shutil.which("losetup") is None:
-        pytest.skip("needs losetup")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    scheduler = f"/sys/block/{os.path.basename(dev)}/queue/scheduler"
-    try:
-        yield dev
-    finally:
-        with open(scheduler, "w") as f:
-            f.write("none")
-        subprocess.run(["losetup", "-d", dev], check=True)
 
 
 def device_number(dev: str) -> str:

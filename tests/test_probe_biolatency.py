@@ -12,7 +12,6 @@ import time
 import pytest
 
 from agent.model import MetricKind
-from agent.sources.ebpf import histogram
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.biolatency import (ACCOUNTING_OWNER, ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS,
