@@ -371,8 +371,8 @@ def add(m, key, n) -> None:
 # --- config ----------------------------------------------------------------------------------
 
 def test_attribution_config(tmp_path):
-    """ebpf.attribution: workload (the default) gives the probes one resolver, host none; anything
-    else is refused in one line, status 2."""
+    """ebpf.attribution: workload (the default) gives the probes one resolver, host none (and so
+    does ebpf.enabled: false); anything else is refused in one line, status 2."""
     assert EbpfConfig().attribution == "workload"
     bad = tmp_path / "agent.yaml"
     bad.write_text("ebpf:\n  attribution: pods\n")
@@ -380,11 +380,14 @@ def test_attribution_config(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "hostagent: config: ebpf.attribution: must be one of workload, host, got 'pods'"
     for attribution, keyed in (("workload", True), ("host", False)):
-        source = EbpfSource(EbpfConfig(enabled=False, attribution=attribution), SelfMetrics(), Resource(()))
+        source = EbpfSource(EbpfConfig(attribution=attribution), SelfMetrics(), Resource(()), probes={})
         try:
             assert (source.workloads is not None) == keyed
         finally:
             source.close()
+    source = EbpfSource(EbpfConfig(enabled=False), SelfMetrics(), Resource(()))
+    assert source.workloads is None
+    source.close()
     resolver = WorkloadResolver()
     try:
         for cls in (RunqlatProbe, BiolatencyProbe, SyscallsProbe):
