@@ -13,7 +13,8 @@ probe's setup() with the loaded object. Whatever fails turns that probe off with
 nothing raises for conditions of the host. bcc (LLVM, some 45 MB) is imported on the bcc path only.
 
 Also here: the kernel facts probes build their parameters from -- a tracepoint's fields (its
-format file) and a kernel struct member's offset from the running kernel's BTF.
+format file) and a kernel struct member's offset or an enum's value from the running kernel's
+BTF, parsed by libbpf in C (btf.py parses object BTF, and vmlinux only where libbpf is missing).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -44,6 +46,8 @@ BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
+
+LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()): each parses the kernel's BTF, ~10 MB
 
 ON, OFF = "on", "off"
 AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
@@ -200,29 +204,46 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
 
 # --- BTF: member offsets and enumerator values of the running kernel ------------------------
 
-@functools.lru_cache(maxsize=1)
-def _kernel_btf(path: str) -> btf_.Btf:
-    """The running kernel's BTF, parsed once per plan or load (about 0.1 s); plan() and load()
-    drop it when done, so its ~10 MB index is not kept."""
-    return btf_.Btf.from_file(path)
+_kernel_btfs: dict = {}
+_kernel_btf_lock = threading.Lock()
+
+
+def _kernel_btf(path: str):
+    """The running kernel's BTF, parsed once per plan or load and dropped when done
+    (_drop_kernel_btf): by libbpf, in C, where libbpf.so.1 loads (about 7 ms); else by btf.py
+    (about 40 ms; the bcc fallback on a host without libbpf.so.1). Both answer member_offset()
+    and enumerator() alike. Probes' threads share it."""
+    with _kernel_btf_lock:
+        btf = _kernel_btfs.get(path)
+        if btf is None:
+            btf = libbpf.KernelBtf.open(path) if libbpf.problem() is None else btf_.Btf.from_file(path)
+            _kernel_btfs[path] = btf
+        return btf
+
+
+def _drop_kernel_btf() -> None:
+    with _kernel_btf_lock:
+        for btf in _kernel_btfs.values():
+            if isinstance(btf, libbpf.KernelBtf):
+                btf.close()
+        _kernel_btfs.clear()
 
 
 def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[dict]:
-    """From one parse of the running kernel's BTF (about 0.1 s for vmlinux), keeping only the
-    answers: {(struct, member): byte offset} for each pair in `members` (members of anonymous
-    structs and unions included) and {enumerator: value} for each name in `enumerators`, None
-    where the kernel has no such thing. None as a whole when there is no readable BTF."""
+    """From one parse of the running kernel's BTF, keeping only the answers: {(struct, member):
+    byte offset} for each pair in `members` (members of anonymous structs and unions included)
+    and {(enum, enumerator): value} for each pair in `enumerators`, None where the kernel has no
+    such thing. None as a whole when there is no readable BTF."""
     try:
         btf = _kernel_btf(path)
-    except (OSError, btf_.BtfError, struct.error, ValueError) as e:
+        facts = {(s, m): btf.member_offset(s, m) for s, m in members}
+        facts.update({(e, name): btf.enumerator(name, e) for e, name in enumerators})
+    except (OSError, btf_.BtfError, libbpf.LibbpfError, struct.error, ValueError) as e:
         log.debug("btf_unavailable path=%s error=%s", path, e)
         return None
-    facts = {(s, m): btf.member_offset(s, m) for s, m in members}
-    facts.update({name: btf.enumerator(name) for name in enumerators})
     return facts
 
 
-@functools.lru_cache(maxsize=None)
 def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) -> Optional[int]:
     """Byte offset of `member` in `struct struct_name` of the running kernel, or None when there
     is no BTF or no such member."""
@@ -311,7 +332,7 @@ def check(cfg, probes) -> list[ProbeStatus]:
     try:
         return [p.status for p in plan(cfg, probes)]
     finally:
-        _kernel_btf.cache_clear()
+        _drop_kernel_btf()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -588,18 +609,44 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
     return LoadedProbe(probe, obj, status, tps, list(getattr(probe, "ring_buffers", ()))), status
 
 
-def load(cfg, probes) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
-    """Load, attach and set up every probe that check() says would load."""
-    loaded, statuses = [], []
+def _load_all(plans: list, threads: int) -> list:
+    """load_one() of every plan, in plan order. CO-RE objects load `threads` at a time: most of a
+    load is libbpf parsing the kernel's BTF, relocating, and the kernel verifying, all without
+    the GIL. bcc's compile one after the other (one LLVM in memory at a time)."""
+    results = [None] * len(plans)
+    parallel = [i for i, p in enumerate(plans) if p.status.on and p.status.loader == CORE]
+    pending, lock = iter(parallel), threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                i = next(pending, None)
+            if i is None:
+                return
+            results[i] = load_one(plans[i])
+
+    workers = [threading.Thread(target=work, name="ebpf-load", daemon=True)
+               for _ in range(min(threads, len(parallel)) - 1)]
+    for w in workers:
+        w.start()
+    work()                      # this thread is one of them
+    for w in workers:
+        w.join()
+    return [r if r is not None else load_one(p) for r, p in zip(results, plans)]
+
+
+def load(cfg, probes, threads: int = 0) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
+    """Load, attach and set up every probe that check() says would load; CO-RE objects by
+    `threads` threads at once (default: one per CPU, at most LOAD_THREADS)."""
+    started = time.monotonic()
+    threads = threads or min(os.cpu_count() or 1, LOAD_THREADS)
     try:
-        for p in plan(cfg, probes):
-            lp, status = load_one(p)
-            statuses.append(status)
-            if lp is not None:
-                loaded.append(lp)
+        results = _load_all(plan(cfg, probes), threads)
     finally:
-        _kernel_btf.cache_clear()
-    log_statuses(statuses)
+        _drop_kernel_btf()
+    loaded = [lp for lp, _ in results if lp is not None]
+    statuses = [status for _, status in results]
+    log_statuses(statuses, time.monotonic() - started)
     if any(s.loader == BCC for s in statuses):
         release_compiler_memory()
     return loaded, statuses
@@ -669,10 +716,12 @@ def unload(loaded: list[LoadedProbe]) -> None:
             log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
 
 
-def log_statuses(statuses: list[ProbeStatus]) -> None:
+def log_statuses(statuses: list[ProbeStatus], seconds: float) -> None:
+    """The load's outcome; `seconds`: from load()'s start to every probe attached and set up."""
     on = [s.name for s in statuses if s.on]
     off = [s for s in statuses if not s.on]
-    log.info("ebpf_probes on=%s off=%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-")
+    log.info("ebpf_probes on=%s off=%s seconds=%.3f", ",".join(on) or "-", ",".join(s.name for s in off) or "-",
+             seconds)
     if off:
         log.warning("ebpf_probes_off %s", " ".join(f"{s.name}={json.dumps(s.reason)}" for s in off))
     fallbacks = [s for s in statuses if s.fallback]
