@@ -551,6 +551,25 @@ def test_probes_load_with_the_units_capabilities(loader):
         assert "hostagent.ebpf.runs" not in out["metrics"]
 
 
+def test_ring_slots_and_wakeups_are_set_from_each_probes_ring_spec():
+    """A ring's drop-counter slot and wakeup interval are parameters from its probe's `rings`
+    (RingProbe.params), never matched by hand: every one the CO-RE object declares is set, each
+    ring at its index."""
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    for name, cls in PROBES.items():
+        probe = cls.create(None)
+        obj = libbpf.BpfObject.open(probe.object_file(core_objects()))
+        try:
+            declared = {v for v in obj.rodata_layout() if v.startswith("HA_RING_") or v.endswith("_WAKEUP_EVERY")}
+        finally:
+            obj.close()
+        rings = getattr(probe, "rings", ())
+        params = probe.params(tuple(probe.tracepoints))
+        assert declared == {f"HA_RING_{r.param}" for r in rings} | {f"HA_{r.param}_WAKEUP_EVERY" for r in rings}, name
+        assert [params[f"HA_RING_{r.param}"] for r in rings] == list(range(len(rings))), name
+
+
 PYTHON_BTF_PARSES = r"""
 import json, sys
 from agent.model import Resource

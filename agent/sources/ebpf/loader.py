@@ -556,9 +556,9 @@ def mirror_layout(mirror) -> tuple:
 
 def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     """Where the probe's Python mirrors (Probe.structs) differ from the structs in the object's
-    BTF. The BTF has the types of maps and globals: a map's key and value structs always; a ring
-    record only when the program names it in a global (clang leaves out types used only by local
-    variables), else it is not checked; bcc's BTF keeps only its maps' types."""
+    BTF, or are missing from it. A CO-RE object's BTF has the types of its maps and globals: map
+    key and value structs, and ring records through their HA_RECORD global (bpf/include/
+    hostagent.h). bcc's BTF keeps only its maps' types: there a struct it lacks is not checked."""
     if not probe.structs:
         return []
     btf = obj.btf()
@@ -568,7 +568,8 @@ def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     for name, mirror in probe.structs.items():
         tid = btf.find(name)
         if tid is None:
-            log.debug("layout_not_checked probe=%s struct=%s reason=\"not in the object's BTF\"", probe.name, name)
+            if obj.loader != BCC:
+                problems.append(f"struct {name} is not in the object's BTF (declare it with HA_RECORD)")
             continue
         c = btf.size(tid), btf.layout(tid)
         py = mirror_layout(mirror)
