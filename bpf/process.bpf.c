@@ -88,7 +88,7 @@ HA_RECORD(exec_event);
 HA_RECORD(exit_event);
 
 #ifndef HA_EXEC_RING_PAGES
-#define HA_EXEC_RING_PAGES 1024      /* 4 MiB: 3081 exec records */
+#define HA_EXEC_RING_PAGES 256       /* 1 MiB: 775 exec records */
 #endif
 #ifndef HA_EXIT_RING_PAGES
 #define HA_EXIT_RING_PAGES 128       /* 512 KiB: 8191 exit records */

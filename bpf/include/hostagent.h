@@ -37,10 +37,11 @@ static __always_inline int ha_count_drop(u64 *counter)
     return 0;
 }
 
-/* How a record is committed: without waking the reader, which polls its rings on a timer (far
- * cheaper than a wakeup per record, docs/performance.md), except that every `every`-th record a
- * CPU commits to a ring wakes it, so a burst between two polls wakes the reader well before the
- * ring is full.
+/* How a record is committed: without asking for a wakeup, so the kernel wakes the reader only by
+ * its own rule -- a record committed when the reader has read everything before it, the first
+ * after an idle spell: the reader sleeps with no timer while nothing comes -- and at every
+ * `every`-th record a CPU commits to a ring, so a burst while the reader reads on its timer wakes
+ * it well before the ring is full (a wakeup per record would cost far more, docs/performance.md).
  * The agent passes `every` as a parameter: a quarter of the ring's records divided by the CPUs.
  *
  *     HA_RINGBUF_SUBMIT(exec_events, e, ha_submit_flags(HA_LOOKUP(ha_ringbuf_unwoken, &slot), EVERY));
@@ -50,7 +51,7 @@ HA_PERCPU_ARRAY(ha_ringbuf_unwoken, u64, HA_MAX_RINGS);
 static __always_inline u64 ha_submit_flags(u64 *unwoken, u64 every)
 {
     if (!unwoken || ++*unwoken < every)
-        return BPF_RB_NO_WAKEUP;
+        return 0;               /* the kernel wakes the reader if it had caught up */
     *unwoken = 0;
     return BPF_RB_FORCE_WAKEUP;
 }

@@ -650,11 +650,22 @@ def load(cfg, probes, threads: int = 0) -> tuple[list[LoadedProbe], list[ProbeSt
     log_statuses(statuses, time.monotonic() - started)
     if any(s.loader == BCC for s in statuses):
         release_compiler_memory()
+    else:
+        malloc_trim()
     return loaded, statuses
 
 
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+
+
+def malloc_trim() -> None:
+    """Give the heap's free pages back to the kernel: what libbpf freed after parsing the kernel's
+    BTF once per object (some 10 MB a parse, in the loading threads' arenas), or the compiler."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:                    # not glibc
+        pass
 
 
 def release_compiler_memory() -> None:
@@ -663,12 +674,9 @@ def release_compiler_memory() -> None:
     process (MADV_DONTNEED: code is never written, so it is read again from the file if a reload
     compiles); their other pages are paged out where no other process maps them (MADV_PAGEOUT).
     Without this an agent keeps ~110 MB it no longer uses."""
+    malloc_trim()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    try:
-        libc.malloc_trim(0)
-    except AttributeError:                    # not glibc
-        pass
     try:
         with open("/proc/self/maps") as f:
             maps = f.read().splitlines()
