@@ -276,6 +276,7 @@ class Plan:
     status: ProbeStatus
     tracepoints: tuple = ()
     object_dir: str = ""          # ebpf.object_dir, for the CO-RE loader
+    params: Optional[dict] = None  # probe.params(tracepoints), when load() asked them already
 
 
 class HostCheck:
@@ -473,9 +474,9 @@ def cflags(params: Mapping[str, object]) -> list:
     return flags
 
 
-def _load_bcc(probe: Probe, tps: tuple) -> BccObject:
+def _load_bcc(probe: Probe, tps: tuple, params: Mapping) -> BccObject:
     from bcc import BPF
-    flags = [f"-I{INCLUDE_DIR}", *cflags(probe.params(tps))]
+    flags = [f"-I{INCLUDE_DIR}", *cflags(params)]
     error = None
     with _CapturedStderr() as err:
         try:
@@ -510,7 +511,7 @@ def _libbpf_error(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
+def _load_core(probe: Probe, tps: tuple, params: Mapping, object_dir: str = "") -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
     others), set its parameters (.rodata) and map sizes, load and attach."""
     path = probe.object_file(object_dir)
@@ -527,7 +528,7 @@ def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
         # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
         # tracepoint field checks: bpf_core_field_exists) are bcc's alone
         layout = obj.rodata_layout()
-        obj.set_rodata({k: v for k, v in probe.params(tps).items() if k in layout})
+        obj.set_rodata({k: v for k, v in params.items() if k in layout})
         for name, entries in probe.map_sizes().items():
             obj.set_max_entries(name, entries)
         for name in probe.unused_maps(tps):
@@ -588,7 +589,8 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader, status.fallback)
 
     try:
-        obj = _load_core(probe, tps, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps)
+        params = plan_.params if plan_.params is not None else probe.params(tps)
+        obj = _load_core(probe, tps, params, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps, params)
     except Exception as e:
         return None, off(str(e))
     try:
@@ -642,9 +644,16 @@ def load(cfg, probes, threads: int = 0) -> tuple[list[LoadedProbe], list[ProbeSt
     started = time.monotonic()
     threads = threads or min(os.cpu_count() or 1, LOAD_THREADS)
     try:
-        results = _load_all(plan(cfg, probes), threads)
+        plans = plan(cfg, probes)
+        for p in plans:         # the kernel facts they need from one BTF parse, dropped before loading
+            if p.status.on:
+                try:
+                    p.params = p.probe.params(p.tracepoints)
+                except Exception:       # load_one asks again and turns the probe off with the error
+                    pass
     finally:
         _drop_kernel_btf()
+    results = _load_all(plans, threads)
     loaded = [lp for lp, _ in results if lp is not None]
     statuses = [status for _, status in results]
     log_statuses(statuses, time.monotonic() - started)
