@@ -27,7 +27,7 @@ import struct
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
 import numpy as np
@@ -47,7 +47,8 @@ CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 
-LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()): each parses the kernel's BTF, ~10 MB
+LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()); each load parses the kernel's
+                          # BTF (libbpf), some MB of RSS while it lasts: 4 threads added 17-20 MB at the peak
 
 ON, OFF = "on", "off"
 AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
@@ -626,7 +627,11 @@ def _load_all(plans: list, threads: int) -> list:
                 i = next(pending, None)
             if i is None:
                 return
-            results[i] = load_one(plans[i])
+            try:
+                results[i] = load_one(plans[i])
+            except Exception as e:          # load_one turns what a host can cause into a reason
+                log.exception("ebpf_load_failed probe=%s", plans[i].status.name)
+                results[i] = (None, replace(plans[i].status, state=OFF, reason=f"load failed: {e}"))
 
     workers = [threading.Thread(target=work, name="ebpf-load", daemon=True)
                for _ in range(min(threads, len(parallel)) - 1)]
