@@ -26,7 +26,7 @@ struct cgroup_event {
     char path[HA_CGROUP_PATH_LEN];   /* relative to the v2 root ("/system.slice/x.service"), NUL-terminated */
 };
 
-#ifndef HA_LAYOUT_ONLY
+HA_RECORD(cgroup_event);
 
 #ifndef HA_CGROUP_RING_PAGES
 #define HA_CGROUP_RING_PAGES 256     /* 1 MiB: 1956 records */
@@ -41,7 +41,7 @@ const volatile u64 HA_CGROUP_WAKEUP_EVERY = 64;
 #define HA_PATH_LOC(args) ((args)->data_loc_path)
 #endif
 
-#define HA_RING_CGROUP 0
+HA_RING_SLOT(CGROUP);
 
 HA_RINGBUF(cgroup_events, HA_CGROUP_RING_PAGES);
 
@@ -70,4 +70,3 @@ HA_TRACEPOINT(cgroup, cgroup_mkdir, cgroup)
     return 0;
 }
 
-#endif /* HA_LAYOUT_ONLY */

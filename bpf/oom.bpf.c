@@ -25,7 +25,7 @@ struct oom_event {
     char trigger_comm[16];       /* the allocating process's command name */
 };
 
-#ifndef HA_LAYOUT_ONLY
+HA_RECORD(oom_event);
 
 #ifndef HA_OOM_RING_PAGES
 #define HA_OOM_RING_PAGES 16     /* 64 KiB: 630 records */
@@ -45,7 +45,7 @@ const volatile u64 HA_OOM_WAKEUP_EVERY = 64;
 #define HA_OOM_WAKEUP_EVERY 64
 #endif
 
-#define HA_RING_OOM 0
+HA_RING_SLOT(OOM);
 
 HA_RINGBUF(oom_events, HA_OOM_RING_PAGES);
 
@@ -108,4 +108,3 @@ HA_TRACEPOINT(oom, mark_victim, mark_victim)
     return 0;
 }
 
-#endif /* HA_LAYOUT_ONLY */

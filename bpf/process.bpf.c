@@ -84,10 +84,11 @@ struct proc_info {
     u32 _pad;
 };
 
-#ifndef HA_LAYOUT_ONLY
+HA_RECORD(exec_event);
+HA_RECORD(exit_event);
 
 #ifndef HA_EXEC_RING_PAGES
-#define HA_EXEC_RING_PAGES 1024      /* 4 MiB: 3081 exec records */
+#define HA_EXEC_RING_PAGES 256       /* 1 MiB: 775 exec records */
 #endif
 #ifndef HA_EXIT_RING_PAGES
 #define HA_EXIT_RING_PAGES 128       /* 512 KiB: 8191 exit records */
@@ -112,9 +113,8 @@ const volatile u64 HA_EXIT_WAKEUP_EVERY = 256;
 
 #define HA_CLONE_THREAD 0x00010000ULL
 
-/* ring slots in ha_ringbuf_dropped, in the order of ProcessProbe.rings */
-#define HA_RING_EXEC 0
-#define HA_RING_EXIT 1
+HA_RING_SLOT(EXEC);
+HA_RING_SLOT(EXIT);
 
 HA_RINGBUF(exec_events, HA_EXEC_RING_PAGES);
 HA_RINGBUF(exit_events, HA_EXIT_RING_PAGES);
@@ -318,4 +318,3 @@ HA_TRACEPOINT(sched, sched_process_exit, sched_process_exit)
     return 0;
 }
 
-#endif /* HA_LAYOUT_ONLY */

@@ -12,8 +12,6 @@
  */
 #include "hostagent.h"
 
-#ifndef HA_LAYOUT_ONLY
-
 #ifdef HA_CORE
 const volatile u64 HA_FATAL_SIGNALS = 1ULL << 9;  /* SIGKILL */
 #elif !defined(HA_FATAL_SIGNALS)
@@ -42,5 +40,3 @@ HA_TRACEPOINT(signal, signal_generate, signal_generate)
         *count += 1;
     return 0;
 }
-
-#endif /* HA_LAYOUT_ONLY */

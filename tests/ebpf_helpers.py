@@ -15,8 +15,9 @@ import tempfile
 
 import numpy as np
 
-from agent.sources.ebpf.loader import (INCLUDE_DIR, ON, HostCheck, Plan, ProbeStatus, layout_problems, load_one, recursion_misses,
-                                       tracepoint_available, unload)
+from agent.sources.ebpf import libbpf
+from agent.sources.ebpf.loader import (INCLUDE_DIR, ON, CoreObject, HostCheck, Plan, ProbeStatus, layout_problems, load_one,
+                                       recursion_misses, tracepoint_available, unload)
 from agent.sources.ebpf.probe import BPF_DIR
 from agent.sources.ebpf.ringbuf import Ring, RingProbe
 
@@ -64,6 +65,19 @@ def core_objects() -> str:
     path = _tmpdir("hostagent-bpf-")
     subprocess.run([script, path], capture_output=True, timeout=600)
     return path
+
+
+def object_layout_problems(probe) -> list:
+    """layout_problems() of `probe` against its CO-RE object (bpf/build.sh's), opened, not loaded:
+    its structs, ring records included, as the object's BTF has them."""
+    import pytest
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    obj = libbpf.BpfObject.open(probe.object_file(core_objects()))
+    try:
+        return layout_problems(probe, CoreObject(obj))
+    finally:
+        obj.close()
 
 
 def ebpf_config(**section) -> dict:

@@ -11,14 +11,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from concurrent import futures
 
 import grpc
-import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,7 +37,6 @@ from tests.otlp_receiver import GrpcReceiver, HttpReceiver, attributes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTAGENT = [sys.executable, "-m", "agent"]
-BPF_INCLUDE = os.path.join(ROOT, "bpf", "include")
 
 
 def clean_env(**extra) -> dict:
@@ -429,7 +426,7 @@ def payload() -> Payload:
     return Payload("metrics", encode_metrics([MetricGroup(Resource((("host.name", "t"),)), Scope("t"), [m])]), 1)
 
 
-# --- eBPF: events a source emits, record layouts against the C ----------------------------------
+# --- eBPF: events a source emits ------------------------------------------------------------------
 
 class Events:
     """Collects what the source emits; waits for records about given pids."""
@@ -457,34 +454,6 @@ class Events:
                 self.cond.wait(0.1)
         time.sleep(0.5)               # anything extra would have arrived by now (polls <= 0.2 s apart)
         return self.of(event_name, pids)
-
-
-def c_layout(source: str, struct: str, members) -> tuple[int, dict]:
-    """(sizeof, {member: offsetof}) of `struct struct` in `source`, compiled with cc in
-    HA_LAYOUT_ONLY mode (bpf/include/hostagent.h)."""
-    prog = [f'#include "{source}"', "#include <stddef.h>", "#include <stdio.h>", "int main(void) {",
-            f'    printf("%zu\\n", sizeof(struct {struct}));']
-    prog += [f'    printf("%zu\\n", offsetof(struct {struct}, {m}));' for m in members]
-    prog += ["    return 0;", "}"]
-    with tempfile.TemporaryDirectory() as tmp:
-        c, exe = os.path.join(tmp, "layout.c"), os.path.join(tmp, "layout")
-        with open(c, "w") as f:
-            f.write("\n".join(prog) + "\n")
-        subprocess.run(["cc", "-DHA_LAYOUT_ONLY", f"-I{BPF_INCLUDE}", "-o", exe, c], check=True)
-        out = [int(x) for x in subprocess.run([exe], check=True, capture_output=True).stdout.split()]
-    return out[0], dict(zip(members, out[1:]))
-
-
-def assert_c_layout(source: str, struct: str, layout) -> None:
-    """`layout` (a numpy structured dtype or a ctypes.Structure) matches the C struct."""
-    if isinstance(layout, np.dtype):
-        members = list(layout.names)
-        size, offsets = layout.itemsize, {n: layout.fields[n][1] for n in members}
-    else:
-        members = [f[0] for f in layout._fields_]
-        size, offsets = ctypes.sizeof(layout), {n: getattr(layout, n).offset for n in members}
-    c_size, c_offsets = c_layout(source, struct, members)
-    assert (c_size, c_offsets) == (size, offsets)
 
 
 # --- cgroups: short-lived ones, and what the file exporter wrote --------------------------------
@@ -553,6 +522,8 @@ def file_requests(path: str, kind):
                     if line.endswith("\n"):             # a last line may be being written
                         out.append(json_format.Parse(line, kind()))
     return out
+
+
 # --- block devices and BPF maps of the tests' own -----------------------------------------------
 
 def diskstats(disk: str) -> dict:

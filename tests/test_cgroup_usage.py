@@ -8,9 +8,7 @@ right before and right after the scrape."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 
 import pytest

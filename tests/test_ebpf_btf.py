@@ -71,3 +71,25 @@ def test_a_self_referencing_anonymous_member_is_refused():
     btf = Btf(_blob(types, b"\0a\0"))
     with pytest.raises(BtfError):
         btf.member_offset("a", "x")
+
+
+@pytest.mark.skipif(not os.path.exists(VMLINUX), reason="the kernel has no BTF")
+def test_libbpf_reads_the_running_kernels_btf_as_btf_py_does():
+    """The kernel facts probes ask before loading come from libbpf's parse (in C); they are the
+    same as btf.py's, members of anonymous structs and unions and enum constants included."""
+    from agent.sources.ebpf.biolatency import BTF_ENUMERATORS, BTF_MEMBERS
+    from agent.sources.ebpf.libbpf import KernelBtf
+    ours, theirs = KernelBtf.open(VMLINUX), Btf.from_file(VMLINUX)
+    try:
+        members = [*BTF_MEMBERS.values(), ("task_struct", "exit_code"), ("task_struct", "pid"), ("sk_buff", "cb"),
+                   ("tcp_skb_cb", "tcp_gso_segs"), ("sk_buff", "tstamp"), ("sk_buff", "len"),
+                   ("task_struct", "no_such_member"), ("no_such_struct", "pid")]
+        assert [ours.member_offset(*m) for m in members] == [theirs.member_offset(*m) for m in members]
+        assert ours.member_offset("sk_buff", "tstamp") is not None       # inside an anonymous union
+        enums = [*BTF_ENUMERATORS.values(), ("req_op", "NO_SUCH_ENUMERATOR"), ("no_such_enum", "REQ_OP_FLUSH")]
+        assert [ours.enumerator(name, enum) for enum, name in enums] == \
+            [theirs.enumerator(name, enum) for enum, name in enums]
+        assert ours.enumerator("REQ_OP_FLUSH", "req_op") == 2
+        assert theirs.enumerator("REQ_OP_FLUSH", "no_such_enum") is None
+    finally:
+        ours.close()

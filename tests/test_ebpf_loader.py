@@ -551,6 +551,61 @@ def test_probes_load_with_the_units_capabilities(loader):
         assert "hostagent.ebpf.runs" not in out["metrics"]
 
 
+def test_ring_slots_and_wakeups_are_set_from_each_probes_ring_spec():
+    """A ring's drop-counter slot and wakeup interval are parameters from its probe's `rings`
+    (RingProbe.params), never matched by hand: every one the CO-RE object declares is set, each
+    ring at its index."""
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    for name, cls in PROBES.items():
+        probe = cls.create(None)
+        obj = libbpf.BpfObject.open(probe.object_file(core_objects()))
+        try:
+            declared = {v for v in obj.rodata_layout() if v.startswith("HA_RING_") or v.endswith("_WAKEUP_EVERY")}
+        finally:
+            obj.close()
+        rings = getattr(probe, "rings", ())
+        params = probe.params(tuple(probe.tracepoints))
+        assert declared == {f"HA_RING_{r.param}" for r in rings} | {f"HA_{r.param}_WAKEUP_EVERY" for r in rings}, name
+        assert [params[f"HA_RING_{r.param}"] for r in rings] == list(range(len(rings))), name
+
+
+PYTHON_BTF_PARSES = r"""
+import json, sys
+from agent.model import Resource
+from agent.selfmetrics import SelfMetrics
+from agent.sources.ebpf import EbpfSource, btf
+from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
+from agent.sources.ebpf.registry import PROBES
+parsed = []
+init = btf.Btf.__init__
+def spy(self, data):
+    parsed.append(len(data))
+    init(self, data)
+btf.Btf.__init__ = spy
+src = EbpfSource(EbpfConfig(loader=sys.argv[1], object_dir=sys.argv[2],
+                            probes={name: ProbeConfig(enabled=True) for name in PROBES}), SelfMetrics(), Resource(()))
+print(json.dumps({"on": sorted(s.name for s in src.statuses if s.on), "parsed": parsed,
+                  "bcc": "bcc" in sys.modules}))
+src.close()
+"""
+
+
+@needs_root
+def test_core_loads_every_probe_without_parsing_the_kernels_btf_in_python():
+    """The CO-RE path asks the kernel's BTF only through libbpf (in C); btf.py reads the objects'
+    own BTF (a few KB each), never the kernel's 6 MB; bcc is never imported."""
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    proc = subprocess.run([sys.executable, "-c", PYTHON_BTF_PARSES, "core", core_objects()], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["on"] == sorted(PROBES), proc.stderr
+    assert max(out["parsed"], default=0) < os.path.getsize("/sys/kernel/btf/vmlinux") // 10, out["parsed"]
+    assert not out["bcc"]
+
+
 @needs_root
 @pytest.mark.parametrize("loader", ["core", "bcc"])
 @pytest.mark.parametrize("name", list(PROBES))

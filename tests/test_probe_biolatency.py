@@ -306,6 +306,6 @@ def test_accounting_params_come_from_btf(tmp_path):
     assert values["BIO_RQF_IO_STAT"] != values["BIO_RQF_FLUSH_SEQ"]
     bad = tmp_path / "vmlinux"
     bad.write_bytes(b"not btf")
-    assert btf_facts([("request", "q")], ["REQ_OP_FLUSH"], path=str(bad)) is None
-    assert btf_facts([("request", "no_such_member")], ["NO_SUCH_ENUMERATOR"]) == \
-        {("request", "no_such_member"): None, "NO_SUCH_ENUMERATOR": None}
+    assert btf_facts([("request", "q")], [("req_op", "REQ_OP_FLUSH")], path=str(bad)) is None
+    assert btf_facts([("request", "no_such_member")], [("req_op", "NO_SUCH_ENUMERATOR")]) == \
+        {("request", "no_such_member"): None, ("req_op", "NO_SUCH_ENUMERATOR"): None}

@@ -14,15 +14,17 @@ from agent.procfs.workload import UNRESOLVED, WorkloadResolver
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.cgroups import CGROUP_EVENT, CREATED, PATH_LEN, TRUNCATED, CgroupsProbe
 from agent.sources.ebpf.ringbuf import cstr, read_drops
-from tests.ebpf_helpers import attached
-from tests.helpers import ROOT, assert_c_layout, finishes, remove_cgroups, v2_cgroup_root
+from tests.ebpf_helpers import attached, object_layout_problems
+from tests.helpers import finishes, remove_cgroups, v2_cgroup_root
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs and creates cgroups")
 LOADERS = pytest.mark.parametrize("loader", ["core", "bcc"])
 
 
-def test_record_layout_matches_c():
-    assert_c_layout(os.path.join(ROOT, "bpf", "cgroups.bpf.c"), "cgroup_event", CGROUP_EVENT)
+def test_record_layout_matches_the_objects_btf():
+    probe = CgroupsProbe()
+    assert probe.structs == {"cgroup_event": CGROUP_EVENT}
+    assert object_layout_problems(probe) == []
 
 
 def unique(tag: str = "") -> str:

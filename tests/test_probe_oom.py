@@ -17,14 +17,17 @@ from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.oom import OOM_EVENT, OomProbe
 from agent.sources.ebpf.process import ProcessProbe
-from tests.helpers import ROOT, Events, assert_c_layout
+from tests.ebpf_helpers import object_layout_problems
+from tests.helpers import Events
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs and creates cgroups")
 LIMIT = 32 * 2**20
 
 
-def test_record_layout_matches_c():
-    assert_c_layout(os.path.join(ROOT, "bpf", "oom.bpf.c"), "oom_event", OOM_EVENT)
+def test_record_layout_matches_the_objects_btf():
+    probe = OomProbe()
+    assert probe.structs == {"oom_event": OOM_EVENT}
+    assert object_layout_problems(probe) == []
 
 
 def _memory_cgroup_root():

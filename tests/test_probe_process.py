@@ -16,18 +16,18 @@ from agent.sources.ebpf import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.cgroups import CgroupsProbe
-from agent.sources.ebpf.process import EXEC_EVENT, EXIT_EVENT, ProcessProbe, ProcInfo, exit_status
-from tests.ebpf_helpers import attached
-from tests.helpers import ROOT, Events, assert_c_layout, short_lived_cgroups
+from agent.sources.ebpf.process import EXEC_EVENT, EXIT_EVENT, ProcessProbe, exit_status
+from tests.ebpf_helpers import attached, object_layout_problems
+from tests.helpers import Events, short_lived_cgroups
 
-SOURCE = os.path.join(ROOT, "bpf", "process.bpf.c")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 
 
-def test_record_layouts_match_c():
-    assert_c_layout(SOURCE, "exec_event", EXEC_EVENT)
-    assert_c_layout(SOURCE, "exit_event", EXIT_EVENT)
-    assert_c_layout(SOURCE, "proc_info", ProcInfo)
+def test_record_layouts_match_the_objects_btf():
+    probe = ProcessProbe()
+    assert set(probe.structs) == {"exec_event", "exit_event", "proc_info"}
+    assert (probe.structs["exec_event"], probe.structs["exit_event"]) == (EXEC_EVENT, EXIT_EVENT)
+    assert object_layout_problems(probe) == []
 
 
 def test_exit_status_decoding():

@@ -7,8 +7,8 @@ import ctypes
 import mmap
 import select
 import os
-import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,12 +16,9 @@ import pytest
 from agent.sources.ebpf.loader import INCLUDE_DIR, BccObject
 from agent.sources.ebpf.ringbuf import (BUSY_BIT, DISCARD_BIT, PAGE_SIZE, Poller, PollSchedule, RingBuffer, cstr,
                                         framed_dtype, read_drops, record_stride)
-from tests.helpers import HANG_LIMIT, assert_c_layout
+from tests.helpers import HANG_LIMIT
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
-
-
-# --- record layouts: C struct vs numpy dtype / ctypes, compiled on the host -------------------
 
 
 def test_record_stride_and_framing():
@@ -183,8 +180,11 @@ def test_poller_stop_wakes_a_blocked_wait():
 
 
 class _Fill:
-    def __init__(self, fill):
-        self.last_fill = fill
+    def __init__(self, fill, caught_up=False):
+        self.last_fill, self._caught_up = fill, caught_up
+
+    def release(self):
+        return self._caught_up
 
 
 def test_poll_schedule_adapts_to_the_rate():
@@ -199,6 +199,31 @@ def test_poll_schedule_adapts_to_the_rate():
     s._last -= 0.002
     wait = s.next_timeout([_Fill(1 / 16)])                           # 2 ms filled 1/16
     assert 0.0039 < wait < 0.0041                                    # aims at 1/8: ~4 ms
+
+
+def test_poll_schedule_sleeps_without_a_timer_while_the_rings_are_empty():
+    s = PollSchedule(max_interval=0.05, min_interval=0.001)
+    assert s.next_timeout([_Fill(0.0, caught_up=True), _Fill(0.0, caught_up=True)]) is None
+    # a record committed between the pass and now: the kernel will not wake us for it
+    assert s.next_timeout([_Fill(0.0, caught_up=True), _Fill(0.0, caught_up=False)]) == 0.05
+    assert s.next_timeout([_Fill(0.01, caught_up=True)]) > 0         # records keep coming: the timer
+
+
+def test_poller_lingers_after_an_idle_wakeup_and_stop_ends_it():
+    r, w = os.pipe()
+    poller = Poller([r], linger=3600.0)
+    result = []
+    t = threading.Thread(target=lambda: result.append(poller.wait(None)))
+    t.start()
+    os.write(w, b"x")                                      # a ring's wakeup: it lingers
+    time.sleep(0.2)
+    assert t.is_alive()
+    poller.stop()
+    t.join(HANG_LIMIT)
+    assert not t.is_alive() and result == [False]
+    poller.close()
+    os.close(r)
+    os.close(w)
 
 
 # --- real BPF ring buffers --------------------------------------------------------------------
@@ -295,13 +320,6 @@ def _drops(program):
     return read_drops(program, 2)
 
 
-def test_record_layout_matches_c():
-    with tempfile.NamedTemporaryFile("w", suffix=".c") as f:
-        f.write(TEST_PROGRAM.split("BPF_RINGBUF_OUTPUT")[0])
-        f.flush()
-        assert_c_layout(f.name, "test_event", TEST_EVENT)
-
-
 @needs_root
 def test_real_ring_reads_in_order_and_releases_space(program, small):
     assert small.size == PAGE_SIZE and small.capacity == 85
@@ -396,8 +414,10 @@ def test_real_ring_concurrent_producers_lose_nothing(program):
 
 
 @needs_root
-def test_every_nth_record_wakes_the_reader(program):
-    """ha_submit_flags: records are committed without a wakeup, except every 4th per CPU."""
+def test_the_first_record_after_a_drain_and_every_nth_wake_the_reader(program):
+    """ha_submit_flags: a record committed when the reader has read everything wakes it (the
+    kernel's rule; the reader then sleeps with no timer while the rings are empty); the others
+    do not, except every 4th per CPU."""
     ring = RingBuffer.from_map(program.map("woken"), TEST_EVENT)
     ep = select.epoll()                            # edge-triggered, as the Poller: one event per wakeup
     ep.register(ring.fd, select.EPOLLIN | select.EPOLLET)
@@ -410,13 +430,53 @@ def test_every_nth_record_wakes_the_reader(program):
 
     try:
         ring.drain()
-        seq = 0
+        assert ring.caught_up()
+        woken(0)                                   # the reader had caught up: this one may wake it
+        assert not ring.caught_up()                # a record waits: no wakeup for the next ones
+        seq = 1
         while not woken(seq):                      # find where this CPU's counter stands
             seq += 1
             assert seq < 8
-        seq += 1                                   # that one woke us: the counter is at 0
-        assert [woken(seq + i) for i in range(4)] == [False, False, False, True]
-        assert seqs(ring.drain()) == list(range(seq + 4))
+        assert seqs(ring.drain()) == list(range(seq + 1))     # that one woke us: the counter is at 0
+        assert ring.caught_up()
+        seq += 1
+        assert [woken(seq + i) for i in range(4)] == [True, False, False, True]   # caught up; every 4th
+        assert seqs(ring.drain()) == list(range(seq, seq + 4))
+    finally:
+        os.sched_setaffinity(0, cpus)
+        ep.close()
+        ring.close()
+
+
+@needs_root
+def test_a_held_record_keeps_the_reader_asleep_until_released(program):
+    """hold_last: between two passes the kernel does not wake the reader (the consumer stays one
+    record behind); once released, the next record wakes it. Nothing is read twice or lost."""
+    ring = RingBuffer.from_map(program.map("woken"), TEST_EVENT, hold_last=True)
+    ep = select.epoll()
+    ep.register(ring.fd, select.EPOLLIN | select.EPOLLET)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+
+    def woken(seq) -> bool:
+        rename("W", seq)
+        return bool(ep.poll(0.5))
+
+    try:
+        ring.drain()
+        assert ring.release()
+        woken(0)                                   # may wake: the reader had given everything back
+        seq = 1
+        while not woken(seq):                      # this CPU's every-4th counter is at 0 after this
+            seq += 1
+            assert seq < 8
+        assert seqs(ring.drain()) == list(range(seq + 1))     # read, the last record held
+        assert not ring.caught_up() and ring.consumer_pos < ring.producer_pos
+        assert woken(seq + 1) is False             # no wakeup for the first record after a pass
+        assert seqs(ring.drain()) == [seq + 1]     # the held record is not read again
+        assert ring.release() and ring.consumer_pos == ring.producer_pos
+        assert woken(seq + 2) is True              # released: the next record wakes the reader
+        assert seqs(ring.drain()) == [seq + 2]
     finally:
         os.sched_setaffinity(0, cpus)
         ep.close()

@@ -31,12 +31,12 @@ BTF_MEMBERS = {
     "BIO_DISK_FIRST_MINOR": ("gendisk", "first_minor"),
 }
 BTF_ENUMERATORS = {
-    "BIO_RQF_IO_STAT": "__RQF_IO_STAT",
-    "BIO_RQF_FLUSH_SEQ": "__RQF_FLUSH_SEQ",
-    "BIO_REQ_OP_BITS": "__REQ_FAILFAST_DEV",      # the first flag bit after the op
-    "BIO_REQ_OP_FLUSH": "REQ_OP_FLUSH",
-    "BIO_REQ_OP_DISCARD": "REQ_OP_DISCARD",
-    "BIO_REQ_OP_SECURE_ERASE": "REQ_OP_SECURE_ERASE",
+    "BIO_RQF_IO_STAT": ("rqf_flags", "__RQF_IO_STAT"),
+    "BIO_RQF_FLUSH_SEQ": ("rqf_flags", "__RQF_FLUSH_SEQ"),
+    "BIO_REQ_OP_BITS": ("req_flag_bits", "__REQ_FAILFAST_DEV"),      # the first flag bit after the op
+    "BIO_REQ_OP_FLUSH": ("req_op", "REQ_OP_FLUSH"),
+    "BIO_REQ_OP_DISCARD": ("req_op", "REQ_OP_DISCARD"),
+    "BIO_REQ_OP_SECURE_ERASE": ("req_op", "REQ_OP_SECURE_ERASE"),
 }
 
 

@@ -4,7 +4,7 @@ object's (from the kernel, by its maps' btf_id), read the same way.
     Btf(raw)                          parse a standalone BTF blob (linux/btf.h)
       .find(name, kind) -> type id    first complete struct / union by name
       .member_offset(struct, member)  byte offset, through anonymous structs and unions
-      .enumerator(name)               value of an enum constant
+      .enumerator(name, enum)         value of an enum constant (of that enum)
       .layout(type id or name)        [(member, byte offset, byte size)] of a struct
       .size(type id)
     of_map(fd) -> (Btf, key type id, value type id)    a loaded map's object BTF
@@ -101,19 +101,35 @@ class Btf:
         ids = [self._by_name[(off, kind)] for off in self._name_offsets(name) if (off, kind) in self._by_name]
         return min(ids) if ids else None
 
-    def enumerator(self, name: str) -> Optional[int]:
+    def enumerator(self, name: str, enum: Optional[str] = None) -> Optional[int]:
+        """Value of the enum constant `name` (of `enum enum` when given; else the first one)."""
+        if enum is not None:
+            owners = set(self._name_offsets(enum))
+            for pos, vlen, kind in self._enums:
+                if _TYPE.unpack_from(self.data, pos)[0] in owners:
+                    value = self._enum_values(pos, vlen, kind).get(name)
+                    if value is not None:
+                        return value
+            return None
         if self._enumerators is None:           # {name offset: value}, first definition wins
             self._enumerators = {}
             for pos, vlen, kind in self._enums:
-                for i in range(vlen):
-                    if kind == ENUM:
-                        e_name, value = struct.unpack_from("<Ii", self.data, pos + 12 + 8 * i)
-                    else:
-                        e_name, lo, hi = _TYPE.unpack_from(self.data, pos + 12 + 12 * i)
-                        value = hi << 32 | lo
+                for e_name, value in self._enum_entries(pos, vlen, kind):
                     self._enumerators.setdefault(e_name, value)
         values = [self._enumerators[off] for off in self._name_offsets(name) if off in self._enumerators]
         return values[0] if values else None
+
+    def _enum_entries(self, pos: int, vlen: int, kind: int):
+        """(name offset, value) of each constant of the enum at `pos`."""
+        for i in range(vlen):
+            if kind == ENUM:
+                yield struct.unpack_from("<Ii", self.data, pos + 12 + 8 * i)
+            else:
+                e_name, lo, hi = _TYPE.unpack_from(self.data, pos + 12 + 12 * i)
+                yield e_name, hi << 32 | lo
+
+    def _enum_values(self, pos: int, vlen: int, kind: int) -> dict:
+        return {self.name_at(off): value for off, value in self._enum_entries(pos, vlen, kind)}
 
     def resolve(self, tid: int) -> int:
         """`tid` with typedefs and qualifiers stripped."""

@@ -13,7 +13,8 @@ probe's setup() with the loaded object. Whatever fails turns that probe off with
 nothing raises for conditions of the host. bcc (LLVM, some 45 MB) is imported on the bcc path only.
 
 Also here: the kernel facts probes build their parameters from -- a tracepoint's fields (its
-format file) and a kernel struct member's offset from the running kernel's BTF.
+format file) and a kernel struct member's offset or an enum's value from the running kernel's
+BTF, parsed by libbpf in C (btf.py parses object BTF, and vmlinux only where libbpf is missing).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import os
 import struct
 import tempfile
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
 import numpy as np
@@ -44,6 +46,9 @@ BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
+
+LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()); each load parses the kernel's
+                          # BTF (libbpf), some MB of RSS while it lasts: 4 threads added 17-20 MB at the peak
 
 ON, OFF = "on", "off"
 AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
@@ -200,29 +205,46 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
 
 # --- BTF: member offsets and enumerator values of the running kernel ------------------------
 
-@functools.lru_cache(maxsize=1)
-def _kernel_btf(path: str) -> btf_.Btf:
-    """The running kernel's BTF, parsed once per plan or load (about 0.1 s); plan() and load()
-    drop it when done, so its ~10 MB index is not kept."""
-    return btf_.Btf.from_file(path)
+_kernel_btfs: dict = {}
+_kernel_btf_lock = threading.Lock()
+
+
+def _kernel_btf(path: str):
+    """The running kernel's BTF, parsed once per plan or load and dropped when done
+    (_drop_kernel_btf): by libbpf, in C, where libbpf.so.1 loads (about 7 ms); else by btf.py
+    (about 40 ms; the bcc fallback on a host without libbpf.so.1). Both answer member_offset()
+    and enumerator() alike. Probes' threads share it."""
+    with _kernel_btf_lock:
+        btf = _kernel_btfs.get(path)
+        if btf is None:
+            btf = libbpf.KernelBtf.open(path) if libbpf.problem() is None else btf_.Btf.from_file(path)
+            _kernel_btfs[path] = btf
+        return btf
+
+
+def _drop_kernel_btf() -> None:
+    with _kernel_btf_lock:
+        for btf in _kernel_btfs.values():
+            if isinstance(btf, libbpf.KernelBtf):
+                btf.close()
+        _kernel_btfs.clear()
 
 
 def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[dict]:
-    """From one parse of the running kernel's BTF (about 0.1 s for vmlinux), keeping only the
-    answers: {(struct, member): byte offset} for each pair in `members` (members of anonymous
-    structs and unions included) and {enumerator: value} for each name in `enumerators`, None
-    where the kernel has no such thing. None as a whole when there is no readable BTF."""
+    """From one parse of the running kernel's BTF, keeping only the answers: {(struct, member):
+    byte offset} for each pair in `members` (members of anonymous structs and unions included)
+    and {(enum, enumerator): value} for each pair in `enumerators`, None where the kernel has no
+    such thing. None as a whole when there is no readable BTF."""
     try:
         btf = _kernel_btf(path)
-    except (OSError, btf_.BtfError, struct.error, ValueError) as e:
+        facts = {(s, m): btf.member_offset(s, m) for s, m in members}
+        facts.update({(e, name): btf.enumerator(name, e) for e, name in enumerators})
+    except (OSError, btf_.BtfError, libbpf.LibbpfError, struct.error, ValueError) as e:
         log.debug("btf_unavailable path=%s error=%s", path, e)
         return None
-    facts = {(s, m): btf.member_offset(s, m) for s, m in members}
-    facts.update({name: btf.enumerator(name) for name in enumerators})
     return facts
 
 
-@functools.lru_cache(maxsize=None)
 def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) -> Optional[int]:
     """Byte offset of `member` in `struct struct_name` of the running kernel, or None when there
     is no BTF or no such member."""
@@ -255,6 +277,7 @@ class Plan:
     status: ProbeStatus
     tracepoints: tuple = ()
     object_dir: str = ""          # ebpf.object_dir, for the CO-RE loader
+    params: Optional[dict] = None  # probe.params(tracepoints), when load() asked them already
 
 
 class HostCheck:
@@ -311,7 +334,7 @@ def check(cfg, probes) -> list[ProbeStatus]:
     try:
         return [p.status for p in plan(cfg, probes)]
     finally:
-        _kernel_btf.cache_clear()
+        _drop_kernel_btf()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -452,9 +475,9 @@ def cflags(params: Mapping[str, object]) -> list:
     return flags
 
 
-def _load_bcc(probe: Probe, tps: tuple) -> BccObject:
+def _load_bcc(probe: Probe, tps: tuple, params: Mapping) -> BccObject:
     from bcc import BPF
-    flags = [f"-I{INCLUDE_DIR}", *cflags(probe.params(tps))]
+    flags = [f"-I{INCLUDE_DIR}", *cflags(params)]
     error = None
     with _CapturedStderr() as err:
         try:
@@ -489,7 +512,7 @@ def _libbpf_error(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
+def _load_core(probe: Probe, tps: tuple, params: Mapping, object_dir: str = "") -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
     others), set its parameters (.rodata) and map sizes, load and attach."""
     path = probe.object_file(object_dir)
@@ -506,7 +529,7 @@ def _load_core(probe: Probe, tps: tuple, object_dir: str = "") -> CoreObject:
         # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
         # tracepoint field checks: bpf_core_field_exists) are bcc's alone
         layout = obj.rodata_layout()
-        obj.set_rodata({k: v for k, v in probe.params(tps).items() if k in layout})
+        obj.set_rodata({k: v for k, v in params.items() if k in layout})
         for name, entries in probe.map_sizes().items():
             obj.set_max_entries(name, entries)
         for name in probe.unused_maps(tps):
@@ -535,9 +558,9 @@ def mirror_layout(mirror) -> tuple:
 
 def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     """Where the probe's Python mirrors (Probe.structs) differ from the structs in the object's
-    BTF. The BTF has the types of maps and globals: a map's key and value structs always; a ring
-    record only when the program names it in a global (clang leaves out types used only by local
-    variables), else it is not checked; bcc's BTF keeps only its maps' types."""
+    BTF, or are missing from it. A CO-RE object's BTF has the types of its maps and globals: map
+    key and value structs, and ring records through their HA_RECORD global (bpf/include/
+    hostagent.h). bcc's BTF keeps only its maps' types: there a struct it lacks is not checked."""
     if not probe.structs:
         return []
     btf = obj.btf()
@@ -547,7 +570,8 @@ def layout_problems(probe: Probe, obj: LoadedObject) -> list:
     for name, mirror in probe.structs.items():
         tid = btf.find(name)
         if tid is None:
-            log.debug("layout_not_checked probe=%s struct=%s reason=\"not in the object's BTF\"", probe.name, name)
+            if obj.loader != BCC:
+                problems.append(f"struct {name} is not in the object's BTF (declare it with HA_RECORD)")
             continue
         c = btf.size(tid), btf.layout(tid)
         py = mirror_layout(mirror)
@@ -566,7 +590,8 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         return ProbeStatus(status.name, tps, OFF, reason, status.description, status.loader, status.fallback)
 
     try:
-        obj = _load_core(probe, tps, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps)
+        params = plan_.params if plan_.params is not None else probe.params(tps)
+        obj = _load_core(probe, tps, params, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps, params)
     except Exception as e:
         return None, off(str(e))
     try:
@@ -588,25 +613,73 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
     return LoadedProbe(probe, obj, status, tps, list(getattr(probe, "ring_buffers", ()))), status
 
 
-def load(cfg, probes) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
-    """Load, attach and set up every probe that check() says would load."""
-    loaded, statuses = [], []
+def _load_all(plans: list, threads: int) -> list:
+    """load_one() of every plan, in plan order. CO-RE objects load `threads` at a time: most of a
+    load is libbpf parsing the kernel's BTF, relocating, and the kernel verifying, all without
+    the GIL. bcc's compile one after the other (one LLVM in memory at a time)."""
+    results = [None] * len(plans)
+    parallel = [i for i, p in enumerate(plans) if p.status.on and p.status.loader == CORE]
+    pending, lock = iter(parallel), threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                i = next(pending, None)
+            if i is None:
+                return
+            try:
+                results[i] = load_one(plans[i])
+            except Exception as e:          # load_one turns what a host can cause into a reason
+                log.exception("ebpf_load_failed probe=%s", plans[i].status.name)
+                results[i] = (None, replace(plans[i].status, state=OFF, reason=f"load failed: {e}"))
+
+    workers = [threading.Thread(target=work, name="ebpf-load", daemon=True)
+               for _ in range(min(threads, len(parallel)) - 1)]
+    for w in workers:
+        w.start()
+    work()                      # this thread is one of them
+    for w in workers:
+        w.join()
+    return [r if r is not None else load_one(p) for r, p in zip(results, plans)]
+
+
+def load(cfg, probes, threads: int = 0) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
+    """Load, attach and set up every probe that check() says would load; CO-RE objects by
+    `threads` threads at once (default: one per CPU, at most LOAD_THREADS)."""
+    started = time.monotonic()
+    threads = threads or min(os.cpu_count() or 1, LOAD_THREADS)
     try:
-        for p in plan(cfg, probes):
-            lp, status = load_one(p)
-            statuses.append(status)
-            if lp is not None:
-                loaded.append(lp)
+        plans = plan(cfg, probes)
+        for p in plans:         # the kernel facts they need from one BTF parse, dropped before loading
+            if p.status.on:
+                try:
+                    p.params = p.probe.params(p.tracepoints)
+                except Exception:       # load_one asks again and turns the probe off with the error
+                    pass
     finally:
-        _kernel_btf.cache_clear()
-    log_statuses(statuses)
+        _drop_kernel_btf()
+    results = _load_all(plans, threads)
+    loaded = [lp for lp, _ in results if lp is not None]
+    statuses = [status for _, status in results]
+    log_statuses(statuses, time.monotonic() - started)
     if any(s.loader == BCC for s in statuses):
         release_compiler_memory()
+    else:
+        malloc_trim()
     return loaded, statuses
 
 
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+
+
+def malloc_trim() -> None:
+    """Give the heap's free pages back to the kernel: what libbpf freed after parsing the kernel's
+    BTF once per object (some 10 MB a parse, in the loading threads' arenas), or the compiler."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:                    # not glibc
+        pass
 
 
 def release_compiler_memory() -> None:
@@ -615,12 +688,9 @@ def release_compiler_memory() -> None:
     process (MADV_DONTNEED: code is never written, so it is read again from the file if a reload
     compiles); their other pages are paged out where no other process maps them (MADV_PAGEOUT).
     Without this an agent keeps ~110 MB it no longer uses."""
+    malloc_trim()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    try:
-        libc.malloc_trim(0)
-    except AttributeError:                    # not glibc
-        pass
     try:
         with open("/proc/self/maps") as f:
             maps = f.read().splitlines()
@@ -669,10 +739,12 @@ def unload(loaded: list[LoadedProbe]) -> None:
             log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
 
 
-def log_statuses(statuses: list[ProbeStatus]) -> None:
+def log_statuses(statuses: list[ProbeStatus], seconds: float) -> None:
+    """The load's outcome; `seconds`: from load()'s start to every probe attached and set up."""
     on = [s.name for s in statuses if s.on]
     off = [s for s in statuses if not s.on]
-    log.info("ebpf_probes on=%s off=%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-")
+    log.info("ebpf_probes on=%s off=%s seconds=%.3f", ",".join(on) or "-", ",".join(s.name for s in off) or "-",
+             seconds)
     if off:
         log.warning("ebpf_probes_off %s", " ".join(f"{s.name}={json.dumps(s.reason)}" for s in off))
     fallbacks = [s for s in statuses if s.fallback]

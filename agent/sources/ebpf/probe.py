@@ -23,7 +23,8 @@ class Probe:
     tracepoints: tuple = ()
     default_enabled: bool = True
     # C struct name -> its Python mirror (ctypes Structure for map keys and values, numpy dtype for
-    # ring records), checked member by member against the loaded object's BTF
+    # ring records, which the C declares with HA_RECORD), checked member by member against the
+    # loaded object's BTF
     structs: Mapping[str, object] = {}
     # the metrics it exports (docs/probes.md is checked against these and the rest of the class)
     metrics: tuple = ()

@@ -112,7 +112,7 @@ class ProcessProbe(RingProbe):
 
     argv_tracepoints = ("syscalls:sys_enter_execve", "syscalls:sys_enter_execveat")
 
-    def __init__(self, exec_ring_pages: int = 1024, exit_ring_pages: int = 128, procs_max: int = 65536,
+    def __init__(self, exec_ring_pages: int = 256, exit_ring_pages: int = 128, procs_max: int = 65536,
                  enrichment: EnrichmentConfig = EnrichmentConfig(), workloads: Optional[WorkloadResolver] = None):
         self.rings = (Ring("exec_events", EXEC_EVENT, exec_ring_pages, "EXEC"),
                       Ring("exit_events", EXIT_EVENT, exit_ring_pages, "EXIT"))

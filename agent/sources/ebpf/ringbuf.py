@@ -24,14 +24,20 @@ Nothing here runs per record in Python. Numpy arrays and memoryviews over the ma
 the only long-lived ones belong to the RingBuffer and are released by close(); everything
 drain() returns is a copy.
 
-Waking up: the probes commit records with BPF_RB_NO_WAKEUP and the reader polls every ring on a
-timer (Poller) whose interval adapts to the rate (PollSchedule): at most 200 ms when little
-arrives, shorter as rings fill, at once when one is a quarter full. As a backstop against bursts
-between two polls, each CPU forces a wakeup every wakeup_every() records it commits to a ring
-(a quarter of the ring over all CPUs). A wakeup per record costs the producer 100-200 ns more and
-the consumer a pass per tiny batch; the timer costs one pass per interval whatever the rate
-(docs/performance.md has the figures). What does not fit in a ring is counted in the BPF map
-ha_ringbuf_dropped (bpf/include/hostagent.h) and exported as hostagent.ebpf.ringbuf.dropped.
+Waking up: the probes commit records without asking for a wakeup (ha_submit_flags), so the kernel
+wakes the reader only by its own rule -- for a record committed where the consumer position stands,
+i.e. the first record after the reader gave back everything -- and at every wakeup_every()-th
+record a CPU commits to a ring (a quarter of the ring over all CPUs), a backstop against bursts.
+While records keep coming the reader reads on a timer whose interval adapts to the rate
+(PollSchedule: at most 200 ms, shorter as rings fill, at once when one is a quarter full), and it
+holds back the last record it read (hold_last: the consumer position stays one record behind), so
+the kernel's rule never wakes it between two passes. When a pass finds every ring empty, it gives
+those records back and sleeps in epoll with no timeout (Poller): an idle host costs no wakeups.
+The first record then wakes it, and it lingers up to 200 ms to gather what follows before it
+reads. A wakeup per record costs the producer 100-200 ns more and the consumer a pass per tiny
+batch; the timer costs one pass per interval whatever the rate (docs/performance.md has the
+figures). What does not fit in a ring is counted in the BPF map ha_ringbuf_dropped
+(bpf/include/hostagent.h) and exported as hostagent.ebpf.ringbuf.dropped.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import logging
 import mmap
 import os
 import select
+import threading
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -59,6 +66,7 @@ HEADER_SIZE = 8
 PAGE_SIZE = mmap.PAGESIZE
 DROPS_MAP = "ha_ringbuf_dropped"      # bpf/include/hostagent.h
 MAX_RINGS = 4                         # HA_MAX_RINGS
+LINGER = 0.2                          # s: Poller's wait for more records after an idle wakeup
 
 
 def record_stride(size: int) -> int:
@@ -84,10 +92,13 @@ class RingBuffer:
     """The consumer side of one BPF ring buffer. One reader at a time (a single thread)."""
 
     def __init__(self, consumer, data, size: int, record: np.dtype, name: str = "",
-                 fd: Optional[int] = None, mappings: tuple = ()):
+                 fd: Optional[int] = None, mappings: tuple = (), hold_last: bool = False):
         """`consumer`: a writable buffer whose first 8 bytes are the consumer position;
         `data`: a read-only buffer of PAGE_SIZE + 2 * size bytes -- the producer position page,
-        then the data area twice. Use RingBuffer.open() for a map fd."""
+        then the data area twice. Use RingBuffer.open() for a map fd. `hold_last`: drain()
+        gives the ring's space back up to the last record it read, not including it, so the
+        kernel does not wake the reader for each first record after a drain (its rule: a record
+        committed where the consumer stands); release() gives that record back too."""
         if size <= 0 or size & (size - 1):
             raise ValueError(f"ring size must be a power of two, got {size}")
         record = np.dtype(record)
@@ -104,6 +115,10 @@ class RingBuffer:
         self._data = np.frombuffer(data, dtype=np.uint8, count=2 * size, offset=PAGE_SIZE)
         self._mappings = mappings
         self._empty = np.empty(0, dtype=record)
+        self.hold_last = hold_last
+        self._read = self._cons[0]     # where the next drain starts (the consumer position, or
+                                       # one record past it while the last one is held)
+        self._fence = threading.Lock()
         # reader-side statistics (written by the reading thread only)
         self.records = 0          # samples returned
         self.discarded = 0        # DISCARD records skipped
@@ -111,7 +126,7 @@ class RingBuffer:
         self.last_fill = 0.0      # committed-or-busy bytes found by the last drain / size
 
     @classmethod
-    def open(cls, map_fd: int, size: int, record: np.dtype, name: str = "") -> "RingBuffer":
+    def open(cls, map_fd: int, size: int, record: np.dtype, name: str = "", hold_last: bool = False) -> "RingBuffer":
         """Map the ring buffer map `map_fd` (`size` = its max_entries, in bytes)."""
         fd = os.dup(map_fd)           # our own reference: the mapping outlives any other fd
         try:
@@ -125,12 +140,12 @@ class RingBuffer:
         except BaseException:
             os.close(fd)
             raise
-        return cls(consumer, data, size, record, name, fd=fd, mappings=(consumer, data))
+        return cls(consumer, data, size, record, name, fd=fd, mappings=(consumer, data), hold_last=hold_last)
 
     @classmethod
-    def from_map(cls, ring, record: np.dtype) -> "RingBuffer":
+    def from_map(cls, ring, record: np.dtype, hold_last: bool = False) -> "RingBuffer":
         """Map a ring buffer map (maps.BpfMap of BPF_MAP_TYPE_RINGBUF)."""
-        return cls.open(ring.fd, ring.max_entries, record, ring.name)
+        return cls.open(ring.fd, ring.max_entries, record, ring.name, hold_last)
 
     # --- positions -------------------------------------------------------------------------
 
@@ -142,6 +157,31 @@ class RingBuffer:
     def producer_pos(self) -> int:
         return self._prod[0]
 
+    def caught_up(self) -> bool:
+        """Whether the kernel will wake the reader for the next record committed: the reader has
+        given back everything (consumer = producer) or stopped at a record still being written
+        (its commit finds the consumer at its position). False when records wait or one is held."""
+        cons = self._cons[0]
+        with self._fence:       # a full barrier: our consumer store is seen before we load
+            pass
+        if self._prod[0] == cons:
+            return True
+        off = cons & self._mask
+        return cons == self._read and bool(int(self._data[off:off + 4].view("<u4")[0]) & BUSY_BIT)
+
+    def release(self) -> bool:
+        """Give back the record drain() held (hold_last), then caught_up(): the reader may sleep
+        without a timer only when this is True."""
+        if self._cons[0] != self._read:
+            self._cons[0] = self._read
+        return self.caught_up()
+
+    def _publish(self, end: int, last_stride: int) -> None:
+        """Everything before `end` has been read; the last record (`last_stride` bytes) is kept
+        while hold_last. One aligned 8-byte store."""
+        self._read = end
+        self._cons[0] = end - last_stride if self.hold_last else end
+
     @property
     def capacity(self) -> int:
         """Records the ring holds at most (the kernel keeps one byte of the ring free)."""
@@ -151,8 +191,9 @@ class RingBuffer:
 
     def drain(self) -> np.ndarray:
         """Every record committed since the last call, in ring order, as a contiguous array of
-        `record` (a copy; the ring space is released before returning)."""
-        cons = self._cons[0]
+        `record` (a copy; the ring space is released before returning, but for the last
+        record's while hold_last)."""
+        cons = self._read
         prod = self._prod[0]                      # 1. producer position first
         avail = prod - cons
         self.last_fill = avail / self.size
@@ -183,7 +224,7 @@ class RingBuffer:
         else:
             out = samples.copy()                          # 3. copy
         del samples, span
-        self._cons[0] = cons + n * stride                 # 4. one aligned 8-byte store
+        self._publish(cons + n * stride, stride)          # 4. one aligned 8-byte store
         self.records += len(out)
         return out
 
@@ -193,6 +234,7 @@ class RingBuffer:
         pos = cons
         size = self.record.itemsize
         invalid = self.invalid
+        last = 0
         while pos < prod:
             off = pos & self._mask
             header = int(self._data[off:off + 4].view("<u4")[0])
@@ -205,10 +247,11 @@ class RingBuffer:
                 keep.append(self._data[off + HEADER_SIZE:off + HEADER_SIZE + size].copy())
             else:
                 self.invalid += 1
-            pos += record_stride(length)
+            last = record_stride(length)
+            pos += last
         out = (np.concatenate(keep).view(self.record) if keep else self._empty)
         if pos != cons:
-            self._cons[0] = pos
+            self._publish(pos, last)
         self.records += len(out)
         if self.invalid > invalid:
             log.warning("ringbuf_invalid_records ring=%s skipped=%d record_size=%d",
@@ -243,33 +286,47 @@ def read_drops(obj, rings: int) -> list:
 # --- waiting ---------------------------------------------------------------------------------
 
 class Poller:
-    """Waits until a ring may have records: a timeout (records are committed without a wakeup),
-    epoll on the rings' fds, edge-triggered, for the wakeups the BPF side does send (one per
-    quarter ring, ha_submit_flags), and an eventfd that stop() uses to end a wait at once."""
+    """Waits until a ring may have records: epoll on the rings' fds, edge-triggered, for the
+    wakeups the kernel sends (the first record after the reader caught up, and one per quarter
+    ring, ha_submit_flags), a timeout, and an eventfd that stop() uses to end a wait at once."""
 
-    def __init__(self, fds=()):
+    def __init__(self, fds=(), linger: float = LINGER):
+        """`linger`: after a wakeup out of an idle wait (no timeout), how long to let records
+        gather before returning (a forced wakeup, a quarter ring, or stop() ends it early)."""
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake, select.EPOLLIN)
         for fd in fds:
             self._ep.register(fd, select.EPOLLIN | select.EPOLLET)
+        self.linger = linger
         self.stopped = False
 
-    def wait(self, timeout: float) -> bool:
-        """Block up to `timeout` seconds; False once stop() has been called."""
+    def wait(self, timeout: Optional[float]) -> bool:
+        """Block up to `timeout` seconds, or (None) until a ring's wakeup and then up to `linger`
+        more; False once stop() has been called."""
         if self.stopped:
             return False
+        woken = self._poll(timeout)
+        if timeout is None and woken and not self.stopped:
+            self._poll(self.linger)
+        return not self.stopped
+
+    def _poll(self, timeout: Optional[float]) -> bool:
+        """One epoll wait; True if a ring woke it."""
         try:
-            events = self._ep.poll(timeout)
+            events = self._ep.poll(-1 if timeout is None else timeout)
         except InterruptedError:
             events = ()
+        ring = False
         for fd, _ in events:
             if fd == self._wake:
                 try:
                     os.eventfd_read(self._wake)
                 except BlockingIOError:
                     pass
-        return not self.stopped
+            else:
+                ring = True
+        return ring
 
     def stop(self) -> None:
         self.stopped = True
@@ -295,11 +352,17 @@ class PollSchedule:
         self._last = time.monotonic()
         self._timeout = self.min_interval
 
-    def next_timeout(self, rings) -> float:
-        """Call after each pass with the rings just drained; returns seconds to wait."""
+    def next_timeout(self, rings) -> Optional[float]:
+        """Call after each pass with the rings just drained; returns seconds to wait, or None
+        when the pass found every ring empty and, their held records given back, the kernel will
+        wake the reader for the next record (RingBuffer.release): then no timer runs until one
+        comes."""
         now = time.monotonic()
         elapsed, self._last = now - self._last, now
         fill = max((r.last_fill for r in rings), default=0.0)
+        if fill <= 0.0 and all([r.release() for r in rings]):
+            self._timeout = self.max_interval
+            return None
         if fill >= self.busy:
             wanted = 0.0
         elif fill <= 0.0:
@@ -367,7 +430,7 @@ class RingProbe(Probe):
         self._boot_to_wall = 0
         try:
             for ring in self.rings:
-                self.ring_buffers.append(RingBuffer.from_map(obj.map(ring.map), ring.record))
+                self.ring_buffers.append(RingBuffer.from_map(obj.map(ring.map), ring.record, hold_last=True))
         except BaseException:
             self.close()
             raise
