@@ -20,6 +20,7 @@ from agent.procfs.workload import (CACHE_SIZE, CACHED_METRIC, CGROUP_OVERFLOW, E
                                    UNRESOLVED_METRIC, Workload, WorkloadResolver, classify)
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.registry import PROBES
+from agent.sources.ebpf.syscalls import SyscallsProbe
 from tests.ebpf_helpers import ebpf_config
 from tests.helpers import (agent_log, base_config, file_requests, remove_cgroups, short_lived_cgroups,
                            v2_cgroup_root, wait_for_log, wait_until)
@@ -304,14 +305,31 @@ def rss_kib(pid: int) -> int:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read())[1])
 
 
+def exported_workloads(tmp_path, name: str) -> list:
+    """The process.linux.cgroup attribute of every point of metric `name` written so far."""
+    out = []
+    for req in file_requests(str(tmp_path / "out" / "metrics.jsonl"), ExportMetricsServiceRequest):
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == name:
+                        out += [attributes(p).get("process.linux.cgroup")
+                                for p in getattr(m, m.WhichOneof("data")).data_points]
+    return out
+
+
 @needs_root
-def test_every_record_of_a_short_lived_cgroup_names_its_workload(tmp_path, start_agent):
+def test_every_event_of_a_short_lived_cgroup_names_its_workload(tmp_path, start_agent):
     """A cgroup created, used for 50 ms and removed, 100 times in a row (docker, cgroupfs,
     kubelet, podman and systemd service layouts): each one's exec and exit records carry its
-    cgroup, and its container id where it names one."""
-    proc = start_agent(agent_config(tmp_path))
+    cgroup, and its container id where it names one; the system calls counted in the kernel by
+    cgroup id are exported under each one's workload, none unresolved."""
+    cfg = agent_config(tmp_path, probes=("cgroups", "process", "syscalls"))
+    cfg["ebpf"]["probes"]["syscalls"]["counting_only"] = True
+    cfg["cardinality_limit"] = 100_000          # 100 workloads x their system calls
+    proc = start_agent(cfg)
     wait_for_log(proc, "ebpf_probes on=")
-    assert "ebpf_probes on=cgroups,process" in agent_log(proc), agent_log(proc)
+    assert "ebpf_probes on=syscalls,cgroups,process" in agent_log(proc), agent_log(proc)
     ran = short_lived_cgroups(100)
     pids = {cg["pid"]: cg for cg in ran}
 
@@ -326,6 +344,12 @@ def test_every_record_of_a_short_lived_cgroup_names_its_workload(tmp_path, start
              or a.get("container.id") != pids[a["process.pid"]]["container_id"]]
     assert wrong == [], f"{len(wrong)} of 200 records without their cgroup, e.g. {wrong[:3]}"
     assert sum(cg["container_id"] is not None for cg in ran) == 80
+
+    expected = {"0::" + classify(cg["path"]).path for cg in ran}
+    assert len(expected) == 100
+    assert wait_until(lambda: expected <= set(exported_workloads(tmp_path, SyscallsProbe.CALLS)), 30, proc), \
+        f"{len(expected - set(exported_workloads(tmp_path, SyscallsProbe.CALLS)))} of 100 workloads without calls"
+    assert UNRESOLVED.attributes[0][1] not in exported_workloads(tmp_path, SyscallsProbe.CALLS)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, agent_log(proc)
 
