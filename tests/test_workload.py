@@ -3,9 +3,13 @@ and thread safety, and through the whole agent: short-lived cgroups keep their w
 record, and cgroup churn leaves the agent's memory bounded."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -401,3 +405,96 @@ def test_cgroup_churn_keeps_the_resolver_and_the_agent_bounded(tmp_path, start_a
     assert "Traceback" not in log and "failed" not in log, log[-3000:]
     dropped = exported_metric(tmp_path, "hostagent.ebpf.ringbuf.dropped")
     assert max(dropped or [0]) == 0
+
+
+# Run in a cgroup of the test's own (argv[1]): n times, make a child cgroup, move in, make a few
+# system calls, move back out and remove the child.
+CHURN_WORKER = r"""
+import os, sys
+top, n = sys.argv[1], int(sys.argv[2])
+me = str(os.getpid())
+for i in range(n):
+    path = f"{top}/docker-{i:064x}.scope"
+    os.mkdir(path)
+    with open(f"{path}/cgroup.procs", "w") as f:
+        f.write(me)
+    for _ in range(3):
+        os.getppid()
+    with open(f"{top}/cgroup.procs", "w") as f:
+        f.write(me)
+    os.rmdir(path)
+"""
+
+
+def agent_map_entries(pid: int, name: str) -> int:
+    """Entries of the agent's BPF map `name` (found through the agent's fds), by bpftool."""
+    ids = []
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                m = re.search(r"^map_id:\s+(\d+)", f.read(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.append(m[1])
+    for map_id in ids:
+        shown = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "id", map_id], check=True,
+                                          capture_output=True, text=True).stdout)
+        if shown.get("name") == name:
+            return len(json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", map_id], check=True,
+                                                 capture_output=True, text=True).stdout))
+    raise AssertionError(f"the agent has no map {name}")
+
+
+def points_per_collection(tmp_path, name: str) -> list:
+    """For each collection (points of one timestamp), how many points metric `name` had."""
+    times: dict = {}
+    for req in file_requests(str(tmp_path / "out" / "metrics.jsonl"), ExportMetricsServiceRequest):
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == name:
+                        for p in getattr(m, m.WhichOneof("data")).data_points:
+                            times[p.time_unix_nano] = times.get(p.time_unix_nano, 0) + 1
+    return [times[t] for t in sorted(times)]
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="needs bpftool")
+def test_cgroup_churn_under_load_keeps_kernel_maps_and_series_bounded(tmp_path, start_agent):
+    """5,000 cgroups created, each making system calls counted in the kernel by cgroup id, and
+    removed: the keyed map keeps only live cgroups' entries (the gone ones are folded into their
+    workloads' totals and deleted), each collection exports at most the cardinality limit plus
+    the overflow series, the agent's RSS stays bounded."""
+    limit = 500
+    cfg = agent_config(tmp_path, probes=("cgroups", "syscalls"))
+    cfg["ebpf"]["probes"]["syscalls"]["counting_only"] = True
+    cfg["cardinality_limit"] = limit
+    proc = start_agent(cfg)
+    wait_for_log(proc, "ebpf_probes on=syscalls,cgroups")
+    assert wait_until(lambda: len(points_per_collection(tmp_path, SyscallsProbe.CALLS)) >= 2, 30, proc)
+    before = rss_kib(proc.pid)
+    top = f"{v2_cgroup_root()}/hostagent-test-wl{os.getpid()}-load"
+    os.mkdir(top)
+    try:
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", CHURN_WORKER, top, "5000"], check=True, timeout=600,
+                       preexec_fn=lambda: open(f"{top}/cgroup.procs", "w").write(str(os.getpid())))
+        churn = time.monotonic() - started
+    finally:
+        remove_cgroups(top)
+    assert wait_until(lambda: max(exported_metric(tmp_path, "system.linux.cgroups.created")) >= 5001, 30, proc)
+    collections = len(points_per_collection(tmp_path, SyscallsProbe.CALLS))
+    assert wait_until(lambda: len(points_per_collection(tmp_path, SyscallsProbe.CALLS)) >= collections + 2, 30, proc)
+    entries = agent_map_entries(proc.pid, "syscall_calls")
+    after = rss_kib(proc.pid)
+    per_collection = points_per_collection(tmp_path, SyscallsProbe.CALLS)
+    print(f"churn of 5000 busy cgroups: {churn:.1f} s; syscall_calls entries after: {entries}; points per "
+          f"collection max {max(per_collection)}; agent RSS before {before} KiB, after {after} KiB")
+    assert entries < 1000, entries                  # the live cgroups' keys only, not 5,000 x 3
+    assert max(per_collection) <= limit + 1
+    assert max(exported_metric(tmp_path, "hostagent.pipeline.cardinality_overflow")) > 0
+    assert after - before < 32 * 1024, (before, after)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, agent_log(proc)
+    assert "Traceback" not in agent_log(proc)
