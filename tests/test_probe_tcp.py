@@ -1,7 +1,8 @@
 """tcp on the real kernel, in network namespaces of its own with packets dropped by nftables:
 retransmitted segments equal TcpRetransSegs (a bulk transfer over a veth pair with GSO at its
 defaults, and small messages over loopback), opens and lifetimes match the connections made, a
-connection refused is one reset each way."""
+connection refused is one reset each way. Each runs host-wide and per workload (the probe keyed by
+cgroup, its series summed over workloads)."""
 import errno
 import json
 import os
@@ -10,10 +11,12 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from agent.model import MetricKind
+from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.loader import btf_member_offset, cflags, tracepoint_available, tracepoint_fields
 from agent.sources.ebpf.tcp import UNSIZED, TcpProbe
 from tests.ebpf_helpers import attached, checked_structs, misses
@@ -151,11 +154,17 @@ def port():
     return random.randrange(20000, 30000)
 
 
-@pytest.fixture
-def probe(port):
-    """The probe limited to `port`, compiled, attached and set up by the loader."""
-    with attached(TcpProbe(target_port=port)) as p:
-        yield p
+@pytest.fixture(params=["host", "workload"])
+def probe(request, port):
+    """The probe limited to `port`, compiled, attached and set up by the loader: host-wide, or
+    keyed by cgroup with series per workload."""
+    workloads = WorkloadResolver() if request.param == "workload" else None
+    try:
+        with attached(TcpProbe(target_port=port, workloads=workloads)) as p:
+            yield p
+    finally:
+        if workloads is not None:
+            workloads.close()
 
 
 def in_ns(ns, *cmd, **kw):
@@ -180,20 +189,39 @@ def open_sockets(ns, port) -> int:
     return len(out.splitlines())
 
 
+def merged(points):
+    """Exponential histogram points (scale 0) added up: count, zero_count, positive buckets."""
+    buckets: dict = {}
+    for pt in points:
+        for i, c in enumerate(pt.positive_counts):
+            buckets[pt.positive_offset + i] = buckets.get(pt.positive_offset + i, 0) + c
+    lo, hi = (min(buckets), max(buckets)) if buckets else (0, -1)
+    return SimpleNamespace(count=sum(pt.count for pt in points), zero_count=sum(pt.zero_count for pt in points),
+                           positive_offset=lo, positive_counts=[buckets.get(i, 0) for i in range(lo, hi + 1)])
+
+
 def read(p):
+    """The probe's series summed over workloads."""
     ms = {m.name: m for m in p.collect(time.time_ns(), 0)}
     for name in (TcpProbe.RETRANSMITS, TcpProbe.RESETS, TcpProbe.OPENED):
         assert ms[name].kind == MetricKind.SUM and ms[name].monotonic
 
-    def by_attr(name):      # {value of the one attribute: count}
-        return {pt.attributes[0][1]: pt.value for pt in ms[name].points}
+    def by_attr(name, key):      # {value of attribute `key`: count over workloads}
+        out: dict = {}
+        for pt in ms[name].points:
+            value = dict(pt.attributes)[key]
+            out[value] = out.get(value, 0) + pt.value
+        return out
     lifetimes = {}
     if TcpProbe.DURATION in ms:
         assert ms[TcpProbe.DURATION].unit == "ns"
-        lifetimes = {dict(pt.attributes)["direction"]: pt for pt in ms[TcpProbe.DURATION].points}
-    return {"retransmits": ms[TcpProbe.RETRANSMITS].points[0].value,
-            "resets": by_attr(TcpProbe.RESETS), "opened": by_attr(TcpProbe.OPENED),
-            "lifetimes": lifetimes}
+        for direction in ("active", "passive"):
+            points = [pt for pt in ms[TcpProbe.DURATION].points if dict(pt.attributes)["direction"] == direction]
+            if points:
+                lifetimes[direction] = merged(points)
+    return {"retransmits": sum(pt.value for pt in ms[TcpProbe.RETRANSMITS].points),
+            "resets": by_attr(TcpProbe.RESETS, "network.io.direction"),
+            "opened": by_attr(TcpProbe.OPENED, "direction"), "lifetimes": lifetimes}
 
 
 def test_key_layout_matches_bpf(probe):
