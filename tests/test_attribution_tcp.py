@@ -3,6 +3,8 @@ where the kernel counts it in softirq (retransmit timers, incoming resets and AC
 in cgroups of their own under the cgroup v2 mount and network namespaces of their own (nftables
 drops packets where the test needs retransmits); the probe is limited to the test's port."""
 import os
+import random
+import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +17,7 @@ from agent.procfs.workload import CGROUP_OVERFLOW, HOST, WorkloadResolver, class
 from agent.sources.ebpf.tcp import EVENTS, UNOWNED, TcpEventKey, TcpKey, TcpProbe
 from agent.selfmetrics import SelfMetrics
 from tests.ebpf_helpers import attached, checked_structs, misses
-from tests.helpers import remove_cgroups
-from tests.test_probe_tcp import DROP_RULES, WORKLOAD, port, snmp_tcp  # noqa: F401 - port is a fixture
+from tests.helpers import DROP_RULES, WORKLOAD, in_ns, remove_cgroups, snmp_tcp
 
 CONNECTIONS, MESSAGES = 6, 10
 METRIC_KEYS = ("network.io.direction", "direction")
@@ -106,6 +107,11 @@ def cgroups():
 
 
 @pytest.fixture
+def port():
+    return random.randrange(20000, 30000)
+
+
+@pytest.fixture
 def resolver():
     r = WorkloadResolver()
     yield r
@@ -113,7 +119,7 @@ def resolver():
 
 
 @pytest.fixture
-def probe(port, resolver):  # noqa: F811 - port is the fixture
+def probe(port, resolver):
     """The probe limited to `port`, keyed by cgroup, its self-metrics in `probe.telemetry`."""
     telemetry = SelfMetrics()
     p = TcpProbe(target_port=port, telemetry=telemetry, workloads=resolver)
@@ -185,13 +191,13 @@ def test_key_layouts_match_bpf(probe):
     assert {"tcp_key", "tcp_event_key"} <= checked_structs(probe)
 
 
-def test_retransmits_go_to_the_cgroup_of_the_lossy_traffic(probe, namespaces, cgroups, port):  # noqa: F811
+def test_retransmits_go_to_the_cgroup_of_the_lossy_traffic(probe, namespaces, cgroups, port):
     """A process in A over a lossy namespace, one in B over a clean one: every retransmitted
     segment is A's, and the sum over workloads is TcpRetransSegs; B has opens and no retransmits."""
-    if subprocess.run(["which", "nft"], capture_output=True).returncode:
+    if shutil.which("nft") is None:
         pytest.skip("needs nftables (nft)")
     (ns_a, ns_b), (a, b, _) = namespaces, cgroups
-    subprocess.run(["ip", "netns", "exec", ns_a, "nft", "-f", "-"], input=DROP_RULES, text=True, check=True)
+    in_ns(ns_a, "nft", "-f", "-", input=DROP_RULES)
     before = read(probe)
     mib0 = [snmp_tcp(ns)["RetransSegs"] for ns in namespaces]
     skipped0 = misses(probe, "tcp_retransmit_skb", "tcp_retransmit_synack")
@@ -217,7 +223,7 @@ def test_retransmits_go_to_the_cgroup_of_the_lossy_traffic(probe, namespaces, cg
     assert wb != wa and dict(wb)["linux.systemd.unit"] == os.path.basename(b)
 
 
-def test_resets_opens_and_lifetimes_go_to_client_and_server(probe, namespaces, cgroups, port):  # noqa: F811
+def test_resets_opens_and_lifetimes_go_to_client_and_server(probe, namespaces, cgroups, port):
     """Client in A, server in B: A opens (active) and B accepts (passive); the server's reset is
     B's, sent, and A's, received; a refused connection's reset, sent for no socket, is the host's
     and counted as unowned."""
@@ -268,7 +274,7 @@ def test_resets_opens_and_lifetimes_go_to_client_and_server(probe, namespaces, c
         assert delta(after, before, key) == delta(after, before, key, owner), key
 
 
-def test_gone_cgroup_keeps_its_totals_and_leaves_the_maps(probe, namespaces, cgroups, port):  # noqa: F811
+def test_gone_cgroup_keeps_its_totals_and_leaves_the_maps(probe, namespaces, cgroups, port):
     """Connections from cgroup C, then C removed: C's series keep their values (folded into the
     workload's totals) and the kernel maps no longer hold C's keys."""
     ns, c = namespaces[1], cgroups[2]
@@ -297,7 +303,7 @@ def test_gone_cgroup_keeps_its_totals_and_leaves_the_maps(probe, namespaces, cgr
     assert read(probe) == gone          # folded once, not again
 
 
-def test_full_map_counts_in_the_overflow_series(probe, namespaces, cgroups, port):  # noqa: F811
+def test_full_map_counts_in_the_overflow_series(probe, namespaces, cgroups, port):
     """With tcp_counts full (filled with keys of cgroups that never existed), A's opens go to the
     otel.metric.overflow=true series and to hostagent.ebpf.map.overflow; nothing is lost."""
     ns, a = namespaces[1], cgroups[0]
