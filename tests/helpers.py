@@ -496,3 +496,9 @@ def snmp_tcp(ns) -> dict:
     lines = [l.split() for l in in_ns(ns, "cat", "/proc/net/snmp").stdout.splitlines()
              if l.startswith("Tcp:")]
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def open_sockets(ns, port) -> int:
+    """TCP sockets of `port` in the namespace that may still retransmit (TIME_WAIT cannot)."""
+    out = in_ns(ns, "ss", "-Htan", "exclude", "time-wait", f"( sport = :{port} or dport = :{port} )").stdout
+    return len(out.splitlines())

@@ -17,7 +17,7 @@ from agent.procfs.workload import CGROUP_OVERFLOW, HOST, WorkloadResolver, class
 from agent.sources.ebpf.tcp import EVENTS, UNOWNED, TcpEventKey, TcpKey, TcpProbe
 from agent.selfmetrics import SelfMetrics
 from tests.ebpf_helpers import attached, checked_structs, misses
-from tests.helpers import DROP_RULES, WORKLOAD, in_ns, remove_cgroups, snmp_tcp
+from tests.helpers import DROP_RULES, WORKLOAD, in_ns, open_sockets, remove_cgroups, snmp_tcp
 
 CONNECTIONS, MESSAGES = 6, 10
 METRIC_KEYS = ("network.io.direction", "direction")
@@ -78,8 +78,8 @@ def _namespace(name):
 @pytest.fixture
 def namespaces():
     """Two fresh network namespaces with lo up; deleted (with their nft rules) afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    if os.geteuid() != 0 or shutil.which("ss") is None:
+        pytest.skip("needs root and ss")
     made = []
     try:
         for side in ("a", "b"):
@@ -175,16 +175,14 @@ ACTIVE, PASSIVE = (TcpProbe.OPENED, "active"), (TcpProbe.OPENED, "passive")
 LIVED_ACTIVE, LIVED_PASSIVE = (TcpProbe.DURATION, "active"), (TcpProbe.DURATION, "passive")
 
 
-def wait_closed(p, before, expected: int, programs=("inet_sock_set_state",)) -> dict:
-    """Read the probe until `expected` more connection ends are in its lifetimes (or lost)."""
-    lost0 = misses(p, *programs)
+def wait_closed(p, port, *namespaces) -> dict:
+    """Read the probe once no socket of `port` is left in the namespaces (TIME_WAIT aside): every
+    connection end has reached CLOSE, so nothing more happens to them."""
     deadline = time.monotonic() + 120
-    while True:
-        now = read(p)
-        closed = delta(now, before, LIVED_ACTIVE) + delta(now, before, LIVED_PASSIVE)
-        if closed + misses(p, *programs) - lost0 >= expected or time.monotonic() > deadline:
-            return now
+    while any(open_sockets(ns, port) for ns in namespaces):
+        assert time.monotonic() < deadline, "connections never closed"
         time.sleep(0.2)
+    return read(p)
 
 
 def test_key_layouts_match_bpf(probe):
@@ -205,7 +203,7 @@ def test_retransmits_go_to_the_cgroup_of_the_lossy_traffic(probe, namespaces, cg
     for cgroup, ns in ((a, ns_a), (b, ns_b)):
         out = run(cgroup, ns, sys.executable, "-c", WORKLOAD, "traffic", str(port), str(CONNECTIONS), str(MESSAGES))
         assert out.stdout.strip() == "ok"
-    after = wait_closed(probe, before, 4 * CONNECTIONS)
+    after = wait_closed(probe, port, *namespaces)
     mib1 = [snmp_tcp(ns)["RetransSegs"] for ns in namespaces]
     skipped = misses(probe, "tcp_retransmit_skb", "tcp_retransmit_synack") - skipped0
     lost = misses(probe, "inet_sock_set_state") - lost0
@@ -214,7 +212,8 @@ def test_retransmits_go_to_the_cgroup_of_the_lossy_traffic(probe, namespaces, cg
     wa, wb = workload(a), workload(b)
     print(f"retransmitted segments: A {delta(after, before, RETRANSMITS, wa)} kernel {kernel_a}, skipped {skipped}")
     assert kernel_a > 0 and kernel_b == 0
-    assert delta(after, before, RETRANSMITS, wa) + skipped == kernel_a
+    # skipped: events the kernel skipped on any socket of the host; each may have been one of A's
+    assert kernel_a - skipped <= delta(after, before, RETRANSMITS, wa) <= kernel_a
     assert delta(after, before, RETRANSMITS) == delta(after, before, RETRANSMITS, wa)
     assert delta(after, before, RETRANSMITS, wb) == 0
     for w in (wa, wb):
@@ -254,7 +253,7 @@ def test_resets_opens_and_lifetimes_go_to_client_and_server(probe, namespaces, c
                 proc.kill()
                 proc.wait()
     n = CONNECTIONS + 1
-    after = wait_closed(probe, before, 2 * n)
+    after = wait_closed(probe, port, ns)
     skipped = misses(probe, "tcp_send_reset", "tcp_receive_reset") - skipped0
     lost = misses(probe, "inet_sock_set_state") - opens0
     host = HOST.attributes
@@ -262,7 +261,7 @@ def test_resets_opens_and_lifetimes_go_to_client_and_server(probe, namespaces, c
     # the server's reset (B) and the refused connection's (no socket: the host), both received by A
     assert delta(after, before, SENT, wa) == 0 and delta(after, before, RECEIVED, wb) == 0
     sent = delta(after, before, SENT, wb) + delta(after, before, SENT, host)
-    assert sent + delta(after, before, RECEIVED, wa) + skipped == 4
+    assert 4 - skipped <= sent + delta(after, before, RECEIVED, wa) <= 4
     assert delta(after, before, SENT, wb) <= 1 and delta(after, before, SENT, host) <= 1
     assert delta(after, before, RECEIVED, wa) <= 2
     assert probe.event_counts()[UNOWNED] - unowned0 == delta(after, before, SENT, host)
@@ -284,7 +283,7 @@ def test_gone_cgroup_keeps_its_totals_and_leaves_the_maps(probe, namespaces, cgr
     lost0 = misses(probe, "inet_sock_set_state")
     out = run(c, ns, sys.executable, "-c", WORKLOAD, "traffic", str(port), "3", "2")
     assert out.stdout.strip() == "ok"
-    alive = wait_closed(probe, before, 6)
+    alive = wait_closed(probe, port, ns)
     lost = misses(probe, "inet_sock_set_state") - lost0
     assert 3 - lost <= delta(alive, before, ACTIVE, wc) <= 3
 

@@ -20,7 +20,7 @@ from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.loader import btf_member_offset, cflags, tracepoint_available, tracepoint_fields
 from agent.sources.ebpf.tcp import UNSIZED, TcpProbe
 from tests.ebpf_helpers import attached, checked_structs, misses
-from tests.helpers import DROP_RULES, WORKLOAD, in_ns, snmp_tcp
+from tests.helpers import DROP_RULES, WORKLOAD, in_ns, open_sockets, snmp_tcp
 
 CONNECTIONS, MESSAGES = 8, 20
 
@@ -118,12 +118,6 @@ def gso_max_segs(ns, dev) -> int:
     return json.loads(in_ns(ns, "ip", "-d", "-j", "link", "show", dev).stdout)[0]["gso_max_segs"]
 
 
-def open_sockets(ns, port) -> int:
-    """TCP sockets of `port` in the namespace that may still retransmit (TIME_WAIT cannot)."""
-    out = in_ns(ns, "ss", "-Htan", "exclude", "time-wait", f"( sport = :{port} or dport = :{port} )").stdout
-    return len(out.splitlines())
-
-
 def merged(points):
     """Exponential histogram points (scale 0) added up: count, zero_count, positive buckets."""
     buckets: dict = {}
@@ -172,15 +166,17 @@ def test_refused_connection_is_one_reset_each_way(probe, netns, port):
     mib1 = snmp_tcp(netns)
     sent = after["resets"]["transmit"] - before["resets"]["transmit"]
     received = after["resets"]["receive"] - before["resets"]["receive"]
+    # skipped: events the kernel skipped for these programs, on any socket of the host (another BPF
+    # program was running on the CPU); each may or may not have been one of this test's
     skipped = misses(probe, "tcp_send_reset", "tcp_receive_reset") - skipped0
-    assert sent + received + skipped == 2 and sent <= 1 and received <= 1
+    assert 2 - skipped <= sent + received <= 2 and sent <= 1 and received <= 1
     assert sent <= mib1["OutRsts"] - mib0["OutRsts"] == 1
     assert after["opened"] == before["opened"]
 
 
 def test_lossy_connections_retransmits_opens_and_lifetimes(probe, netns, port):
-    if shutil.which("nft") is None:
-        pytest.skip("needs nftables (nft)")
+    if shutil.which("nft") is None or shutil.which("ss") is None:
+        pytest.skip("needs nftables (nft) and ss")
     in_ns(netns, "nft", "-f", "-", input=DROP_RULES)
     before = read(probe)
     mib0 = snmp_tcp(netns)
@@ -189,24 +185,24 @@ def test_lossy_connections_retransmits_opens_and_lifetimes(probe, netns, port):
     out = in_ns(netns, sys.executable, "-c", WORKLOAD, "traffic", str(port), str(CONNECTIONS),
                 str(MESSAGES), timeout=300)
     assert out.stdout.strip() == "ok"
-    # both ends of every connection reach CLOSE (the last FINs may still be retransmitted)
+    # both ends of every connection reach CLOSE (the last FINs may still be retransmitted): wait
+    # until no socket of the port is left, so nothing retransmits after the counters are read
     deadline = time.monotonic() + 120
-    while True:
-        now = read(probe)
-        closed = sum(pt.count for pt in now["lifetimes"].values()) - \
-            sum(pt.count for pt in before["lifetimes"].values())
-        lost = misses(probe, "inet_sock_set_state") - lost0
-        if closed + lost >= 2 * CONNECTIONS or time.monotonic() > deadline:
-            break
+    while open_sockets(netns, port):
+        assert time.monotonic() < deadline, "connections never closed"
         time.sleep(0.2)
     mib1 = snmp_tcp(netns)
     after = read(probe)
-    # events the kernel skipped (another BPF program was running on the CPU) are counted apart
+    # events the kernel skipped for these programs (another BPF program was running on the CPU),
+    # on any socket of the host: each may or may not have been one of this test's, which are one
+    # segment each (100-byte messages over loopback)
     skipped = misses(probe, "tcp_retransmit_skb", "tcp_retransmit_synack") - skipped0
     lost = misses(probe, "inet_sock_set_state") - lost0
 
     retransmits = after["retransmits"] - before["retransmits"]
-    assert retransmits + skipped == mib1["RetransSegs"] - mib0["RetransSegs"]
+    kernel = mib1["RetransSegs"] - mib0["RetransSegs"]
+    print(f"retransmitted segments: agent {retransmits} kernel {kernel}, skipped {skipped}")
+    assert kernel - skipped <= retransmits <= kernel
     assert retransmits > 0
     for direction in ("active", "passive"):
         assert CONNECTIONS - lost <= after["opened"][direction] - before["opened"][direction] <= CONNECTIONS
