@@ -10,7 +10,8 @@ loaded at once (two BPF objects on the same tracepoints), so every event runs bo
 
 Both probes are limited to the benchmark's port, so other TCP traffic on the host costs both the
 same early exit. The machine is shared and busy: figures are noisy; the ratio within one run is the
-figure to read. Ratio: keyed / host-wide (target <= 1.30, issue 13). Needs root. A function,
+figure to read. Ratio: host-wide / keyed, as bench/run.py reads ratios (> 1 better; the target
+of issue 13, keyed at most 30% dearer, is a ratio >= 1 / 1.30 = 0.77). Needs root. A function,
 measure_tcp(seconds, loader), is what a combined attribution benchmark can call.
 
     python bench/attribution_tcp.py [--quick] [--json FILE]
@@ -36,7 +37,7 @@ from bench.common import finish, parser  # noqa: E402
 CATEGORY = "attribution tcp"
 BASELINE = "the same tcp probe host-wide (ebpf.attribution: host), loaded beside it"
 WORKLOAD_SECONDS = {"full": 8.0, "quick": 1.0}
-TARGET_RATIO = 1.30
+TARGET_RATIO = 1 / 1.30            # keyed at most 30% dearer per event than host-wide
 THREADS = 4
 
 
@@ -151,8 +152,8 @@ def rows(m: dict) -> list[dict]:
         keyed = r["keyed"]["run_time_ns"] / r["keyed"]["run_cnt"]
         host = r["host"]["run_time_ns"] / r["host"]["run_cnt"]
         out.append({"case": case, "baseline": BASELINE, "metric": "ns in the kernel per event (run_time_ns / run_cnt)",
-                    "ours": keyed, "theirs": host, "ratio": keyed / host,
-                    "details": {**r, "target_ratio": TARGET_RATIO, "target_met": keyed / host <= TARGET_RATIO}})
+                    "ours": keyed, "theirs": host, "ratio": host / keyed,
+                    "details": {**r, "target_ratio": TARGET_RATIO, "target_met": host / keyed >= TARGET_RATIO}})
     return out
 
 
@@ -163,7 +164,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def print_table(results: list) -> None:
-    print(f"\n{'case':<24}{'keyed':>10}{'host-wide':>11}{'keyed / host':>14}  metric")
+    print(f"\n{'case':<24}{'keyed':>10}{'host-wide':>11}{'host / keyed':>14}  metric")
     for r in results:
         if "skipped" in r:
             print(f"{r['case']:<24}  skipped: {r['skipped']}")
@@ -171,7 +172,7 @@ def print_table(results: list) -> None:
         d = r["details"]
         print(f"{r['case']:<24}{r['ours']:>10.1f}{r['theirs']:>11.1f}{r['ratio']:>13.2f}x  {r['metric']}")
         print(f"{'':<24}events {d['keyed']['run_cnt']} (host-wide {d['host']['run_cnt']}), "
-              f"{d['connections']} connections, target <= {TARGET_RATIO}x")
+              f"{d['connections']} connections, target >= {TARGET_RATIO:.2f}x")
 
 
 def main(argv=None) -> int:
