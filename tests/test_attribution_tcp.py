@@ -10,11 +10,14 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.model import MetricKind
 from agent.procfs.identity import cgroup2_mount
-from agent.procfs.workload import CGROUP_OVERFLOW, HOST, WorkloadResolver, classify
-from agent.sources.ebpf.tcp import EVENTS, UNOWNED, TcpEventKey, TcpKey, TcpProbe
+from agent.procfs.workload import CGROUP_OVERFLOW, HOST, UNRESOLVED, WorkloadResolver, classify
+from agent.sources.ebpf.tcp import (EVENTS, OPENS_ACTIVE, OPENS_PASSIVE, RESETS_RECEIVED, RESETS_SENT, RETRANSMITS,
+                                    UNOWNED, TcpEventKey, TcpKey, TcpProbe)
 from agent.selfmetrics import SelfMetrics
 from tests.ebpf_helpers import attached, checked_structs, misses
 from tests.helpers import DROP_RULES, WORKLOAD, in_ns, open_sockets, remove_cgroups, snmp_tcp
@@ -169,9 +172,11 @@ def delta(after, before, key, w=None):
     return a.get(w, 0) - b.get(w, 0)
 
 
-RETRANSMITS = (TcpProbe.RETRANSMITS, "")
+RETRANSMITTED = (TcpProbe.RETRANSMITS, "")
 SENT, RECEIVED = (TcpProbe.RESETS, "transmit"), (TcpProbe.RESETS, "receive")
 ACTIVE, PASSIVE = (TcpProbe.OPENED, "active"), (TcpProbe.OPENED, "passive")
+SERIES = {RETRANSMITS: RETRANSMITTED, RESETS_SENT: SENT, RESETS_RECEIVED: RECEIVED, OPENS_ACTIVE: ACTIVE,
+          OPENS_PASSIVE: PASSIVE}         # tcp_counts event -> read()'s key
 LIVED_ACTIVE, LIVED_PASSIVE = (TcpProbe.DURATION, "active"), (TcpProbe.DURATION, "passive")
 
 
@@ -210,12 +215,12 @@ def test_retransmits_go_to_the_cgroup_of_the_lossy_traffic(probe, namespaces, cg
 
     kernel_a, kernel_b = (m1 - m0 for m0, m1 in zip(mib0, mib1))
     wa, wb = workload(a), workload(b)
-    print(f"retransmitted segments: A {delta(after, before, RETRANSMITS, wa)} kernel {kernel_a}, skipped {skipped}")
+    print(f"retransmitted segments: A {delta(after, before, RETRANSMITTED, wa)} kernel {kernel_a}, skipped {skipped}")
     assert kernel_a > 0 and kernel_b == 0
     # skipped: events the kernel skipped on any socket of the host; each may have been one of A's
-    assert kernel_a - skipped <= delta(after, before, RETRANSMITS, wa) <= kernel_a
-    assert delta(after, before, RETRANSMITS) == delta(after, before, RETRANSMITS, wa)
-    assert delta(after, before, RETRANSMITS, wb) == 0
+    assert kernel_a - skipped <= delta(after, before, RETRANSMITTED, wa) <= kernel_a
+    assert delta(after, before, RETRANSMITTED) == delta(after, before, RETRANSMITTED, wa)
+    assert delta(after, before, RETRANSMITTED, wb) == 0
     for w in (wa, wb):
         for key in (ACTIVE, PASSIVE, LIVED_ACTIVE, LIVED_PASSIVE):
             assert CONNECTIONS - lost <= delta(after, before, key, w) <= CONNECTIONS, (w, key)
@@ -323,5 +328,59 @@ def test_full_map_counts_in_the_overflow_series(probe, namespaces, cgroups, port
     assert 3 - lost <= after[ACTIVE].get(key, 0) <= 3
     assert 3 - lost <= after[PASSIVE].get(key, 0) <= 3
     assert after[ACTIVE].get(workload(a), 0) == 0
-    assert counter.value(attrs) - seen0 == sum(after[k].get(key, 0) for k in (ACTIVE, PASSIVE, RETRANSMITS, SENT, RECEIVED))
+    assert counter.value(attrs) - seen0 == sum(after[k].get(key, 0) for k in (ACTIVE, PASSIVE, RETRANSMITTED, SENT, RECEIVED))
     assert probe.counts.read(TcpEventKey)[0]["cgroup"].tolist().count(CGROUP_OVERFLOW) == len(EVENTS)
+
+
+def add(bpf_map, key, amount: int) -> None:
+    """Add `amount` to CPU 0's copy of the u64 at `key` of a per-CPU map, as an event would."""
+    raw = bytearray(bpf_map.lookup(key) or bytes(bpf_map.buffer_size))
+    raw[:8] = (int.from_bytes(raw[:8], "little") + amount).to_bytes(8, "little")
+    bpf_map.update(key, bytes(raw))
+
+
+def test_folding_keeps_every_count(probe, cgroups):
+    """Counts written for a live cgroup, for one made, counted, removed and counted again after
+    (a socket outlives its cgroup), and for ids never seen alive: after each collection every
+    workload's series is the sum of all that was written for its cgroups, and the maps hold no key
+    of a cgroup that is gone."""
+    live = cgroups[0]
+    expected: dict = {}             # (workload, event) -> count
+    made, gone = [], {1 << 62}      # paths made; ids of cgroups gone (or never alive)
+
+    def write(writes, cgroup_id, w):
+        for event, amount in writes:
+            add(probe.counts, TcpEventKey(cgroup_id, event), amount)
+            expected[(w, event)] = expected.get((w, event), 0) + amount
+
+    def check():
+        now = read(probe)
+        for (w, event), value in expected.items():
+            assert now[SERIES[event]].get(w, 0) == value, (w, event)
+        keys, _ = probe.counts.read(TcpEventKey)
+        assert not set(keys["cgroup"].tolist()) & gone
+
+    writes_st = st.lists(st.tuples(st.sampled_from(list(EVENTS)), st.integers(1, 10**6)), max_size=6)
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(writes_st, writes_st, writes_st, writes_st, st.booleans())
+    def example(on_live, on_new, late, on_never_alive, remove):
+        path = os.path.join(cgroup2_mount(), f"{NAME}-fold-{len(made)}")
+        os.mkdir(path)
+        made.append(path)
+        new_id = os.stat(path).st_ino
+        write(on_live, os.stat(live).st_ino, workload(live))
+        write(on_new, new_id, workload(path))
+        write(on_never_alive, 1 << 62, tuple(sorted(UNRESOLVED.attributes)))
+        check()
+        if remove:
+            remove_cgroups(path)
+            gone.add(new_id)
+            write(late, new_id, workload(path))     # its sockets still count after it is gone
+            check()
+        check()
+
+    try:
+        example()
+    finally:
+        remove_cgroups(*made)

@@ -146,6 +146,8 @@ class TcpProbe(Probe):
         self.counts = obj.map("tcp_counts")
         self.misses = obj.map("tcp_misses")
         self.lifetime = obj.map("tcp_lifetime")
+        if self.workloads is None:
+            return
         # the overflow keys, so that an event always has a key when the map is full
         for event in EVENTS:
             self.counts.update(TcpEventKey(CGROUP_OVERFLOW, event), bytes(self.counts.buffer_size))
