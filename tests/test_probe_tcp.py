@@ -18,7 +18,7 @@ import pytest
 from agent.model import MetricKind
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.loader import btf_member_offset, cflags, tracepoint_available, tracepoint_fields
-from agent.sources.ebpf.tcp import UNSIZED, TcpProbe
+from agent.sources.ebpf.tcp import UNSIZED, TcpProbe, cgroup_offsets
 from tests.ebpf_helpers import attached, checked_structs, misses
 from tests.helpers import DROP_RULES, WORKLOAD, in_ns, open_sockets, snmp_tcp
 
@@ -269,3 +269,16 @@ def test_cflags_follow_the_tracepoint_formats():
     if cb is not None and segs is not None:
         assert f"-DTCP_SKB_GSO_SEGS_OFFSET={cb + segs}" in flags
     assert f"-DERR_EBUSY={errno.EBUSY}" in flags
+    # keyed by cgroup: BY_CGROUP, and where the socket's cgroup id is (sk->sk_cgrp_data.cgroup->kn->id)
+    resolver = WorkloadResolver()
+    try:
+        keyed = cflags(TcpProbe(target_port=8080, workloads=resolver).params(TcpProbe.tracepoints))
+    finally:
+        resolver.close()
+    assert "-DBY_CGROUP" in keyed and "-DBY_CGROUP" not in flags
+    sk, cgroup = btf_member_offset("sock", "sk_cgrp_data"), btf_member_offset("sock_cgroup_data", "cgroup")
+    if sk is not None and cgroup is not None:
+        offsets = cgroup_offsets()
+        assert offsets["TCP_SK_CGROUP_OFFSET"] == sk + cgroup
+        assert {f"-D{name}={value}" for name, value in offsets.items()} <= set(keyed)
+    assert set(keyed) - set(flags) == {"-DBY_CGROUP", *(f"-D{n}={v}" for n, v in (cgroup_offsets() or {}).items())}
