@@ -369,6 +369,9 @@ def test_folding_keeps_every_count(probe, cgroups):
         os.mkdir(path)
         made.append(path)
         new_id = os.stat(path).st_ino
+        # as the cgroup probe does at mkdir: a cgroup the resolver never learned and that is gone
+        # before its first collection resolves to "unresolved", like the never-alive id
+        probe.workloads.learn(new_id, "/" + os.path.relpath(path, cgroup2_mount()))
         write(on_live, os.stat(live).st_ino, workload(live))
         write(on_new, new_id, workload(path))
         write(on_never_alive, 1 << 62, tuple(sorted(UNRESOLVED.attributes)))
