@@ -46,13 +46,23 @@
 #include "maps.h"
 #undef tcp_key
 
+/* The cgroup-keyed parameters of maps.h's shared design, declared here until maps.h has them. */
 #ifndef HA_CGROUP_OVERFLOW
 #define HA_CGROUP_OVERFLOW (~0ULL)  /* the cgroup of keys that did not fit; user space creates them */
+#endif
+#ifndef HA_BY_CGROUP
+#ifdef HA_CORE
+const volatile bool BY_CGROUP = false;
+#define HA_BY_CGROUP BY_CGROUP
+#elif defined(BY_CGROUP)
+#define HA_BY_CGROUP 1
+#else
+#define HA_BY_CGROUP 0
+#endif
 #endif
 
 #ifdef HA_CORE
 const volatile u16 TARGET_PORT = 0;
-const volatile bool BY_CGROUP = false;
 /* asm-generic/errno*.h, the values of every architecture build.sh knows */
 #define ERR_EBUSY 16
 #define ERR_EINVAL 22
@@ -172,17 +182,6 @@ HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *ke
 HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup(struct tcp_key *key) { return tcp_lifetime.lookup(key); }
 #endif
 
-static __always_inline int by_cgroup(void)
-{
-#if defined(HA_CORE)
-    return BY_CGROUP;
-#elif defined(BY_CGROUP)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 static __always_inline void miss(u32 index)
 {
     u64 *total = HA_LOOKUP(tcp_misses, &index);
@@ -214,7 +213,7 @@ static __always_inline u64 socket_cgroup(const void *skaddr)
  * TIME_WAIT socket, which carry no cgroup). */
 static __always_inline u64 owner(const void *skaddr, int full)
 {
-    if (!by_cgroup())
+    if (!HA_BY_CGROUP)
         return 0;
     u64 id = skaddr && full ? socket_cgroup(skaddr) : 0;
     if (!id)
