@@ -5,6 +5,8 @@
  * sock:inet_sock_set_state between ESTABLISHED and CLOSE; it is only an identity, never read.
  * Parameters (set by agent/sources/ebpf/tcp.py; -D under bcc, .rodata under CO-RE):
  *   TARGET_PORT=n             count only traffic with local or remote port n (CO-RE: 0 = all)
+ *   BY_CGROUP                 key every count by the cgroup of the socket's owner (below); off,
+ *                             the cgroup of every key is 0 and the counts are host-wide
  *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values (CO-RE:
  *                             constants, the same on every architecture we build for)
  * Kernel facts, from the tracepoints' format files and BTF under bcc (-D), asked of the running
@@ -14,6 +16,9 @@
  *   TCP_SKB_GSO_SEGS_OFFSET=n offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb,
  *                             tcp_gso_segs) in the running kernel (BTF): tcp_skb_pcount(skb);
  *                             without it each skb counts as one segment (TCP_UNSIZED)
+ *   TCP_SK_CGROUP_OFFSET=n, TCP_CGROUP_KN_OFFSET=n, TCP_KN_ID_OFFSET=n   offsetof(struct sock,
+ *                             sk_cgrp_data.cgroup), (struct cgroup, kn), (struct kernfs_node, id):
+ *                             the socket's cgroup id; without them no owner is known (TCP_UNOWNED)
  *
  * Retransmitted segments are TcpRetransSegs: __tcp_retransmit_skb() adds tcp_skb_pcount(skb)
  * once the skb has been trimmed, fragmented to what may be sent and re-segmented, just before
@@ -22,12 +27,39 @@
  * `err`). The exits before the counter return -EBUSY, -EINVAL, -ENOMEM, -EHOSTUNREACH or
  * -EAGAIN; any other err is a failure after it (a qdisc or netfilter drop), counted like the
  * kernel does. tcp_rtx_synack() adds 1 and fires its tracepoint only when the SYN-ACK was sent.
+ *
+ * The owner of a socket (BY_CGROUP). Retransmit timers, incoming resets and most state changes
+ * run in softirq, where `current` is whichever task was interrupted, so the owner is never taken
+ * from `current`. It is the cgroup the kernel keeps in the socket itself, sk->sk_cgrp_data: set
+ * in process context when the socket is created (cgroup_sk_alloc(), the creating task's cgroup
+ * v2), copied from the listener to every socket accept() returns, held until the socket is freed.
+ * That is per-socket storage the kernel maintains for cgroup BPF programs and net_cls: nothing to
+ * remember, bound or evict here, and sockets opened before the probe loaded have it too. (Socket
+ * storage maps of our own need a BTF socket pointer, which tracepoint programs do not get.)
+ * Events with no owner socket -- a reset answering a segment no socket matches, sent from a
+ * TIME_WAIT or request socket -- or whose socket's cgroup cannot be read (bcc without BTF) are
+ * counted under cgroup 0, exported as the host's, and counted apart (TCP_UNOWNED).
  */
 #ifdef HA_CORE
 #define tcp_key vmlinux_tcp_key     /* vmlinux.h has a struct tcp_key of its own (TCP-AO) */
 #endif
 #include "maps.h"
 #undef tcp_key
+
+/* The cgroup-keyed parameters of maps.h's shared design, declared here until maps.h has them. */
+#ifndef HA_CGROUP_OVERFLOW
+#define HA_CGROUP_OVERFLOW (~0ULL)  /* the cgroup of keys that did not fit; user space creates them */
+#endif
+#ifndef HA_BY_CGROUP
+#ifdef HA_CORE
+const volatile bool BY_CGROUP = false;
+#define HA_BY_CGROUP BY_CGROUP
+#elif defined(BY_CGROUP)
+#define HA_BY_CGROUP 1
+#else
+#define HA_BY_CGROUP 0
+#endif
+#endif
 
 #ifdef HA_CORE
 const volatile u16 TARGET_PORT = 0;
@@ -42,6 +74,8 @@ const volatile u16 TARGET_PORT = 0;
  * tcp_event_sk_skb; libbpf matches this flavour (the part before ___) on those kernels. */
 struct trace_event_raw_tcp_event_sk_skb___old {
     const void *skbaddr;
+    const void *skaddr;
+    int state;
     __u16 sport;
     __u16 dport;
 } __attribute__((preserve_access_index));
@@ -74,16 +108,27 @@ enum hostagent_sk_rst_reason { HOSTAGENT_SK_RST_REASON_UNREAD };
 #define TCP_MAX_CONNECTIONS 262144   /* established connections tracked for their lifetime */
 #endif
 
-/* indexes of tcp_events; agent/sources/ebpf/tcp.py names them */
+#ifndef TCP_MAX_KEYS
+#define TCP_MAX_KEYS 16384          /* {cgroup, event} counters: 3,000 cgroups' worth and more */
+#endif
+#ifndef TCP_MAX_LIFETIME_KEYS
+#define TCP_MAX_LIFETIME_KEYS 32768 /* {cgroup, direction, slot} buckets */
+#endif
+
+/* the events of tcp_counts; agent/sources/ebpf/tcp.py names them */
 #define TCP_RETRANSMITS 0           /* retransmitted segments, SYN-ACKs included */
 #define TCP_RESETS_SENT 1
 #define TCP_RESETS_RECEIVED 2
 #define TCP_OPENS_ACTIVE 3          /* SYN_SENT -> ESTABLISHED */
 #define TCP_OPENS_PASSIVE 4         /* SYN_RECV -> ESTABLISHED */
-#define TCP_UNTRACKED 5             /* opens not tracked for lifetime: the table was full */
-#define TCP_UNSIZED 6               /* retransmitted skbs whose segment count was unreadable:
+#define TCP_EVENTS 5
+
+/* indexes of tcp_misses: what the probe could not measure as it should */
+#define TCP_UNTRACKED 0             /* opens not tracked for lifetime: the table was full */
+#define TCP_UNSIZED 1               /* retransmitted skbs whose segment count was unreadable:
                                        counted as one segment each */
-#define TCP_EVENTS 7
+#define TCP_UNOWNED 2               /* events with no owner known (BY_CGROUP): counted as cgroup 0 */
+#define TCP_MISSES 3
 
 #define DIRECTION_ACTIVE 0
 #define DIRECTION_PASSIVE 1
@@ -92,7 +137,9 @@ enum hostagent_sk_rst_reason { HOSTAGENT_SK_RST_REASON_UNREAD };
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_SYN_RECV 3
+#define TCP_TIME_WAIT 6
 #define TCP_CLOSE 7
+#define TCP_NEW_SYN_RECV 12
 #define PROTO_TCP 6
 
 struct tcp_connection {
@@ -100,17 +147,30 @@ struct tcp_connection {
     u64 direction;
 };
 
+struct tcp_event_key {
+    u64 cgroup;             /* the owner's cgroup v2 id; 0: host-wide (or no owner known) */
+    u32 event;
+    u32 pad;
+};
+
 struct tcp_key {
+    u64 cgroup;
     u32 direction;
     u32 slot;
 };
 
-HA_PERCPU_ARRAY(tcp_events, u64, TCP_EVENTS);
+HA_PERCPU_HASH(tcp_counts, struct tcp_event_key, u64, TCP_MAX_KEYS);
+HA_PERCPU_ARRAY(tcp_misses, u64, TCP_MISSES);
 HA_HASH(tcp_connections, u64, struct tcp_connection, TCP_MAX_CONNECTIONS);
-EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, 2 * EXP2_SLOTS);
+EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, TCP_MAX_LIFETIME_KEYS);
 
 #ifndef HA_CORE
-HA_MAP_FN u64 *tcp_events_lookup(u32 *event) { return tcp_events.lookup(event); }
+HA_MAP_FN u64 *tcp_counts_lookup(struct tcp_event_key *key) { return tcp_counts.lookup(key); }
+HA_MAP_FN u64 *tcp_counts_lookup_or_try_init(struct tcp_event_key *key, u64 *zero)
+{
+    return tcp_counts.lookup_or_try_init(key, zero);
+}
+HA_MAP_FN u64 *tcp_misses_lookup(u32 *index) { return tcp_misses.lookup(index); }
 HA_MAP_FN struct tcp_connection *tcp_connections_lookup(u64 *sk) { return tcp_connections.lookup(sk); }
 HA_MAP_FN int tcp_connections_update(u64 *sk, struct tcp_connection *c) { return tcp_connections.update(sk, c); }
 HA_MAP_FN int tcp_connections_delete(u64 *sk) { return tcp_connections.delete(sk); }
@@ -119,18 +179,64 @@ HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *ke
 {
     return tcp_lifetime.lookup_or_try_init(key, zero);
 }
+HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup(struct tcp_key *key) { return tcp_lifetime.lookup(key); }
 #endif
 
-static __always_inline void count_n(u32 event, u64 n)
+static __always_inline void miss(u32 index)
 {
-    u64 *total = HA_LOOKUP(tcp_events, &event);
+    u64 *total = HA_LOOKUP(tcp_misses, &index);
+    if (total)
+        *total += 1;
+}
+
+/* The cgroup v2 id of the socket at `skaddr` (a full socket), 0 when it cannot be read. */
+static __always_inline u64 socket_cgroup(const void *skaddr)
+{
+    u64 id = 0;
+#ifdef HA_CORE
+    struct sock *sk = (struct sock *)skaddr;
+    if (bpf_core_field_exists(sk->sk_cgrp_data.cgroup))    /* 5.15+; before, a tagged union */
+        id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+#elif defined(TCP_SK_CGROUP_OFFSET)
+    void *cgroup = 0, *kn = 0;
+    bpf_probe_read_kernel(&cgroup, sizeof(cgroup), (void *)skaddr + TCP_SK_CGROUP_OFFSET);
+    if (cgroup)
+        bpf_probe_read_kernel(&kn, sizeof(kn), cgroup + TCP_CGROUP_KN_OFFSET);
+    if (kn)
+        bpf_probe_read_kernel(&id, sizeof(id), kn + TCP_KN_ID_OFFSET);
+#endif
+    return id;
+}
+
+/* The cgroup an event on the socket at `skaddr` counts under: 0 host-wide; else the owner's,
+ * 0 when unknown (counted in TCP_UNOWNED). `full`: skaddr is a full socket (not a request or
+ * TIME_WAIT socket, which carry no cgroup). */
+static __always_inline u64 owner(const void *skaddr, int full)
+{
+    if (!HA_BY_CGROUP)
+        return 0;
+    u64 id = skaddr && full ? socket_cgroup(skaddr) : 0;
+    if (!id)
+        miss(TCP_UNOWNED);
+    return id;
+}
+
+static __always_inline void count_n(u64 cgroup, u32 event, u64 n)
+{
+    struct tcp_event_key key = {.cgroup = cgroup, .event = event};
+    u64 zero = 0;
+    u64 *total = HA_LOOKUP_OR_TRY_INIT(tcp_counts, &key, &zero);
+    if (!total) {                   /* the map is full: the overflow key is always there */
+        key.cgroup = HA_CGROUP_OVERFLOW;
+        total = HA_LOOKUP(tcp_counts, &key);
+    }
     if (total)
         *total += n;
 }
 
-static __always_inline void count(u32 event)
+static __always_inline void count(u64 cgroup, u32 event)
 {
-    count_n(event, 1);
+    count_n(cgroup, event, 1);
 }
 
 static __always_inline int other_port(u16 sport, u16 dport)
@@ -167,10 +273,12 @@ HA_TRACEPOINT(tcp, tcp_retransmit_skb, tcp_retransmit_skb)
     bpf_probe_read_kernel(&segs, sizeof(segs), (void *)skbaddr + TCP_SKB_GSO_SEGS_OFFSET);
 #endif
     if (!segs) {
-        count(TCP_UNSIZED);
+        miss(TCP_UNSIZED);
         segs = 1;
     }
-    count_n(TCP_RETRANSMITS, segs);
+    const void *skaddr = 0;
+    SK_SKB(skaddr, args, skaddr);
+    count_n(owner(skaddr, 1), TCP_RETRANSMITS, segs);
     return 0;
 }
 
@@ -178,7 +286,7 @@ HA_TRACEPOINT(tcp, tcp_retransmit_synack, tcp_retransmit_synack)
 {
     if (other_port(args->sport, args->dport))
         return 0;
-    count(TCP_RETRANSMITS);
+    count(owner(args->skaddr, 1), TCP_RETRANSMITS);     /* skaddr: the listener */
     return 0;
 }
 
@@ -208,7 +316,12 @@ HA_TRACEPOINT(tcp, tcp_send_reset, tcp_send_reset)
     if (other_port(sport, dport))
         return 0;
 #endif
-    count(TCP_RESETS_SENT);
+    const void *skaddr = 0;
+    int state = 0;
+    SK_SKB(skaddr, args, skaddr);
+    SK_SKB(state, args, state);
+    /* no socket (nothing matched the segment), or one that carries no cgroup */
+    count(owner(skaddr, state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV), TCP_RESETS_SENT);
     return 0;
 }
 
@@ -216,7 +329,7 @@ HA_TRACEPOINT(tcp, tcp_receive_reset, tcp_event_sk)
 {
     if (other_port(args->sport, args->dport))
         return 0;
-    count(TCP_RESETS_RECEIVED);
+    count(owner(args->skaddr, 1), TCP_RESETS_RECEIVED);
     return 0;
 }
 
@@ -232,9 +345,9 @@ HA_TRACEPOINT(sock, inet_sock_set_state, inet_sock_set_state)
             .established_at = bpf_ktime_get_ns(),
             .direction = old == TCP_SYN_SENT ? DIRECTION_ACTIVE : DIRECTION_PASSIVE,
         };
-        count(old == TCP_SYN_SENT ? TCP_OPENS_ACTIVE : TCP_OPENS_PASSIVE);
+        count(owner(args->skaddr, 1), old == TCP_SYN_SENT ? TCP_OPENS_ACTIVE : TCP_OPENS_PASSIVE);
         if (HA_UPDATE(tcp_connections, &sk, &c))
-            count(TCP_UNTRACKED);
+            miss(TCP_UNTRACKED);
         return 0;
     }
     if (new != TCP_CLOSE)
@@ -245,8 +358,14 @@ HA_TRACEPOINT(sock, inet_sock_set_state, inet_sock_set_state)
     u64 lifetime = bpf_ktime_get_ns() - c->established_at;
     struct tcp_key key = {.direction = (u32)c->direction, .slot = exp2_slot(lifetime)};
     HA_DELETE(tcp_connections, &sk);
+    key.cgroup = owner(args->skaddr, 1);
 
     struct exp2_bucket zero = {};
-    exp2_add(HA_LOOKUP_OR_TRY_INIT(tcp_lifetime, &key, &zero), lifetime);
+    struct exp2_bucket *bucket = HA_LOOKUP_OR_TRY_INIT(tcp_lifetime, &key, &zero);
+    if (!bucket) {                  /* the map is full: the overflow buckets are always there */
+        key.cgroup = HA_CGROUP_OVERFLOW;
+        bucket = HA_LOOKUP(tcp_lifetime, &key);
+    }
+    exp2_add(bucket, lifetime);
     return 0;
 }

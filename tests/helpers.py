@@ -574,3 +574,78 @@ def new_map(map_type: int, key_size: int, value_size: int, max_entries: int) -> 
     """A BPF map made here in the kernel (the caller closes its fd)."""
     fd = maps.bpf(BPF_MAP_CREATE, _CreateAttr(map_type, key_size, value_size, max_entries, 0))
     return BpfMap.from_fd(fd)
+
+
+# --- TCP traffic in network namespaces (tests/test_probe_tcp.py, tests/test_attribution_tcp.py) ---
+
+# Run inside the namespace: "refused PORT" connects to a closed port; "traffic PORT N M" serves N
+# connections and makes them, each sending M small messages, then closing.
+WORKLOAD = r"""
+import socket, sys, threading, time
+mode, port = sys.argv[1], int(sys.argv[2])
+if mode == "refused":
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10)
+    except ConnectionRefusedError:
+        print("refused")
+    sys.exit(0)
+n, msgs = int(sys.argv[3]), int(sys.argv[4])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen(64)
+def serve(conn):
+    while conn.recv(4096):
+        pass
+    conn.close()
+def accept_all():
+    servers = []
+    for _ in range(n):
+        conn, _ = srv.accept()
+        t = threading.Thread(target=serve, args=(conn,))
+        t.start()
+        servers.append(t)
+    for t in servers:
+        t.join()
+def client():
+    c = socket.create_connection(("127.0.0.1", port), timeout=60)
+    for _ in range(msgs):
+        c.sendall(b"x" * 100)
+        time.sleep(0.005)
+    c.close()
+acceptor = threading.Thread(target=accept_all)
+acceptor.start()
+clients = [threading.Thread(target=client) for _ in range(n)]
+for t in clients:
+    t.start()
+for t in clients + [acceptor]:
+    t.join()
+print("ok")
+"""
+
+DROP_RULES = """
+table inet hostagent_test {
+    chain pre {
+        type filter hook prerouting priority 0;
+        meta l4proto tcp numgen random mod 100 < 25 drop
+    }
+}
+"""
+
+
+def in_ns(ns, *cmd, **kw):
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True,
+                          text=True, **kw)
+
+
+def snmp_tcp(ns) -> dict:
+    """The Tcp: counters of /proc/net/snmp in the namespace."""
+    lines = [l.split() for l in in_ns(ns, "cat", "/proc/net/snmp").stdout.splitlines()
+             if l.startswith("Tcp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def open_sockets(ns, port) -> int:
+    """TCP sockets of `port` in the namespace that may still retransmit (TIME_WAIT cannot)."""
+    out = in_ns(ns, "ss", "-Htan", "exclude", "time-wait", f"( sport = :{port} or dport = :{port} )").stdout
+    return len(out.splitlines())

@@ -22,6 +22,8 @@ RING_MAPS = {"ha_ringbuf_dropped", "ha_ringbuf_unwoken"}
 def KEYED_MAPS(*names) -> set:
     """Maps keyed by cgroup with their overflow companions, and maps.h's event counter."""
     return {"ha_events"} | set(names) | {f"{n}_overflow" for n in names}
+
+
 EXPECTED = {
     "runqlat": ({"sched__sched_wakeup": "tp/sched/sched_wakeup",
                  "sched__sched_wakeup_new": "tp/sched/sched_wakeup_new",
@@ -55,7 +57,7 @@ EXPECTED = {
              "tcp__tcp_send_reset": "tp/tcp/tcp_send_reset",
              "tcp__tcp_receive_reset": "tp/tcp/tcp_receive_reset",
              "sock__inet_sock_set_state": "tp/sock/inet_sock_set_state"},
-            {"tcp_events", "tcp_connections", "tcp_lifetime"} | KEYED_MAPS()),
+            {"tcp_counts", "tcp_misses", "tcp_connections", "tcp_lifetime"} | KEYED_MAPS()),
 }
 
 TOOLS = ("clang-14", "bpftool")
@@ -167,10 +169,13 @@ class Opened:
     def map_fd(self, name) -> int:
         return self.lib.bpf_map__fd(self.libbpf.maps(self.obj)[name])
 
-    def percpu_sum(self, name, key: int) -> int:
+    def percpu_sum(self, name, key) -> int:
+        """The u64 at `key` (a u32 index, or the key's bytes) summed over CPUs; 0 if absent."""
         ncpus = self.lib.libbpf_num_possible_cpus()
-        values, k = (ct.c_uint64 * ncpus)(), ct.c_uint32(key)
-        assert self.lib.bpf_map_lookup_elem(self.map_fd(name), ct.byref(k), values) == 0
+        values = (ct.c_uint64 * ncpus)()
+        k = ct.create_string_buffer(key, len(key)) if isinstance(key, bytes) else ct.c_uint32(key)
+        if self.lib.bpf_map_lookup_elem(self.map_fd(name), ct.byref(k), values) != 0:
+            return 0
         return sum(values)
 
     def has_keys(self, name, key_size) -> bool:
@@ -287,7 +292,9 @@ def test_tcp_counts_opens_and_resets(objects, libbpf):
                 s.close()       # linger 0: an RST
                 with pytest.raises(OSError):
                     c.recv(1)
-        poll(lambda: o.percpu_sum("tcp_events", 3) >= 1, "an active open")       # TCP_OPENS_ACTIVE
-        poll(lambda: o.percpu_sum("tcp_events", 4) >= 1, "a passive open")      # TCP_OPENS_PASSIVE
-        poll(lambda: o.percpu_sum("tcp_events", 1) >= 1, "a reset sent")        # TCP_RESETS_SENT
-        poll(lambda: o.percpu_sum("tcp_events", 2) >= 1, "a reset received")    # TCP_RESETS_RECEIVED
+        def host(event):        # struct tcp_event_key {cgroup 0: host-wide, event}
+            return struct.pack("<QII", 0, event, 0)
+        poll(lambda: o.percpu_sum("tcp_counts", host(3)) >= 1, "an active open")       # TCP_OPENS_ACTIVE
+        poll(lambda: o.percpu_sum("tcp_counts", host(4)) >= 1, "a passive open")      # TCP_OPENS_PASSIVE
+        poll(lambda: o.percpu_sum("tcp_counts", host(1)) >= 1, "a reset sent")        # TCP_RESETS_SENT
+        poll(lambda: o.percpu_sum("tcp_counts", host(2)) >= 1, "a reset received")    # TCP_RESETS_RECEIVED
