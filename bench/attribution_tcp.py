@@ -19,7 +19,6 @@ measure_tcp(seconds, loader), is what a combined attribution benchmark can call.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import struct
 import subprocess
@@ -41,12 +40,17 @@ TARGET_RATIO = 1 / 1.30            # keyed at most 30% dearer per event than hos
 THREADS = 4
 
 
-def workload(port: int, seconds: float) -> int:
-    """Loopback connections to `port` for `seconds`; the number made."""
+def listener() -> socket.socket:
+    """A listening socket on a free loopback port (the probes are limited to it)."""
     srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
+    srv.bind(("127.0.0.1", 0))
     srv.listen(128)
+    return srv
+
+
+def workload(srv: socket.socket, seconds: float) -> int:
+    """Loopback connections to `srv` for `seconds`; the number made. Closes `srv`."""
+    port = srv.getsockname()[1]
     done = threading.Event()
     made = [0] * THREADS
 
@@ -100,7 +104,8 @@ def measure_tcp(seconds: float, loader: str, object_dir: str = "") -> dict:
     from agent.procfs.workload import WorkloadResolver
     from agent.sources.ebpf.loader import ON, HostCheck, Plan, ProbeStatus, load_one, program_stats, unload
     from agent.sources.ebpf.tcp import TcpProbe
-    port = random.randrange(30000, 40000)
+    srv = listener()
+    port = srv.getsockname()[1]
     resolver = WorkloadResolver()
     loaded, out = [], {}
     try:
@@ -115,13 +120,14 @@ def measure_tcp(seconds: float, loader: str, object_dir: str = "") -> dict:
                 return {"off": status.reason}
             loaded.append((name, lp))
         before = {name: program_stats(lp.obj) for name, lp in loaded}
-        out["connections"] = workload(port, seconds)
+        out["connections"] = workload(srv, seconds)
         for name, lp in loaded:
             run_time, runs, _ = program_stats(lp.obj)
             out[name] = {"run_time_ns": run_time - before[name][0], "run_cnt": runs - before[name][1]}
         keyed = loaded[1][1].probe
         out["workloads"] = len({p.attributes for m in keyed.collect(time.time_ns(), 0) for p in m.points})
     finally:
+        srv.close()
         unload([lp for _, lp in loaded])
         resolver.close()
     return out
