@@ -426,6 +426,28 @@ def payload() -> Payload:
     return Payload("metrics", encode_metrics([MetricGroup(Resource((("host.name", "t"),)), Scope("t"), [m])]), 1)
 
 
+# --- system calls a test makes and counts -------------------------------------------------------
+
+SYSCALLS_FAILING, SYSCALLS_SUCCEEDING = 1000, 300
+# Python code making SYSCALLS_FAILING fchdir() on a closed fd (EBADF) and SYSCALLS_SUCCEEDING
+# getppid() calls; Python itself makes neither
+SYSCALL_LOOP = f"""
+import os
+for _ in range({SYSCALLS_FAILING}):
+    try:
+        os.fchdir(999_999)
+    except OSError:
+        pass
+for _ in range({SYSCALLS_SUCCEEDING}):
+    os.getppid()
+"""
+
+
+def scrape_points(source) -> dict:
+    """{(metric, attributes): value} of one scrape of a scraper."""
+    return {(m.name, p.attributes): p.value for g in source.collect() for m in g.metrics for p in m.points}
+
+
 # --- eBPF: events a source emits ------------------------------------------------------------------
 
 class Events:

@@ -35,7 +35,8 @@ from agent.sources.ebpf.maps import BpfMap
 from agent.sources.ebpf.runqlat import RunqKey, RunqlatProbe
 from agent.sources.ebpf.syscalls import SyscallsProbe
 from tests.ebpf_helpers import attached, ebpf_config, misses
-from tests.helpers import diskstats, hostagent, loop_device, new_map  # noqa: F401 (a fixture)
+from tests.helpers import (SYSCALL_LOOP, SYSCALLS_FAILING, SYSCALLS_SUCCEEDING, diskstats, hostagent,  # noqa: F401
+                           loop_device, new_map)
 
 MOUNT = cgroup2_mount()
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not MOUNT, reason="needs root and a cgroup v2 mount")
@@ -228,19 +229,7 @@ def test_biolatency_direct_writes_are_attributed_to_the_writer(cgroups, loop_dev
 
 # --- syscalls --------------------------------------------------------------------------------
 
-FAILING, SUCCEEDING = 1000, 300
-
-# FAILING fchdir() on a closed fd (EBADF) and SUCCEEDING getppid() calls; Python itself makes neither
-CALLER = f"""
-import os
-for _ in range({FAILING}):
-    try:
-        os.fchdir(999_999)
-    except OSError:
-        pass
-for _ in range({SUCCEEDING}):
-    os.getppid()
-"""
+FAILING, SUCCEEDING, CALLER = SYSCALLS_FAILING, SYSCALLS_SUCCEEDING, SYSCALL_LOOP
 
 
 @pytest.mark.parametrize("latency", [False, True], ids=["count", "latency"])

@@ -23,7 +23,8 @@ from agent.procfs import cgroupfs
 from agent.selfmetrics import SelfMetrics
 from agent.sources.cgroups import CgroupScraperConfig, CgroupUsageScraper, PressureScraper, PressureScraperConfig
 from agent.sources.host import MetricSwitch
-from tests.helpers import OwnCgroups, agent_log, base_config, finishes, loop_device, wait_until  # noqa: F401 (a fixture)
+from tests.helpers import (OwnCgroups, agent_log, base_config, finishes, loop_device,  # noqa: F401 (a fixture)
+                           scrape_points, wait_until)
 from tests.otlp_receiver import attributes
 
 RESOURCE = Resource((("service.name", "test"),))
@@ -57,11 +58,6 @@ def scraper(telemetry=None, **cfg) -> CgroupUsageScraper:
     return CgroupUsageScraper(CgroupScraperConfig(**cfg), telemetry or SelfMetrics(), RESOURCE)
 
 
-def scrape(source) -> dict:
-    """{(metric, attributes): value} of one scrape."""
-    return {(m.name, p.attributes): p.value for g in source.collect() for m in g.metrics for p in m.points}
-
-
 def of(scraped: dict, metric: str, cgroup: str, **attrs) -> int | float:
     want = {"process.linux.cgroup": "0::" + cgroup, **{k.replace("_", "."): v for k, v in attrs.items()}}
     found = [v for (name, a), v in scraped.items() if name == metric and want.items() <= dict(a).items()]
@@ -91,12 +87,12 @@ def test_cpu_time_of_a_busy_container_is_its_cpu_stat(cgroups):
     cgroups.make(a)
     cgroups.make(b)
     source = scraper()
-    first = scrape(source)
+    first = scrape_points(source)
     cgroups.start(a, BUSY)
     v2 = cgroups.v2
     assert wait_until(lambda: flat(f"{v2}{a}/cpu.stat")["usage_usec"] >= 500_000, 60)
     before = flat(f"{v2}{a}/cpu.stat")
-    scraped = scrape(source)
+    scraped = scrape_points(source)
     after = flat(f"{v2}{a}/cpu.stat")
     for mode, key in (("user", "user_usec"), ("kernel", "system_usec")):
         value = of(scraped, "container.cpu.time", a, cpu_mode=mode)
@@ -129,7 +125,7 @@ def test_memory_of_a_container_touching_64_mib(cgroups):
         return usage, max(0, usage - flat(stat_file)[inactive])
 
     before = kernel()
-    scraped = scrape(scraper())
+    scraped = scrape_points(scraper())
     after = kernel()
     usage = of(scraped, "container.memory.usage", a)
     working_set = of(scraped, "container.memory.working_set", a)
@@ -179,7 +175,7 @@ def test_disk_io_of_a_container_writing_to_a_loop_device(cgroups, loop_device, a
         return nbytes.get(number, {}).get("Write", 0), ops.get(number, {}).get("Write", 0)
 
     before = kernel()
-    scraped = scrape(scraper())
+    scraped = scrape_points(scraper())
     after = kernel()
     written = of(scraped, "container.disk.io", a, system_device=name, disk_io_direction="write")
     ops = of(scraped, "container.disk.operations", a, system_device=name, disk_io_direction="write")
@@ -222,7 +218,7 @@ def test_hostile_hierarchy_keeps_the_scrape_bounded_and_the_other_workloads(cgro
         truncated = telemetry.counter("hostagent.scraper.cgroup.walk.truncated", "{walk}", "")
         source = cls(cfg(max_cgroups=1000), telemetry, RESOURCE)
         started = time.monotonic()
-        scraped = finishes(scrape, source)
+        scraped = finishes(scrape_points, source)
         print(f"{source.name}: {len(scraped)} points in {time.monotonic() - started:.3f} s")
         cgroup_values = {dict(a).get("process.linux.cgroup") for _, a in scraped}
         for value in cgroup_values - {None}:
@@ -235,7 +231,7 @@ def test_hostile_hierarchy_keeps_the_scrape_bounded_and_the_other_workloads(cgro
         assert truncated.value((("scraper", source.name), ("limit", "depth"))) == 1
         warned = [r.getMessage() for r in caplog.records if f"scraper={source.name} limit=" in r.getMessage()]
         assert len(warned) == 2  # once per limit
-        finishes(scrape, source)
+        finishes(scrape_points, source)
         assert len([r for r in caplog.records if f"scraper={source.name} limit=" in r.getMessage()]) == 2
 
 
@@ -417,13 +413,13 @@ def test_without_cgroup_v2_the_v1_hierarchies_are_walked(cgroups, monkeypatch):
     assert finishes(child.stdout.readline) == "ready\n"
     base = v1("cpuacct") + a
     before = [int(open(f"{base}/cpuacct.usage_{m}").read()) for m in ("user", "sys")]
-    scraped = scrape(scraper())
+    scraped = scrape_points(scraper())
     after = [int(open(f"{base}/cpuacct.usage_{m}").read()) for m in ("user", "sys")]
     for i, mode in enumerate(("user", "kernel")):
         value = of(scraped, "container.cpu.time", a, cpu_mode=mode, container_id=cid)
         assert before[i] <= round(value * 1e9) <= after[i]
     assert of(scraped, "container.memory.usage", a) >= 64 * MiB
-    assert not [k for k in scrape(PressureScraper(PressureScraperConfig(), SelfMetrics(), RESOURCE))
+    assert not [k for k in scrape_points(PressureScraper(PressureScraperConfig(), SelfMetrics(), RESOURCE))
                 if dict(k[1]).get("process.linux.cgroup")]
 
 
@@ -441,7 +437,7 @@ def test_workloads_not_read_within_the_timeout_are_counted(cgroups, monkeypatch)
     ours = [wl for wl, _, _ in walk.workloads if wl.path.startswith(f"/{tag}-")]
     assert len(ours) == 5
     monkeypatch.setattr("agent.sources.cgroups.time.monotonic", lambda: next(clock) * 0.4)
-    scraped = scrape(source)
+    scraped = scrape_points(source)
     reported = {dict(a).get("process.linux.cgroup") for _, a in scraped}
     assert len(reported) == 2
     # (other cgroups of the host may come and go meanwhile: at least our other three)
@@ -487,12 +483,12 @@ def test_metrics_switched_off_are_not_exported(cgroups):
     off = {name: MetricSwitch(False) for name in ("container.cpu.time", "cgroup.cpu.time", "cgroup.disk.io",
                                                   "cgroup.disk.operations", "container.disk.io",
                                                   "container.disk.operations")}
-    scraped = scrape(scraper(metrics=off))
+    scraped = scrape_points(scraper(metrics=off))
     assert {name.split(".", 1)[1] for name, _ in scraped} == {"memory.usage", "memory.working_set"}
     of(scraped, "cgroup.memory.usage", b)
     pressure = PressureScraper(PressureScraperConfig(metrics={"system.cpu.linux.pressure.total": MetricSwitch(False)}),
                                SelfMetrics(), RESOURCE)
-    names_ = {name for name, _ in scrape(pressure)}
+    names_ = {name for name, _ in scrape_points(pressure)}
     assert "system.cpu.linux.pressure.total" not in names_ and "system.io.linux.pressure.total" in names_
 
 

@@ -18,7 +18,7 @@ from agent.model import Resource
 from agent.procfs import cgroupfs
 from agent.selfmetrics import SelfMetrics
 from agent.sources.cgroups import PressureScraper, PressureScraperConfig
-from tests.helpers import ROOT, OwnCgroups, finishes, wait_until
+from tests.helpers import ROOT, OwnCgroups, finishes, scrape_points, wait_until
 
 RESOURCE = Resource((("service.name", "test"),))
 STALL = "system.linux.pressure.stall_type"
@@ -37,11 +37,6 @@ def scraper(telemetry=None, **cfg) -> PressureScraper:
     return PressureScraper(PressureScraperConfig(**cfg), telemetry or SelfMetrics(), RESOURCE)
 
 
-def points(source) -> dict:
-    """{(metric, attributes): value} of one scrape."""
-    return {(m.name, p.attributes): p.value for g in source.collect() for m in g.metrics for p in m.points}
-
-
 def of(scraped: dict, metric: str, stall: str, cgroup: str | None = None) -> float:
     """The value of one series: the host's (no workload attributes) or the workload's at `cgroup`."""
     found = [v for (name, attrs), v in scraped.items() if name == metric and (STALL, stall) in attrs and
@@ -58,7 +53,7 @@ def test_host_pressure_is_proc_pressure():
     source = scraper(workloads=False)
     resources = [r for r in ("cpu", "memory", "io", "irq") if os.path.exists(f"/proc/pressure/{r}")]
     before = {r: kernel(f"/proc/pressure/{r}") for r in resources}
-    scraped = points(source)
+    scraped = scrape_points(source)
     after = {r: kernel(f"/proc/pressure/{r}") for r in resources}
     assert {name for name, _ in scraped} == {f"system.{r}.linux.pressure.total" for r in resources}
     for r in resources:
@@ -84,12 +79,12 @@ def test_a_busy_workloads_cpu_pressure_grows_and_a_sleepers_does_not(cgroups):
     assert finishes(cgroups.start(b, SLEEPER).stdout.readline) == "asleep\n"
     source = scraper()
     v2 = cgroups.v2
-    first = points(source)
+    first = scrape_points(source)
     busy = [cgroups.start(a, BUSY) for _ in range(max(6, 3 * os.cpu_count()))]
     assert wait_until(lambda: kernel(f"{v2}{a}/cpu.pressure")["some"] - of(first, "system.cpu.linux.pressure.total",
                                                                           "some", a) * 1e6 >= 1e6, 60)
     before = {w: kernel(f"{v2}{w}/cpu.pressure") for w in (a, b)}
-    second = points(source)
+    second = scrape_points(source)
     after = {w: kernel(f"{v2}{w}/cpu.pressure") for w in (a, b)}
     for proc in busy:
         proc.kill()
@@ -160,7 +155,7 @@ def test_a_workload_with_pressure_switched_off_has_no_pressure_and_no_error(cgro
         pytest.skip(f"cgroup.pressure cannot be switched off here: {e}")
     telemetry = SelfMetrics()
     skipped = telemetry.counter("hostagent.scraper.cgroup.skipped", "{item}", "")
-    scraped = points(scraper(telemetry))
+    scraped = scrape_points(scraper(telemetry))
     assert not [attrs for _, attrs in scraped if dict(attrs).get("process.linux.cgroup") == "0::" + off]
     of(scraped, "system.cpu.linux.pressure.total", "some", on)
     if not os.path.exists(f"{cgroups.v2}{off}/cpu.pressure"):
@@ -169,7 +164,7 @@ def test_a_workload_with_pressure_switched_off_has_no_pressure_and_no_error(cgro
 
 def test_workloads_off_reads_the_host_only(cgroups):
     cgroups.make(f"/hostagent-psi-host-{os.getpid()}.slice")
-    assert all(dict(attrs).keys() == {STALL} for _, attrs in points(scraper(workloads=False)))
+    assert all(dict(attrs).keys() == {STALL} for _, attrs in scrape_points(scraper(workloads=False)))
 
 
 # --- the parser against hostile text ------------------------------------------------------------------

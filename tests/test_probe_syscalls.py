@@ -10,24 +10,12 @@ from agent.model import MetricKind
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.syscalls import SyscallsProbe, errno_name, syscall_name, syscall_names
 from tests.ebpf_helpers import attached, checked_structs
+from tests.helpers import SYSCALL_LOOP, SYSCALLS_FAILING, SYSCALLS_SUCCEEDING
 
-FAILING, SUCCEEDING = 1000, 300
+FAILING, SUCCEEDING = SYSCALLS_FAILING, SYSCALLS_SUCCEEDING
 
-# Waits for a line, then makes FAILING fchdir() on a closed fd (EBADF) and SUCCEEDING getppid() calls, says
-# so, and waits for a line before exiting. Python itself calls neither.
-CHILD = f"""
-import os, sys
-sys.stdin.readline()
-for _ in range({FAILING}):
-    try:
-        os.fchdir(999_999)
-    except OSError:
-        pass
-for _ in range({SUCCEEDING}):
-    os.getppid()
-print("done", flush=True)
-sys.stdin.readline()
-"""
+# Waits for a line, then makes the calls of SYSCALL_LOOP, says so, and waits for a line before exiting.
+CHILD = "import sys\nsys.stdin.readline()\n" + SYSCALL_LOOP + 'print("done", flush=True)\nsys.stdin.readline()\n'
 
 
 @pytest.fixture

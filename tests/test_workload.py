@@ -3,6 +3,7 @@ and thread safety, and through the whole agent: short-lived cgroups keep their w
 record, and cgroup churn leaves the agent's memory bounded."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -291,17 +292,16 @@ def exported_logs(tmp_path) -> list:
             for rl in req.resource_logs for sl in rl.scope_logs for r in sl.log_records]
 
 
+def exported_points(tmp_path, name: str) -> list:
+    """The agent's data points of metric `name`, in the order written."""
+    return [p for req in file_requests(str(tmp_path / "out" / "metrics.jsonl"), ExportMetricsServiceRequest)
+            for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if m.name == name
+            for p in getattr(m, m.WhichOneof("data")).data_points]
+
+
 def exported_metric(tmp_path, name: str) -> list:
     """The values of the agent's points of metric `name`, in the order written."""
-    out = []
-    for req in file_requests(str(tmp_path / "out" / "metrics.jsonl"), ExportMetricsServiceRequest):
-        for rm in req.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name == name:
-                        data = getattr(m, m.WhichOneof("data"))
-                        out += [p.as_int or p.as_double for p in data.data_points]
-    return out
+    return [p.as_int or p.as_double for p in exported_points(tmp_path, name)]
 
 
 def rss_kib(pid: int) -> int:
@@ -311,15 +311,7 @@ def rss_kib(pid: int) -> int:
 
 def exported_workloads(tmp_path, name: str) -> list:
     """The process.linux.cgroup attribute of every point of metric `name` written so far."""
-    out = []
-    for req in file_requests(str(tmp_path / "out" / "metrics.jsonl"), ExportMetricsServiceRequest):
-        for rm in req.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name == name:
-                        out += [attributes(p).get("process.linux.cgroup")
-                                for p in getattr(m, m.WhichOneof("data")).data_points]
-    return out
+    return [attributes(p).get("process.linux.cgroup") for p in exported_points(tmp_path, name)]
 
 
 @needs_root
@@ -448,14 +440,7 @@ def agent_map_entries(pid: int, name: str) -> int:
 
 def points_per_collection(tmp_path, name: str) -> list:
     """For each collection (points of one timestamp), how many points metric `name` had."""
-    times: dict = {}
-    for req in file_requests(str(tmp_path / "out" / "metrics.jsonl"), ExportMetricsServiceRequest):
-        for rm in req.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name == name:
-                        for p in getattr(m, m.WhichOneof("data")).data_points:
-                            times[p.time_unix_nano] = times.get(p.time_unix_nano, 0) + 1
+    times = collections.Counter(p.time_unix_nano for p in exported_points(tmp_path, name))
     return [times[t] for t in sorted(times)]
 
 
