@@ -23,6 +23,7 @@ log = logging.getLogger("hostagent.ebpf")
 
 # the events of tcp_counts in bpf/tcp.bpf.c
 RETRANSMITS, RESETS_SENT, RESETS_RECEIVED, OPENS_ACTIVE, OPENS_PASSIVE = EVENTS = range(5)
+DIRECTIONS = {0: "active", 1: "passive"}    # DIRECTION_* in bpf/tcp.bpf.c
 # indexes of tcp_misses
 UNTRACKED, UNSIZED, UNOWNED = range(3)
 # the errors __tcp_retransmit_skb() returns before it adds to TcpRetransSegs
@@ -51,7 +52,6 @@ def gso_segs_offset() -> Optional[int]:
     if facts is None or facts[cb] is None or facts[segs] is None:
         return None
     return facts[cb] + facts[segs]
-DIRECTIONS = {0: "active", 1: "passive"}    # DIRECTION_* in bpf/tcp.bpf.c
 
 
 class TcpEventKey(ct.Structure):
