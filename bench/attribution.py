@@ -9,9 +9,13 @@
                        biolatency: completed requests; syscalls: calls, latency on): run_time_ns /
                        recorded events. The keyed build may run more programs per recorded event
                        (biolatency: block_io_start as well), which the per-run figure spreads out.
+                       tcp: connection lifetimes recorded (both ends of each connection).
 
 Both builds of a probe are attached at once and see the same events: a workload of processes in
-cgroups of the benchmark's own (CPU contention, sleepers, fsync'd O_DIRECT writes, system calls).
+cgroups of the benchmark's own (CPU contention, sleepers, fsync'd O_DIRECT writes, system calls;
+for tcp, loopback connections to a listener of the benchmark's, half closed normally and half
+reset, SO_LINGER 0, from a client process in every cgroup; both tcp builds are limited to that
+port, so other TCP traffic on the host costs both the same early exit).
 The program attached first on a tracepoint measures cheaper (bench/loaders.py saw ~30%), so each
 probe runs ROUNDS rounds in both attach orders and the sums over all rounds are compared.
 Loaded through the agent's loader (CO-RE objects built into a temporary directory by bpf/build.sh
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,7 +43,7 @@ from bench.common import finish, parser  # noqa: E402
 
 CATEGORY = "attribution"
 BASELINE = "the same probe with host-wide keys (ebpf.attribution: host), attached at the same time"
-PROBES = ("runqlat", "biolatency", "syscalls")
+PROBES = ("runqlat", "biolatency", "syscalls", "tcp")
 ROUNDS = {"full": 2, "quick": 1}              # each round: both attach orders
 WORKLOAD_SECONDS = {"full": 3.0, "quick": 0.7}
 CGROUPS = 4
@@ -61,6 +67,21 @@ while time.time() < end:
 os.close(fd)
 """
 BUSY = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass\n"
+# one process per cgroup (tcp): connections to the port in argv[2], each sending a message, every
+# other one reset (SO_LINGER 0)
+TCP_CLIENT = """
+import socket, struct, sys, time
+end = time.time() + float(sys.argv[1])
+i = 0
+while time.time() < end:
+    c = socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5)
+    c.sendall(b"x" * 100)
+    if i % 2:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    i += 1
+"""
+SERVERS = 4         # accepting threads (tcp)
 
 
 def unavailable() -> str | None:
@@ -83,21 +104,62 @@ def objects(tmp: str) -> str:
     return out if proc.returncode == 0 else ""
 
 
+def start(code: str, seconds: float, args: list, cgroup: str) -> subprocess.Popen:
+    """`python -c code seconds *args` in `cgroup`."""
+    def join():
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    return subprocess.Popen([sys.executable, "-c", code, str(seconds), *args], preexec_fn=join)
+
+
 def workload(seconds: float, cgroup_dirs: list, scratch: str) -> None:
     """A worker in every cgroup and two busy loops per CPU in the first, for `seconds`."""
-    procs = []
-
-    def start(code, args, cgroup):
-        def join():
-            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-        procs.append(subprocess.Popen([sys.executable, "-c", code, str(seconds), *args], preexec_fn=join))
-    for i, cgroup in enumerate(cgroup_dirs):
-        start(WORKER, [os.path.join(scratch, f"w{i}")], cgroup)
-    for _ in range(2 * (os.cpu_count() or 1)):
-        start(BUSY, [], cgroup_dirs[0])
+    procs = [start(WORKER, seconds, [os.path.join(scratch, f"w{i}")], cgroup)
+             for i, cgroup in enumerate(cgroup_dirs)]
+    procs += [start(BUSY, seconds, [], cgroup_dirs[0]) for _ in range(2 * (os.cpu_count() or 1))]
     for p in procs:
         p.wait(timeout=seconds + 60)
+
+
+def listener() -> socket.socket:
+    """A listening socket on a free loopback port (the tcp builds are limited to it)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(128)
+    srv.settimeout(0.2)
+    return srv
+
+
+def tcp_workload(seconds: float, cgroup_dirs: list, srv: socket.socket) -> None:
+    """A TCP client in every cgroup connecting to `srv` for `seconds`; SERVERS threads accept and
+    read each connection to its end."""
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(1)
+                while conn.recv(4096):
+                    pass
+            except OSError:
+                pass
+            conn.close()
+
+    servers = [threading.Thread(target=serve) for _ in range(SERVERS)]
+    for t in servers:
+        t.start()
+    try:
+        procs = [start(TCP_CLIENT, seconds, [str(srv.getsockname()[1])], cgroup) for cgroup in cgroup_dirs]
+        for p in procs:
+            p.wait(timeout=seconds + 60)
+    finally:
+        done.set()
+        for t in servers:
+            t.join()
 
 
 def recorded(probe) -> int:
@@ -115,20 +177,27 @@ def one_round(name: str, order: tuple, object_dir: str, seconds: float, cgroup_d
     cfg = EbpfConfig(loader="auto", object_dir=object_dir, probes={name: ProbeConfig(enabled=True)})
     loaded, out = [], {}
     resolver = WorkloadResolver()
+    srv = listener() if name == "tcp" else None
+    limit = {"target_port": srv.getsockname()[1]} if srv else {}
     try:
         for kind in order:
-            probe = REGISTRY[name](workloads=resolver if kind == "workload" else None)
+            probe = REGISTRY[name](workloads=resolver if kind == "workload" else None, **limit)
             lps, statuses = load(cfg, {name: probe})
             if not lps:
                 raise RuntimeError(f"{name} ({kind}) did not load: {statuses[0].reason}")
             loaded.append((kind, lps[0]))
         before = {kind: program_stats(lp.obj) for kind, lp in loaded}
-        workload(seconds, cgroup_dirs, scratch)
+        if srv:
+            tcp_workload(seconds, cgroup_dirs, srv)
+        else:
+            workload(seconds, cgroup_dirs, scratch)
         for kind, lp in loaded:
             ns, runs, _ = program_stats(lp.obj)
             out[kind] = (ns - before[kind][0], runs - before[kind][1], recorded(lp.probe))
             out[kind + "_loader"] = lp.status.loader
     finally:
+        if srv:
+            srv.close()
         unload([lp for _, lp in loaded])
         resolver.close()
     return out

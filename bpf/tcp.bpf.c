@@ -6,7 +6,8 @@
  * Parameters (set by agent/sources/ebpf/tcp.py; -D under bcc, .rodata under CO-RE):
  *   TARGET_PORT=n             count only traffic with local or remote port n (CO-RE: 0 = all)
  *   BY_CGROUP                 key every count by the cgroup of the socket's owner (below); off,
- *                             the cgroup of every key is 0 and the counts are host-wide
+ *                             the cgroup of every key is 0 and the counts are host-wide. Keyed
+ *                             maps and their `<map>_overflow` companions: bpf/include/maps.h
  *   ERR_EBUSY, ERR_EINVAL, ERR_ENOMEM, ERR_EHOSTUNREACH, ERR_EAGAIN   errno values (CO-RE:
  *                             constants, the same on every architecture we build for)
  * Kernel facts, from the tracepoints' format files and BTF under bcc (-D), asked of the running
@@ -45,21 +46,6 @@
 #endif
 #include "maps.h"
 #undef tcp_key
-
-/* The cgroup-keyed parameters of maps.h's shared design, declared here until maps.h has them. */
-#ifndef HA_CGROUP_OVERFLOW
-#define HA_CGROUP_OVERFLOW (~0ULL)  /* the cgroup of keys that did not fit; user space creates them */
-#endif
-#ifndef HA_BY_CGROUP
-#ifdef HA_CORE
-const volatile bool BY_CGROUP = false;
-#define HA_BY_CGROUP BY_CGROUP
-#elif defined(BY_CGROUP)
-#define HA_BY_CGROUP 1
-#else
-#define HA_BY_CGROUP 0
-#endif
-#endif
 
 #ifdef HA_CORE
 const volatile u16 TARGET_PORT = 0;
@@ -132,6 +118,7 @@ enum hostagent_sk_rst_reason { HOSTAGENT_SK_RST_REASON_UNREAD };
 
 #define DIRECTION_ACTIVE 0
 #define DIRECTION_PASSIVE 1
+#define TCP_DIRECTIONS 2
 
 /* include/net/tcp_states.h */
 #define TCP_ESTABLISHED 1
@@ -160,15 +147,19 @@ struct tcp_key {
 };
 
 HA_PERCPU_HASH(tcp_counts, struct tcp_event_key, u64, TCP_MAX_KEYS);
+HA_PERCPU_HASH(tcp_counts_overflow, struct tcp_event_key, u64, TCP_EVENTS);
 HA_PERCPU_ARRAY(tcp_misses, u64, TCP_MISSES);
 HA_HASH(tcp_connections, u64, struct tcp_connection, TCP_MAX_CONNECTIONS);
-EXP2_HISTOGRAM(tcp_lifetime, struct tcp_key, TCP_MAX_LIFETIME_KEYS);
+EXP2_KEYED_HISTOGRAM(tcp_lifetime, struct tcp_key, TCP_MAX_LIFETIME_KEYS, TCP_DIRECTIONS * EXP2_SLOTS);
 
 #ifndef HA_CORE
-HA_MAP_FN u64 *tcp_counts_lookup(struct tcp_event_key *key) { return tcp_counts.lookup(key); }
 HA_MAP_FN u64 *tcp_counts_lookup_or_try_init(struct tcp_event_key *key, u64 *zero)
 {
     return tcp_counts.lookup_or_try_init(key, zero);
+}
+HA_MAP_FN u64 *tcp_counts_overflow_lookup_or_try_init(struct tcp_event_key *key, u64 *zero)
+{
+    return tcp_counts_overflow.lookup_or_try_init(key, zero);
 }
 HA_MAP_FN u64 *tcp_misses_lookup(u32 *index) { return tcp_misses.lookup(index); }
 HA_MAP_FN struct tcp_connection *tcp_connections_lookup(u64 *sk) { return tcp_connections.lookup(sk); }
@@ -179,7 +170,12 @@ HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup_or_try_init(struct tcp_key *ke
 {
     return tcp_lifetime.lookup_or_try_init(key, zero);
 }
-HA_MAP_FN struct exp2_bucket *tcp_lifetime_lookup(struct tcp_key *key) { return tcp_lifetime.lookup(key); }
+HA_MAP_FN struct exp2_bucket *tcp_lifetime_overflow_lookup_or_try_init(struct tcp_key *key,
+                                                                       struct exp2_bucket *zero)
+{
+    return tcp_lifetime_overflow.lookup_or_try_init(key, zero);
+}
+HA_MAP_FN u64 *ha_events_lookup(u32 *i) { return ha_events.lookup(i); }
 #endif
 
 static __always_inline void miss(u32 index)
@@ -225,11 +221,7 @@ static __always_inline void count_n(u64 cgroup, u32 event, u64 n)
 {
     struct tcp_event_key key = {.cgroup = cgroup, .event = event};
     u64 zero = 0;
-    u64 *total = HA_LOOKUP_OR_TRY_INIT(tcp_counts, &key, &zero);
-    if (!total) {                   /* the map is full: the overflow key is always there */
-        key.cgroup = HA_CGROUP_OVERFLOW;
-        total = HA_LOOKUP(tcp_counts, &key);
-    }
+    u64 *total = HA_KEYED_LOOKUP_OR_TRY_INIT(tcp_counts, &key, &zero);
     if (total)
         *total += n;
 }
@@ -361,11 +353,6 @@ HA_TRACEPOINT(sock, inet_sock_set_state, inet_sock_set_state)
     key.cgroup = owner(args->skaddr, 1);
 
     struct exp2_bucket zero = {};
-    struct exp2_bucket *bucket = HA_LOOKUP_OR_TRY_INIT(tcp_lifetime, &key, &zero);
-    if (!bucket) {                  /* the map is full: the overflow buckets are always there */
-        key.cgroup = HA_CGROUP_OVERFLOW;
-        bucket = HA_LOOKUP(tcp_lifetime, &key);
-    }
-    exp2_add(bucket, lifetime);
+    exp2_add(HA_KEYED_LOOKUP_OR_TRY_INIT(tcp_lifetime, &key, &zero), lifetime);
     return 0;
 }

@@ -318,7 +318,8 @@ def test_gone_cgroup_keeps_its_totals_and_leaves_the_maps(probe, namespaces, cgr
 
 def test_full_map_counts_in_the_overflow_series(probe, namespaces, cgroups, port):
     """With tcp_counts full (filled with keys of cgroups that never existed), A's opens go to the
-    otel.metric.overflow=true series and to hostagent.ebpf.map.overflow; nothing is lost."""
+    otel.metric.overflow=true series (tcp_counts_overflow) and to hostagent.ebpf.map.overflow; nothing
+    is lost."""
     ns, a = namespaces[1], cgroups[0]
     free = probe.counts.max_entries - len(probe.counts.read(TcpEventKey)[0])
     fake = 1 << 62                       # far above any real cgroup id
@@ -326,9 +327,7 @@ def test_full_map_counts_in_the_overflow_series(probe, namespaces, cgroups, port
         probe.counts.update(TcpEventKey(fake + i // len(EVENTS), i % len(EVENTS)), bytes(probe.counts.buffer_size))
     lost0 = misses(probe, "inet_sock_set_state")
     overflow = (("otel.metric.overflow", True),)
-    counter = probe.telemetry.counter("hostagent.ebpf.map.overflow", "", "")
-    attrs = (("probe", "tcp"), ("map", "tcp_counts"))
-    seen0 = counter.value(attrs)
+    seen0 = probe.map_overflows().get("tcp_counts", 0)
     out = run(a, ns, sys.executable, "-c", WORKLOAD, "traffic", str(port), "3", "2")
     assert out.stdout.strip() == "ok"
     after = read(probe)                 # folds the fake cgroups: the map has room again
@@ -337,8 +336,9 @@ def test_full_map_counts_in_the_overflow_series(probe, namespaces, cgroups, port
     assert 3 - lost <= after[ACTIVE].get(key, 0) <= 3
     assert 3 - lost <= after[PASSIVE].get(key, 0) <= 3
     assert after[ACTIVE].get(workload(a), 0) == 0
-    assert counter.value(attrs) - seen0 == sum(after[k].get(key, 0) for k in (ACTIVE, PASSIVE, RETRANSMITTED, SENT, RECEIVED))
-    assert probe.counts.read(TcpEventKey)[0]["cgroup"].tolist().count(CGROUP_OVERFLOW) == len(EVENTS)
+    assert probe.map_overflows()["tcp_counts"] - seen0 == sum(after[k].get(key, 0) for k in (ACTIVE, PASSIVE, RETRANSMITTED, SENT, RECEIVED))
+    assert set(probe.counts_overflow.read(TcpEventKey)[0]["cgroup"].tolist()) == {CGROUP_OVERFLOW}
+    assert CGROUP_OVERFLOW not in probe.counts.read(TcpEventKey)[0]["cgroup"].tolist()
 
 
 def add(bpf_map, key, amount: int) -> None:
@@ -380,7 +380,7 @@ def test_folding_keeps_every_count(probe, cgroups):
         new_id = os.stat(path).st_ino
         # as the cgroup probe does at mkdir: a cgroup the resolver never learned and that is gone
         # before its first collection resolves to "unresolved", like the never-alive id
-        probe.workloads.learn(new_id, "/" + os.path.relpath(path, cgroup2_mount()))
+        probe.attribution.workloads.learn(new_id, "/" + os.path.relpath(path, cgroup2_mount()))
         write(on_live, os.stat(live).st_ino, workload(live))
         write(on_new, new_id, workload(path))
         write(on_never_alive, 1 << 62, tuple(sorted(UNRESOLVED.attributes)))

@@ -57,7 +57,7 @@ EXPECTED = {
              "tcp__tcp_send_reset": "tp/tcp/tcp_send_reset",
              "tcp__tcp_receive_reset": "tp/tcp/tcp_receive_reset",
              "sock__inet_sock_set_state": "tp/sock/inet_sock_set_state"},
-            {"tcp_counts", "tcp_misses", "tcp_connections", "tcp_lifetime"} | KEYED_MAPS()),
+            {"tcp_counts", "tcp_misses", "tcp_connections", "tcp_lifetime"} | KEYED_MAPS("tcp_counts", "tcp_lifetime")),
 }
 
 TOOLS = ("clang-14", "bpftool")

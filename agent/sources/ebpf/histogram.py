@@ -149,10 +149,12 @@ FOLD_LIMIT = 16384
 
 class Attribution:
     """A probe's cgroup-keyed maps read by workload. `workloads` (a WorkloadResolver) None: the
-    program runs without BY_CGROUP, every key's cgroup is 0 and points carry no workload."""
+    program runs without BY_CGROUP, every key's cgroup is 0 and points carry no workload.
+    `unowned`: the attributes of cgroup NO_CGROUP; None resolves it as any other id."""
 
-    def __init__(self, workloads=None, fold_limit: int = FOLD_LIMIT):
+    def __init__(self, workloads=None, fold_limit: int = FOLD_LIMIT, unowned: Optional[Attributes] = None):
         self.workloads = workloads
+        self.unowned = unowned
         self.fold_limit = fold_limit
         self._folded: dict = {}          # map name -> Keyed: the final values of gone cgroups
         self._folded_over: dict = {}     # map name -> events folded into the overflow series
@@ -205,6 +207,8 @@ class Attribution:
             return ()
         if cgroup == CGROUP_OVERFLOW:
             return OVERFLOW_ATTRIBUTES
+        if cgroup == NO_CGROUP and self.unowned is not None:
+            return self.unowned
         return self.workloads.resolve(cgroup).attributes
 
     def histogram(self, hist, overflow, key_type) -> Exp2Buckets:
@@ -238,12 +242,14 @@ def by_workload(decode: Callable[[tuple], Optional[Attributes]]) -> Callable[[tu
 class KeyedProbe(Probe):
     """A probe whose maps are keyed by cgroup (bpf/include/maps.h): BY_CGROUP when it has a
     WorkloadResolver. `max_keys` sizes its keyed maps (`keyed_maps`, -D `MAX_KEYS` under bcc);
-    `count_events` turns COUNT_EVENTS on (tests: events() is then the host-wide count)."""
+    `count_events` turns COUNT_EVENTS on (tests: events() is then the host-wide count).
+    `unowned`: see Attribution."""
     MAX_KEYS = ""
     keyed_maps: tuple = ()
+    unowned: Optional[Attributes] = None
 
     def __init__(self, workloads=None, max_keys: Optional[int] = None, count_events: bool = False):
-        self.attribution = Attribution(workloads)
+        self.attribution = Attribution(workloads, unowned=self.unowned)
         self.max_keys = max_keys
         self.count_events = count_events
 
