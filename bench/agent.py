@@ -384,6 +384,10 @@ def measure(minutes: float, quick: bool, log=print) -> dict:
                     line = wait_until(lambda: log_line(m.log_path, "ebpf_probes on="), LOAD_TIMEOUT,
                                       f"{m.name}: probes loaded", m.proc, m.log_path)
                     m.probes_on = line.split("ebpf_probes on=")[1].split()[0]
+                    off = line.split(" off=")[1].split()[0]
+                    if m.name.startswith("all-probes") and off != "-":
+                        # a stale object (bpf/build.sh not rerun after a change) turns its probe off
+                        raise SystemExit(f"{m.name}: probes off: {off}; see {m.log_path}")
             loaded = time.monotonic()
             ebpf_ports = [i for i, m in enumerate(agents) if m.ebpf and m.to_receiver]
             if not quick:
