@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from agent import __version__, profiling
@@ -107,6 +108,11 @@ def main(argv=None) -> int:
         return _fail(f"config: {e}")
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # whoever read our output went away (`hostagent probes | head`): nothing left to say, and
+        # Python's flush at exit must not fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

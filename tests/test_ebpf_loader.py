@@ -640,6 +640,36 @@ def test_probes_command_says_which_loader_and_why(tmp_path):
     assert table[0].split()[:3] == ["PROBE", "STATE", "LOADER"]
 
 
+def test_probes_command_piped_into_a_reader_that_is_gone_says_nothing_more():
+    """`hostagent probes --json | true`: the reader has exited before the command writes; the
+    closed pipe ends the command quietly, without a traceback."""
+    proc = subprocess.run(f"{sys.executable} -m agent probes --json | true", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stderr == ""
+
+
+@needs_root
+@pytest.mark.parametrize("attribution", ["workload", "host"])
+def test_probes_command_lists_the_tracepoints_a_run_attaches(tmp_path, attribution):
+    """`hostagent probes` makes the probes as a run does (under ebpf.attribution: workload with
+    the workload resolver, which adds biolatency's block_io_start), so the tracepoints it lists
+    are those the agent attaches."""
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps({"ebpf": {"attribution": attribution, "object_dir": core_objects()}}))
+    res = hostagent("probes", "--json", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    listed = {s["name"]: s["tracepoints"] for s in json.loads(res.stdout) if s["state"] == "on"}
+    source = EbpfSource(EbpfConfig(attribution=attribution, object_dir=core_objects()), SelfMetrics(),
+                        Resource(()))
+    try:
+        attached_tps = {s.name: list(s.tracepoints) for s in source.statuses if s.on}
+    finally:
+        source.close()
+    assert listed == attached_tps
+
+
 @needs_root
 def test_a_damaged_object_file_turns_off_its_probe_only(tmp_path):
     """Object files are outside data: a file of random bytes and an empty one each turn off their

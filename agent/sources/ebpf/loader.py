@@ -32,6 +32,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf import btf as btf_
 from agent.sources.ebpf import libbpf
 from agent.sources.ebpf.maps import BpfMap, prog_stats
@@ -254,9 +255,11 @@ def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) ->
 
 # --- the registry, filtered by config --------------------------------------------------------
 
-def _probes(cfg, probes) -> dict:
-    """{name: Probe}: the given classes created with their config section, or instances as they are."""
-    return {name: (p.create(cfg.probes.get(name)) if isinstance(p, type) else p) for name, p in probes.items()}
+def _probes(cfg, probes, workloads=None) -> dict:
+    """{name: Probe}: the given classes created with their config section (and `workloads`, the
+    resolver a run would give them), or instances as they are."""
+    return {name: (p.create(cfg.probes.get(name), workloads=workloads) if isinstance(p, type) else p)
+            for name, p in probes.items()}
 
 
 def _config_problem(cfg, name: str, probe: Probe) -> Optional[str]:
@@ -307,11 +310,11 @@ class HostCheck:
         return "", f"{core}; bcc fallback: {self.bcc_problem}", ""
 
 
-def plan(cfg, probes) -> list[Plan]:
+def plan(cfg, probes, workloads=None) -> list[Plan]:
     """Each probe with its loader, the tracepoints it would use and whether it would load."""
     host = HostCheck()
     plans = []
-    for name, probe in _probes(cfg, probes).items():
+    for name, probe in _probes(cfg, probes, workloads).items():
         tps = tuple(probe.tracepoints)
         loader, fallback = "", ""
         reason = _config_problem(cfg, name, probe) or host.problem
@@ -330,11 +333,16 @@ def plan(cfg, probes) -> list[Plan]:
 
 
 def check(cfg, probes) -> list[ProbeStatus]:
-    """Which probes would load on this host and why the others would not. Loads nothing."""
+    """Which probes would load on this host and why the others would not. Loads nothing. The
+    probes are made as a run makes them (with a workload resolver under ebpf.attribution:
+    workload: the keyed variants may use more tracepoints)."""
+    workloads = WorkloadResolver() if cfg.attribution == "workload" else None
     try:
-        return [p.status for p in plan(cfg, probes)]
+        return [p.status for p in plan(cfg, probes, workloads)]
     finally:
         _drop_kernel_btf()
+        if workloads is not None:
+            workloads.close()
 
 
 # --- loading ---------------------------------------------------------------------------------
