@@ -291,7 +291,6 @@ def test_parsers_take_the_kernels_formats():
     for bad in ("user_usec nan", "user_usec -1", f"user_usec {1 << 64}", "user_usec 1e3", "user_usec", "a b c"):
         assert cgroupfs.parse_flat(bad) == {}, bad
     assert cgroupfs.parse_io_stat("x:0 rbytes=1\n8: rbytes=1\n:0 rbytes=1\n8:0 rbytes=nan wbytes=2\n") == {"8:0": {"wbytes": 2}}
-    assert cgroupfs.device_name("0:0") == "0:0"
 
 
 TEXT = st.text(alphabet=st.sampled_from(list("0123456789:= \n\tabrwiosyteuscRWTal_-.nNe\u00e9\x00")), max_size=500)

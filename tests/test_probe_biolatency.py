@@ -12,10 +12,11 @@ import time
 import pytest
 
 from agent.model import MetricKind
+from agent.procfs.devices import DeviceNames
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.biolatency import (ACCOUNTING_OWNER, ACCOUNTING_TRACEPOINTS, DRIVER_TRACEPOINTS,
-                                           BioKey, BiolatencyProbe, DeviceNames, OPERATIONS,
+                                           BioKey, BiolatencyProbe, OPERATIONS,
                                            accounting_params)
 from agent.sources.ebpf.loader import btf_facts, btf_member_offset, tracepoint_available
 from tests.ebpf_helpers import attached, checked_structs, misses
@@ -293,6 +294,7 @@ def test_device_names(tmp_path):
     names = DeviceNames(str(tmp_path))
     assert names.name(254 << 20 | 16) == "vdb"
     assert names.name(8 << 20 | 1) == "8:1"
+    assert names.number("254:16") == "vdb" and names.number("0:0") == "0:0"
 
 
 def test_accounting_params_come_from_btf(tmp_path):

@@ -22,13 +22,13 @@ from typing import ClassVar
 from agent.config import Duration, check_ranges
 from agent.model import Resource
 from agent.procfs import cgroupfs
+from agent.procfs.devices import DeviceNames
 from agent.procfs.identity import cgroup2_mount
 from agent.sources.host import HostScraper, Points, ScraperConfig, log
 
 STALL_TYPE = "system.linux.pressure.stall_type"
 HOST_PRESSURE = "/proc/pressure/"
 HOST_RESOURCES = ("cpu", "memory", "io", "irq")  # irq: kernels with CONFIG_IRQ_TIME_ACCOUNTING, 6.1+
-DEVICE_CACHE = 4096  # device numbers -> names kept; a host has far fewer block devices
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,7 @@ class CgroupUsageScraper(WorkloadScraper):
 
     def __init__(self, cfg, telemetry, resource: Resource, enrichment=None):
         super().__init__(cfg, telemetry, resource)
-        self._devices: dict = {}
-
-    def device(self, number: str) -> str:
-        name = self._devices.get(number)
-        if name is None:
-            if len(self._devices) >= DEVICE_CACHE:
-                self._devices.clear()
-            name = self._devices[number] = cgroupfs.device_name(number)
-        return name
+        self.devices = DeviceNames()
 
     def scrape(self, p: Points) -> None:
         parts = {part: p.wants(*(f"{prefix}.{m}" for prefix in ("container", "cgroup") for m in metrics))
@@ -186,7 +178,7 @@ class CgroupUsageScraper(WorkloadScraper):
             for what, value in u.memory.items():
                 p.add(f"{prefix}memory.{what}", value, attrs, start)
             for number, (rbytes, wbytes, rios, wios) in sorted(u.io.items()):
-                device = (("system.device", self.device(number)),)
+                device = (("system.device", self.devices.number(number)),)
                 read, write = (("disk.io.direction", "read"),), (("disk.io.direction", "write"),)
                 p.add(prefix + "disk.io", rbytes, attrs + device + read, start)
                 p.add(prefix + "disk.io", wbytes, attrs + device + write, start)

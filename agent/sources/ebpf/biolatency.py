@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
-import os
 from typing import Optional
 
 from agent.model import Metric, MetricKind
+from agent.procfs.devices import DeviceNames
 from agent.sources.ebpf import histogram
 from agent.sources.ebpf.loader import btf_facts
 
@@ -56,9 +56,6 @@ def accounting_params() -> Optional[dict]:
 # BIO_OP_* in bpf/biolatency.bpf.c
 OPERATIONS = {0: "read", 1: "write", 2: "flush", 3: "discard", 4: "other"}
 
-MINOR_BITS = 20     # the kernel's dev_t: major << 20 | minor
-
-
 class BioKey(ct.Structure):
     """struct bio_key"""
     _fields_ = [("cgroup", ct.c_uint64), ("dev", ct.c_uint32), ("op", ct.c_uint32), ("slot", ct.c_uint32),
@@ -68,36 +65,6 @@ class BioKey(ct.Structure):
 class BioStart(ct.Structure):
     """struct bio_start"""
     _fields_ = [("at", ct.c_uint64), ("cgroup", ct.c_uint64)]
-
-
-class DeviceNames:
-    """Kernel dev_t -> block device name (vda, nvme0n1, dm-0), from /sys/dev/block/MAJ:MIN/uevent;
-    looked up again on a miss so hot-plugged devices get their names."""
-
-    def __init__(self, sysfs: str = "/sys/dev/block"):
-        self.sysfs = sysfs
-        self._names: dict = {}
-
-    def name(self, dev: int) -> str:
-        cached = self._names.get(dev)
-        if cached is not None:
-            return cached
-        major, minor = dev >> MINOR_BITS, dev & ((1 << MINOR_BITS) - 1)
-        name = self._read(major, minor)
-        if name is None:
-            return f"{major}:{minor}"       # gone or not yet visible: not cached
-        self._names[dev] = name
-        return name
-
-    def _read(self, major: int, minor: int) -> Optional[str]:
-        try:
-            with open(os.path.join(self.sysfs, f"{major}:{minor}", "uevent")) as f:
-                for line in f:
-                    if line.startswith("DEVNAME="):
-                        return line.strip().partition("=")[2]
-        except OSError:
-            return None
-        return None
 
 
 class BiolatencyProbe(histogram.KeyedProbe):
