@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from agent.procfs.identity import decoded
+from agent.procfs.identity import decoded, mounts
 from agent.procfs.workload import classify
 
 FILE_LIMIT = 64 * 1024  # io.stat of a host with many devices is a few KiB, memory.stat ~2 KiB
@@ -120,30 +120,16 @@ def parse_blkio(text: str) -> dict:
     return out
 
 
-def device_name(device: str, sys_dev_block: str = "/sys/dev/block") -> str:
-    """"8:0" -> "sda" through /sys/dev/block; the number itself when it does not resolve."""
-    try:
-        return os.path.basename(os.readlink(os.path.join(sys_dev_block, device))) or device
-    except OSError:
-        return device
-
-
 # --- where the hierarchies are ---------------------------------------------------------------------
 
 def v1_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict:
     """{controller: mount point} of the cgroup v1 hierarchies we read (cpuacct, memory, blkio)."""
     out = {}
-    try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = right.split()
-                if len(fields) >= 3 and fields[0] == "cgroup":
-                    for option in fields[2].split(","):
-                        if option in V1_CONTROLLERS and option not in out:
-                            out[option] = left.split()[4]
-    except OSError:
-        pass
+    for fstype, options, point in mounts(mountinfo):
+        if fstype == "cgroup":
+            for option in options.split(","):
+                if option in V1_CONTROLLERS and option not in out:
+                    out[option] = point
     return out
 
 

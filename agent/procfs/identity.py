@@ -361,16 +361,24 @@ FILEID_KERNFS = 0xFE
 O_PATH = 0o10000000
 
 
-def cgroup2_mount() -> Optional[str]:
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list:
+    """(filesystem type, super options, mount point) of each mount in `mountinfo`; [] when it
+    cannot be read."""
+    out = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split()[4]
+                fields, point = right.split(), left.split()[4:5]
+                if len(fields) >= 3 and point:
+                    out.append((fields[0], fields[2], point[0]))
     except OSError:
         pass
-    return None
+    return out
+
+
+def cgroup2_mount() -> Optional[str]:
+    return next((point for fstype, _, point in mounts() if fstype == "cgroup2"), None)
 
 
 class CgroupPaths:
