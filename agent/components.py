@@ -44,7 +44,7 @@ SCRAPERS = {f.type: f for f in (
 )}
 
 # sources loaded in the background once the scrapers run, each with a config section of its name
-# (`enabled` switches it) and created with create(config, telemetry, resource=, enrichment=)
+# (`enabled` switches it) and created with create(config, telemetry, resource=, enrichment=, state_dir=)
 SOURCES = {f.type: f for f in (
     Factory("ebpf", EbpfConfig, EbpfSource),
 )}

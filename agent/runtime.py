@@ -72,31 +72,46 @@ class Agent:
         cfg, telemetry = self.cfg, self.telemetry
         self.stopping.clear()
         self.resource = telemetry.resource = detect(cfg.resource)
-        self.pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, telemetry), telemetry, backlog)
-        self.pipeline.start()
-        self.sources = [*build_scrapers(cfg.scrapers, telemetry, self.resource, cfg.enrichment), telemetry]
+        # sources load first, in the background (bcc compiles for seconds; CO-RE probes attach
+        # the sooner, the sooner they start), and join once the pipeline runs
+        pipeline = _Started()
+        for name, factory in SOURCES.items():
+            if getattr(cfg, name).enabled:
+                threading.Thread(target=self._start_source, args=(name, factory, pipeline), name=f"{name}-loader",
+                                 daemon=True).start()
+        try:
+            self.pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, telemetry), telemetry, backlog)
+            self.pipeline.start()
+            self.sources = [*build_scrapers(cfg.scrapers, telemetry, self.resource, cfg.enrichment), telemetry]
+        except BaseException:
+            pipeline.set(False)         # the sources loading for it close again
+            raise
+        pipeline.set(True)
         self._scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self._scheduler.start()
-        for name, factory in SOURCES.items():  # loading may take seconds (bcc compiles): off the schedule
-            if getattr(cfg, name).enabled:
-                threading.Thread(target=self._start_source, args=(name, factory), name=f"{name}-loader",
-                                 daemon=True).start()
         log.info("started version=%s interval=%s exporter=%r", __version__, cfg.collection_interval,
                  describe_destination(cfg))
 
-    def _start_source(self, name: str, factory) -> None:
+    def _start_source(self, name: str, factory, pipeline: "_Started") -> None:
         try:
             source = factory.create(getattr(self.cfg, name), self.telemetry, resource=self.resource,
-                                    enrichment=self.cfg.enrichment)
-            source.start(self.pipeline.emit)
+                                    enrichment=self.cfg.enrichment, state_dir=self.cfg.state_dir)
         except Exception:
             log.exception("%s_unavailable", name)
             return
-        with self._sources_lock:
-            if self.stopping.is_set():
-                source.close()
-                return
-            self.sources.insert(len(self.sources) - 1, source)
+        if not pipeline.wait():
+            source.close()
+            return
+        try:
+            with self._sources_lock:
+                if self.stopping.is_set():
+                    source.close()
+                    return
+                source.start(self.pipeline.emit)
+                self.sources.insert(len(self.sources) - 1, source)
+        except Exception:
+            log.exception("%s_unavailable", name)
+            source.close()
 
     def collect_once(self) -> None:
         with self._sources_lock:
@@ -170,6 +185,21 @@ class Agent:
         self.cfg = cfg
         setup_logging(cfg.logging.level)
         self.start(backlog)
+
+
+class _Started:
+    """Whether one start's pipeline came up: its sources wait for the answer."""
+
+    def __init__(self):
+        self._event, self.ok = threading.Event(), False
+
+    def set(self, ok: bool) -> None:
+        self.ok = ok
+        self._event.set()
+
+    def wait(self) -> bool:
+        self._event.wait()
+        return self.ok
 
 
 M_ARENA_MAX = -8

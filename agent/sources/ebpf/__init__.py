@@ -23,9 +23,10 @@ from agent.model import Batch, LogGroup, Metric, MetricGroup, MetricKind, Number
 from agent.procfs.identity import EnrichmentConfig
 from agent.procfs.workload import WorkloadResolver
 from agent.sources import Emit, Source
-from agent.sources.ebpf import loader
+from agent.sources.ebpf import corebtf, loader
 from agent.sources.ebpf.loader import ProbeStatus, format_table, load, program_stats, unload
 from agent.sources.ebpf.maps import enable_stats
+from agent.sources.ebpf.probe import OBJECT_DIR
 from agent.sources.ebpf.registry import PROBES
 from agent.sources.ebpf.ringbuf import Poller, PollSchedule, read_drops
 
@@ -58,9 +59,11 @@ class EbpfSource(Source):
     name = "ebpf"
 
     def __init__(self, cfg, telemetry, resource: Resource, probes=None, poll_interval: float = POLL_INTERVAL,
-                 enrichment: EnrichmentConfig = EnrichmentConfig()):
+                 enrichment: EnrichmentConfig = EnrichmentConfig(), state_dir: Optional[str] = None):
         """`telemetry`: the agent's own metrics; `probes` overrides the registry ({name: Probe class
-        or instance}); `enrichment` says whether and how the process probe records command lines.
+        or instance}); `enrichment` says whether and how the process probe records command lines;
+        `state_dir`: where what the probes need of this kernel's BTF is kept across starts
+        (corebtf.py; none: parsed at every start).
         With `ebpf.attribution: workload` one WorkloadResolver serves every probe."""
         self.workloads = WorkloadResolver(telemetry) if cfg.enabled and cfg.attribution == "workload" else None
         if probes is None:
@@ -70,7 +73,7 @@ class EbpfSource(Source):
         self.poll_interval = poll_interval
         self.start_ns = now_ns()
         self._stats_fd = self._enable_stats()
-        self._loaded, self.statuses = load(cfg, probes)
+        self._loaded, self.statuses = load(cfg, probes, cache=self._btf_cache(cfg, state_dir))
         if not self._loaded and self._stats_fd is not None:     # nothing to time
             os.close(self._stats_fd)
             self._stats_fd = None
@@ -78,6 +81,15 @@ class EbpfSource(Source):
         self._poller = None
         self._closed = False
         self._lock = threading.Lock()       # start/close against each other, not the hot path
+
+    @staticmethod
+    def _btf_cache(cfg, state_dir: Optional[str]) -> Optional[corebtf.Cache]:
+        if state_dir is None or not cfg.enabled or cfg.loader == loader.BCC:
+            return None
+        try:
+            return corebtf.Cache(state_dir, cfg.object_dir or OBJECT_DIR)
+        except OSError:         # no kernel BTF: bcc's fallback, which has no use for it
+            return None
 
     @staticmethod
     def _enable_stats() -> Optional[int]:

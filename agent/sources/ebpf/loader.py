@@ -18,6 +18,7 @@ BTF, parsed by libbpf in C (btf.py parses object BTF, and vmlinux only where lib
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -34,7 +35,7 @@ import numpy as np
 
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf import btf as btf_
-from agent.sources.ebpf import libbpf
+from agent.sources.ebpf import corebtf, libbpf
 from agent.sources.ebpf.maps import BpfMap, prog_stats
 from agent.sources.ebpf.probe import BPF_DIR, Probe
 
@@ -208,6 +209,7 @@ def tracepoint_fields(tp: str) -> Mapping[str, TracepointField]:
 
 _kernel_btfs: dict = {}
 _kernel_btf_lock = threading.Lock()
+_facts_kept: Optional[dict] = None      # {(kind, a, b): answer} for the running kernel, while load() keeps them
 
 
 def _kernel_btf(path: str):
@@ -235,15 +237,24 @@ def btf_facts(members=(), enumerators=(), path: str = BTF_VMLINUX) -> Optional[d
     """From one parse of the running kernel's BTF, keeping only the answers: {(struct, member):
     byte offset} for each pair in `members` (members of anonymous structs and unions included)
     and {(enum, enumerator): value} for each pair in `enumerators`, None where the kernel has no
-    such thing. None as a whole when there is no readable BTF."""
+    such thing. None as a whole when there is no readable BTF. During load() with a cache, the
+    answers kept for this kernel are used and no BTF is parsed when they are all there."""
+    keys = [("member", s, m) for s, m in members] + [("enumerator", e, n) for e, n in enumerators]
+    with _kernel_btf_lock:
+        kept = _facts_kept if path == BTF_VMLINUX else None
+        if kept is not None and all(k in kept for k in keys):
+            return {k[1:]: kept[k] for k in keys}
     try:
         btf = _kernel_btf(path)
-        facts = {(s, m): btf.member_offset(s, m) for s, m in members}
-        facts.update({(e, name): btf.enumerator(name, e) for e, name in enumerators})
+        answers = {k: btf.member_offset(k[1], k[2]) if k[0] == "member" else btf.enumerator(k[2], k[1])
+                   for k in keys}
     except (OSError, btf_.BtfError, libbpf.LibbpfError, struct.error, ValueError) as e:
         log.debug("btf_unavailable path=%s error=%s", path, e)
         return None
-    return facts
+    with _kernel_btf_lock:
+        if kept is not None and kept is _facts_kept:
+            kept.update(answers)
+    return {k[1:]: v for k, v in answers.items()}
 
 
 def btf_member_offset(struct_name: str, member: str, path: str = BTF_VMLINUX) -> Optional[int]:
@@ -281,6 +292,7 @@ class Plan:
     tracepoints: tuple = ()
     object_dir: str = ""          # ebpf.object_dir, for the CO-RE loader
     params: Optional[dict] = None  # probe.params(tracepoints), when load() asked them already
+    kernel_btf: str = BTF_VMLINUX  # what the CO-RE loader relocates against: the kernel's BTF or its subset
 
 
 class HostCheck:
@@ -520,11 +532,13 @@ def _libbpf_error(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _load_core(probe: Probe, tps: tuple, params: Mapping, object_dir: str = "") -> CoreObject:
+def _load_core(probe: Probe, tps: tuple, params: Mapping, object_dir: str = "",
+               kernel_btf: str = BTF_VMLINUX) -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
-    others), set its parameters (.rodata) and map sizes, load and attach."""
+    others), set its parameters (.rodata) and map sizes, load (relocated against `kernel_btf`)
+    and attach."""
     path = probe.object_file(object_dir)
-    obj = libbpf.BpfObject.open(path, kernel_btf=BTF_VMLINUX)
+    obj = libbpf.BpfObject.open(path, kernel_btf=kernel_btf)
     try:
         wanted = probe.programs(tps)
         programs = obj.programs()
@@ -599,7 +613,10 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
 
     try:
         params = plan_.params if plan_.params is not None else probe.params(tps)
-        obj = _load_core(probe, tps, params, plan_.object_dir) if status.loader == CORE else _load_bcc(probe, tps, params)
+        if status.loader == CORE:
+            obj = _load_core_subset_first(plan_, params)
+        else:
+            obj = _load_bcc(probe, tps, params)
     except Exception as e:
         return None, off(str(e))
     try:
@@ -619,6 +636,24 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
         obj.close()
         return None, off(f"setup failed: {e}")
     return LoadedProbe(probe, obj, status, tps, list(getattr(probe, "ring_buffers", ()))), status
+
+
+def _load_core_subset_first(plan_: Plan, params: Mapping) -> CoreObject:
+    """_load_core() against the plan's BTF; where that is the cached subset and the load fails,
+    once more against the kernel's whole BTF (the subset is then dropped, to be made again)."""
+    probe, tps = plan_.probe, plan_.tracepoints
+    try:
+        return _load_core(probe, tps, params, plan_.object_dir, plan_.kernel_btf)
+    except Exception as e:
+        if plan_.kernel_btf == BTF_VMLINUX:
+            raise
+        first = e
+    obj = _load_core(probe, tps, params, plan_.object_dir, BTF_VMLINUX)
+    log.warning("ebpf_btf_subset_failed probe=%s path=%s error=%s (loaded against %s; the subset is made "
+                "again)", plan_.status.name, plan_.kernel_btf, json.dumps(str(first)), BTF_VMLINUX)
+    with contextlib.suppress(OSError):
+        os.unlink(plan_.kernel_btf)
+    return obj
 
 
 def _load_all(plans: list, threads: int) -> list:
@@ -651,14 +686,24 @@ def _load_all(plans: list, threads: int) -> list:
     return [r if r is not None else load_one(p) for r, p in zip(results, plans)]
 
 
-def load(cfg, probes, threads: int = 0) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
+def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None
+         ) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
     """Load, attach and set up every probe that check() says would load; CO-RE objects by
-    `threads` threads at once (default: one per CPU, at most LOAD_THREADS)."""
+    `threads` threads at once (default: one per CPU, at most LOAD_THREADS). With a `cache` (the
+    state directory's, corebtf.Cache), the kernel facts and the subset of the kernel's BTF kept
+    for this kernel are used, and what was missing is kept for the next start once every probe
+    is attached."""
+    global _facts_kept
     started = time.monotonic()
     threads = threads or min(os.cpu_count() or 1, LOAD_THREADS)
+    kept = cache.facts() if cache is not None else None
+    subset = cache.core_btf() if cache is not None else None
     try:
+        with _kernel_btf_lock:
+            _facts_kept = None if kept is None else dict(kept)
         plans = plan(cfg, probes)
         for p in plans:         # the kernel facts they need from one BTF parse, dropped before loading
+            p.kernel_btf = subset or BTF_VMLINUX
             if p.status.on:
                 try:
                     p.params = p.probe.params(p.tracepoints)
@@ -666,15 +711,37 @@ def load(cfg, probes, threads: int = 0) -> tuple[list[LoadedProbe], list[ProbeSt
                     pass
     finally:
         _drop_kernel_btf()
+        with _kernel_btf_lock:
+            facts, _facts_kept = _facts_kept, None
     results = _load_all(plans, threads)
     loaded = [lp for lp, _ in results if lp is not None]
     statuses = [status for _, status in results]
-    log_statuses(statuses, time.monotonic() - started)
+    core = any(s.on and s.loader == CORE for s in statuses)
+    log_statuses(statuses, time.monotonic() - started, "subset" if core and subset else "kernel" if core else "")
+    if cache is not None:
+        made = core and not (subset and os.path.exists(subset))    # none, or dropped by a failed load
+        keep_for_next_start(cache, facts if facts != kept else None, made)
     if any(s.loader == BCC for s in statuses):
         release_compiler_memory()
     else:
         malloc_trim()
     return loaded, statuses
+
+
+def keep_for_next_start(cache: corebtf.Cache, facts: Optional[dict], subset: bool) -> None:
+    """Write the kernel facts (when new ones were asked) and make the BTF subset (when there was
+    none) into `cache`; what fails is logged, and the next start parses the kernel's BTF again."""
+    started = time.monotonic()
+    try:
+        if facts is not None:
+            cache.save_facts(facts)
+        if subset:
+            path = cache.build_core_btf()
+            log.info("ebpf_btf_subset_saved path=%s bytes=%d seconds=%.3f", path, os.path.getsize(path),
+                     time.monotonic() - started)
+    except (OSError, corebtf.SubsetError, btf_.BtfError, struct.error, ValueError) as e:
+        log.warning("ebpf_btf_cache_failed dir=%s error=%s (the next start parses the kernel's BTF per probe)",
+                    cache.dir, json.dumps(str(e)))
 
 
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
@@ -747,12 +814,14 @@ def unload(loaded: list[LoadedProbe]) -> None:
             log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
 
 
-def log_statuses(statuses: list[ProbeStatus], seconds: float) -> None:
-    """The load's outcome; `seconds`: from load()'s start to every probe attached and set up."""
+def log_statuses(statuses: list[ProbeStatus], seconds: float, btf: str = "") -> None:
+    """The load's outcome; `seconds`: from load()'s start to every probe attached and set up;
+    `btf`: what CO-RE objects relocated against (`subset`: the state directory's, corebtf.py;
+    `kernel`: the kernel's whole BTF)."""
     on = [s.name for s in statuses if s.on]
     off = [s for s in statuses if not s.on]
-    log.info("ebpf_probes on=%s off=%s seconds=%.3f", ",".join(on) or "-", ",".join(s.name for s in off) or "-",
-             seconds)
+    log.info("ebpf_probes on=%s off=%s seconds=%.3f%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-",
+             seconds, f" btf={btf}" if btf else "")
     if off:
         log.warning("ebpf_probes_off %s", " ".join(f"{s.name}={json.dumps(s.reason)}" for s in off))
     fallbacks = [s for s in statuses if s.fallback]
