@@ -35,9 +35,8 @@ import tempfile
 from typing import Iterable, Optional
 
 from agent.sources.ebpf import btf as btf_
-from agent.sources.ebpf.btf import (ARRAY, CONST, DATASEC, DECL_TAG, ENUM, ENUM64, FLOAT, FUNC, FUNC_PROTO, FWD,
-                                    INT, PTR, RESTRICT, STRUCT, TYPE_TAG, TYPEDEF, UNION, VAR, VOLATILE, Btf,
-                                    BtfError)
+from agent.sources.ebpf.btf import (ARRAY, CONST, ENUM, ENUM64, FLOAT, FUNC_PROTO, FWD, INT, PTR, RESTRICT, STRUCT,
+                                    TYPE_TAG, TYPEDEF, UNION, VOLATILE, Btf)
 
 log = logging.getLogger("hostagent.ebpf")
 
