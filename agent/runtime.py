@@ -1,7 +1,8 @@
 """Start order, the collection schedule, signals, health and shutdown.
 
-Start: logging -> resource -> exporter -> pipeline -> host sources -> scheduler; the eBPF probes
-compile in the background and join the schedule when loaded, so host metrics never wait for clang.
+Start: logging -> resource -> the eBPF probes start loading in the background -> exporter ->
+pipeline -> host scrapers -> scheduler; the probes join the schedule once loaded and the pipeline
+runs, so host metrics never wait for bcc's clang, and CO-RE probes attach while the rest starts.
 SIGTERM/SIGINT: sources stop, one last flush, delivery for at most shutdown_timeout, exit 0.
 SIGHUP: the config file is read again; a bad one is logged and the running config stays; a good
 one replaces sources and pipeline, and undelivered payloads move to the new pipeline.

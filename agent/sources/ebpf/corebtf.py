@@ -25,6 +25,7 @@ only the current kernel's entry is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -63,7 +64,7 @@ class SubsetError(Exception):
 
 def elf_sections(data: bytes, wanted: Iterable[str]) -> dict:
     """{name: bytes} of the wanted sections of a 64-bit little-endian ELF file."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if len(data) < 64 or data[:6] != b"\x7fELF\x02\x01":
         raise SubsetError("not a 64-bit little-endian ELF file")
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
@@ -488,17 +489,9 @@ def _write(path: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 class Cache:
@@ -540,7 +533,7 @@ class Cache:
         self._prepare()
         for old in os.listdir(self.dir):
             if old.startswith("core-") and os.path.join(self.dir, old) != path:
-                with _suppress():
+                with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.dir, old))
         _write(path, data)
         return path

@@ -22,8 +22,11 @@ not go through libbpf at all (maps.py uses bpf(2) on the fds), so both loaders s
     KernelBtf.open(path)                  the running kernel's BTF, parsed by libbpf (~7 ms in C,
                                           against ~40 ms for btf.py): member offsets, enum values
 
-libbpf's messages go to the `hostagent.ebpf.libbpf` logger (debug; warnings and errors at their
-level); the last LOG_BYTES of them are kept per call so a failed load can say why.
+libbpf prints only for an object opened with `messages=True` (the loader asks for them when it
+loads again an object that failed): to the `hostagent.ebpf.libbpf` logger (debug; warnings and
+errors at their level), the last LOG_BYTES of them kept per call so the failure can say why.
+Otherwise libbpf prints nothing: a Python print function costs each of its messages the GIL,
+and a load then waits for it while another thread runs Python (2-10x slower loads measured).
 """
 from __future__ import annotations
 
@@ -87,6 +90,8 @@ _lib = None
 _lib_lock = threading.Lock()
 _capture = threading.local()
 _PRINT_FN = ct.CFUNCTYPE(ct.c_int, ct.c_int, ct.c_char_p, ct.c_void_p)
+_NO_PRINT = ct.cast(None, _PRINT_FN)
+_printing = 0                   # calls in a _Captured block: libbpf prints while there is one
 _libc = ct.CDLL(None)
 _libc.vsnprintf.argtypes = [ct.c_char_p, ct.c_size_t, ct.c_char_p, ct.c_void_p]
 
@@ -167,23 +172,38 @@ def library():
                 ("libbpf_set_print", p, [_PRINT_FN])):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
-        lib.libbpf_set_print(_print)
+        lib.libbpf_set_print(_NO_PRINT)
         _lib = lib
         return lib
 
 
 class _Captured:
-    """libbpf's messages printed by this thread during a call, for the error."""
+    """libbpf's messages printed by this thread during a call, for the error: with `messages`,
+    libbpf prints (to _print) while any thread is in such a block; without, this thread adds
+    no printing and keeps nothing."""
+
+    def __init__(self, messages: bool = True):
+        self.messages, self.text = messages, ""
 
     def __enter__(self):
-        # bcc uses the same system libbpf and sets its own print function when it loads a probe
-        library().libbpf_set_print(_print)
-        _capture.text = ""
+        global _printing
+        if self.messages:
+            lib = library()
+            with _lib_lock:     # bcc uses the same system libbpf and sets its own print function
+                _printing += 1
+                lib.libbpf_set_print(_print)
+            _capture.text = ""
         return self
 
     def __exit__(self, *exc):
-        self.text = _capture.text
-        _capture.text = None
+        global _printing
+        if self.messages:
+            self.text = _capture.text
+            _capture.text = None
+            with _lib_lock:
+                _printing -= 1
+                if not _printing:
+                    _lib.libbpf_set_print(_NO_PRINT)
         return False
 
 
@@ -202,26 +222,27 @@ def _errno_error(what: str, captured: _Captured, err: int) -> LibbpfError:
 class BpfObject:
     """One BPF object file: opened, then loaded and attached as a whole (see module doc)."""
 
-    def __init__(self, lib, handle: int, path: str):
-        self._lib, self._obj, self.path = lib, handle, path
+    def __init__(self, lib, handle: int, path: str, messages: bool = False):
+        self._lib, self._obj, self.path, self.messages = lib, handle, path, messages
         self._links: list = []
 
     @classmethod
-    def open(cls, path: str, kernel_btf: Optional[str] = None) -> "BpfObject":
+    def open(cls, path: str, kernel_btf: Optional[str] = None, messages: bool = False) -> "BpfObject":
         """`kernel_btf`: relocate against this BTF file (the running kernel's) and never look in
         kernel modules' BTF, which libbpf 1.1 cannot list without CAP_SYS_ADMIN: a relocation
         with no candidate in vmlinux (a struct flavour for other kernels) then fails the load
-        under the packaged unit's CAP_BPF + CAP_PERFMON."""
+        under the packaged unit's CAP_BPF + CAP_PERFMON. `messages`: libbpf's messages while
+        this object is opened, loaded and attached are logged and kept for its errors."""
         lib = library()
         opts = _OpenOpts(sz=ct.sizeof(_OpenOpts))
         if kernel_btf:
             opts.btf_custom_path = kernel_btf.encode()
-        with _Captured() as c:
+        with _Captured(messages) as c:
             ct.set_errno(0)
             handle = lib.bpf_object__open_file(path.encode(), ct.byref(opts))
         if not handle:
             raise _errno_error(f"open {path}", c, ct.get_errno())
-        return cls(lib, handle, path)
+        return cls(lib, handle, path, messages)
 
     def _programs(self):
         prog = self._lib.bpf_object__next_program(self._obj, None)
@@ -316,7 +337,7 @@ class BpfObject:
             raise LibbpfError(f"{self.path}: autocreate of {name}: {strerror(err)}")
 
     def load(self) -> None:
-        with _Captured() as c:
+        with _Captured(self.messages) as c:
             err = self._lib.bpf_object__load(self._obj)
         if err:
             raise _errno_error(f"load {os.path.basename(self.path)}", c, -err)
@@ -326,7 +347,7 @@ class BpfObject:
         for prog in self._programs():
             if not self._lib.bpf_program__autoload(prog):
                 continue
-            with _Captured() as c:
+            with _Captured(self.messages) as c:
                 ct.set_errno(0)
                 link = self._lib.bpf_program__attach(prog)
             if not link:

@@ -14,7 +14,8 @@ nothing raises for conditions of the host. bcc (LLVM, some 45 MB) is imported on
 
 Also here: the kernel facts probes build their parameters from -- a tracepoint's fields (its
 format file) and a kernel struct member's offset or an enum's value from the running kernel's
-BTF, parsed by libbpf in C (btf.py parses object BTF, and vmlinux only where libbpf is missing).
+BTF, parsed by libbpf in C (btf.py parses object BTF, and vmlinux only where libbpf is missing),
+or kept from an earlier start with the BTF subset CO-RE objects relocate against (corebtf.py).
 """
 from __future__ import annotations
 
@@ -533,12 +534,12 @@ def _libbpf_error(text: str) -> str:
 
 
 def _load_core(probe: Probe, tps: tuple, params: Mapping, object_dir: str = "",
-               kernel_btf: str = BTF_VMLINUX) -> CoreObject:
+               kernel_btf: str = BTF_VMLINUX, messages: bool = True) -> CoreObject:
     """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
     others), set its parameters (.rodata) and map sizes, load (relocated against `kernel_btf`)
-    and attach."""
+    and attach; `messages`: with libbpf's messages logged, and in the error."""
     path = probe.object_file(object_dir)
-    obj = libbpf.BpfObject.open(path, kernel_btf=kernel_btf)
+    obj = libbpf.BpfObject.open(path, kernel_btf=kernel_btf, messages=messages)
     try:
         wanted = probe.programs(tps)
         programs = obj.programs()
@@ -614,7 +615,7 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
     try:
         params = plan_.params if plan_.params is not None else probe.params(tps)
         if status.loader == CORE:
-            obj = _load_core_subset_first(plan_, params)
+            obj = _load_core_once_more_if_it_fails(plan_, params)
         else:
             obj = _load_bcc(probe, tps, params)
     except Exception as e:
@@ -638,21 +639,22 @@ def load_one(plan_: Plan) -> tuple[Optional[LoadedProbe], ProbeStatus]:
     return LoadedProbe(probe, obj, status, tps, list(getattr(probe, "ring_buffers", ()))), status
 
 
-def _load_core_subset_first(plan_: Plan, params: Mapping) -> CoreObject:
-    """_load_core() against the plan's BTF; where that is the cached subset and the load fails,
-    once more against the kernel's whole BTF (the subset is then dropped, to be made again)."""
+def _load_core_once_more_if_it_fails(plan_: Plan, params: Mapping) -> CoreObject:
+    """_load_core() against the plan's BTF, without libbpf's messages (libbpf.py says why). If
+    that fails, once more against the kernel's whole BTF with them, so that a failure says why;
+    where the first load was against the kept subset and this one succeeds, the subset is
+    dropped, to be made again."""
     probe, tps = plan_.probe, plan_.tracepoints
     try:
-        return _load_core(probe, tps, params, plan_.object_dir, plan_.kernel_btf)
+        return _load_core(probe, tps, params, plan_.object_dir, plan_.kernel_btf, messages=False)
     except Exception as e:
-        if plan_.kernel_btf == BTF_VMLINUX:
-            raise
         first = e
     obj = _load_core(probe, tps, params, plan_.object_dir, BTF_VMLINUX)
-    log.warning("ebpf_btf_subset_failed probe=%s path=%s error=%s (loaded against %s; the subset is made "
-                "again)", plan_.status.name, plan_.kernel_btf, json.dumps(str(first)), BTF_VMLINUX)
-    with contextlib.suppress(OSError):
-        os.unlink(plan_.kernel_btf)
+    if plan_.kernel_btf != BTF_VMLINUX:
+        log.warning("ebpf_btf_subset_failed probe=%s path=%s error=%s (loaded against %s; the subset is made "
+                    "again)", plan_.status.name, plan_.kernel_btf, json.dumps(str(first)), BTF_VMLINUX)
+        with contextlib.suppress(OSError):
+            os.unlink(plan_.kernel_btf)
     return obj
 
 
