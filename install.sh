@@ -242,11 +242,13 @@ build_tool_packages() {
     fi
 }
 
-# True when every bpf/*.bpf.c has its object in bpf/build, at least as new as the newest program
-# or shared header: a second run does not compile again.
+# True when every bpf/*.bpf.c has its object in bpf/build, at least as new as the newest program,
+# shared header or bpf/build.sh, and the system call table is there: a second run does not compile
+# again.
 objects_fresh() {
     local src newest
-    newest=$(stat -c %Y "$ROOT"/bpf/*.bpf.c "$ROOT"/bpf/include/* 2>/dev/null | sort -n | tail -n 1)
+    [[ -s $ROOT/bpf/build/syscalls.txt ]] || return 1
+    newest=$(stat -c %Y "$ROOT"/bpf/*.bpf.c "$ROOT"/bpf/include/* "$ROOT"/bpf/build.sh 2>/dev/null | sort -n | tail -n 1)
     for src in "$ROOT"/bpf/*.bpf.c; do
         src=$(basename "$src")
         [[ -f $ROOT/bpf/build/${src%.c}.o && $(stat -c %Y "$ROOT/bpf/build/${src%.c}.o") -ge $newest ]] || return 1

@@ -12,6 +12,10 @@
 # go between kernels), so any recent kernel's header builds objects that load on older and newer
 # ones. A build host without BTF can be given a header: VMLINUX_H=/path/to/vmlinux.h.
 #
+# OUTDIR/syscalls.txt ("<number> <name>" lines) is this architecture's system call table, from
+# <asm/unistd.h> (linux-libc-dev, which clang needs anyway): the syscalls probe names system
+# calls with it on hosts that have no headers.
+#
 # Tools: clang-14 (or $CLANG), bpftool, llvm-strip (DWARF is stripped, BTF kept). Fails naming
 # the file on the first error.
 set -eu
@@ -63,4 +67,16 @@ for src in "$here"/*.bpf.c; do
     fi
     rm -f "$obj.tmp"
 done
+
+# every __NR_ macro, expanded by the preprocessor (some are defined through others)
+if ! printf '#include <asm/unistd.h>\n' | "$clang" -dM -E -x c - > "$out/syscalls.tmp" 2>/dev/null; then
+    echo "bpf/build.sh: <asm/unistd.h> not found (install linux-libc-dev)" >&2
+    status=1
+else
+    { echo '#include <asm/unistd.h>'
+      sed -n 's/^#define __NR_\([a-z0-9_]*\) .*/HA_SYSCALL \1 __NR_\1/p' "$out/syscalls.tmp"
+    } | "$clang" -E -P -x c - | sed -n 's/^HA_SYSCALL \([a-z0-9_]*\) \([0-9][0-9]*\)$/\2 \1/p' \
+      | grep -v ' syscalls$' | sort -n > "$out/syscalls.txt"
+fi
+rm -f "$out/syscalls.tmp"
 exit $status

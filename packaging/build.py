@@ -11,7 +11,8 @@ What goes in the package:
     /opt/hostagent/agent/         the application (source and byte code)
     /opt/hostagent/bpf/build/     the probes' CO-RE objects (<name>.bpf.o), compiled here by bpf/build.sh
                                   against the build host's BTF and relocated by libbpf at load time
-                                  on the target: no compiler, LLVM or kernel headers there
+                                  on the target: no compiler, LLVM or kernel headers there; and
+                                  syscalls.txt, the system call table the syscalls probe names with
     /opt/hostagent/bpf/           the BPF C programs, beside agent/ where the probes look for them
                                   (the bcc fallback compiles them where a kernel has no BTF)
     /opt/hostagent/venv/          a virtualenv on the distro Python (--system-site-packages: bcc's
@@ -69,6 +70,7 @@ logs to an OpenTelemetry backend, or to OTLP-JSON files on local disk."""
 DEFAULT_MAINTAINER = "hostagent maintainers <hostagent@localhost>"
 # Runtime data the application reads besides Python modules.
 APP_DIRS = ("agent", "bpf")
+SYSCALL_TABLE = "syscalls.txt"      # bpf/build.sh's, beside the objects
 DOCS = ("docs/operations.md", "docs/configuration.md")
 
 
@@ -136,7 +138,8 @@ def copy_tree(src: str, dst: str) -> None:
 
 
 def build_objects(app: str, workdir: str | None) -> None:
-    """bpf/build.sh compiles every bpf/<name>.bpf.c; only the objects ship (not vmlinux.h)."""
+    """bpf/build.sh compiles every bpf/<name>.bpf.c; the objects and the system call table ship
+    (not vmlinux.h)."""
     sources = sorted(n[:-len(".c")] for n in os.listdir(os.path.join(ROOT, "bpf")) if n.endswith(".bpf.c"))
     out = tempfile.mkdtemp(prefix="hostagent-bpf-", dir=workdir)
     try:
@@ -145,10 +148,12 @@ def build_objects(app: str, workdir: str | None) -> None:
         missing = [n for n in sources if not os.path.isfile(os.path.join(out, n + ".o"))]
         if missing:
             raise BuildError(f"bpf/build.sh wrote no object for {', '.join(missing)}")
+        if not os.path.getsize(os.path.join(out, SYSCALL_TABLE)):
+            raise BuildError(f"bpf/build.sh wrote no {SYSCALL_TABLE}")
         dest = os.path.join(app, "bpf", "build")
         os.makedirs(dest)
-        for name in sources:
-            shutil.copy(os.path.join(out, name + ".o"), dest)
+        for name in [n + ".o" for n in sources] + [SYSCALL_TABLE]:
+            shutil.copy(os.path.join(out, name), dest)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -25,6 +25,7 @@ import urllib.request
 import pytest
 import yaml
 
+from agent.sources.ebpf.syscalls import SYSCALL_OTHER, syscall_names, syscall_table
 from tests.helpers import ROOT, clean_env, free_port
 
 PACKAGING = os.path.join(ROOT, "packaging")
@@ -132,6 +133,9 @@ def bpf_objects() -> list:
 
 def test_deb_ships_bpf_objects(built, tmp_path):
     sh("dpkg-deb", "--extract", built["deb"], str(tmp_path))
+    # the system call table, for hosts without headers: the same as this build host's headers
+    assert syscall_table(str(tmp_path / "opt/hostagent/bpf/build")) == \
+        {nr: name for nr, name in syscall_names().items() if nr < SYSCALL_OTHER}
     for name in bpf_objects():
         with open(tmp_path / "opt/hostagent/bpf/build" / name, "rb") as f:
             header = f.read(20)
@@ -153,9 +157,10 @@ def test_deb_layout_and_metadata(built):
     for name in os.listdir(os.path.join(ROOT, "bpf")):
         if name != "build":  # a checkout's own objects: the package builds its own
             assert f"/opt/hostagent/bpf/{name}" in entries
-    # ... with its CO-RE object, and nothing else from the build (vmlinux.h stays on the build host)
+    # ... with its CO-RE object and the system call table, nothing else from the build (vmlinux.h
+    # stays on the build host)
     assert {p for p in entries if p.startswith("/opt/hostagent/bpf/build/")} == \
-        {f"/opt/hostagent/bpf/build/{name}" for name in bpf_objects()}
+        {f"/opt/hostagent/bpf/build/{name}" for name in bpf_objects() + ["syscalls.txt"]}
     # byte code ships (nothing is written under /opt at run time), pip does not
     assert "/opt/hostagent/agent/__pycache__" in entries
     assert not any("/site-packages/pip/" in p or p.endswith("/bin/pip") for p in entries)

@@ -8,8 +8,9 @@ import pytest
 
 from agent.model import MetricKind
 from agent.procfs.workload import WorkloadResolver
-from agent.sources.ebpf.syscalls import SyscallsProbe, errno_name, syscall_name, syscall_names
-from tests.ebpf_helpers import attached, checked_structs
+from agent.sources.ebpf import syscalls
+from agent.sources.ebpf.syscalls import SYSCALL_OTHER, SyscallsProbe, errno_name, syscall_name, syscall_names, syscall_table
+from tests.ebpf_helpers import attached, checked_structs, core_objects
 from tests.helpers import SYSCALL_LOOP, SYSCALLS_FAILING, SYSCALLS_SUCCEEDING
 
 FAILING, SUCCEEDING = SYSCALLS_FAILING, SYSCALLS_SUCCEEDING
@@ -100,6 +101,43 @@ def test_other_processes_are_not_counted(probe, child):
 
 def test_key_layouts_match_bpf(probe):
     assert {"syscall_error"} | ({"syscall_key"} if probe.latency else {"syscall_call"}) <= checked_structs(probe)
+
+
+def test_without_headers_or_bcc_the_names_come_from_the_table_built_with_the_objects(child, monkeypatch):
+    """A host with neither `unistd` headers nor bcc (the package's target): the probe loaded
+    through CO-RE names the calls with bpf/build.sh's table; without it they would be
+    `syscall_<n>`."""
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    monkeypatch.setattr(syscalls, "UNISTD_HEADERS", ())
+    monkeypatch.setitem(sys.modules, "bcc", None)           # import bcc fails
+    syscall_names.cache_clear()
+    try:
+        assert syscall_names() == {}
+        with attached(SyscallsProbe(latency=False, target_tgid=child.pid), loader="core") as probe:
+            start = time.time_ns()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+            counts = summed(metrics_by_name(probe, start)[SyscallsProbe.CALLS].points, ["syscall"])
+    finally:
+        syscall_names.cache_clear()
+    assert counts[("fchdir",)] == FAILING and counts[("getppid",)] == SUCCEEDING
+
+
+def test_the_table_built_with_the_objects_is_the_installed_headers(tmp_path):
+    if not core_objects():
+        pytest.skip("no bpf/build.sh in this checkout")
+    headers = syscall_names()
+    assert len(headers) > 300
+    assert syscall_table(core_objects()) == {nr: name for nr, name in headers.items() if nr < SYSCALL_OTHER}
+
+
+def test_a_damaged_table_keeps_its_good_lines(tmp_path):
+    (tmp_path / "syscalls.txt").write_bytes(b"0 read\n1 write\n\xff\xfe junk\n99999 big\n-1 neg\n3 Close\n39 getpid\n"
+                                             + b"9" * 100_000)
+    assert syscall_table(str(tmp_path)) == {0: "read", 1: "write", 39: "getpid"}
+    assert syscall_table(str(tmp_path / "none")) == {}
 
 
 def test_names():

@@ -362,8 +362,10 @@ def check(cfg, probes) -> list[ProbeStatus]:
 
 class LoadedObject:
     """A probe's BPF object in the kernel, whichever loader put it there: its maps by name (the
-    map layer, maps.py) and its programs' fds."""
+    map layer, maps.py) and its programs' fds; `directory`: where its object file and what was
+    built with it are (bpf/build.sh's output; "" under bcc)."""
     loader = ""
+    directory = ""
 
     def __init__(self):
         self._maps: dict = {}
@@ -396,6 +398,7 @@ class CoreObject(LoadedObject):
     def __init__(self, obj: "libbpf.BpfObject"):
         super().__init__()
         self.obj = obj
+        self.directory = os.path.dirname(obj.path)
 
     def _map_fd(self, name: str) -> int:
         return self.obj.map_fd(name)

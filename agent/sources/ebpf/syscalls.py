@@ -56,6 +56,23 @@ class SyscallError(ct.Structure):
     _fields_ = [("cgroup", ct.c_uint64), ("nr", ct.c_uint32), ("err", ct.c_uint32)]
 
 
+SYSCALL_TABLE = "syscalls.txt"      # bpf/build.sh writes it beside the objects
+MAX_TABLE_BYTES = 1 << 16
+_TABLE_LINE = re.compile(r"^(\d{1,4}) ([a-z0-9_]{1,64})$", re.M)
+
+
+def syscall_table(directory: str) -> dict:
+    """{number: name} from the system call table bpf/build.sh wrote into `directory` with the
+    objects ({} when there is none): what names the calls on a host without headers. Lines that
+    are not `<number> <name>` are left out."""
+    try:
+        with open(os.path.join(directory, SYSCALL_TABLE), encoding="ascii", errors="replace") as f:
+            text = f.read(MAX_TABLE_BYTES)
+    except OSError:
+        return {}
+    return {int(nr): name for nr, name in _TABLE_LINE.findall(text) if int(nr) < SYSCALL_OTHER}
+
+
 @functools.lru_cache(maxsize=1)
 def syscall_names() -> dict:
     """{number: name} for this machine's native ABI, from the installed headers or else bcc."""
@@ -76,10 +93,11 @@ def syscall_names() -> dict:
         return {}
 
 
-def syscall_name(nr: int) -> str:
+def syscall_name(nr: int, names: Optional[dict] = None) -> str:
+    """The name of system call `nr`, from `names` (default: syscall_names())."""
     if nr == SYSCALL_OTHER:
         return "other"
-    return syscall_names().get(nr) or f"syscall_{nr}"
+    return (syscall_names() if names is None else names).get(nr) or f"syscall_{nr}"
 
 
 def errno_name(err: int) -> str:
@@ -132,6 +150,8 @@ class SyscallsProbe(histogram.KeyedProbe):
 
     def setup(self, obj) -> None:
         super().setup(obj)
+        # the table built with the objects, else the installed headers' or bcc's
+        self.names = (obj.directory and syscall_table(obj.directory)) or syscall_names()
         self.errors = obj.map("syscall_errors")
         self.errors_overflow = obj.map("syscall_errors_overflow")
         if self.latency:
@@ -142,6 +162,9 @@ class SyscallsProbe(histogram.KeyedProbe):
             self.calls_overflow = obj.map("syscall_calls_overflow")
         else:
             self.counts = obj.map("syscall_counts")
+
+    def syscall(self, nr: int) -> str:
+        return syscall_name(nr, self.names)
 
     def _calls(self) -> dict:
         """{(workload attributes, nr): calls} when counting only."""
@@ -156,7 +179,7 @@ class SyscallsProbe(histogram.KeyedProbe):
         if self.latency:
             groups = self.attribution.histogram(self.durations, self.durations_overflow, SyscallKey)
             calls = {(w, f[0]): n for (w, f), n in histogram.counts_of(groups).items()}
-            points = histogram.exp2_points(groups, histogram.by_workload(lambda f: (("syscall", syscall_name(f[0])),)),
+            points = histogram.exp2_points(groups, histogram.by_workload(lambda f: (("syscall", self.syscall(f[0])),)),
                                            start_ns, now_ns)
             if points:
                 metrics.append(Metric(self.DURATION, "Time from entering to leaving a system call.",
@@ -165,12 +188,12 @@ class SyscallsProbe(histogram.KeyedProbe):
             calls = self._calls()
         if calls:
             metrics.append(Metric(self.CALLS, "System calls made.", "{call}", MetricKind.SUM, [
-                NumberPoint((("syscall", syscall_name(nr)),) + w, n, start_ns, now_ns)
+                NumberPoint((("syscall", self.syscall(nr)),) + w, n, start_ns, now_ns)
                 for (w, nr), n in sorted(calls.items(), key=lambda c: (c[0][1], c[0][0]))], monotonic=True))
 
         errors = {}
         for (w, (nr, err)), (n,) in self.attribution.read(self.errors, SyscallError, self.errors_overflow).items():
-            attributes = (("syscall", syscall_name(nr)), ("error.type", errno_name(err))) + w
+            attributes = (("syscall", self.syscall(nr)), ("error.type", errno_name(err))) + w
             errors[attributes] = errors.get(attributes, 0) + n
         if errors:
             metrics.append(Metric(self.ERRORS, "System calls that returned an error.", "{call}",
