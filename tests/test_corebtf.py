@@ -305,3 +305,21 @@ def test_arbitrary_bytes_as_an_object_file_fail_cleanly(data):
             corebtf.subset(kernel, [blob])
         except HOSTILE:
             pass
+
+
+def btf_blob(types: list, strings: bytes = b"\0a\0") -> bytes:
+    """BTF of `types`: (kind, name offset, vlen, size or type, body)."""
+    data = b"".join(struct.pack("<III", name, (kind << 24) | vlen, ref) + body for kind, name, vlen, ref, body in types)
+    return struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(data), len(data), len(strings)) + data + strings
+
+
+def test_check_refuses_what_libbpf_would_follow_forever_or_off_the_end():
+    TYPEDEF, PTR, INT = 8, 2, 1
+    a_struct = (STRUCT, 1, 1, 8, struct.pack("<III", 1, 2, 0))                      # struct a { a *a; }
+    corebtf.check(btf_blob([a_struct, (PTR, 0, 0, 1, b"")]))                       # through a pointer: fine
+    with pytest.raises(corebtf.SubsetError, match="made of itself"):                # typedef a -> typedef -> a
+        corebtf.check(btf_blob([(TYPEDEF, 1, 0, 2, b""), (TYPEDEF, 1, 0, 1, b"")]))
+    with pytest.raises(corebtf.SubsetError, match="reference to type 9"):
+        corebtf.check(btf_blob([(STRUCT, 1, 1, 8, struct.pack("<III", 1, 9, 0))]))
+    with pytest.raises(corebtf.SubsetError, match="name past"):
+        corebtf.check(btf_blob([(INT, 99, 0, 4, struct.pack("<I", 32))]))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import struct
@@ -38,8 +37,6 @@ from typing import Iterable, Optional
 from agent.sources.ebpf import btf as btf_
 from agent.sources.ebpf.btf import (ARRAY, CONST, ENUM, ENUM64, FLOAT, FUNC_PROTO, FWD, INT, PTR, RESTRICT, STRUCT,
                                     TYPE_TAG, TYPEDEF, UNION, VOLATILE, Btf)
-
-log = logging.getLogger("hostagent.ebpf")
 
 SUBSET_VERSION = 1                  # bump when subset() changes what it keeps
 MAX_CACHE_FILE = 16 << 20           # a subset is some KB; the whole kernel BTF some MB
@@ -450,6 +447,8 @@ def check(data: bytes) -> None:
                 ok_name(struct.unpack_from("<I", body, _ENTRY[kind] * i)[0])
     state = {}                              # 1: being followed, 2: done
     for root in edges:
+        if root in state:
+            continue
         stack = [(root, iter(edges[root]))]
         state[root] = 1
         while stack:
