@@ -64,6 +64,7 @@ class Agent:
         self.stopping = threading.Event()
         self.sources: list[Source] = []
         self._sources_lock = threading.Lock()
+        self._started: Optional[_Started] = None      # the current start's; sources of an earlier one never join
         self.collect_errors = self.telemetry.counter("hostagent.source.errors", "{errors}",
                                                      "Collections of a source that raised, by source.")
         self.reloads = self.telemetry.counter("hostagent.config.reloads", "{reloads}",
@@ -75,7 +76,7 @@ class Agent:
         self.resource = telemetry.resource = detect(cfg.resource)
         # sources load first, in the background (bcc compiles for seconds; CO-RE probes attach
         # the sooner, the sooner they start), and join once the pipeline runs
-        pipeline = _Started()
+        pipeline = self._started = _Started()
         for name, factory in SOURCES.items():
             if getattr(cfg, name).enabled:
                 threading.Thread(target=self._start_source, args=(name, factory, pipeline), name=f"{name}-loader",
@@ -105,7 +106,7 @@ class Agent:
             return
         try:
             with self._sources_lock:
-                if self.stopping.is_set():
+                if self.stopping.is_set() or pipeline is not self._started:    # stopped, or reloaded since
                     source.close()
                     return
                 source.start(self.pipeline.emit)
