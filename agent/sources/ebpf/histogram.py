@@ -168,7 +168,7 @@ class Attribution:
         """Map `m` (and its overflow companion `overflow`) by workload; fields keep the key's
         order, `slot` included. Entries whose words are all 0 are left out."""
         keys, values = m.read(key_type)
-        fields = [n for n, *_ in key_type._fields_ if n not in (KEY_CGROUP, KEY_PAD)]
+        fields = attributed_fields(key_type)
         out: dict = {}
         gone: list = []
         folded = self._folded.setdefault(m.name, {})
@@ -215,7 +215,7 @@ class Attribution:
         """A keyed histogram and its overflow companion as read_exp2 groups them, the raw key
         being (workload attributes, (key fields except cgroup, pad and slot))."""
         keyed = self.read(hist, key_type, overflow)
-        slot = [n for n, *_ in key_type._fields_ if n not in (KEY_CGROUP, KEY_PAD)].index("slot")
+        slot = attributed_fields(key_type).index("slot")
         groups: dict = {}
         for (attributes, f), (count, total) in keyed.items():
             raw = (attributes, f[:slot] + f[slot + 1:])
@@ -223,6 +223,12 @@ class Attribution:
             bucket[0] += count
             bucket[1] += total
         return groups
+
+
+def attributed_fields(key_type) -> list:
+    """The fields of a keyed map's key that Attribution.read() keeps, in order: all but cgroup
+    and pad."""
+    return [n for n, *_ in key_type._fields_ if n not in (KEY_CGROUP, KEY_PAD)]
 
 
 def _add(into: dict, key, words) -> None:
