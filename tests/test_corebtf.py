@@ -226,7 +226,7 @@ def test_only_the_running_kernels_entry_and_the_objects_subset_are_kept(tmp_path
     open(stale, "wb").write(b"x")
     start(tmp_path, caplog)
     assert sorted(os.listdir(tmp_path / "kernel-btf")) == [os.path.basename(cache.dir)]
-    assert sorted(os.listdir(cache.dir)) == sorted(["facts.json", os.path.basename(cache.core_path())])
+    assert sorted(os.listdir(cache.dir)) == sorted(["facts.json", os.path.basename(cache.core_path)])
 
 
 def test_an_unwritable_state_directory_costs_a_warning_not_the_probes(tmp_path, caplog):

@@ -31,6 +31,7 @@ _PER_VLEN = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64:
 _QUALIFIERS = frozenset({TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG})
 _TYPE = struct.Struct("<III")
 MAX_BTF = 64 << 20            # bound on BTF read from the kernel (vmlinux BTF is ~5 MB)
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"     # the running kernel's
 
 
 class BtfError(Exception):

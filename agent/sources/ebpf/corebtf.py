@@ -26,6 +26,7 @@ only the current kernel's entry is kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -35,22 +36,21 @@ import tempfile
 from typing import Iterable, Optional
 
 from agent.sources.ebpf import btf as btf_
-from agent.sources.ebpf.btf import (ARRAY, CONST, ENUM, ENUM64, FLOAT, FUNC_PROTO, FWD, INT, PTR, RESTRICT, STRUCT,
-                                    TYPE_TAG, TYPEDEF, UNION, VOLATILE, Btf)
+from agent.sources.ebpf.btf import (_EXTRA, _PER_VLEN, _QUALIFIERS, ARRAY, BTF_VMLINUX, CONST, ENUM, ENUM64, FLOAT,
+                                    FUNC_PROTO, FWD, INT, PTR, RESTRICT, STRUCT, TYPE_TAG, TYPEDEF, UNION, VOLATILE,
+                                    Btf)
 
 SUBSET_VERSION = 1                  # bump when subset() changes what it keeps
 MAX_CACHE_FILE = 16 << 20           # a subset is some KB; the whole kernel BTF some MB
 MAX_OBJECT = 64 << 20
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 
 # relocation kinds (enum bpf_core_relo_kind)
 FIELD_KINDS = range(0, 6)           # byte offset, byte size, exists, signed, lshift, rshift
 TYPE_ID_LOCAL, TYPE_ID_TARGET, TYPE_EXISTS, TYPE_SIZE, ENUMVAL_EXISTS, ENUMVAL_VALUE, TYPE_MATCHES = range(6, 13)
 UNSUPPORTED = {TYPE_ID_TARGET: "bpf_core_type_id_kernel", TYPE_MATCHES: "bpf_core_type_matches"}
 
-_MODIFIERS = frozenset({TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG})
 _HEADER = struct.Struct("<III")
-MAX_DEPTH = 64                      # typedef chains, anonymous members and access paths nest a few levels
+MAX_DEPTH = 64                      # anonymous members nest a few levels
 
 
 class SubsetError(Exception):
@@ -150,15 +150,8 @@ class _Types:
         return self.btf.name_at(off) if off else ""
 
     def skip(self, tid: int) -> int:
-        """`tid` with typedefs and modifiers stripped."""
-        for _ in range(MAX_DEPTH):
-            if tid == 0:
-                return 0
-            _, kind, _, _, ref = self.header(tid)
-            if kind not in _MODIFIERS:
-                return tid
-            tid = ref
-        raise SubsetError("typedef loop")
+        """`tid` with typedefs and modifiers stripped (void stays void)."""
+        return self.btf.resolve(tid) if tid else 0
 
     def members(self, tid: int) -> list:
         """[(name offset, type, raw offset)] of a struct or union."""
@@ -173,7 +166,7 @@ class _Types:
     def refs(self, tid: int) -> list:
         """The types `tid` refers to, its members' aside."""
         _, kind, vlen, _, ref = self.header(tid)
-        if kind in _MODIFIERS or kind == PTR:
+        if kind in _QUALIFIERS or kind == PTR:
             return [ref]
         if kind == ARRAY:
             elem, index, _ = self.array(tid)
@@ -314,7 +307,7 @@ class _Subset:
                 body = b"".join(_HEADER.pack(s(m[0]), new_id[m[1]], m[2])
                                 for m in (self.k.members(tid)[i] for i in kept))
                 vlen, head_ref = len(kept), ref
-            elif kind in _MODIFIERS or kind == PTR:
+            elif kind in _QUALIFIERS or kind == PTR:
                 body, head_ref = b"", new_id[ref]
             elif kind == ARRAY:
                 elem, index, n = self.k.array(tid)
@@ -383,8 +376,6 @@ def subset(kernel: Btf, objects: Iterable[bytes]) -> bytes:
 
 _KINDS = frozenset({INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC_PROTO,
                     FLOAT, TYPE_TAG, ENUM64})         # what subset() writes
-_FIXED = {INT: 4, ARRAY: 12}
-_ENTRY = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, ENUM64: 12}
 
 
 def check(data: bytes) -> None:
@@ -408,7 +399,7 @@ def check(data: bytes) -> None:
         kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
         if kind not in _KINDS:
             raise SubsetError(f"kind {kind}")
-        end = pos + 12 + _FIXED.get(kind, 0) + _ENTRY.get(kind, 0) * vlen
+        end = pos + 12 + _EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
         if end > type_len:
             raise SubsetError("a type runs past its section")
         parsed.append((kind, name_off, ref, types[pos + 12:end], vlen))
@@ -427,7 +418,7 @@ def check(data: bytes) -> None:
 
     for tid, (kind, name_off, ref, body, vlen) in enumerate(parsed, 1):
         ok_name(name_off)
-        if kind in _MODIFIERS:
+        if kind in _QUALIFIERS:
             edges[tid] = [ok_type(ref)]
         elif kind in (PTR, FUNC_PROTO):
             ok_type(ref)
@@ -444,7 +435,7 @@ def check(data: bytes) -> None:
                 ok_name(p_name)
                 ok_type(p_type)
             elif kind in (ENUM, ENUM64):
-                ok_name(struct.unpack_from("<I", body, _ENTRY[kind] * i)[0])
+                ok_name(struct.unpack_from("<I", body, _PER_VLEN[kind] * i)[0])
     state = {}                              # 1: being followed, 2: done
     for root in edges:
         if root in state:
@@ -506,8 +497,10 @@ class Cache:
     def objects(self) -> list:
         return sorted(os.path.join(self.object_dir, n) for n in os.listdir(self.object_dir) if n.endswith(".bpf.o"))
 
+    @functools.cached_property
     def core_path(self) -> str:
-        """Where the subset for the objects as they are now is (or would be) kept."""
+        """Where the subset for the objects as they are now is (or would be) kept (their contents
+        hashed once per Cache: a start asks before it loads and again when it makes the subset)."""
         h = hashlib.sha256(str(SUBSET_VERSION).encode())
         for path in self.objects():
             h.update(os.path.basename(path).encode() + b"\0")
@@ -517,7 +510,7 @@ class Cache:
     def core_btf(self) -> Optional[str]:
         """The kept subset's path if there is a readable one for these objects, else None."""
         try:
-            path = self.core_path()
+            path = self.core_path
             check(_read(path, MAX_CACHE_FILE))
             return path
         except (OSError, SubsetError, struct.error):
@@ -525,7 +518,7 @@ class Cache:
 
     def build_core_btf(self) -> str:
         """Make the subset from the kernel's whole BTF, keep it, return its path."""
-        path = self.core_path()
+        path = self.core_path
         kernel = Btf(_read(self.vmlinux, btf_.MAX_BTF))
         data = subset(kernel, (_read(p, MAX_OBJECT) for p in self.objects()))
         check(data)

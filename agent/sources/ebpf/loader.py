@@ -37,6 +37,7 @@ import numpy as np
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf import btf as btf_
 from agent.sources.ebpf import corebtf, libbpf
+from agent.sources.ebpf.btf import BTF_VMLINUX
 from agent.sources.ebpf.maps import BpfMap, prog_stats
 from agent.sources.ebpf.probe import BPF_DIR, Probe
 
@@ -44,14 +45,14 @@ log = logging.getLogger("hostagent.ebpf")
 
 INCLUDE_DIR = os.path.join(BPF_DIR, "include")
 TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 
-LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()); each load parses the kernel's
-                          # BTF (libbpf), some MB of RSS while it lasts: 4 threads added 17-20 MB at the peak
+LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()); without the kept subset each load
+                          # parses the kernel's BTF (libbpf), some MB of RSS while it lasts: 4 threads added
+                          # 17-20 MB at the peak
 
 ON, OFF = "on", "off"
 AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
@@ -663,8 +664,8 @@ def _load_core_once_more_if_it_fails(plan_: Plan, params: Mapping) -> CoreObject
 
 def _load_all(plans: list, threads: int) -> list:
     """load_one() of every plan, in plan order. CO-RE objects load `threads` at a time: most of a
-    load is libbpf parsing the kernel's BTF, relocating, and the kernel verifying, all without
-    the GIL. bcc's compile one after the other (one LLVM in memory at a time)."""
+    load is libbpf parsing BTF, relocating, and the kernel verifying, all without the GIL. bcc's
+    compile one after the other (one LLVM in memory at a time)."""
     results = [None] * len(plans)
     parallel = [i for i, p in enumerate(plans) if p.status.on and p.status.loader == CORE]
     pending, lock = iter(parallel), threading.Lock()
@@ -755,7 +756,8 @@ MADV_DONTNEED, MADV_PAGEOUT = 4, 21
 
 def malloc_trim() -> None:
     """Give the heap's free pages back to the kernel: what libbpf freed after parsing the kernel's
-    BTF once per object (some 10 MB a parse, in the loading threads' arenas), or the compiler."""
+    BTF (some 10 MB a parse, in the loading threads' arenas: once per object on a start without
+    the kept subset), or the compiler."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except AttributeError:                    # not glibc
