@@ -551,5 +551,8 @@ class Cache:
 
 
 def _fact_ok(key, value) -> bool:
+    """A kept fact as btf_facts() answers: a member's byte offset or an enum's value, which BTF
+    holds in 64 bits, or None."""
     return (isinstance(key, list) and len(key) == 3 and key[0] in ("member", "enumerator")
-            and all(isinstance(x, str) for x in key) and (value is None or type(value) is int))
+            and all(isinstance(x, str) for x in key)
+            and (value is None or (type(value) is int and -(1 << 63) <= value < 1 << 64)))
