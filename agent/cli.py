@@ -8,13 +8,15 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 from agent import __version__, profiling
 from agent.components import Config
 from agent.config import ConfigError, dump, load
 from agent.logs import setup_logging
 from agent.runtime import run
-from agent.sources.ebpf import check, format_table
+from agent.sources.ebpf.early import Early
+from agent.sources.ebpf.source import check, format_table
 
 USAGE_ERROR = 2
 
@@ -30,6 +32,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args) -> int:
+    """`args.early`: the probes main.py attached before the agent was imported (or None)."""
     profile = profiling.profile_path(args.profile)
     if profile:
         try:
@@ -39,9 +42,9 @@ def cmd_run(args) -> int:
     cfg = load(args.config, None, Config)
     setup_logging(cfg.logging.level)
     if not profile:
-        return run(args.config, cfg)
+        return run(args.config, cfg, args.early)
     with profiling.profiling(profile):
-        return run(args.config, cfg)
+        return run(args.config, cfg, args.early)
 
 
 def cmd_check_config(args) -> int:
@@ -100,8 +103,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, early: Optional[Early] = None) -> int:
+    """`early`: what `hostagent run` attached before importing this (agent/main.py)."""
     args = parser().parse_args(argv)
+    args.early = early
     try:
         return args.func(args)
     except ConfigError as e:

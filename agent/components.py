@@ -23,7 +23,7 @@ from agent.pipeline.batcher import BatchConfig
 from agent.procfs.identity import EnrichmentConfig
 from agent.resource import ResourceConfig
 from agent.sources import cgroups, host
-from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.source import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.process import ProcessScraper, ProcessScraperConfig
 

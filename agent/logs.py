@@ -19,6 +19,11 @@ class LoggingConfig:
 JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+def timestamp(t: float) -> str:
+    """Wall-clock time `t` as the log lines' ts= writes it (UTC, milliseconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
 class KeyValueFormatter(logging.Formatter):
     """One line per event: ts=... level=... logger=... <message>, messages being `event k=v ...`.
     With `journal`, each line starts with its syslog priority, so `journalctl -p warning` works."""
@@ -28,8 +33,7 @@ class KeyValueFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
+        line = f"ts={timestamp(record.created)} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
         if record.exc_info:
             line += " exception=" + repr(self.formatException(record.exc_info))
         if self.journal:

@@ -29,6 +29,7 @@ from agent.pipeline import build_pipeline
 from agent.resource import detect
 from agent.selfmetrics import SelfMetrics
 from agent.sources import Source
+from agent.sources.ebpf.early import Early, config_digest
 
 log = logging.getLogger("hostagent.runtime")
 
@@ -70,17 +71,21 @@ class Agent:
         self.reloads = self.telemetry.counter("hostagent.config.reloads", "{reloads}",
                                               "Reloads on SIGHUP, by result (applied, rejected).")
 
-    def start(self, backlog=()) -> None:
+    def start(self, backlog=(), early: Optional[Early] = None) -> None:
+        """`early`: probes attached before the agent was imported, for this config (early.py); the
+        eBPF source takes those it would load, the rest are closed."""
         cfg, telemetry = self.cfg, self.telemetry
         self.stopping.clear()
         self.resource = telemetry.resource = detect(cfg.resource)
         # sources load first, in the background (bcc compiles for seconds; CO-RE probes attach
         # the sooner, the sooner they start), and join once the pipeline runs
         pipeline = self._started = _Started()
-        for name, factory in SOURCES.items():
-            if getattr(cfg, name).enabled:
-                threading.Thread(target=self._start_source, args=(name, factory, pipeline), name=f"{name}-loader",
-                                 daemon=True).start()
+        loading = [name for name in SOURCES if getattr(cfg, name).enabled]
+        for name in loading:
+            threading.Thread(target=self._start_source, args=(name, SOURCES[name], pipeline, early),
+                             name=f"{name}-loader", daemon=True).start()
+        if early is not None and not loading:
+            early.close()
         try:
             self.pipeline = build_pipeline(cfg, build_exporter(cfg.exporter, telemetry), telemetry, backlog)
             self.pipeline.start()
@@ -94,13 +99,16 @@ class Agent:
         log.info("started version=%s interval=%s exporter=%r", __version__, cfg.collection_interval,
                  describe_destination(cfg))
 
-    def _start_source(self, name: str, factory, pipeline: "_Started") -> None:
+    def _start_source(self, name: str, factory, pipeline: "_Started", early: Optional[Early]) -> None:
         try:
             source = factory.create(getattr(self.cfg, name), self.telemetry, resource=self.resource,
-                                    enrichment=self.cfg.enrichment, state_dir=self.cfg.state_dir)
+                                    enrichment=self.cfg.enrichment, state_dir=self.cfg.state_dir, early=early)
         except Exception:
             log.exception("%s_unavailable", name)
             return
+        finally:
+            if early is not None:       # what the source did not take
+                early.close()
         if not pipeline.wait():
             source.close()
             return
@@ -166,7 +174,7 @@ class Agent:
         message = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
         log.error("reload_rejected error=%r keeping=running_config", message)
 
-    def reload(self, cfg: Config) -> bool:
+    def reload(self, cfg: Config, early: Optional[Early] = None) -> bool:
         """Restart sources and pipeline on `cfg`, carrying over everything not yet delivered.
         If `cfg` cannot start (an exporter or queue it describes fails to open, or anything else),
         the running config starts again instead and False is returned."""
@@ -174,7 +182,7 @@ class Agent:
         self._stop_sources()
         backlog = self.pipeline.handover()
         try:
-            self._restart(cfg, backlog)
+            self._restart(cfg, backlog, early)
         except Exception as e:
             self.reload_rejected(e)
             self._restart(old, backlog)
@@ -183,10 +191,10 @@ class Agent:
         log.info("reloaded carried_over_payloads=%d", len(backlog))
         return True
 
-    def _restart(self, cfg: Config, backlog) -> None:
+    def _restart(self, cfg: Config, backlog, early: Optional[Early] = None) -> None:
         self.cfg = cfg
         setup_logging(cfg.logging.level)
-        self.start(backlog)
+        self.start(backlog, early)
 
 
 class _Started:
@@ -217,8 +225,10 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
-def run(config_path: Optional[str], cfg: Config) -> int:
-    """The daemon: run until SIGTERM or SIGINT, reload on SIGHUP, exit 0 after a drain."""
+def run(config_path: Optional[str], cfg: Config, early: Optional[Early] = None) -> int:
+    """The daemon: run until SIGTERM or SIGINT, reload on SIGHUP, exit 0 after a drain. `early`:
+    the probes attached before the agent was imported (agent/main.py); each start keeps the
+    recipes of its CO-RE probes for the next `hostagent run` of its config (early.py)."""
     limit_malloc_arenas()
     signals: list = []
     wake = threading.Event()
@@ -230,7 +240,7 @@ def run(config_path: Optional[str], cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     agent = Agent(cfg)
-    agent.start()
+    agent.start(early=early if early is not None else Early(config_digest(config_path, os.environ)))
     health = _start_health(cfg, agent)
     sd_notify("READY=1")
     watchdog = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6 or None
@@ -246,7 +256,7 @@ def run(config_path: Optional[str], cfg: Config) -> int:
                 except Exception as e:  # whatever a new file holds, the running config stays
                     agent.reload_rejected(e)
                 else:
-                    if agent.reload(new_cfg):
+                    if agent.reload(new_cfg, Early(config_digest(config_path, os.environ))):
                         if health is None or new_cfg.health != cfg.health:
                             if health:
                                 health.close()

@@ -3,20 +3,26 @@ through libbpf (`ebpf.loader: core`, the default where the kernel has BTF) again
 the same programs at start (`ebpf.loader: bcc`, the fallback).
 
   attach/start-to-attached  seconds from spawning `hostagent run` (default config, the default
-                            probes) to its `ebpf_probes on=...` line (by the line's timestamp):
-                            every default probe attached. Python's start and the agent's imports
-                            count for both loaders. The agents of a loader share a state
+                            probes) to every default probe attached (the `attached=` of its
+                            `ebpf_probes on=...` line; the details also have the line's own time,
+                            when the agent has taken the probes over and reads them). Python's start
+                            and imports count for both loaders. The agents of a loader share a state
                             directory, as restarts on a host do: the first start on an empty one
-                            (CO-RE makes what it keeps of the kernel's BTF then, corebtf.py) is in
-                            the details, the cases are the best of the starts after it.
-  attach/load-phase         the same without the process start: the loader's own time, from its
+                            (CO-RE makes what it keeps of the kernel's BTF and the recipes of its
+                            loads then, corebtf.py and early.py) is in the details, the cases are
+                            the best of the starts after it, where CO-RE attaches before the agent
+                            is imported. The agent's modules are compiled to byte code first, as the
+                            packages ship them.
+  attach/load-phase         the same without the process start: the loaders' own time, from their
                             start to every probe attached and set up (the `seconds=` of the
-                            `ebpf_probes on=` line); the details also have the time from the agent's
-                            `started` line to that line, by the log lines' timestamps (ms).
+                            `ebpf_probes on=` line, plus its `early_seconds=`); the details also have
+                            the time from the agent's `started` line to that line, by the log
+                            lines' timestamps (ms).
   (details of start-to-attached) the floor of a Python process in the same run: from spawning
                             a bare interpreter, and one that only imports what `hostagent run`
-                            imports, to when it gets there (best of FLOOR_RUNS spawns each), and the
-                            ratio bcc's start would have against that floor plus the CO-RE load.
+                            imports before it attaches (agent/main.py), to when it gets there (best
+                            of FLOOR_RUNS spawns each), and the ratio bcc's start would have against
+                            that floor plus the CO-RE load.
   event-cost/<probe>        the probe's in-kernel cost per event: its programs' run_time_ns /
                             run_cnt (the kernel's BPF run-time statistics, BPF_ENABLE_STATS: on
                             while this benchmark holds the fd, back to what they were when it closes
@@ -49,7 +55,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.agent import agent_python, enable_bpf_stats, wait_until  # noqa: E402
+from bench.agent import agent_python, byte_compile, enable_bpf_stats, wait_until  # noqa: E402
 from bench.common import finish, parser, stop  # noqa: E402
 
 CATEGORY = "ebpf loaders"
@@ -59,7 +65,7 @@ ATTACH_RUNS = {"full": 3, "quick": 1}
 FLOOR_RUNS = {"full": 10, "quick": 3}
 # each prints CLOCK_MONOTONIC (system-wide) when it gets there: its exit is not counted
 FLOOR = {"interpreter_s": "import time; print(time.monotonic())",
-         "imports_s": "import agent.cli, time; print(time.monotonic())"}
+         "imports_s": "import agent.main, time; print(time.monotonic())"}
 WORKLOAD_SECONDS = {"full": 6.0, "quick": 1.0}
 LOAD_TIMEOUT = 180.0          # bcc compiling on a busy 2-vCPU host
 TARGET_ATTACH_RATIO = 20.0
@@ -70,7 +76,9 @@ OOM_LIMIT = 32 << 20          # the OOM workload's cgroup: a process asking for 
 # --- the agents --------------------------------------------------------------------------------
 
 class Agent:
-    """`hostagent run` with a loader and probe switches, in a temp dir of its own."""
+    """`hostagent run` with a loader and probe switches, its log in a temp dir of its own; its state
+    and output in `state_dir` (default: that temp dir): agents given the same one run the same
+    config, as restarts do."""
 
     def __init__(self, tmp: str, name: str, loader: str, probes: dict | None = None, state_dir: str = ""):
         import yaml
@@ -79,9 +87,10 @@ class Agent:
         ebpf = {"enabled": True, "loader": loader}
         if probes is not None:
             ebpf["probes"] = probes
+        home = state_dir or self.dir
         cfg = {"state_dir": state_dir or os.path.join(self.dir, "state"), "health": {"endpoint": "127.0.0.1:0"},
-               "exporter": {"type": "file", "file": {"path": os.path.join(self.dir, "metrics.jsonl"),
-                                                     "logs_path": os.path.join(self.dir, "logs.jsonl")}},
+               "exporter": {"type": "file", "file": {"path": os.path.join(home, "metrics.jsonl"),
+                                                     "logs_path": os.path.join(home, "logs.jsonl")}},
                "ebpf": ebpf}
         self.config = os.path.join(self.dir, "agent.yaml")
         with open(self.config, "w") as f:
@@ -134,9 +143,21 @@ def kernel_btf(line: str) -> str:
 
 
 def loader_seconds(line: str) -> float | None:
-    """The `seconds=` of an `ebpf_probes on=` line: the loader's own time."""
-    m = re.search(r" seconds=([0-9.]+)", line)
-    return float(m.group(1)) if m else None
+    """The `seconds=` and `early_seconds=` of an `ebpf_probes on=` line: the loaders' own time."""
+    times = [float(x) for x in re.findall(r" (?:early_)?seconds=([0-9.]+)", line)]
+    return sum(times) if times else None
+
+
+def attached_time(line: str) -> float:
+    """The `attached=` of an `ebpf_probes on=` line (else its `ts=`), in seconds."""
+    m = re.search(r" attached=(\S+)", line)
+    return log_time(f"ts={m.group(1)}" if m else line)
+
+
+def early_probes(line: str) -> int:
+    """The `early=` of an `ebpf_probes on=` line: probes attached before the agent was imported."""
+    m = re.search(r" early=(\d+)", line)
+    return int(m.group(1)) if m else 0
 
 
 def start_floor(runs: int) -> dict:
@@ -159,8 +180,8 @@ def attach_times(tmp: str, runs: int) -> dict:
     """{loader: {"start_s": [...], "load_s": [...], "since_started_s": [...], "first": {...}}}: the
     default probes, one agent at a time; a loader's agents share a state directory, and the
     first start (on an empty one) is kept apart in "first"."""
-    out = {loader: {"start_s": [], "load_s": [], "since_started_s": [], "btf": [], "probes_on": None}
-           for loader in LOADERS}
+    out = {loader: {"start_s": [], "read_s": [], "load_s": [], "since_started_s": [], "btf": [], "early": [],
+                    "probes_on": None} for loader in LOADERS}
     for i in range(1 + runs):
         for loader in LOADERS:
             agent = Agent(tmp, f"attach-{loader}-{i}", loader, state_dir=os.path.join(tmp, f"state-{loader}"))
@@ -174,8 +195,9 @@ def attach_times(tmp: str, runs: int) -> dict:
             finally:
                 agent.stop()
             since_started = log_time(line) - log_time(started)
-            run = {"start_s": log_time(line) - spawned, "since_started_s": since_started,
-                   "load_s": loader_seconds(line) or since_started, "btf": kernel_btf(line)}
+            run = {"start_s": attached_time(line) - spawned, "read_s": log_time(line) - spawned,
+                   "since_started_s": since_started, "load_s": loader_seconds(line) or since_started,
+                   "btf": kernel_btf(line), "early": early_probes(line)}
             if i == 0:
                 out[loader]["first"] = run
             else:
@@ -345,6 +367,7 @@ def unavailable() -> str | None:
 def measure(quick: bool) -> dict:
     mode = "quick" if quick else "full"
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
+        byte_compile()
         attach = attach_times(tmp, ATTACH_RUNS[mode])
         floor = start_floor(FLOOR_RUNS[mode])
         costs = event_costs(tmp, WORKLOAD_SECONDS[mode])
@@ -362,13 +385,15 @@ def rows(m: dict) -> list[dict]:
             continue
         ours, theirs = min(core[key]), min(bcc[key])
         details = {"core_runs_s": core[key], "bcc_runs_s": bcc[key], "probes_on_core": core["probes_on"],
-                   "probes_on_bcc": bcc["probes_on"], "core_btf": core["btf"],
+                   "probes_on_bcc": bcc["probes_on"], "core_btf": core["btf"], "core_early": core["early"],
                    "core_first_start_s": core["first"][key], "bcc_first_start_s": bcc["first"][key],
                    "core_first_start_btf": core["first"]["btf"], "target_ratio": TARGET_ATTACH_RATIO,
                    "target_met": theirs / ours >= TARGET_ATTACH_RATIO}
         if key == "load_s":
             details.update({"core_since_started_s": core["since_started_s"], "bcc_since_started_s": bcc["since_started_s"]})
-        elif "floor" in m:
+        else:
+            details.update({"core_read_s": core["read_s"], "bcc_read_s": bcc["read_s"]})
+        if key == "start_s" and "floor" in m:
             floor = m["floor"]["imports_s"] + min(core["load_s"])
             details.update({"floor_" + k: v for k, v in m["floor"].items()})
             details.update({"floor_s": floor, "ratio_at_floor": theirs / floor})
@@ -410,7 +435,10 @@ def print_table(results: list) -> None:
         d = r["details"]
         if "core_first_start_s" in d:
             print(f"{'':<28}first start (empty state directory): CO-RE {d['core_first_start_s']:.4g} "
-                  f"(btf={d['core_first_start_btf']}), bcc {d['bcc_first_start_s']:.4g}")
+                  f"(btf={d['core_first_start_btf']}), bcc {d['bcc_first_start_s']:.4g}; attached early by "
+                  f"CO-RE: {d['core_early']}")
+        if "core_read_s" in d:
+            print(f"{'':<28}taken over and read: CO-RE {min(d['core_read_s']):.4g}, bcc {min(d['bcc_read_s']):.4g}")
         if "floor_s" in d:
             print(f"{'':<28}floor: interpreter {d['floor_interpreter_s']:.3f} s, imports {d['floor_imports_s']:.3f} s, "
                   f"+ CO-RE load = {d['floor_s']:.3f} s (bcc / floor {d['ratio_at_floor']:.1f}x)")

@@ -41,7 +41,7 @@ from bench.common import parser, write_json  # noqa: E402
 
 from agent.sources.ebpf.loader import INCLUDE_DIR, BccObject  # noqa: E402
 from agent.sources.ebpf.maps import BpfMap  # noqa: E402
-from agent.sources.ebpf import POLL_INTERVAL  # noqa: E402
+from agent.sources.ebpf.source import POLL_INTERVAL  # noqa: E402
 from agent.sources.ebpf.ringbuf import Poller, PollSchedule, RingBuffer, read_drops, wakeup_every  # noqa: E402
 
 RING_BYTES = 8 * 2**20               # b, c, d; the perf buffer gets the same per machine

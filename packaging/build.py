@@ -175,7 +175,7 @@ CONSOLE_SCRIPT = f"""\
 # -B: byte code ships with the package, nothing is written under {PREFIX}.
 import sys
 
-from agent.cli import main
+from agent.main import main
 
 sys.exit(main())
 """

@@ -27,7 +27,7 @@ from agent.model import Resource
 from agent.procfs.identity import cgroup2_mount
 from agent.procfs.workload import CGROUP_OVERFLOW, WorkloadResolver, classify
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import MAP_OVERFLOW, EbpfSource
+from agent.sources.ebpf.source import MAP_OVERFLOW, EbpfSource
 from agent.sources.ebpf.biolatency import BiolatencyProbe
 from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.histogram import OVERFLOW_ATTRIBUTES, Attribution, Exp2Bucket

@@ -17,7 +17,7 @@ import pytest
 
 from agent.model import Resource
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import EbpfSource, ProbeStatus, check, format_table
+from agent.sources.ebpf.source import EbpfSource, ProbeStatus, check, format_table
 from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.loader import (btf_member_offset, layout_problems, privilege_problem, tracepoint_available,
                                        tracepoint_fields)
@@ -223,7 +223,7 @@ UNPRIVILEGED = """
 import json
 from agent.model import Resource
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import EbpfSource, check, format_table
+from agent.sources.ebpf.source import EbpfSource, check, format_table
 from agent.sources.ebpf.config import EbpfConfig
 statuses = check(EbpfConfig())
 src = EbpfSource(EbpfConfig(), SelfMetrics(), Resource(()))
@@ -411,7 +411,7 @@ import json, sys
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.config import EbpfConfig
 from agent.model import Resource
-from agent.sources.ebpf import EbpfSource, check
+from agent.sources.ebpf.source import EbpfSource, check
 from tests.ebpf_helpers import CoreTestProbe
 core_dir, objects = sys.argv[1], sys.argv[2]
 out = {"core": [s.as_dict() for s in check(EbpfConfig(loader="core", object_dir=core_dir), {"core_test": CoreTestProbe()})]}
@@ -525,7 +525,7 @@ import json, sys
 from agent.selfmetrics import SelfMetrics
 from agent.sources.ebpf.config import EbpfConfig
 from agent.model import Resource
-from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.source import EbpfSource
 src = EbpfSource(EbpfConfig(loader=sys.argv[1], object_dir=sys.argv[2]), SelfMetrics(), Resource(()))
 names = {m.name for g in src.collect() for m in g.metrics}
 print(json.dumps({"statuses": [s.as_dict() for s in src.statuses], "metrics": sorted(names)}))
@@ -576,7 +576,8 @@ PYTHON_BTF_PARSES = r"""
 import json, sys
 from agent.model import Resource
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import EbpfSource, btf
+from agent.sources.ebpf import btf
+from agent.sources.ebpf.source import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig, ProbeConfig
 from agent.sources.ebpf.registry import PROBES
 parsed = []

@@ -549,7 +549,7 @@ def test_process_scraper_resources_carry_the_container_of_their_cgroup():
 
 @needs_root
 def test_command_lines_can_be_switched_off_entirely():
-    from agent.sources.ebpf import EbpfSource
+    from agent.sources.ebpf.source import EbpfSource
     from agent.sources.ebpf.registry import PROBES
     off = EnrichmentConfig(command_line=False)
     only_process = EbpfConfig(probes={name: ProbeConfig(enabled=name == "process") for name in PROBES})

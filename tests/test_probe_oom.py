@@ -13,7 +13,7 @@ import pytest
 
 from agent.model import Resource, Severity
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.source import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.oom import OOM_EVENT, OomProbe
 from agent.sources.ebpf.process import ProcessProbe

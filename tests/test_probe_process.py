@@ -12,7 +12,7 @@ import pytest
 
 from agent.model import Resource, Severity
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.source import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf.cgroups import CgroupsProbe

@@ -11,7 +11,7 @@ import pytest
 
 from agent.model import Resource
 from agent.selfmetrics import SelfMetrics
-from agent.sources.ebpf import EbpfSource
+from agent.sources.ebpf.source import EbpfSource
 from agent.sources.ebpf.config import EbpfConfig
 from agent.sources.ebpf.process import ProcessProbe
 from agent.sources.ebpf.signals import FATAL_SIGNALS, SignalsProbe, signal_mask, signal_name

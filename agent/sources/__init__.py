@@ -10,11 +10,12 @@ vanished processes): it logs, counts and degrades. The runtime still guards each
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from agent.model import Batch, MetricGroup
+if TYPE_CHECKING:       # kept out of the import: `hostagent run` attaches its probes before loading the model
+    from agent.model import Batch, MetricGroup
 
-Emit = Callable[[Batch], None]
+Emit = Callable[["Batch"], None]
 
 
 class Source:

@@ -1,5 +1,5 @@
-"""BTF, the kernel's type format: the running kernel's (/sys/kernel/btf/vmlinux) and a loaded BPF
-object's (from the kernel, by its maps' btf_id), read the same way.
+"""BTF, the kernel's type format: the running kernel's (/sys/kernel/btf/vmlinux), an object file's
+and a loaded BPF object's (maps.program_btf) read the same way.
 
     Btf(raw)                          parse a standalone BTF blob (linux/btf.h)
       .find(name, kind) -> type id    first complete struct / union by name
@@ -7,8 +7,6 @@ object's (from the kernel, by its maps' btf_id), read the same way.
       .enumerator(name, enum)         value of an enum constant (of that enum)
       .layout(type id or name)        [(member, byte offset, byte size)] of a struct
       .size(type id)
-    of_map(fd) -> (Btf, key type id, value type id)    a loaded map's object BTF
-    of_program(fd) -> Btf                              a loaded program's (its object's) BTF
 
 Layouts are what the probes' Python mirrors (ctypes keys, numpy ring records) are checked
 against when a probe loads (loader.check_layouts), so a record or key struct changed in C and not in
@@ -16,12 +14,9 @@ Python turns the probe off with the difference instead of decoding garbage.
 """
 from __future__ import annotations
 
-import ctypes as ct
-import os
 import struct
 from typing import Optional, Union
 
-from agent.sources.ebpf import maps
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
 FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
@@ -187,51 +182,3 @@ class Btf:
         if tid is None:
             raise BtfError(f"no struct {type_}")
         return [(name, off, self.size(mtype)) for name, mtype, off in self._members(tid)]
-
-
-# --- a loaded object's BTF, from the kernel ------------------------------------------------------
-
-class _MapBtfInfo(ct.Structure):
-    """struct bpf_map_info up to btf_value_type_id."""
-    _fields_ = [("_a", ct.c_uint8 * 64), ("btf_id", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
-                ("btf_value_type_id", ct.c_uint32)]
-
-
-class _BtfInfo(ct.Structure):
-    _fields_ = [("btf", ct.c_uint64), ("btf_size", ct.c_uint32), ("id", ct.c_uint32),
-                ("name", ct.c_uint64), ("name_len", ct.c_uint32), ("kernel_btf", ct.c_uint32)]
-
-
-class _IdAttr(ct.Structure):
-    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
-
-
-BTF_GET_FD_BY_ID = 19
-
-
-def of_map(fd: int) -> Optional[tuple]:
-    """(Btf of the map's object, key type id, value type id), or None when the map has no BTF
-    (a loader that did not give it any)."""
-    info = maps.obj_info(fd, _MapBtfInfo())
-    if not info.btf_id:
-        return None
-    return by_id(info.btf_id), info.btf_key_type_id, info.btf_value_type_id
-
-
-def of_program(fd: int) -> Optional[Btf]:
-    """The BTF the program `fd` (and so its object) was loaded with, or None."""
-    btf_id = maps.prog_btf_id(fd)
-    return by_id(btf_id) if btf_id else None
-
-
-def by_id(btf_id: int) -> Btf:
-    btf_fd = maps.bpf(BTF_GET_FD_BY_ID, _IdAttr(btf_id, 0, 0))
-    try:
-        size = maps.obj_info(btf_fd, _BtfInfo()).btf_size
-        if size > MAX_BTF:
-            raise BtfError(f"object BTF of {size} bytes")
-        buf = ct.create_string_buffer(size)
-        maps.obj_info(btf_fd, _BtfInfo(ct.addressof(buf), size))
-    finally:
-        os.close(btf_fd)
-    return Btf(buf.raw)

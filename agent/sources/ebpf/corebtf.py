@@ -30,9 +30,9 @@ import functools
 import hashlib
 import json
 import os
-import shutil
+import re
 import struct
-import tempfile
+import threading
 from typing import Iterable, Optional
 
 from agent.sources.ebpf import btf as btf_
@@ -473,9 +473,9 @@ def _read(path: str, limit: int) -> bytes:
 
 def _write(path: str, data: bytes) -> None:
     """All of it or nothing: a crash leaves the old file or none."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -535,19 +535,74 @@ class Cache:
         try:
             raw = json.loads(_read(os.path.join(self.dir, "facts.json"), MAX_CACHE_FILE))
             return {tuple(k): v for k, v in raw if _fact_ok(k, v)}
-        except (OSError, SubsetError, ValueError, TypeError):
+        except (OSError, SubsetError, ValueError, TypeError, RecursionError):    # RecursionError: nested too deep
             return {}
 
     def save_facts(self, facts: dict) -> None:
         self._prepare()
         _write(os.path.join(self.dir, "facts.json"), json.dumps(sorted([list(k), v] for k, v in facts.items())).encode())
 
+    @property
+    def plan_path(self) -> str:
+        return os.path.join(self.dir, "plan.json")
+
+    def plan(self) -> Optional[dict]:
+        """The CO-RE recipes kept by the last start (early.py), {"config": its config digest,
+        "object_dir": where its objects are, "probes": {name: recipe}}, with only the recipes that
+        are well formed; None when there is no readable plan."""
+        try:
+            raw = json.loads(_read(self.plan_path, MAX_CACHE_FILE))
+            config, object_dir, probes = raw["config"], raw["object_dir"], raw["probes"]
+        except (OSError, SubsetError, ValueError, TypeError, KeyError, RecursionError):
+            return None
+        if not (isinstance(config, str) and isinstance(object_dir, str) and os.path.isabs(object_dir)
+                and isinstance(probes, dict)):
+            return None
+        return {"config": config, "object_dir": object_dir,
+                "probes": {name: r for name, r in probes.items() if _recipe_ok(name, r, object_dir)}}
+
+    def save_plan(self, config: str, probes: dict) -> None:
+        """Keep `probes` ({name: early.recipe of its load}) for the next start of the config with
+        digest `config`, unless they are kept already."""
+        plan = {"config": config, "object_dir": self.object_dir, "probes": probes}
+        if self.plan() != plan:
+            self._prepare()
+            _write(self.plan_path, json.dumps(plan, sort_keys=True).encode())
+
     def _prepare(self) -> None:
         """The kernel's directory, and no other kernel's."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         for name in os.listdir(self.root):
             if os.path.join(self.root, name) != self.dir:
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                _remove_tree(os.path.join(self.root, name))
+
+
+def _remove_tree(path: str) -> None:
+    """What a kernel's directory holds: files (a directory in it is another program's: left)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+
+
+def _recipe_ok(name, r, object_dir: str) -> bool:
+    """A kept recipe as early.recipe() writes them, for the object `name` in `object_dir`: names
+    as C has them, parameters in 64 bits, map sizes in 32."""
+    def names(x):
+        return isinstance(x, list) and all(isinstance(n, str) and _NAME.fullmatch(n) for n in x)
+
+    def ints(x, lo, hi):
+        return isinstance(x, dict) and names(list(x)) and all(type(v) is int and lo <= v < hi for v in x.values())
+
+    return (isinstance(name, str) and _NAME.fullmatch(name) is not None and isinstance(r, dict)
+            and set(r) == {"object", "kernel_btf", "programs", "params", "max_entries", "unused_maps"}
+            and r["object"] == os.path.join(object_dir, f"{name}.bpf.o") and isinstance(r["kernel_btf"], str)
+            and names(r["programs"]) and names(r["unused_maps"]) and ints(r["params"], -(1 << 63), 1 << 64)
+            and ints(r["max_entries"], 1, 1 << 32))
 
 
 def _fact_ok(key, value) -> bool:

@@ -34,11 +34,13 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from agent.logs import timestamp
 from agent.procfs.workload import WorkloadResolver
 from agent.sources.ebpf import btf as btf_
 from agent.sources.ebpf import corebtf, libbpf
+from agent.sources.ebpf import early as early_
 from agent.sources.ebpf.btf import BTF_VMLINUX
-from agent.sources.ebpf.maps import BpfMap, prog_stats
+from agent.sources.ebpf.maps import BpfMap, prog_stats, program_btf
 from agent.sources.ebpf.probe import BPF_DIR, Probe
 
 log = logging.getLogger("hostagent.ebpf")
@@ -295,6 +297,7 @@ class Plan:
     object_dir: str = ""          # ebpf.object_dir, for the CO-RE loader
     params: Optional[dict] = None  # probe.params(tracepoints), when load() asked them already
     kernel_btf: str = BTF_VMLINUX  # what the CO-RE loader relocates against: the kernel's BTF or its subset
+    early: Optional[early_.Early] = None    # CO-RE objects loaded before the agent was imported
 
 
 class HostCheck:
@@ -367,6 +370,7 @@ class LoadedObject:
     built with it are (bpf/build.sh's output; "" under bcc)."""
     loader = ""
     directory = ""
+    attached_at = 0.0       # wall-clock time its programs were attached
 
     def __init__(self):
         self._maps: dict = {}
@@ -394,11 +398,13 @@ class LoadedObject:
 
 
 class CoreObject(LoadedObject):
+    """`recipe`: how it was loaded (early.recipe); `attached_at`: when (wall clock); `early`:
+    whether before the agent was imported (early.py)."""
     loader = CORE
 
-    def __init__(self, obj: "libbpf.BpfObject"):
+    def __init__(self, obj: "libbpf.BpfObject", recipe: dict, attached_at: float, early: bool = False):
         super().__init__()
-        self.obj = obj
+        self.obj, self.recipe, self.attached_at, self.early = obj, recipe, attached_at, early
         self.directory = os.path.dirname(obj.path)
 
     def _map_fd(self, name: str) -> int:
@@ -421,6 +427,7 @@ class BccObject(LoadedObject):
     def __init__(self, bpf):
         super().__init__()
         self.bpf = bpf
+        self.attached_at = time.time()
 
     def _map_fd(self, name: str) -> int:
         return self.bpf[name.encode()].map_fd
@@ -433,7 +440,7 @@ class BccObject(LoadedObject):
         # CAP_BPF + CAP_PERFMON alone; then nothing is checked)
         fds = list(self.program_fds().values())
         try:
-            return btf_.of_program(fds[0]) if fds else None
+            return program_btf(fds[0]) if fds else None
         except PermissionError:
             return None
 
@@ -538,39 +545,22 @@ def _libbpf_error(text: str) -> str:
 
 
 def _load_core(probe: Probe, tps: tuple, params: Mapping, object_dir: str = "",
-               kernel_btf: str = BTF_VMLINUX, messages: bool = True) -> CoreObject:
-    """Open the probe's object, keep one program per chosen tracepoint (autoload off for the
-    others), set its parameters (.rodata) and map sizes, load (relocated against `kernel_btf`)
-    and attach; `messages`: with libbpf's messages logged, and in the error."""
-    path = probe.object_file(object_dir)
-    obj = libbpf.BpfObject.open(path, kernel_btf=kernel_btf, messages=messages)
+               kernel_btf: str = BTF_VMLINUX, messages: bool = True, early: Optional[early_.Early] = None) -> CoreObject:
+    """Load the probe's object (early.load_object): one program per chosen tracepoint, its
+    parameters (.rodata) and map sizes, relocated against `kernel_btf`, attached; `messages`: with
+    libbpf's messages logged, and in the error. `early`: where the same load may have been done
+    already, before the agent was imported."""
+    r = early_.recipe(probe.object_file(object_dir), kernel_btf, probe.programs(tps), params, probe.map_sizes(),
+                      probe.unused_maps(tps))
+    obj = early.take(probe.name, r) if early is not None else None
+    if obj is not None:
+        return CoreObject(obj, r, early.attached_at, early=True)
     try:
-        wanted = probe.programs(tps)
-        programs = obj.programs()
-        missing = [name for name in wanted if name not in programs]
-        if missing:
-            raise RuntimeError(f"{os.path.basename(path)} has no program " + ", ".join(missing))
-        for name in programs:
-            if name not in wanted:
-                obj.set_autoload(name, False)
-        # parameters a CO-RE program has no use for (struct offsets: it relocates its own reads;
-        # tracepoint field checks: bpf_core_field_exists) are bcc's alone
-        layout = obj.rodata_layout()
-        obj.set_rodata({k: v for k, v in params.items() if k in layout})
-        for name, entries in probe.map_sizes().items():
-            obj.set_max_entries(name, entries)
-        for name in probe.unused_maps(tps):
-            obj.set_autocreate(name, False)
-        obj.load()
-        obj.attach()
+        obj = early_.load_object(r, messages)
     except libbpf.LibbpfError as e:
-        obj.close()
         detail = _libbpf_error(e.log)
         raise RuntimeError(f"{e}" + (f" ({detail[:200]})" if detail else "")) from None
-    except BaseException:
-        obj.close()
-        raise
-    return CoreObject(obj)
+    return CoreObject(obj, r, time.time())
 
 
 def mirror_layout(mirror) -> tuple:
@@ -650,7 +640,7 @@ def _load_core_once_more_if_it_fails(plan_: Plan, params: Mapping) -> CoreObject
     dropped, to be made again."""
     probe, tps = plan_.probe, plan_.tracepoints
     try:
-        return _load_core(probe, tps, params, plan_.object_dir, plan_.kernel_btf, messages=False)
+        return _load_core(probe, tps, params, plan_.object_dir, plan_.kernel_btf, messages=False, early=plan_.early)
     except Exception as e:
         first = e
     obj = _load_core(probe, tps, params, plan_.object_dir, BTF_VMLINUX)
@@ -692,13 +682,15 @@ def _load_all(plans: list, threads: int) -> list:
     return [r if r is not None else load_one(p) for r, p in zip(results, plans)]
 
 
-def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None
-         ) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
+def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None,
+         early: Optional[early_.Early] = None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
     """Load, attach and set up every probe that check() says would load; CO-RE objects by
     `threads` threads at once (default: one per CPU, at most LOAD_THREADS). With a `cache` (the
     state directory's, corebtf.Cache), the kernel facts and the subset of the kernel's BTF kept
     for this kernel are used, and what was missing is kept for the next start once every probe
-    is attached."""
+    is attached, with the recipes of the CO-RE loads when `early` names the config (early.py).
+    `early`: objects loaded before the agent was imported, taken where their recipe is the one
+    this load would use; the others are closed."""
     global _facts_kept
     started = time.monotonic()
     threads = threads or min(os.cpu_count() or 1, LOAD_THREADS)
@@ -709,7 +701,7 @@ def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None
             _facts_kept = None if kept is None else dict(kept)
         plans = plan(cfg, probes)
         for p in plans:         # the kernel facts they need from one BTF parse, dropped before loading
-            p.kernel_btf = subset or BTF_VMLINUX
+            p.kernel_btf, p.early = subset or BTF_VMLINUX, early
             if p.status.on:
                 try:
                     p.params = p.probe.params(p.tracepoints)
@@ -719,14 +711,25 @@ def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None
         _drop_kernel_btf()
         with _kernel_btf_lock:
             facts, _facts_kept = _facts_kept, None
-    results = _load_all(plans, threads)
+    try:
+        results = _load_all(plans, threads)
+    finally:
+        unused = early.close() if early is not None else []
+    if early is not None and early.note:       # a head start missed: the probes loaded as usual
+        log.debug("ebpf_early_start note=%s", json.dumps(early.note))
+    if unused:
+        log.info("ebpf_early_unused probes=%s (attached before the config was read; this config loads them "
+                 "otherwise or not at all)", ",".join(unused))
     loaded = [lp for lp, _ in results if lp is not None]
     statuses = [status for _, status in results]
-    core = any(s.on and s.loader == CORE for s in statuses)
-    log_statuses(statuses, time.monotonic() - started, "subset" if core and subset else "kernel" if core else "")
+    core = [lp for lp in loaded if lp.obj.loader == CORE]
+    log_statuses(statuses, time.monotonic() - started, "subset" if core and subset else "kernel" if core else "",
+                 max((lp.obj.attached_at for lp in loaded), default=0.0), sum(lp.obj.early for lp in core),
+                 early.seconds if early is not None else 0.0)
     if cache is not None:
-        made = core and not (subset and os.path.exists(subset))    # none, or dropped by a failed load
-        keep_for_next_start(cache, facts if facts != kept else None, made)
+        made = bool(core) and not (subset and os.path.exists(subset))    # none, or dropped by a failed load
+        plan_ = {lp.status.name: {**lp.obj.recipe, "kernel_btf": cache.core_path} for lp in core}
+        keep_for_next_start(cache, facts if facts != kept else None, made, early.config if early else "", plan_)
     if any(s.loader == BCC for s in statuses):
         release_compiler_memory()
     else:
@@ -734,15 +737,19 @@ def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None
     return loaded, statuses
 
 
-def keep_for_next_start(cache: corebtf.Cache, facts: Optional[dict], subset: bool) -> None:
-    """Write the kernel facts (when new ones were asked) and make the BTF subset (when there was
-    none) into `cache`; what fails is logged, and the next start parses the kernel's BTF again."""
+def keep_for_next_start(cache: corebtf.Cache, facts: Optional[dict], subset: bool, config: str = "",
+                        plan_: Optional[dict] = None) -> None:
+    """Write the kernel facts (when new ones were asked), make the BTF subset (when there was
+    none) and keep the recipes of the CO-RE loads `plan_` for the config with digest `config`,
+    into `cache`; what fails is logged, and the next start parses the kernel's BTF again."""
     started = time.monotonic()
     try:
         if facts is not None:
             cache.save_facts(facts)
-        if subset:
-            path = cache.build_core_btf()
+        path = cache.build_core_btf() if subset else None
+        if config:
+            cache.save_plan(config, plan_ or {})
+        if path:
             log.info("ebpf_btf_subset_saved path=%s bytes=%d seconds=%.3f", path, os.path.getsize(path),
                      time.monotonic() - started)
     except (OSError, corebtf.SubsetError, btf_.BtfError, struct.error, ValueError) as e:
@@ -821,14 +828,19 @@ def unload(loaded: list[LoadedProbe]) -> None:
             log.exception("bpf_cleanup_failed probe=%s", lp.status.name)
 
 
-def log_statuses(statuses: list[ProbeStatus], seconds: float, btf: str = "") -> None:
+def log_statuses(statuses: list[ProbeStatus], seconds: float, btf: str = "", attached_at: float = 0.0,
+                 early: int = 0, early_seconds: float = 0.0) -> None:
     """The load's outcome; `seconds`: from load()'s start to every probe attached and set up;
     `btf`: what CO-RE objects relocated against (`subset`: the state directory's, corebtf.py;
-    `kernel`: the kernel's whole BTF)."""
+    `kernel`: the kernel's whole BTF); `attached_at`: when the last probe was attached (wall
+    clock); `early`: how many were attached before the agent was imported, in `early_seconds`
+    (early.py)."""
     on = [s.name for s in statuses if s.on]
     off = [s for s in statuses if not s.on]
-    log.info("ebpf_probes on=%s off=%s seconds=%.3f%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-",
-             seconds, f" btf={btf}" if btf else "")
+    log.info("ebpf_probes on=%s off=%s seconds=%.3f%s%s%s", ",".join(on) or "-", ",".join(s.name for s in off) or "-",
+             seconds, f" btf={btf}" if btf else "",
+             f" attached={timestamp(attached_at)}" if attached_at else "",
+             f" early={early} early_seconds={early_seconds:.3f}" if early else "")
     if off:
         log.warning("ebpf_probes_off %s", " ".join(f"{s.name}={json.dumps(s.reason)}" for s in off))
     fallbacks = [s for s in statuses if s.fallback]

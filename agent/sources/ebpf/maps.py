@@ -8,9 +8,9 @@ is the one way the probes read them, so no probe module depends on either loader
       .read(key_dtype)            every entry, BPF_MAP_LOOKUP_BATCH where the kernel has it
       .sum(key)                   a per-CPU value summed over the CPUs, as u64
     prog_stats(fd)                a program's run_time_ns, run_cnt, recursion_misses
-    prog_btf_id(fd)               the id of the BTF it was loaded with
+    program_btf(fd)               the BTF it was loaded with (btf.Btf), read from the kernel
     enable_stats()                BPF_ENABLE_STATS: an fd; run-time stats are on while it is open
-    bpf(cmd, attr), obj_info(fd, info)   the system call, for btf.py
+    bpf(cmd, attr), obj_info(fd, info)   the system call
 
 Keys and values are bytes, ctypes objects, numpy scalars or ints. Errors are OSError with
 the kernel's errno.
@@ -27,9 +27,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from agent.sources.ebpf.btf import MAX_BTF, Btf, BtfError
+
 # bpf(2) commands (linux/bpf.h enum bpf_cmd)
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 OBJ_GET_INFO_BY_FD = 15
+BTF_GET_FD_BY_ID = 19
 MAP_LOOKUP_BATCH = 24
 ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
@@ -130,9 +133,30 @@ class ProgStats:
     recursion_misses: int
 
 
-def prog_btf_id(fd: int) -> int:
-    """The id of the BTF the program `fd` was loaded with (0: none)."""
-    return obj_info(fd, _ProgInfo()).btf_id
+class _BtfInfo(ct.Structure):
+    _fields_ = [("btf", ct.c_uint64), ("btf_size", ct.c_uint32), ("id", ct.c_uint32),
+                ("name", ct.c_uint64), ("name_len", ct.c_uint32), ("kernel_btf", ct.c_uint32)]
+
+
+class _IdAttr(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+def program_btf(fd: int) -> Optional[Btf]:
+    """The BTF the program `fd` (and so its object) was loaded with, or None."""
+    btf_id = obj_info(fd, _ProgInfo()).btf_id
+    if not btf_id:
+        return None
+    btf_fd = bpf(BTF_GET_FD_BY_ID, _IdAttr(btf_id, 0, 0))
+    try:
+        size = obj_info(btf_fd, _BtfInfo()).btf_size
+        if size > MAX_BTF:
+            raise BtfError(f"object BTF of {size} bytes")
+        buf = ct.create_string_buffer(size)
+        obj_info(btf_fd, _BtfInfo(ct.addressof(buf), size))
+    finally:
+        os.close(btf_fd)
+    return Btf(buf.raw)
 
 
 def prog_stats(fd: int) -> ProgStats:
