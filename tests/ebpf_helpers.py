@@ -75,7 +75,7 @@ def object_layout_problems(probe) -> list:
         pytest.skip("no bpf/build.sh in this checkout")
     obj = libbpf.BpfObject.open(probe.object_file(core_objects()))
     try:
-        return layout_problems(probe, CoreObject(obj))
+        return layout_problems(probe, CoreObject(obj, recipe={}, attached_at=0.0))
     finally:
         obj.close()
 

@@ -182,17 +182,24 @@ PATHS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20).map(la
 @given(st.one_of(st.none(), PATHS, st.integers(), st.text(max_size=10)), st.booleans(), st.sampled_from([None, "'", '"']),
        st.dictionaries(st.sampled_from(["collection_interval", "ebpf", "exporter"]),
                        st.text(max_size=5) | st.dictionaries(st.just("state_dir"), PATHS), max_size=2))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_the_state_dir_the_early_start_finds_is_the_configs_or_none(tmp_path, state_dir, flow, quotes, other):
+@settings(max_examples=300, deadline=None)
+def test_the_state_dir_the_early_start_finds_is_the_configs_or_none(state_dir, flow, quotes, other):
     doc = dict(other)
     if state_dir is not None:
         doc["state_dir"] = state_dir
     text = yaml.safe_dump(doc, default_flow_style=flow, default_style=quotes)
-    path = tmp_path / "c.yaml"
-    path.write_text(text)
-    found = early.state_dir_of(str(path))
+    found = early.state_dir_of(text.encode())
     if found is not None:
         assert found == yaml.safe_load(text).get("state_dir", early.STATE_DIR), text
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"state_dir: /var/lib/x\n", "/var/lib/x"), (b"a: 1\nstate_dir:   /s/t-u_v.w  # kept here\n", "/s/t-u_v.w"),
+    (b"exporter: {type: file}\n", early.STATE_DIR), (b"", early.STATE_DIR),
+    (b"state_dir: '/q'\n", None), (b"state_dir: ${env:S}\n", None), (b"{state_dir: /f}\n", None),
+    (b"state_dir: relative\n", None), (b"state_dir: /a\nstate_dir: /b\n", None), (b"x:\n  state_dir: /n\n", None)])
+def test_state_dir_of(text, expected):
+    assert early.state_dir_of(text) == expected
 
 
 def test_the_config_digest_names_the_file_and_the_variables_it_refers_to(tmp_path):

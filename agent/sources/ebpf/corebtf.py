@@ -5,8 +5,9 @@ per object (about 7 ms each, and some 10 MB of heap each while it lasts).
     subset(kernel, objects) -> bytes       a standalone BTF with what the objects' CO-RE
                                            relocations can look at in `kernel`, and nothing else
     Cache(state_dir, object_dir)           <state_dir>/kernel-btf/<kernel>/: that subset for the
-                                           objects in `object_dir`, and the kernel facts the
-                                           probes asked for (loader.btf_facts), as JSON
+                                           objects in `object_dir`, the kernel facts the probes
+                                           asked for (loader.btf_facts), and the recipes of the
+                                           last start's CO-RE loads (early.py), as JSON
 
 The subset is what `bpftool gen min_core_btf` makes, in Python (the host has no bpftool): for every
 relocation of every object, each kernel type libbpf would consider as a candidate (same kind, same
@@ -486,8 +487,9 @@ def _write(path: str, data: bytes) -> None:
 
 class Cache:
     """<state_dir>/kernel-btf/<kernel key>/: `core-<objects key>.btf` (subset() of the kernel for
-    the objects in `object_dir`) and `facts.json` (loader.btf_facts answers). What cannot be read
-    is treated as absent and written again; only the running kernel's directory is kept."""
+    the objects in `object_dir`), `facts.json` (loader.btf_facts answers) and `plan.json` (the
+    last start's CO-RE recipes, early.py). What cannot be read is treated as absent and written
+    again; only the running kernel's directory is kept."""
 
     def __init__(self, state_dir: str, object_dir: str, vmlinux: str = BTF_VMLINUX):
         self.root = os.path.join(state_dir, "kernel-btf")

@@ -82,18 +82,21 @@ def load_object(r: Mapping, messages: bool = False) -> libbpf.BpfObject:
 
 # --- the early start -----------------------------------------------------------------------------
 
-def config_digest(path: Optional[str], environ: Mapping[str, str]) -> str:
-    """Names a config as `hostagent run` would read it: the file's bytes and the environment
-    variables it refers to (${env:NAME}). "" when the file cannot be read whole."""
-    data = b""
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_CONFIG + 1)
-        except OSError:
-            return ""
-        if len(data) > MAX_CONFIG:
-            return ""
+def _config_bytes(path: Optional[str]) -> Optional[bytes]:
+    """The config file's bytes (b"": no file given), None when it cannot be read whole."""
+    if not path:
+        return b""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG + 1)
+    except OSError:
+        return None
+    return data if len(data) <= MAX_CONFIG else None
+
+
+def _digest(data: Optional[bytes], environ: Mapping[str, str]) -> str:
+    if data is None:
+        return ""
     h = hashlib.sha256(data)
     for name in sorted(set(_ENV_REF.findall(data))):
         value = environ.get(name.decode())
@@ -101,17 +104,16 @@ def config_digest(path: Optional[str], environ: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
-def state_dir_of(path: Optional[str]) -> Optional[str]:
-    """The state directory the config at `path` names, without the config loader: its top-level
+def config_digest(path: Optional[str], environ: Mapping[str, str]) -> str:
+    """Names a config as `hostagent run` would read it: the file's bytes and the environment
+    variables it refers to (${env:NAME}). "" when the file cannot be read whole."""
+    return _digest(_config_bytes(path), environ)
+
+
+def state_dir_of(data: bytes) -> Optional[str]:
+    """The state directory a config file's bytes name, without the config loader: its top-level
     `state_dir: /an/absolute/path` line, else STATE_DIR when no line sets it; None when a line sets
     it in a way this does not read (quoted, ${env:...}, flow style): no early start then."""
-    if not path:
-        return STATE_DIR
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG + 1)
-    except OSError:
-        return None
     lines = _STATE_DIR_LINE.findall(data)
     if len(lines) == 1:
         return lines[0].decode("utf-8", "surrogateescape")
@@ -165,10 +167,13 @@ def attach(config_path: Optional[str], environ: Mapping[str, str], threads: int 
     at a time (default: one per CPU, at most LOAD_THREADS). Raises nothing: whatever is missing,
     stale or failing leaves its probe to the loader."""
     started = time.monotonic()
-    digest = config_digest(config_path, environ)
+    data = _config_bytes(config_path)
+    digest = _digest(data, environ)
     try:
-        state_dir = state_dir_of(config_path)
-        if not digest or state_dir is None:
+        if data is None:
+            return Early(digest, note="the config file cannot be read whole")
+        state_dir = state_dir_of(data)
+        if state_dir is None:
             return Early(digest, note="the config's state_dir is not a plain absolute path")
         plan = corebtf.Cache(state_dir, "").plan()
         if plan is None or plan["config"] != digest:
