@@ -23,7 +23,7 @@ def run_config(argv: list) -> tuple[bool, Optional[str]]:
             value = next(args, None)
             if value is None:
                 return False, None
-        elif name not in ("--config", "--profile"):
+        elif name not in ("--config", "-c", "--profile"):
             if arg.startswith("-c") and len(arg) > 2:
                 name, value = "-c", arg[2:]
             else:

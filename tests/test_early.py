@@ -20,7 +20,7 @@ from agent import main
 from agent.cli import parser
 from agent.sources.ebpf import corebtf, early
 from tests.ebpf_helpers import LOADER, ebpf_config
-from tests.helpers import agent_log, base_config, wait_for_log
+from tests.helpers import HOSTAGENT, ROOT, agent_log, base_config, clean_env, wait_for_log
 
 pytestmark = pytest.mark.skipif(LOADER == "bcc", reason="early attach is for CO-RE objects; bcc compiles at start")
 
@@ -156,7 +156,8 @@ def _argparse_view(argv):
 
 
 ARGS = st.lists(st.sampled_from(["run", "probes", "--config", "-c", "--conf", "--profile", "--json", "-cX",
-                                 "--config=Y", "--profile=P", "a.yaml", "-", "--", "-x", "--config="]), max_size=5)
+                                 "--config=Y", "-c=Z", "-cX=Y", "--profile=P", "a.yaml", "-", "--", "-x", "--config=", "-1"]),
+                max_size=5)
 
 
 @given(ARGS)
@@ -169,7 +170,7 @@ def test_the_early_start_reads_a_command_line_as_the_agent_does_or_not_at_all(ar
 
 @pytest.mark.parametrize("argv, expected", [
     (["run"], (True, None)), (["run", "--config", "a"], (True, "a")), (["run", "-c", "a"], (True, "a")),
-    (["run", "-ca"], (True, "a")), (["run", "--config=a"], (True, "a")),
+    (["run", "-ca"], (True, "a")), (["run", "--config=a"], (True, "a")), (["run", "-c=a"], (True, "a")),
     (["run", "--profile", "p", "-c", "a"], (True, "a")),
     (["run", "--conf", "a"], (False, None)), (["probes"], (False, None)), ([], (False, None))])
 def test_run_config(argv, expected):
@@ -277,3 +278,23 @@ def test_kept_files_nested_too_deep_for_json_are_absent_not_fatal(tmp_path):
     assert cache.plan() is None and cache.facts() == {}
     cache.save_plan("c", {})
     assert cache.plan() == {"config": "c", "object_dir": "/objects", "probes": {}}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "missing", "huge"])
+def test_a_config_path_that_is_no_regular_file_stops_neither_the_early_start_nor_the_error(tmp_path, kind):
+    """The early start reads the config file before the config loader does: a FIFO must not block
+    it, a directory or device must not crash it; the loader's one-line error follows (exit 2)."""
+    path = tmp_path / "agent.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "device":
+        path = "/dev/zero"
+    elif kind == "huge":
+        path.write_bytes(b"#" * (early.MAX_CONFIG + 1))
+    found = early.attach(str(path), os.environ)
+    assert found.close() == [] and found.note
+    p = subprocess.run([*HOSTAGENT, "run", "--config", str(path)], cwd=ROOT, env=clean_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr

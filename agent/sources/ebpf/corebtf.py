@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import threading
 from typing import Iterable, Optional
@@ -464,9 +465,17 @@ def kernel_key(vmlinux: str = BTF_VMLINUX) -> str:
     return hashlib.sha256(f"{u.release}\0{u.version}\0{u.machine}\0{os.stat(vmlinux).st_size}".encode()).hexdigest()[:16]
 
 
-def _read(path: str, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+def read_file(path: str, limit: int) -> bytes:
+    """A regular file's bytes, at most `limit` of them (SubsetError past that, or for anything but
+    a regular file: a FIFO would block the start)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SubsetError(f"{path}: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise SubsetError(f"{path}: over {limit} bytes")
     return data
@@ -506,14 +515,14 @@ class Cache:
         h = hashlib.sha256(str(SUBSET_VERSION).encode())
         for path in self.objects():
             h.update(os.path.basename(path).encode() + b"\0")
-            h.update(hashlib.sha256(_read(path, MAX_OBJECT)).digest())
+            h.update(hashlib.sha256(read_file(path, MAX_OBJECT)).digest())
         return os.path.join(self.dir, f"core-{h.hexdigest()[:16]}.btf")
 
     def core_btf(self) -> Optional[str]:
         """The kept subset's path if there is a readable one for these objects, else None."""
         try:
             path = self.core_path
-            check(_read(path, MAX_CACHE_FILE))
+            check(read_file(path, MAX_CACHE_FILE))
             return path
         except (OSError, SubsetError, struct.error):
             return None
@@ -521,8 +530,8 @@ class Cache:
     def build_core_btf(self) -> str:
         """Make the subset from the kernel's whole BTF, keep it, return its path."""
         path = self.core_path
-        kernel = Btf(_read(self.vmlinux, btf_.MAX_BTF))
-        data = subset(kernel, (_read(p, MAX_OBJECT) for p in self.objects()))
+        kernel = Btf(read_file(self.vmlinux, btf_.MAX_BTF))
+        data = subset(kernel, (read_file(p, MAX_OBJECT) for p in self.objects()))
         check(data)
         self._prepare()
         for old in os.listdir(self.dir):
@@ -535,7 +544,7 @@ class Cache:
     def facts(self) -> dict:
         """{[kind, a, b]: answer} kept for this kernel (see loader.btf_facts), or {}."""
         try:
-            raw = json.loads(_read(os.path.join(self.dir, "facts.json"), MAX_CACHE_FILE))
+            raw = json.loads(read_file(os.path.join(self.dir, "facts.json"), MAX_CACHE_FILE))
             return {tuple(k): v for k, v in raw if _fact_ok(k, v)}
         except (OSError, SubsetError, ValueError, TypeError, RecursionError):    # RecursionError: nested too deep
             return {}
@@ -553,7 +562,7 @@ class Cache:
         "object_dir": where its objects are, "probes": {name: recipe}}, with only the recipes that
         are well formed; None when there is no readable plan."""
         try:
-            raw = json.loads(_read(self.plan_path, MAX_CACHE_FILE))
+            raw = json.loads(read_file(self.plan_path, MAX_CACHE_FILE))
             config, object_dir, probes = raw["config"], raw["object_dir"], raw["probes"]
         except (OSError, SubsetError, ValueError, TypeError, KeyError, RecursionError):
             return None

@@ -83,15 +83,14 @@ def load_object(r: Mapping, messages: bool = False) -> libbpf.BpfObject:
 # --- the early start -----------------------------------------------------------------------------
 
 def _config_bytes(path: Optional[str]) -> Optional[bytes]:
-    """The config file's bytes (b"": no file given), None when it cannot be read whole."""
+    """The config file's bytes (b"": no file given), None when it cannot be read whole or is no
+    regular file (the config loader says why, after)."""
     if not path:
         return b""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG + 1)
-    except OSError:
+        return corebtf.read_file(path, MAX_CONFIG)
+    except (OSError, corebtf.SubsetError):
         return None
-    return data if len(data) <= MAX_CONFIG else None
 
 
 def _digest(data: Optional[bytes], environ: Mapping[str, str]) -> str:
@@ -166,10 +165,10 @@ def attach(config_path: Optional[str], environ: Mapping[str, str], threads: int 
     """Load the recipes the last start kept for the config at `config_path` (config_digest), `threads`
     at a time (default: one per CPU, at most LOAD_THREADS). Raises nothing: whatever is missing,
     stale or failing leaves its probe to the loader."""
-    started = time.monotonic()
-    data = _config_bytes(config_path)
-    digest = _digest(data, environ)
+    started, digest = time.monotonic(), ""
     try:
+        data = _config_bytes(config_path)
+        digest = _digest(data, environ)
         if data is None:
             return Early(digest, note="the config file cannot be read whole")
         state_dir = state_dir_of(data)
