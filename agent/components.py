@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+from agent import STATE_DIR
 from agent.component import Factory
 from agent import config
 from agent.config import ConfigError, Duration, check_ranges
@@ -68,7 +69,7 @@ class Config:
     # on SIGTERM/SIGINT, time allowed to flush buffered data before exiting
     shutdown_timeout: Duration = Duration(10.0)
     # the agent's own state: the persistent export queue lives under <state_dir>/queue
-    state_dir: str = "/var/lib/hostagent"
+    state_dir: str = STATE_DIR
     resource: ResourceConfig = ResourceConfig()
     scrapers: ScrapersConfig = ScrapersConfig()
     ebpf: EbpfConfig = EbpfConfig()

@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import main
+from agent import STATE_DIR, main
 from agent.cli import parser
 from agent.sources.ebpf import corebtf, early
 from tests.ebpf_helpers import LOADER, ebpf_config
@@ -191,12 +191,12 @@ def test_the_state_dir_the_early_start_finds_is_the_configs_or_none(state_dir, f
     text = yaml.safe_dump(doc, default_flow_style=flow, default_style=quotes)
     found = early.state_dir_of(text.encode())
     if found is not None:
-        assert found == yaml.safe_load(text).get("state_dir", early.STATE_DIR), text
+        assert found == yaml.safe_load(text).get("state_dir", STATE_DIR), text
 
 
 @pytest.mark.parametrize("text, expected", [
     (b"state_dir: /var/lib/x\n", "/var/lib/x"), (b"a: 1\nstate_dir:   /s/t-u_v.w  # kept here\n", "/s/t-u_v.w"),
-    (b"exporter: {type: file}\n", early.STATE_DIR), (b"", early.STATE_DIR),
+    (b"exporter: {type: file}\n", STATE_DIR), (b"", STATE_DIR),
     (b"state_dir: '/q'\n", None), (b"state_dir: ${env:S}\n", None), (b"{state_dir: /f}\n", None),
     (b"state_dir: relative\n", None), (b"state_dir: /a\nstate_dir: /b\n", None), (b"x:\n  state_dir: /n\n", None)])
 def test_state_dir_of(text, expected):

@@ -52,10 +52,6 @@ CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 
-LOAD_THREADS = 2          # CO-RE objects loaded at once, at most (load()); without the kept subset each load
-                          # parses the kernel's BTF (libbpf), some MB of RSS while it lasts: 4 threads added
-                          # 17-20 MB at the peak
-
 ON, OFF = "on", "off"
 AUTO, CORE, BCC = "auto", "core", "bcc"           # ebpf.loader
 
@@ -685,7 +681,7 @@ def _load_all(plans: list, threads: int) -> list:
 def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None,
          early: Optional[early_.Early] = None) -> tuple[list[LoadedProbe], list[ProbeStatus]]:
     """Load, attach and set up every probe that check() says would load; CO-RE objects by
-    `threads` threads at once (default: one per CPU, at most LOAD_THREADS). With a `cache` (the
+    `threads` threads at once (default: early.load_threads()). With a `cache` (the
     state directory's, corebtf.Cache), the kernel facts and the subset of the kernel's BTF kept
     for this kernel are used, and what was missing is kept for the next start once every probe
     is attached, with the recipes of the CO-RE loads when `early` names the config (early.py).
@@ -693,7 +689,7 @@ def load(cfg, probes, threads: int = 0, cache: Optional[corebtf.Cache] = None,
     this load would use; the others are closed."""
     global _facts_kept
     started = time.monotonic()
-    threads = threads or min(os.cpu_count() or 1, LOAD_THREADS)
+    threads = threads or early_.load_threads()
     kept = cache.facts() if cache is not None else None
     subset = cache.core_btf() if cache is not None else None
     try:
