@@ -125,39 +125,28 @@ class Agent:
             stop(self.proc, 30)
 
 
-def probes_on(line: str) -> list:
-    on = line.split("ebpf_probes on=")[1].split()[0]
-    return [] if on == "-" else on.split(",")
-
-
-def log_time(line: str) -> float:
-    """The `ts=` of a log line, in seconds."""
-    ts = line.split("ts=", 1)[1].split()[0]
-    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-
-
-def kernel_btf(line: str) -> str:
-    """The `btf=` of an `ebpf_probes on=` line: what CO-RE objects relocated against."""
-    m = re.search(r" btf=(\w+)", line)
+def field(line: str, name: str) -> str:
+    """The value of `name=` in a log line ("" when it has none)."""
+    m = re.search(rf"(?:^| ){name}=(\S+)", line)
     return m.group(1) if m else ""
+
+
+def probes_on(line: str) -> list:
+    on = field(line, "on")
+    return [] if on in ("", "-") else on.split(",")
+
+
+def log_time(line: str, name: str = "ts") -> float:
+    """The time in a log line's `name=` (its own `ts=` by default, also where it has no `name=`),
+    in seconds."""
+    ts = field(line, name) or field(line, "ts")
+    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def loader_seconds(line: str) -> float | None:
     """The `seconds=` and `early_seconds=` of an `ebpf_probes on=` line: the loaders' own time."""
-    times = [float(x) for x in re.findall(r" (?:early_)?seconds=([0-9.]+)", line)]
+    times = [float(t) for t in (field(line, "seconds"), field(line, "early_seconds")) if t]
     return sum(times) if times else None
-
-
-def attached_time(line: str) -> float:
-    """The `attached=` of an `ebpf_probes on=` line (else its `ts=`), in seconds."""
-    m = re.search(r" attached=(\S+)", line)
-    return log_time(f"ts={m.group(1)}" if m else line)
-
-
-def early_probes(line: str) -> int:
-    """The `early=` of an `ebpf_probes on=` line: probes attached before the agent was imported."""
-    m = re.search(r" early=(\d+)", line)
-    return int(m.group(1)) if m else 0
 
 
 def start_floor(runs: int) -> dict:
@@ -189,15 +178,15 @@ def attach_times(tmp: str, runs: int) -> dict:
                 spawned = agent.start()
                 line = agent.wait_attached()
                 started = agent.line(" started version=")
-                if kernel_btf(line) == "kernel":    # what the next start uses: made once the probes are on
+                if field(line, "btf") == "kernel":    # what the next start uses: made once the probes are on
                     wait_until(lambda: agent.line("ebpf_btf_subset_saved") or agent.line("ebpf_btf_cache_failed"),
                                LOAD_TIMEOUT, f"{agent.dir}: the kernel's BTF kept", agent.proc, agent.log_path)
             finally:
                 agent.stop()
             since_started = log_time(line) - log_time(started)
-            run = {"start_s": attached_time(line) - spawned, "read_s": log_time(line) - spawned,
+            run = {"start_s": log_time(line, "attached") - spawned, "read_s": log_time(line) - spawned,
                    "since_started_s": since_started, "load_s": loader_seconds(line) or since_started,
-                   "btf": kernel_btf(line), "early": early_probes(line)}
+                   "btf": field(line, "btf"), "early": int(field(line, "early") or 0)}
             if i == 0:
                 out[loader]["first"] = run
             else:

@@ -198,24 +198,35 @@ def attach(config_path: Optional[str], environ: Mapping[str, str], threads: int 
 
 
 def _load(digest: str, recipes: dict, threads: int, started: float) -> Early:
-    pending, lock = iter(sorted(recipes.items())), threading.Lock()
     objects, failed = {}, []
+
+    def load(item):
+        name, r = item
+        try:
+            objects[name] = (r, load_object(r))
+        except Exception as e:
+            failed.append(f"{name}: {e}")
+
+    in_threads(load, sorted(recipes.items()), threads, "ebpf-early")
+    return Early(digest, objects, time.time(), time.monotonic() - started, "; ".join(sorted(failed)))
+
+
+def in_threads(fn, items: list, threads: int, name: str) -> None:
+    """fn(item) for every item, `threads` at a time, this thread one of them (CO-RE loads: libbpf
+    and the verifier run without the GIL). `fn` raises nothing."""
+    pending, lock = iter(items), threading.Lock()
 
     def work():
         while True:
             with lock:
-                name, r = next(pending, (None, None))
-            if name is None:
+                item = next(pending, pending)
+            if item is pending:
                 return
-            try:
-                objects[name] = (r, load_object(r))
-            except Exception as e:
-                failed.append(f"{name}: {e}")
+            fn(item)
 
-    workers = [threading.Thread(target=work, name="ebpf-early", daemon=True) for _ in range(min(threads, len(recipes)) - 1)]
+    workers = [threading.Thread(target=work, name=name, daemon=True) for _ in range(min(threads, len(items)) - 1)]
     for w in workers:
         w.start()
     work()
     for w in workers:
         w.join()
-    return Early(digest, objects, time.time(), time.monotonic() - started, "; ".join(sorted(failed)))

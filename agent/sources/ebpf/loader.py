@@ -653,28 +653,16 @@ def _load_all(plans: list, threads: int) -> list:
     load is libbpf parsing BTF, relocating, and the kernel verifying, all without the GIL. bcc's
     compile one after the other (one LLVM in memory at a time)."""
     results = [None] * len(plans)
-    parallel = [i for i, p in enumerate(plans) if p.status.on and p.status.loader == CORE]
-    pending, lock = iter(parallel), threading.Lock()
 
-    def work():
-        while True:
-            with lock:
-                i = next(pending, None)
-            if i is None:
-                return
-            try:
-                results[i] = load_one(plans[i])
-            except Exception as e:          # load_one turns what a host can cause into a reason
-                log.exception("ebpf_load_failed probe=%s", plans[i].status.name)
-                results[i] = (None, replace(plans[i].status, state=OFF, reason=f"load failed: {e}"))
+    def load(i):
+        try:
+            results[i] = load_one(plans[i])
+        except Exception as e:          # load_one turns what a host can cause into a reason
+            log.exception("ebpf_load_failed probe=%s", plans[i].status.name)
+            results[i] = (None, replace(plans[i].status, state=OFF, reason=f"load failed: {e}"))
 
-    workers = [threading.Thread(target=work, name="ebpf-load", daemon=True)
-               for _ in range(min(threads, len(parallel)) - 1)]
-    for w in workers:
-        w.start()
-    work()                      # this thread is one of them
-    for w in workers:
-        w.join()
+    early_.in_threads(load, [i for i, p in enumerate(plans) if p.status.on and p.status.loader == CORE], threads,
+                      "ebpf-load")
     return [r if r is not None else load_one(p) for r, p in zip(results, plans)]
 
 
